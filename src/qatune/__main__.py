@@ -1,0 +1,3 @@
+from qatune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Batched text generation with a KV cache: greedy, temperature, top-k, top-p, stop at EOS.
+
+Prompts of different lengths are left-padded; padding is masked out of attention and positions
+start at 0 at each prompt's first real token, so a padded prompt generates exactly what it would
+alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qatune.model.gpt2 import GPT2
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    ids: list[int]  # generated ids, EOS excluded
+    stopped_at_eos: bool
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. logits: (B, V)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1 token).
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; GPT-2 needs at least one token to condition on")
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: GPT2, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig, use_cache: bool = True
+) -> list[Generation]:
+    """Generate for a batch of token-id prompts. Without the cache, every step re-runs the full
+    sequence (slow; kept as the reference the cached path is tested against)."""
+    model.eval()
+    device = model.wte.weight.device
+    ids, mask = left_pad(prompts, eos_id, device)
+    B, P = ids.shape
+    ctx = model.config.n_positions
+    max_new = min(cfg.max_new_tokens, ctx - P)
+    if max_new <= 0:
+        raise ValueError(f"a prompt of {P} tokens leaves no room in the {ctx}-token context")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+    cache = model.new_kv_cache(B, P + max_new) if use_cache else None
+    out = torch.full((B, max_new), eos_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_mask = ids, mask
+    n = 0
+    for n in range(max_new):
+        positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
+        if use_cache and n > 0:
+            positions = positions[:, -1:]
+            step_ids, step_mask_in = step_ids[:, -1:], step_mask[:, -1:]
+        else:
+            step_mask_in = step_mask
+        hidden = model(step_ids, position_ids=positions, attention_mask=step_mask_in, kv_cache=cache)
+        logits = model.lm_head(hidden[:, -1]).float()
+        tok = next_token(logits, cfg, generator)
+        tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+        out[:, n] = tok
+        if cfg.stop_at_eos:
+            done |= tok == eos_id
+        if done.all():
+            break
+        step_ids = torch.cat([step_ids, tok[:, None]], dim=1)
+        step_mask = torch.cat([step_mask, torch.ones_like(tok[:, None])], dim=1)
+    results = []
+    for i, p in enumerate(prompts):
+        row = out[i, : n + 1].tolist()
+        stopped = cfg.stop_at_eos and eos_id in row
+        results.append(Generation(p, row[: row.index(eos_id)] if stopped else row, stopped))
+    return results
+
+
+def generate_text(model: GPT2, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int = 8) -> list[str]:
+    """Generate a completion (text after the prompt) for each prompt string."""
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [tokenizer(p).input_ids for p in prompts[start : start + batch_size]]
+        for g in generate_ids(model, chunk, tokenizer.eos_token_id, cfg):
+            texts.append(tokenizer.decode(g.ids))
+    return texts

@@ -1,0 +1,208 @@
+"""Hugging Face GPT-2 checkpoints in and out.
+
+In: a hub name (`gpt2-large`, through huggingface_hub, safetensors preferred) or a local folder in
+the `transformers` layout. Every key is mapped strictly: a missing, unexpected or mis-shaped
+tensor is an error that names it. HF's GPT-2 stores its projections as `Conv1D` (in, out); ours
+are `nn.Linear` (out, in), so those four weights are transposed both ways.
+
+Out: `export_hf` writes a folder `transformers.AutoModelForCausalLM.from_pretrained` loads with
+no missing or unexpected weights, plus the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
+from qatune.utils.files import atomic_dir
+
+# Conv1D weights in HF's GPT-2: stored (in, out).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Non-parameter buffers that older HF checkpoints carry (the causal mask); safe to ignore.
+_BUFFERS = (".attn.bias", ".attn.masked_bias")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def config_from_hf(hf: dict) -> GPT2Config:
+    """Our config from a `config.json` dict written by transformers."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"model_type is {hf.get('model_type')!r}, not 'gpt2'")
+    n_embd = hf.get("n_embd", 768)
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise CheckpointError(f"n_inner={hf['n_inner']} is not 4*n_embd; qatune's GPT-2 uses d_ff = 4*d")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"activation_function={hf['activation_function']!r} is not GELU(tanh)")
+    if hf.get("tie_word_embeddings", True) is False:
+        raise CheckpointError("tie_word_embeddings=false: qatune's LM head is tied to the token embedding")
+    return GPT2Config(
+        n_layer=hf.get("n_layer", 12),
+        n_embd=n_embd,
+        n_head=hf.get("n_head", 12),
+        n_positions=hf.get("n_positions", 1024),
+        vocab_size=hf.get("vocab_size", 50257),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def config_to_hf(config: GPT2Config, eos_id: int | None = None) -> dict:
+    from transformers import GPT2Config as HFConfig
+
+    eos_id = config.vocab_size - 1 if eos_id is None else eos_id  # GPT-2's <|endoftext|> is the last id
+
+    hf = HFConfig(
+        vocab_size=config.vocab_size,
+        n_positions=config.n_positions,
+        n_embd=config.n_embd,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        layer_norm_epsilon=config.layer_norm_epsilon,
+        resid_pdrop=config.dropout,
+        embd_pdrop=config.dropout,
+        attn_pdrop=config.dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+    return hf.to_dict()
+
+
+def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise download config + weights of a hub repo (safetensors first)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a folder with config.json and weights")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo = str(name_or_path)
+    try:
+        config_file = hf_hub_download(repo, "config.json")
+    except Exception as e:  # offline, unknown repo, no permission: say which and why
+        raise CheckpointError(
+            f"{repo!r} is neither a local folder nor a reachable hub model ({type(e).__name__}: {e})"
+        ) from e
+    for weights in _WEIGHT_FILES:
+        try:
+            hf_hub_download(repo, weights)
+            break
+        except EntryNotFoundError:
+            continue
+    return Path(config_file).parent
+
+
+def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    for name in _WEIGHT_FILES:
+        f = folder / name
+        if f.exists():
+            if name.endswith(".safetensors"):
+                return load_file(str(f))
+            return torch.load(f, map_location="cpu", weights_only=True)
+    if (folder / "model.safetensors.index.json").exists():
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        sd = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            sd.update(load_file(str(folder / shard)))
+        return sd
+    raise CheckpointError(f"{folder} holds no weights (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def hf_to_qatune(hf_sd: dict[str, torch.Tensor], model: GPT2, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Map HF GPT-2 keys to ours, strictly: every parameter present once, right shape."""
+    expected = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    unexpected = []
+    tied_head = None
+    for key, tensor in hf_sd.items():
+        k = key.removeprefix("transformer.")
+        if k == "lm_head.weight":
+            tied_head = tensor
+            continue
+        if k.endswith(_BUFFERS) and k not in expected:
+            continue
+        if k not in expected:
+            unexpected.append(key)
+            continue
+        want = tuple(expected[k].shape)
+        if k.endswith(_CONV1D):
+            want = want[::-1]  # stored as Conv1D (in, out)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")
+        out[k] = (tensor.t() if k.endswith(_CONV1D) else tensor).contiguous()
+    missing = [k for k in expected if k not in out]
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
+        raise CheckpointError(f"{source}: " + "; ".join(parts))
+    if tied_head is not None and not torch.equal(tied_head, out["wte.weight"]):
+        raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding; qatune ties them")
+    return out
+
+
+def qatune_to_hf(model: GPT2) -> dict[str, torch.Tensor]:
+    sd = {}
+    for k, t in model.state_dict().items():
+        if k.endswith(_CONV1D):
+            t = t.t()
+        sd["transformer." + k] = t.detach().to("cpu").contiguous()
+    return sd
+
+
+def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GPT2:
+    """Load GPT-2 weights from a hub name or a local transformers-layout folder."""
+    folder = resolve_checkpoint_dir(name_or_path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    config = config_from_hf(json.loads(config_file.read_text()))
+    with torch.device("meta"):
+        model = GPT2(config)
+    sd = hf_to_qatune(read_hf_state_dict(folder), model, source=str(folder))
+    model.load_state_dict(sd, assign=True)
+    return model.to(dtype)
+
+
+def build_model(name_or_path: str, random_init: bool = False, **overrides) -> GPT2:
+    """A named size with random weights (`random_init`), or pretrained weights from hub/folder."""
+    if random_init:
+        if name_or_path not in SIZES:
+            raise ValueError(f"random_init needs a named size ({', '.join(SIZES)}), got {name_or_path!r}")
+        config = SIZES[name_or_path]
+        if overrides:
+            config = GPT2Config(**{**config.to_dict(), **overrides})
+        return GPT2(config)
+    return from_pretrained(name_or_path)
+
+
+def export_hf(
+    model: GPT2, out_dir: str | os.PathLike, tokenizer=None, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write a transformers GPT-2 folder atomically: config.json, model.safetensors, tokenizer."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        eos_id = tokenizer.eos_token_id if tokenizer is not None else None
+        hf_config = config_to_hf(model.config, eos_id)
+        eos_id = hf_config["eos_token_id"]
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        save_file(qatune_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out_dir

@@ -1,0 +1,222 @@
+"""GPT-2 in one file: config, the four published sizes, the network, and a KV cache.
+
+The forward pass returns hidden states after the final LayerNorm, not logits: the caller applies
+the (tied) LM head only where it needs it. Training applies it only at positions that carry a
+label, generation only at the last position — this is where most of our memory saving comes from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    n_positions: int = 1024
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+    dropout: float = 0.0  # one rate for embeddings, attention output and residual branches
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def d_ff(self) -> int:
+        return 4 * self.n_embd
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The published OpenAI sizes, as data. Note: gpt2-large is ~774M parameters; the seeds' "1.5B"
+# is gpt2-xl.
+SIZES: dict[str, GPT2Config] = {
+    "gpt2": GPT2Config(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": GPT2Config(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": GPT2Config(n_layer=48, n_embd=1600, n_head=25),
+}
+
+
+class KVCache:
+    """Preallocated keys/values for every layer; `length` tokens are filled so far.
+
+    `key_valid` (B, max_len) marks which cached positions are real tokens (False on left padding),
+    so that padded prompts never attend to their padding during decoding.
+    """
+
+    def __init__(self, config: GPT2Config, batch: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, mask, layer: int = 0, kv_cache: KVCache | None = None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        p = self.dropout if self.training else 0.0
+        if mask is None:  # plain causal: lets SDPA pick its flash kernel
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, mask, layer: int = 0, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), mask, layer, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for the given hidden states; the head is tied to the token embedding."""
+        return F.linear(hidden, self.wte.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, d) after the final LayerNorm.
+
+        position_ids: (B, T); restarted per document in packed rows. Default 0..T-1 (offset by the
+            cache length when decoding).
+        doc_ids: (B, T) document id per token; tokens attend only to earlier tokens of the same
+            document (block-causal attention for packed rows).
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (left padding in generation).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if position_ids.max() >= self.config.n_positions:
+            raise ValueError(f"position {int(position_ids.max())} exceeds the context of {self.config.n_positions}")
+        mask = self._attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        for i, block in enumerate(self.h):
+            if self.activation_checkpointing and self.training and kv_cache is None:
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, i, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.ln_f(x)
+
+    @staticmethod
+    def _attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, device):
+        """A boolean (B, 1, T, past+T) mask, or None when plain causal attention is enough."""
+        if attention_mask is None and doc_ids is None and past == 0:
+            if kv_cache is not None:
+                kv_cache.key_valid[:, :T] = True
+            return None  # plain causal
+        valid = torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        if kv_cache is not None:
+            kv_cache.key_valid[:, past : past + T] = valid
+            keys = kv_cache.key_valid[:, : past + T]
+        else:
+            keys = valid
+        q_pos = torch.arange(past, past + T, device=device)
+        k_pos = torch.arange(past + T, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None] & keys[:, None, :]
+        if doc_ids is not None:
+            if past:
+                raise ValueError("doc_ids (packed rows) cannot be combined with a KV cache")
+            mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+        # A query that sees no key at all (a padding position) would give NaN; let it see itself.
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
+        return mask[:, None]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)
+
+
+def config_for(name: str) -> GPT2Config:
+    """The config of a named size, e.g. "gpt2-large"."""
+    try:
+        return SIZES[name]
+    except KeyError:
+        raise ValueError(f"unknown model size {name!r}; known: {', '.join(SIZES)}") from None

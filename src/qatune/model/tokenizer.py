@@ -1,0 +1,83 @@
+"""The GPT-2 tokenizer: from a hub name, a local folder, or `vocab.json` + `merges.txt`.
+
+Where to look is a setting: an explicit argument (CLI `--tokenizer`), else the environment
+variable QATUNE_TOKENIZER, else the hub name "gpt2". Whatever the source, the result is a
+`transformers` fast tokenizer with `<|endoftext|>` as EOS (and as pad, since GPT-2 has none).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "QATUNE_TOKENIZER"
+EOS_TEXT = "<|endoftext|>"
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def tokenizer_location(explicit: str | os.PathLike | None = None) -> str:
+    if explicit:
+        return str(explicit)
+    return os.environ.get(ENV_VAR) or "gpt2"
+
+
+def _from_vocab_merges(vocab: Path, merges: Path):
+    # Built by hand because GPT2TokenizerFast(vocab_file=..., merges_file=...) silently yields an
+    # empty tokenizer with transformers 5.x (every text -> []).
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(BPE.from_file(str(vocab), str(merges)))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens([EOS_TEXT])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TEXT, bos_token=EOS_TEXT, unk_token=EOS_TEXT)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None):
+    """A fast GPT-2 tokenizer with EOS and pad set; fails with a message naming the location."""
+    location = tokenizer_location(name_or_path)
+    path = Path(location)
+    if path.is_file() and path.name == "vocab.json":
+        path = path.parent
+    if path.is_dir():
+        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+            tok = _load_pretrained(str(path))
+        elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
+            tok = _from_vocab_merges(path / "vocab.json", path / "merges.txt")
+        else:
+            raise TokenizerError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+    elif path.exists() or os.sep in location or location.startswith("."):
+        raise TokenizerError(f"tokenizer location {location!r} is not a folder with tokenizer files")
+    else:
+        tok = _load_pretrained(location)
+    return _with_eos(tok, location)
+
+
+def _load_pretrained(location: str):
+    from transformers import GPT2TokenizerFast
+
+    try:
+        # GPT2TokenizerFast (not AutoTokenizer): on a folder holding only tokenizer.json, the
+        # auto class loads it with no EOS token set.
+        return GPT2TokenizerFast.from_pretrained(location)
+    except Exception as e:
+        raise TokenizerError(
+            f"cannot load a tokenizer from {location!r} ({type(e).__name__}: {e}); "
+            f"point --tokenizer or ${ENV_VAR} at a folder with the GPT-2 tokenizer files"
+        ) from e
+
+
+def _with_eos(tok, location: str):
+    if tok.eos_token is None:
+        if EOS_TEXT not in tok.get_vocab():
+            raise TokenizerError(f"tokenizer {location!r} has no {EOS_TEXT} token")
+        tok.eos_token = EOS_TEXT
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # decoder-only generation pads on the left
+    return tok

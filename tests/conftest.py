@@ -1,0 +1,83 @@
+"""Shared fixtures: where ../shared is, the real GPT-2 tokenizer, tiny random models.
+
+Tests that need ../shared (the tokenizer files, the real data sets) skip with a reason when it is
+absent — except in CI, where QATUNE_REQUIRE_SHARED=1 turns that skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatune.model.gpt2 import GPT2, GPT2Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+TOKENIZER_DIR = SHARED / "tokenizer" / "gpt2"
+DATA_DIR = SHARED / "data"
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        reason = f"{path} is absent (set QATUNE_SHARED to the shared/ folder)"
+        if os.environ.get("QATUNE_REQUIRE_SHARED"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return need_shared(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tokenizer_dir):
+    from qatune.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return need_shared(DATA_DIR)
+
+
+TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
+
+
+@pytest.fixture
+def tiny_model() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(TINY)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_dir(tmp_path_factory) -> Path:
+    """A folder written by transformers itself from a tiny random GPT2LMHeadModel."""
+    from transformers import GPT2Config as HFConfig
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    cfg = HFConfig(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        n_positions=128,
+        vocab_size=50257,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(cfg)
+    # Random biases and LayerNorm affine too, so a mapping mistake cannot hide behind zeros/ones.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.normal_(0, 0.1)
+    out = tmp_path_factory.mktemp("hf_tiny")
+    model.save_pretrained(out)
+    return out
