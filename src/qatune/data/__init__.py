@@ -1,0 +1,1 @@
+"""Q&A data: readers and layouts -> templates -> tokenization with masking -> batching."""

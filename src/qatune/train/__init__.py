@@ -1,0 +1,1 @@
+"""Supervised fine-tuning: the loss, the optimizer and schedule, the loop, checkpoints."""

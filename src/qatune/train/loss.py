@@ -1,0 +1,94 @@
+"""Response-only cross-entropy with the LM head applied only at labelled positions, in chunks.
+
+Only positions whose target is a label (response tokens and their EOS) are gathered from the
+hidden states; the tied LM head and the softmax run over those rows `chunk_size` at a time. The
+gradient of each chunk is computed in the same pass and the chunk's logits are freed at once, so
+no `tokens x vocab` tensor — for GPT-2, 50,257 floats per token — ever lives beyond one chunk,
+neither in forward nor kept for backward. This is the "fused linear cross-entropy" idea.
+
+The function returns the *sum* of token losses; the caller divides by the number of label
+tokens in the whole optimizer step (all micro-batches, all ranks), so that micro-batch x
+accumulation gives exactly the large-batch loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qatune.data.example import IGNORE
+
+DEFAULT_CHUNK = 2048
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, t_i), computing dL/dh and dL/dW chunk by chunk during forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        w = weight.to(compute_dtype)
+        for start in range(0, h.shape[0], chunk_size):
+            hc = h[start : start + chunk_size].to(compute_dtype)
+            tc = targets[start : start + chunk_size]
+            logits = (hc @ w.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the logits.
+                dlogits = logits.sub_(lse[:, None]).exp_()
+                dlogits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
+                dlogits = dlogits.to(compute_dtype)
+                if want_h:
+                    grad_h[start : start + chunk_size] = (dlogits @ w).to(h.dtype)
+                if want_w:
+                    grad_w += (dlogits.t() @ hc).to(acc)
+            del logits
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def select_labelled(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden rows (N, d) and targets (N,) of positions that carry a label."""
+    keep = targets != IGNORE
+    return hidden[keep], targets[keep]
+
+
+def response_loss_sum(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over labelled positions, number of labelled positions).
+
+    hidden: (..., d) final hidden states; targets: (...) shifted targets, IGNORE where no loss.
+    compute_dtype: dtype of the head's matmuls (bf16/fp16 under mixed precision); the softmax and
+    the sum are always fp32.
+    """
+    h, t = select_labelled(hidden, targets)
+    if compute_dtype is None:
+        compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    with torch.autocast(h.device.type, enabled=False):
+        loss = _LinearCrossEntropySum.apply(h, lm_weight, t, chunk_size, compute_dtype)
+    return loss, int(t.numel())
+
+
+def reference_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain way, full logits and `cross_entropy(ignore_index=-100)`: for tests only."""
+    logits = F.linear(hidden, lm_weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
