@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qatune.cli.common import add_tokenizer_option, load_tokenizer_for
+from qatune.cli.common import add_tokenizer_option, load_tokenizer_for, resolve_model_path
 from qatune.model.checkpoint import export_hf, from_pretrained
 
 
@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model = from_pretrained(args.model)
+    model = from_pretrained(resolve_model_path(args.model))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     out = export_hf(model, args.out, tokenizer)
     print(f"wrote {out} ({model.num_parameters():,} parameters)")
