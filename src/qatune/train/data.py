@@ -1,0 +1,169 @@
+"""From encoded examples to the micro-batches of every optimizer step, for every rank.
+
+The whole run's plan is a pure function of (example lengths, batch settings, seed): epoch e
+shuffles with seed + e, so a resumed run rebuilds the same plan and continues at the saved step
+(the data position is just the global step number). Each optimizer step takes
+`accumulation x world_size` micro-batches; rank r takes every world_size-th one, so no example is
+seen twice in a step and every rank does the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from qatune.data.batching import Batch, collate, length_grouped_batches, pack_bins
+from qatune.data.example import EncodedExample
+
+
+@dataclass
+class BatchConfig:
+    strategy: Literal["packed", "grouped"] = "packed"  # packed rows (default) or length-grouped rows
+    size: int = 8  # per micro-batch, per rank, in `unit`s
+    unit: Literal["examples", "tokens"] = "examples"
+    accumulation: int = 1  # micro-batches per optimizer step (per rank)
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.accumulation < 1:
+            raise ValueError(f"batch.size ({self.size}) and batch.accumulation ({self.accumulation}) must be >= 1")
+
+
+def split_holdout(n: int, fraction: float, max_examples: int | None, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): a seeded random split, held-out part capped."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(n * fraction)) if fraction > 0 else 0
+    if max_examples is not None:
+        n_eval = min(n_eval, max_examples)
+    if n_eval >= n:
+        raise ValueError(f"the held-out split ({fraction}) would leave no training examples out of {n}")
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def _fill_by_tokens(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
+    """Consecutive groups whose token count stays within `budget` (padded: rows x longest row)."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    longest = used = 0
+    for i in order:
+        n = lengths[i]
+        cost = (len(current) + 1) * max(longest, n) if padded else used + n
+        if current and cost > budget:
+            groups.append(current)
+            current, longest, used = [], 0, 0
+        current.append(i)
+        longest, used = max(longest, n), used + n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def epoch_micro_batches(lengths: Sequence[int], cfg: BatchConfig, seed: int) -> list[list[int]]:
+    """One epoch as micro-batches of example indices (into `lengths`)."""
+    if cfg.strategy == "grouped" and cfg.unit == "examples":
+        return length_grouped_batches(lengths, cfg.size, seed=seed)
+    order = list(range(len(lengths)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    if cfg.unit == "examples":
+        return [order[s : s + cfg.size] for s in range(0, len(order), cfg.size)]
+    if cfg.strategy == "packed":
+        return _fill_by_tokens(order, lengths, cfg.size, padded=False)
+    # grouped by tokens: sort windows by length so rows in a batch are alike, then shuffle batches
+    span = 64 * max(1, cfg.size // max(1, max(lengths, default=1)))
+    groups: list[list[int]] = []
+    for w in range(0, len(order), span):
+        window = sorted(order[w : w + span], key=lambda i: lengths[i])
+        groups += _fill_by_tokens(window, lengths, cfg.size, padded=True)
+    rng.shuffle(groups)
+    return groups
+
+
+def plan_steps(micro_batches: list[list[int]], accumulation: int, world_size: int = 1) -> list[list[list[int]]]:
+    """Group micro-batches into optimizer steps of accumulation x world_size. A trailing partial
+    step is kept when every rank gets at least one micro-batch (its remainder is dropped)."""
+    per_step = accumulation * world_size
+    steps = [micro_batches[s : s + per_step] for s in range(0, len(micro_batches), per_step)]
+    if steps and len(steps[-1]) < per_step:
+        keep = len(steps[-1]) // world_size * world_size
+        steps[-1] = steps[-1][:keep]
+        if not steps[-1]:
+            steps.pop()
+    return steps
+
+
+def rank_share(step: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    return step[rank::world_size]
+
+
+@dataclass
+class RunPlan:
+    """Every optimizer step of the run: steps[k] = micro-batches (lists of example indices)."""
+
+    steps: list[list[list[int]]]
+    epoch_of_step: list[int]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def plan_run(
+    lengths: Sequence[int],
+    cfg: BatchConfig,
+    seed: int,
+    epochs: int,
+    max_steps: int | None = None,
+    world_size: int = 1,
+) -> RunPlan:
+    steps: list[list[list[int]]] = []
+    epoch_of: list[int] = []
+    epoch = 0
+    while epoch < epochs or (max_steps is not None and epochs <= 0):
+        epoch_steps = plan_steps(epoch_micro_batches(lengths, cfg, seed + epoch), cfg.accumulation, world_size)
+        if not epoch_steps:
+            raise ValueError(f"{len(lengths)} training examples make no optimizer step for {world_size} rank(s)")
+        steps += epoch_steps
+        epoch_of += [epoch] * len(epoch_steps)
+        epoch += 1
+        if max_steps is not None and len(steps) >= max_steps:
+            break
+    if max_steps is not None:
+        steps, epoch_of = steps[:max_steps], epoch_of[:max_steps]
+    return RunPlan(steps, epoch_of)
+
+
+def make_batch(examples: Sequence[EncodedExample], strategy: str, max_len: int, pad_id: int) -> Batch:
+    """Packed: best-fit rows of at most max_len tokens, block-causal. Grouped: one example a row."""
+    if strategy == "packed":
+        rows = [[examples[i] for i in row] for row in pack_bins([len(e) for e in examples], max_len)]
+    else:
+        rows = [[e] for e in examples]
+    return collate(rows, pad_id)
+
+
+def step_batches(
+    plan: RunPlan,
+    step: int,
+    examples: Sequence[EncodedExample],
+    cfg: BatchConfig,
+    max_len: int,
+    pad_id: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[Batch]:
+    """This rank's micro-batches of optimizer step `step`."""
+    micros = rank_share(plan.steps[step], rank, world_size)
+    return [make_batch([examples[i] for i in m], cfg.strategy, max_len, pad_id) for m in micros]
+
+
+def eval_batches(
+    examples: Sequence[EncodedExample], strategy: str, max_len: int, pad_id: int, size: int = 16
+) -> list[Batch]:
+    """Held-out examples, longest first, in batches of `size` examples (packed like training)."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    return [
+        make_batch([examples[i] for i in order[s : s + size]], strategy, max_len, pad_id)
+        for s in range(0, len(order), size)
+    ]

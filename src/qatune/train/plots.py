@@ -1,0 +1,59 @@
+"""PNG plots of a run from its metrics.jsonl: loss (with eval loss), lr, grad norm, tokens/s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qatune.train.metrics import read_metrics
+from qatune.utils.files import atomic_write
+
+PLOTS = {
+    "loss": ("loss", "response-token loss"),
+    "lr": ("lr", "learning rate"),
+    "grad_norm": ("grad_norm", "global grad norm (pre-clip)"),
+    "tokens_per_s": ("tokens_per_s", "tokens / s"),
+}
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_plots(run_dir: Path) -> list[Path]:
+    """One PNG per metric under run_dir/plots/; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    out = Path(run_dir) / "plots"
+    written = []
+    for name, (key, label) in PLOTS.items():
+        steps, values = _series(records, key)
+        if not steps:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, values, label="train" if name == "loss" else None, lw=1)
+        if name == "loss":
+            ev_steps, ev = _series(records, "eval_loss")
+            if ev_steps:
+                ax.plot(ev_steps, ev, "o-", label="held-out", ms=3)
+            ax.legend()
+        if name == "grad_norm":
+            clipped = [r["step"] for r in records if r.get("clipped")]
+            if clipped:
+                by_step = dict(zip(steps, values))
+                ax.plot(clipped, [by_step.get(s, 0) for s in clipped], "rx", ms=3, label="clipped")
+                ax.legend()
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
