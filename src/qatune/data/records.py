@@ -1,0 +1,44 @@
+"""A record: one (prompt, response) pair or one conversation, still as text, with where it came from.
+
+Readers turn every supported file format and layout into records; templates and tokenization only
+ever see records. `where` names the place a user can open ("train.jsonl:17", "tatsu-lab/alpaca:train[3]")
+so every later error can point back at it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input a user can fix; the message names file, line/record and field."""
+
+
+@dataclass
+class Message:
+    role: str  # one of ROLES
+    content: str
+
+
+@dataclass
+class Record:
+    source: str  # file name or dataset name
+    where: str  # file:line, file:record N, or dataset:split[index]
+    prompt: str = ""  # the instruction / question
+    response: str = ""  # the answer the model is trained to give
+    context: str = ""  # Alpaca `input`, Dolly `context`: extra text the prompt refers to
+    messages: list[Message] | None = None  # set for conversations instead of prompt/response
+    extra: dict = field(default_factory=dict)  # untouched fields (id, category …) for eval reports
+
+    @property
+    def is_conversation(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def reference(self) -> str:
+        """The response an evaluation compares a generation with: the (last) assistant turn."""
+        if self.messages is None:
+            return self.response
+        return next(m.content for m in reversed(self.messages) if m.role == "assistant")

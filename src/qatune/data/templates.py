@@ -1,0 +1,140 @@
+"""Prompt templates: the text the model sees before each answer.
+
+A template is data (a few format strings), so it can be written in a config, saved in `qatune.json`
+beside an exported model (`to_dict`) and rebuilt at generation time (`Template.from_dict`): the model
+is always prompted exactly as it was trained.
+
+    tpl = get_template("alpaca")
+    tpl.render_prompt("Name a colour.")                  # the prompt text, response follows directly
+    tpl.render_conversation(messages)                     # [(text, trainable), ...] for training
+    tpl.generation_prompt(history_ending_in_user_turn)    # the text to continue for `qatune chat`
+
+The response is never part of a template string: it is tokenized separately and EOS is appended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from dataclasses import dataclass
+
+from qatune.data.records import DataError, Message
+from qatune.model.tokenizer import EOS_TEXT
+
+ALPACA_HEAD = "Below is an instruction that describes a task"
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    prompt: str  # format string with {prompt}
+    prompt_with_context: str  # with {prompt} and {context}, for records that carry an input/context
+    system: str = "{system}\n\n"  # how a system message is written, once, before the first user turn
+    system_prompt: str | None = None  # system text used when a record brings none
+
+    def render_prompt(self, prompt: str, context: str = "", system_prompt: str | None = None) -> str:
+        """System part (if any) + the prompt part; the response starts right after this text."""
+        system = system_prompt if system_prompt is not None else self.system_prompt
+        head = self.system.format(system=system) if system else ""
+        body = self.prompt_with_context.format(prompt=prompt, context=context) if context else None
+        return head + (body if body is not None else self.prompt.format(prompt=prompt))
+
+    def render_conversation(self, messages: list[Message]) -> list[tuple[str, bool]]:
+        """(text, trainable) segments: system and user turns masked, assistant turns trainable.
+        EOS is not in the texts: the encoder appends it after every trainable segment."""
+        system = next((m.content for m in messages if m.role == "system"), self.system_prompt)
+        segments: list[tuple[str, bool]] = []
+        pending = self.system.format(system=system) if system else ""
+        for m in messages:
+            if m.role == "user":
+                pending += self.prompt.format(prompt=m.content)
+            elif m.role == "assistant":
+                segments.append((pending, False))
+                segments.append((m.content, True))
+                pending = ""
+        if pending:
+            segments.append((pending, False))
+        return segments
+
+    def generation_prompt(self, messages: list[Message]) -> str:
+        """The text to continue for a history that ends in a user turn. Earlier answers are followed
+        by the literal EOS text, which the GPT-2 tokenizer maps to the EOS id, as in training."""
+        if not messages or messages[-1].role != "user":
+            raise ValueError("a generation prompt needs a conversation that ends with a user turn")
+        return "".join(text + (EOS_TEXT if trainable else "") for text, trainable in self.render_conversation(messages))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Template:
+        if not isinstance(d, dict):
+            raise DataError(f"template: expected a name or a mapping, got {type(d).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise DataError(f"template: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}")
+        if not isinstance(d.get("prompt"), str):
+            raise DataError("template: field 'prompt' (a format string with {prompt}) is missing")
+        d = dict(d)
+        d.setdefault("name", "custom")
+        d.setdefault("prompt_with_context", d["prompt"].replace("{prompt}", "{prompt}\n\n{context}", 1))
+        tpl = cls(**d)
+        tpl.validate()
+        return tpl
+
+    def validate(self) -> None:
+        check_fields("prompt", self.prompt, {"prompt"}, {"prompt"})
+        check_fields("prompt_with_context", self.prompt_with_context, {"prompt", "context"}, {"prompt", "context"})
+        check_fields("system", self.system, {"system"}, {"system"})
+
+
+def check_fields(key: str, fmt: str, allowed: set[str], required: set[str]) -> None:
+    if not isinstance(fmt, str):
+        raise DataError(f"template: field {key!r} must be a string")
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
+    except ValueError as e:
+        raise DataError(f"template: field {key!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    bad = names - allowed
+    if bad:
+        raise DataError(f"template: field {key!r} uses {{{sorted(bad)[0]}}}; allowed: {sorted(allowed)}")
+    if not required <= names:
+        raise DataError(f"template: field {key!r} must contain {' and '.join('{' + r + '}' for r in sorted(required))}")
+
+
+TEMPLATES: dict[str, Template] = {
+    # Question/answer. The prompt ends in a space: GPT-2 tokenizes it as a lone " " token, which is
+    # why prompt and response are tokenized separately (see encode.py).
+    "plain": Template("plain", "Question: {prompt}\nAnswer: ", "Question: {prompt}\n{context}\nAnswer: "),
+    # The data's prompt as it is: for sets like t0 whose prompts are already written out in full.
+    "raw": Template("raw", "{prompt}", "{prompt}\n{context}"),
+    "alpaca": Template(
+        "alpaca",
+        f"{ALPACA_HEAD}. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{prompt}\n\n### Response:\n",
+        f"{ALPACA_HEAD}, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{prompt}\n\n### Input:\n{context}\n\n### Response:\n",
+    ),
+    "chat": Template(
+        "chat",
+        "### User:\n{prompt}\n\n### Assistant:\n",
+        "### User:\n{prompt}\n\n{context}\n\n### Assistant:\n",
+        system="### System:\n{system}\n\n",
+    ),
+}
+
+
+def get_template(name_or_dict: str | dict | Template, system_prompt: str | None = None) -> Template:
+    """A named template ("plain", "raw", "alpaca", "chat") or one defined by a dict; `system_prompt`
+    sets the system text used when a record brings none."""
+    if isinstance(name_or_dict, Template):
+        tpl = name_or_dict
+    elif isinstance(name_or_dict, str):
+        if name_or_dict not in TEMPLATES:
+            raise DataError(f"unknown template {name_or_dict!r}; named templates: {', '.join(TEMPLATES)}")
+        tpl = TEMPLATES[name_or_dict]
+    else:
+        tpl = Template.from_dict(name_or_dict)
+    return dataclasses.replace(tpl, system_prompt=system_prompt) if system_prompt is not None else tpl
