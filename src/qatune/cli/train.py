@@ -1,0 +1,32 @@
+"""`qatune train CONFIG.yaml [key=value …] [--resume]`: supervised fine-tuning into runs/<name>/."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune GPT-2 on Q&A data (response-only loss)", description=__doc__)
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. optim.lr=3e-5")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qatune.config import load_config
+    from qatune.train.config import TrainConfig
+    from qatune.train.loop import train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    result = train(cfg, resume=args.resume, progress=args.progress)
+    ev = result.final_eval
+    summary = f"trained {result.steps} steps -> {result.run_dir}"
+    if ev:
+        summary += f"; held-out response loss {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f})"
+    if result.export_dir:
+        summary += f"; export: {result.export_dir}"
+    print(summary, file=sys.stdout)
+    return 0

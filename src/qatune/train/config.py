@@ -1,0 +1,72 @@
+"""`qatune train` settings: one typed dataclass tree, loaded from YAML with key=value overrides.
+
+    load_config(TrainConfig, "configs/gpt2-large-sft.yaml", ["optim.lr=3e-5", "batch.size=4"])
+
+Sections: `model` (what to start from), `data` (the data pipeline's DataConfig), `batch` (packing
+and accumulation), `optim` (AdamW and the schedule), `eval`, and the run's own settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qatune.data.pipeline import DataConfig
+from qatune.train.data import BatchConfig
+from qatune.train.optim import OptimConfig
+
+
+@dataclass
+class ModelConfig:
+    # A size name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a hub name or a local folder.
+    name: str = "gpt2"
+    init: Literal["pretrained", "random"] = "pretrained"  # random: the named size, fresh weights
+    # Shape overrides for random init (e.g. a tiny model); None keeps the size's value.
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_positions: int | None = None
+    dropout: float = 0.0
+
+    def shape_overrides(self) -> dict:
+        keys = ("n_layer", "n_embd", "n_head", "n_positions")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class EvalConfig:
+    fraction: float = 0.05  # share of the examples held out (seeded split)
+    max_examples: int | None = 500
+    every: int = 200  # optimizer steps between evaluations (and at the end); 0 = only at the end
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"  # the run folder is <out_dir>/<name>
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: str | None = None  # default: $QATUNE_TOKENIZER, else the model's, else "gpt2"
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans them)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    loss_chunk: int = 2048  # label rows per LM-head chunk
+    seed: int = 0
+    device: str | None = None  # default: cuda if available, else cpu
+    threads: int | None = None  # CPU threads (torch.set_num_threads); None = PyTorch's default
+    log_every: int = 1
+    save_every: int = 500  # optimizer steps between checkpoints; 0 = only the final one
+    keep_checkpoints: int = 3
+    tensorboard: bool = True
+    plots: bool = True
+    export: bool = True  # write <run>/export (a Hugging Face folder) at the end
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 and self.max_steps is None:
+            raise ValueError("set epochs >= 1 or max_steps")

@@ -1,0 +1,138 @@
+"""Resume: a run killed with SIGKILL and resumed ends bit-identical to a run never interrupted;
+a kill in the middle of a checkpoint write leaves the previous checkpoint loadable."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.train.state import latest_checkpoint, list_checkpoints, load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+out_dir: {out}
+tokenizer: {tok}
+model: {{name: gpt2, init: random, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, dropout: 0.1}}
+data: {{sources: [{data}], max_len: 64}}
+batch: {{size: 4, accumulation: 2}}
+optim: {{lr: 3e-3, warmup_steps: 3}}
+eval: {{fraction: 0.1, every: 4}}
+max_steps: 10
+save_every: 5
+threads: 1
+tensorboard: false
+plots: false
+"""
+
+
+@pytest.fixture
+def config(tmp_path, tokenizer_dir) -> Path:
+    data = tmp_path / "qa.jsonl"
+    with data.open("w") as f:
+        for a in range(120):
+            b = (a * 37) % 100
+            f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"It is {a + b}."}) + "\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CONFIG.format(out=tmp_path / "runs", tok=tokenizer_dir, data=data))
+    return cfg
+
+
+def run_cli(*args: str, killer: str = "") -> subprocess.CompletedProcess:
+    """`qatune ...` in a fresh interpreter; `killer` is code run first that patches in a SIGKILL."""
+    code = textwrap.dedent(killer) + "\nimport sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+KILL_AT_STEP_8 = """
+import os, signal
+import qatune.train.loop as loop
+_real = loop.optimizer_step
+_count = [0]
+def optimizer_step(*a, **k):
+    _count[0] += 1
+    if _count[0] == 8:  # after the step-5 checkpoint, in the middle of step 8's update
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(*a, **k)
+loop.optimizer_step = optimizer_step
+"""
+
+KILL_IN_SECOND_CHECKPOINT_WRITE = """
+import os, signal
+import torch
+import qatune.train.state as state
+_real = torch.save
+_count = [0]
+def save(obj, f, *a, **k):
+    _count[0] += 1
+    if _count[0] == 2:  # the step-10 checkpoint: write half a file, then die
+        with open(f, "wb") as fh:
+            fh.write(b"\\x80\\x02partial")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(obj, f, *a, **k)
+state.torch.save = save
+"""
+
+
+RUNS = ("straight", "killed")
+
+
+def test_sigkill_then_resume_is_bit_identical(config, tmp_path):
+    straight = run_cli("train", str(config), "name=straight", "--no-progress")
+    assert straight.returncode == 0, straight.stderr
+
+    killed = run_cli("train", str(config), "name=killed", "--no-progress", killer=KILL_AT_STEP_8)
+    assert killed.returncode == -signal.SIGKILL
+    runs = tmp_path / "runs"
+    assert [s for s, _ in list_checkpoints(runs / "killed" / "checkpoints")] == [5]
+    logged = [json.loads(line)["step"] for line in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6, 7]  # steps 6 and 7 were done, then lost with the process
+
+    resumed = run_cli("train", str(config), "name=killed", "--no-progress", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = load_file(str(runs / "straight" / "export" / "model.safetensors"))
+    b = load_file(str(runs / "killed" / "export" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    metrics = [[json.loads(x) for x in (runs / r / "metrics.jsonl").read_text().splitlines()] for r in RUNS]
+    assert [m["step"] for m in metrics[1]] == list(range(1, 11))  # steps 6, 7 logged once, not twice
+    for ma, mb in zip(*metrics):
+        assert (ma["loss"], ma["grad_norm"], ma["lr"]) == (mb["loss"], mb["grad_norm"], mb["lr"])
+        assert ma.get("eval_loss") == mb.get("eval_loss")
+
+
+def test_kill_during_checkpoint_write_keeps_previous_loadable(config, tmp_path):
+    killed = run_cli("train", str(config), "name=torn", "--no-progress", killer=KILL_IN_SECOND_CHECKPOINT_WRITE)
+    assert killed.returncode == -signal.SIGKILL
+    ckpts = tmp_path / "runs" / "torn" / "checkpoints"
+    assert any(p.name.startswith(".step_00000010") for p in ckpts.iterdir())  # the torn write is there…
+    latest = latest_checkpoint(ckpts)
+    assert latest is not None and latest.name == "step_00000005"  # …but not taken for a checkpoint
+    model = GPT2(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64))
+    state = load_checkpoint(latest, model, restore_rng=False)
+    assert state["step"] == 5
+
+    resumed = run_cli("train", str(config), "name=torn", "--no-progress", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _ in list_checkpoints(ckpts)] == [5, 10]
+    assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # the torn temp folder is cleaned up
+
+
+def test_resume_without_checkpoint_is_a_clear_error(config):
+    result = run_cli("train", str(config), "name=fresh", "--resume")
+    assert result.returncode == 2
+    assert result.stderr.startswith("qatune train: error: --resume: no checkpoint in")
+    assert result.stderr.count("\n") == 1
