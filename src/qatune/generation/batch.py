@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from qatune.data.encode import tokenize_with_eos
 from qatune.generation.metrics import score
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.model.gpt2 import GPT2
@@ -79,8 +80,9 @@ def read_done(out: Path, items: Sequence[PromptItem]) -> dict[int, dict]:
 
 def prompt_ids(tokenizer, item: PromptItem, budget: int) -> tuple[list[int], bool]:
     """Token ids of the prompt, cut from the left to `budget` tokens when too long: the end holds
-    the question and the answer cue, which the model needs most."""
-    ids = tokenizer(item.text).input_ids
+    the question and the answer cue, which the model needs most. A literal EOS text in the prompt
+    (a chat history's earlier answers end with one) becomes the EOS id, as in training."""
+    [ids] = tokenize_with_eos([item.text], tokenizer)
     return (ids[-budget:], True) if len(ids) > budget else (ids, False)
 
 
@@ -118,13 +120,14 @@ def generate_to_file(
     sampling: SamplingConfig,
     batch_size: int = 8,
     settings: dict | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
     """Generate for every item not yet in `out`, appending records; return all records by index.
 
     Remaining prompts are generated shortest first so that a batch holds similar lengths (less
     left padding). Every prompt is left room for `max_new_tokens` in the context, so its output
-    does not depend on which other prompts share its batch.
+    does not depend on which other prompts share its batch. `on_batch(done, total)` is called
+    after each batch, for progress.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +149,7 @@ def generate_to_file(
         append_batch(out, records)
         done.update((r["index"], r) for r in records)
         if on_batch:
-            on_batch(len(chunk))
+            on_batch(len(done), len(items))
     return [done[i] for i in range(len(items))]
 
 

@@ -7,6 +7,7 @@ alone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,16 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 @torch.inference_mode()
 def generate_ids(
-    model: GPT2, prompts: list[list[int]], eos_id: int, cfg: SamplingConfig, use_cache: bool = True
+    model: GPT2,
+    prompts: list[list[int]],
+    eos_id: int,
+    cfg: SamplingConfig,
+    use_cache: bool = True,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> list[Generation]:
     """Generate for a batch of token-id prompts. Without the cache, every step re-runs the full
-    sequence (slow; kept as the reference the cached path is tested against)."""
+    sequence (slow; kept as the reference the cached path is tested against). `on_token`, if
+    given, receives each step's new token per row (EOS for rows already done), for streaming."""
     model.eval()
     device = model.wte.weight.device
     ids, mask = left_pad(prompts, eos_id, device)
@@ -97,6 +104,8 @@ def generate_ids(
         tok = next_token(logits, cfg, generator)
         tok = torch.where(done, torch.full_like(tok, eos_id), tok)
         out[:, n] = tok
+        if on_token is not None:
+            on_token(tok.tolist())
         if cfg.stop_at_eos:
             done |= tok == eos_id
         if done.all():

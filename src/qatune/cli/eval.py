@@ -1,0 +1,145 @@
+"""`qatune eval MODEL_OR_RUN DATA... [--compare BASE_MODEL]`: held-out response loss and perplexity,
+and generation metrics (exact match, token F1, ROUGE-L, answer length, EOS rate), overall and per
+source, written as report.json + report.md + generations.jsonl (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from qatune.cli.common import (
+    add_device_option,
+    add_tokenizer_option,
+    load_model,
+    load_tokenizer_for,
+    pick_device,
+    read_meta,
+    resolve_model_path,
+)
+from qatune.cli.generate import add_sampling_options, sampling_from_args
+from qatune.utils.files import write_text_atomic
+
+GENERATIONS = "generations.jsonl"
+BASE_GENERATIONS = "base.generations.jsonl"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss and generation metrics, optionally against a base model")
+    p.description = __doc__
+    p.add_argument("model", help="a run folder (its export/ is used), a checkpoint folder or a hub name")
+    p.add_argument("data", nargs="+", help="held-out data: files, folders, globs or hf:dataset[:split]")
+    p.add_argument("--compare", metavar="BASE_MODEL", help="also evaluate this model on the same prompts")
+    p.add_argument("--out", help="report folder (default: RUN/eval for a run, else eval-<model name>)")
+    p.add_argument("--template", help="template name; default: the one saved with the model, else 'plain'")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--max-len", type=int, help="default: the model's training max_len, else its context")
+    p.add_argument("--truncation", help="default: the model's training policy, else cut_response")
+    p.add_argument("--map", action="append", default=[], metavar="ROLE=FIELD", help="field mapping, e.g. prompt=q")
+    p.add_argument("--limit", type=int, help="only the first N records")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--examples", type=int, default=5, help="example generations shown in the report")
+    add_sampling_options(p)
+    add_tokenizer_option(p)
+    add_device_option(p)
+    p.set_defaults(func=run)
+
+
+def default_out(model: str) -> Path:
+    if resolve_model_path(model) != model:  # a run folder
+        return Path(model) / "eval"
+    return Path(f"eval-{Path(model.rstrip('/')).name or 'model'}")
+
+
+def parse_mapping(items: list[str]) -> dict[str, str] | None:
+    mapping = {}
+    for item in items:
+        role, sep, field = item.partition("=")
+        if not sep or not role or not field:
+            raise ValueError(f"--map {item!r}: expected ROLE=FIELD, e.g. prompt=question")
+        mapping[role] = field
+    return mapping or None
+
+
+def data_config(args: argparse.Namespace, meta: dict | None, context: int):
+    from qatune.data.pipeline import DataConfig
+
+    meta = meta or {}
+    return DataConfig(
+        sources=list(args.data),
+        mapping=parse_mapping(args.map),
+        template=args.template or meta.get("template") or "plain",
+        system_prompt=args.system_prompt,
+        max_len=args.max_len or meta.get("max_len") or context,
+        truncation=args.truncation or meta.get("truncation") or "cut_response",
+        limit=args.limit,
+    )
+
+
+def finite(obj):
+    """JSON has no NaN: an undefined number (no label tokens) is written as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def progress_callback(label: str):
+    """Generation progress on stderr: a rich bar on a terminal, nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None, lambda: None
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    task = bar.add_task(f"generating ({label})", total=None)
+    bar.start()
+    return (lambda done, total: bar.update(task, completed=done, total=total)), bar.stop
+
+
+def evaluate_one(model_name, tokenizer, data, out_file, settings, device) -> dict:
+    from qatune.generation.evaluate import evaluate_model
+
+    model = load_model(model_name, device)
+    advance, stop = progress_callback(model_name)
+    try:
+        return evaluate_model(model, tokenizer, data, out_file, settings, model_name, advance)
+    finally:
+        stop()
+
+
+def run(args: argparse.Namespace) -> int:
+    from qatune.generation.evaluate import EvalSettings
+    from qatune.generation.report import render_markdown, summary_table
+
+    device = pick_device(args.device)
+    model_path = resolve_model_path(args.model)
+    meta = read_meta(model_path)
+    tokenizer = load_tokenizer_for(args.model, args.tokenizer)
+    out = Path(args.out) if args.out else default_out(args.model)
+    settings = EvalSettings(sampling_from_args(args), args.batch_size, args.examples)
+    context = _context_of(model_path)
+    data = data_config(args, meta, context)
+    report = evaluate_one(args.model, tokenizer, data, out / GENERATIONS, settings, device)
+    base = None
+    if args.compare:
+        base = evaluate_one(args.compare, tokenizer, data, out / BASE_GENERATIONS, settings, device)
+        report["base"] = base
+    write_text_atomic(out / "report.json", json.dumps(finite(report), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report, base))
+    print("\n".join(summary_table(report, base)))
+    for w in report["warnings"] + ([f"base: {w}" for w in base["warnings"]] if base else []):
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {out / GENERATIONS}")
+    return 0
+
+
+def _context_of(model_path: str) -> int:
+    config = Path(model_path) / "config.json"
+    if config.exists():
+        return int(json.loads(config.read_text()).get("n_positions", 1024))
+    return 1024
