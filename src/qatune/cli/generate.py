@@ -1,14 +1,23 @@
-"""`qatune generate MODEL --prompt TEXT | --file prompts.jsonl`: sample completions with a KV cache."""
+"""`qatune generate MODEL_OR_RUN --prompt TEXT | --file DATA...`: answer prompts with a KV cache,
+through the template the model was trained with. With `--out FILE.jsonl`, one record per prompt
+(prompt, reference when the data has one, generation, metrics), written resumably."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from qatune.cli.common import add_device_option, add_tokenizer_option, load_model, load_tokenizer_for, pick_device
-from qatune.generation.sampling import SamplingConfig, generate_text
+from qatune.cli.common import (
+    add_device_option,
+    add_tokenizer_option,
+    load_model,
+    load_tokenizer_for,
+    pick_device,
+    read_meta,
+    resolve_model_path,
+)
+from qatune.generation.sampling import SamplingConfig
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -33,13 +42,23 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate completions for prompts", description=__doc__)
-    p.add_argument("model", help="checkpoint folder or hub name")
+    p = sub.add_parser("generate", help="generate answers for prompts", description=__doc__)
+    p.add_argument("model", help="a run folder (its export/ is used), a checkpoint folder or a hub name")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    src.add_argument("--file", help="JSONL file with a 'prompt' field per line")
+    src.add_argument(
+        "--file",
+        nargs="+",
+        help="data files/folders/globs/hf:datasets in any supported layout, or JSONL with only a 'prompt' field",
+    )
+    p.add_argument(
+        "--template", help="template name (raw = the prompt as is); default: the model's own template, else raw"
+    )
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--map", action="append", default=[], metavar="ROLE=FIELD", help="field mapping, e.g. prompt=q")
+    p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", help="write JSONL {prompt, completion} here instead of printing")
+    p.add_argument("--out", help="write JSONL records here (resumable) instead of printing")
     add_sampling_options(p)
     add_tokenizer_option(p)
     add_device_option(p)
@@ -47,6 +66,7 @@ def add_parser(sub) -> None:
 
 
 def read_prompts(path: str) -> list[str]:
+    """Prompts of a JSONL file whose records have only a 'prompt' field."""
     prompts = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -63,19 +83,72 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def prompt_items(args: argparse.Namespace, template) -> list:
+    """What to answer: --prompt texts, or the records of the data files (with their references)."""
+    from qatune.data.readers import read_records
+    from qatune.data.records import DataError
+    from qatune.generation.batch import PromptItem
+    from qatune.generation.evaluate import prompt_item
+
+    if args.prompt:
+        return [
+            PromptItem(f"--prompt {i + 1}", "--prompt", p, template.render_prompt(p)) for i, p in enumerate(args.prompt)
+        ]
+    from qatune.cli.eval import parse_mapping
+
+    try:
+        records = read_records(args.file, parse_mapping(args.map), limit=args.limit).records
+    except DataError:
+        # Prompt-only JSONL (no answers): not a training layout, but fine to generate for.
+        if args.map or not all(f.endswith(".jsonl") for f in args.file):
+            raise
+        texts = [(f, n, p) for f in args.file for n, p in enumerate(read_prompts(f), 1)]
+        texts = texts[: args.limit] if args.limit is not None else texts
+        return [PromptItem(f"{f}:{n}", f, p, template.render_prompt(p)) for f, n, p in texts]
+    return [prompt_item(r, template) for r in records]
+
+
 def run(args: argparse.Namespace) -> int:
-    prompts = args.prompt or read_prompts(args.file)
+    from qatune.data.templates import get_template
+
+    meta = read_meta(resolve_model_path(args.model)) or {}
+    template = get_template(args.template or meta.get("template") or "raw", args.system_prompt)
+    items = prompt_items(args, template)
     model = load_model(args.model, pick_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
-    completions = generate_text(model, tokenizer, prompts, sampling_from_args(args), args.batch_size)
+    sampling = sampling_from_args(args)
     if args.out:
-        from qatune.utils.files import atomic_write
+        return write_records(args, model, tokenizer, items, template, sampling)
+    from qatune.generation.batch import prompt_ids
+    from qatune.generation.sampling import generate_ids
 
-        with atomic_write(Path(args.out)) as f:
-            for p, c in zip(prompts, completions):
-                f.write(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n")
-        print(f"wrote {len(prompts)} completions to {args.out}")
-    else:
-        for p, c in zip(prompts, completions):
-            sys.stdout.write(f"{p}{c}\n" + ("-" * 40 + "\n" if len(prompts) > 1 else ""))
+    budget = model.config.n_positions - sampling.max_new_tokens
+    for start in range(0, len(items), args.batch_size):
+        chunk = items[start : start + args.batch_size]
+        ids = [prompt_ids(tokenizer, item, budget)[0] for item in chunk]
+        for item, g in zip(chunk, generate_ids(model, ids, tokenizer.eos_token_id, sampling)):
+            end = "" if g.stopped_at_eos else f"\n[no EOS within {sampling.max_new_tokens} tokens]"
+            sys.stdout.write(f"{item.text}{tokenizer.decode(g.ids)}{end}\n")
+            if len(items) > 1:
+                sys.stdout.write("-" * 40 + "\n")
+    return 0
+
+
+def write_records(args, model, tokenizer, items, template, sampling) -> int:
+    from qatune.generation.batch import generate_to_file
+    from qatune.generation.evaluate import warnings_for
+    from qatune.generation.metrics import summarize
+
+    settings = {"model": args.model, "template": template.to_dict()}
+    records = generate_to_file(model, tokenizer, items, args.out, sampling, args.batch_size, settings)
+    print(f"wrote {len(records)} records to {args.out}")
+    scored = [r for r in records if r["reference"] is not None]
+    if scored:
+        s = summarize(scored)
+        scores = f"exact match {s['exact_match']:.1%}, token F1 {s['f1']:.1%}, ROUGE-L {s['rouge_l']:.1%}"
+        print(f"{scores} ({s['n']} records with a reference)")
+    stopped = sum(r["stopped_at_eos"] for r in records)
+    gen = {"n": len(records), "no_eos": len(records) - stopped, "prompts_cut": sum(r["prompt_cut"] for r in records)}
+    for w in warnings_for(gen, sampling.max_new_tokens):
+        print(f"warning: {w}", file=sys.stderr)
     return 0

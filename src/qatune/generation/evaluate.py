@@ -91,8 +91,8 @@ def warnings_for(gen: dict, max_new_tokens: int) -> list[str]:
     n, no_eos = gen["n"], gen["no_eos"]
     if n and no_eos == n:
         out.append(
-            f"the model never emitted EOS: all {n} generations ran to max_new_tokens={max_new_tokens} "
-            "(was EOS in the training labels?); answer metrics compare truncated rambling"
+            f"the model never emitted EOS: all {n} generations ran to max_new_tokens={max_new_tokens}; "
+            "it was not trained to stop (is EOS in its training labels?)"
         )
     elif no_eos:
         share = f"{no_eos / n:.1%}"
