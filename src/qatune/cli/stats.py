@@ -1,0 +1,132 @@
+"""`qatune stats DATA... --tokenizer T --max-len N [--template NAME|FILE] [--out DIR] [--json FILE]`:
+token-length statistics of questions and answers, truncation under every policy, padding waste of
+each batching strategy; a table on the terminal, and a Markdown report, JSON and PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from qatune.cli.common import add_tokenizer_option
+from qatune.data.truncation import POLICIES
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("stats", help="token lengths, truncation and padding of a data set", description=__doc__)
+    p.add_argument("data", nargs="+", help="files, folders, globs, or Hugging Face dataset names (name[:split])")
+    add_tokenizer_option(p)
+    p.add_argument("--max-len", type=int, default=1024, help="context limit T_max (default 1024)")
+    p.add_argument("--template", default="plain", help="plain | raw | alpaca | chat, or a YAML/JSON file with one")
+    p.add_argument("--system-prompt", default=None, help="system text for the chat template")
+    p.add_argument("--mapping", action="append", default=[], metavar="KEY=FIELD", help="e.g. prompt=q response=a")
+    p.add_argument("--train-on-turns", choices=["all", "last"], default="all")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size for the padding study (default 8)")
+    p.add_argument("--out", help="folder for stats.md, stats.json, lengths_hist.png, lengths_cdf.png")
+    p.add_argument("--json", help="write the JSON here ('-' for stdout)")
+    p.set_defaults(func=run)
+
+
+def parse_mapping(items: list[str]) -> dict[str, str] | None:
+    mapping = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--mapping {item!r}: expected KEY=FIELD, e.g. prompt=question")
+        mapping[key] = value
+    return mapping or None
+
+
+def template_arg(value: str):
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        import yaml
+
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    return value
+
+
+def source_groups(data: list[str], encodings) -> dict[str, list[int]]:
+    """Example indices per DATA argument when several are given, else per file."""
+    from qatune.data.readers import display_name, expand_sources
+
+    owner = {}
+    if len(data) > 1:
+        for arg in data:
+            for s in expand_sources([arg]):
+                owner.setdefault(display_name(s), arg)
+    groups: dict[str, list[int]] = {}
+    for i, enc in enumerate(encodings):
+        groups.setdefault(owner.get(enc.source, enc.source), []).append(i)
+    return groups
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from qatune.data.encode import encode_records
+    from qatune.data.pipeline import DataConfig
+    from qatune.data.readers import read_records
+    from qatune.data.stats import compute_stats, lengths_of
+    from qatune.data.stats_render import markdown, print_tables, save_plots
+    from qatune.model.tokenizer import load_tokenizer, tokenizer_location
+    from qatune.utils.files import write_text_atomic
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    cfg = DataConfig(
+        sources=args.data,
+        mapping=parse_mapping(args.mapping),
+        template=template_arg(args.template),
+        system_prompt=args.system_prompt,
+        max_len=args.max_len,
+        truncation=POLICIES[0],
+        train_on_turns=args.train_on_turns,
+        skip_bad=args.skip_bad,
+        limit=args.limit,
+    )
+    template = cfg.get_template()  # a bad template fails before any reading
+    tokenizer = load_tokenizer(args.tokenizer)
+    err = Console(stderr=True)
+    read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
+    if not read.records:
+        raise ValueError(f"no records in {', '.join(cfg.sources)} ({read.skipped} bad records skipped)")
+    columns = [TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("tokenize", total=len(read.records))
+        encodings = encode_records(
+            read.records, template, tokenizer, cfg.train_on_turns, progress=lambda n: bar.advance(task, n)
+        )
+    stats = compute_stats(encodings, cfg.max_len, args.batch_size, source_groups(args.data, encodings))
+    meta = {
+        "sources": list(args.data),
+        "layouts": read.layouts,
+        "template": template.to_dict(),
+        "tokenizer": tokenizer_location(args.tokenizer),
+        "records": len(read.records),
+        "skipped": read.skipped,
+        "skip_reasons": read.skip_reasons,
+    }
+    report = {**meta, **stats}
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    out_console = Console()
+    if not out_console.is_terminal:  # piped or redirected: wide enough for every column
+        out_console = Console(width=140)
+    print_tables(stats, out_console)
+    if read.skipped:
+        err.print(f"skipped {read.skipped} bad records, e.g. {read.skip_reasons[0]}")
+    if args.out:
+        out = Path(args.out)
+        write_text_atomic(out / "stats.json", text)
+        write_text_atomic(out / "stats.md", markdown(stats, meta))
+        save_plots(*lengths_of(encodings), cfg.max_len, out)
+        print(f"wrote {out}/stats.md, stats.json, lengths_hist.png, lengths_cdf.png")
+    if args.json == "-":
+        sys.stdout.write(text)
+    elif args.json:
+        write_text_atomic(args.json, text)
+    return 0
