@@ -102,6 +102,22 @@ def warnings_for(gen: dict, max_new_tokens: int) -> list[str]:
     return out
 
 
+def data_warnings(truncation: dict) -> list[str]:
+    """What truncation did to the loss's examples, so a loss over fewer examples is never a surprise."""
+    t = truncation
+    where = f"truncation '{t['policy']}' at max_len {t['max_len']}"
+    out = []
+    if t["dropped"]:
+        out.append(
+            f"{t['dropped']} of {t['examples_in']} examples are left out of the loss under {where} "
+            f"({t['no_loss']} had no response token left)"
+        )
+    if t["truncated"]:
+        shortened = f"{t['truncated']} examples were shortened for the loss under {where}"
+        out.append(f"{shortened} ({t['eos_lost']} lost their EOS)")
+    return out
+
+
 def evaluate_model(
     model: GPT2,
     tokenizer,
@@ -136,7 +152,8 @@ def evaluate_model(
         "sampling": asdict(settings.sampling),
         "generations_file": str(generations_file),
         "examples": [_shown(r) for r in out[: settings.examples_shown]],
-        "warnings": warnings_for(generation, settings.sampling.max_new_tokens),
+        "warnings": data_warnings(loaded.report.truncation.to_dict())
+        + warnings_for(generation, settings.sampling.max_new_tokens),
     }
 
 
