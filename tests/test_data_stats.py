@@ -147,3 +147,17 @@ def test_real_data_sums_and_maxima_match_an_independent_count(tmp_path, data_dir
     assert got["truncation"]["drop"]["dropped"] == want["over_256"]
     assert got["layouts"][str(data_dir / "gsm8k" / "train.jsonl")] == "question_answer"
     assert [s["examples"] for s in got["per_source"].values()] == [19162, 7473]
+
+
+def test_cli_one_folder_breaks_down_per_file(tmp_path, tokenizer_dir):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for name in ("dolly.jsonl", "self_instruct.jsonl"):
+        (folder / name).write_bytes((FIXTURES / name).read_bytes())
+    assert run_cli(folder, "--tokenizer", tokenizer_dir, "--json", tmp_path / "s.json", "--train-on-turns", "last") == 0
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert {k: v["examples"] for k, v in data["per_source"].items()} == {"dolly.jsonl": 2, "self_instruct.jsonl": 2}
+    assert data["layouts"] == {
+        str(folder / "dolly.jsonl"): "dolly",
+        str(folder / "self_instruct.jsonl"): "self_instruct",
+    }

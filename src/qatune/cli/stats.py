@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def template_arg(value: str):
 
 
 def source_groups(data: list[str], encodings) -> dict[str, list[int]]:
-    """Example indices per DATA argument when several are given, else per file."""
+    """Example indices per DATA argument when several are given, else per file (named relative to
+    the folder they share, so a folder of 96 files gives readable rows)."""
     from qatune.data.readers import display_name, expand_sources
 
     owner = {}
@@ -58,6 +60,11 @@ def source_groups(data: list[str], encodings) -> dict[str, list[int]]:
         for arg in data:
             for s in expand_sources([arg]):
                 owner.setdefault(display_name(s), arg)
+    else:
+        files = sorted({enc.source for enc in encodings})
+        if len(files) > 1 and all(Path(f).is_file() for f in files):
+            base = os.path.commonpath(files)
+            owner = {f: os.path.relpath(f, base) for f in files}
     groups: dict[str, list[int]] = {}
     for i, enc in enumerate(encodings):
         groups.setdefault(owner.get(enc.source, enc.source), []).append(i)
