@@ -128,3 +128,13 @@ def test_bad_data_is_a_one_line_error(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("qatune eval: error:") and "bad.jsonl:2" in err
     assert not (tmp_path / "e" / "report.json").exists()
+
+
+def test_truncation_policy_comes_from_the_runs_config(tmp_path):
+    from qatune.cli.eval import training_truncation
+
+    (tmp_path / "export").mkdir()
+    assert training_truncation(str(tmp_path / "export")) is None
+    (tmp_path / "config.yaml").write_text("name: r\ndata:\n  truncation: drop\n  max_len: 64\n")
+    assert training_truncation(str(tmp_path / "export")) == "drop"
+    assert training_truncation(str(tmp_path)) is None  # not an export folder: no run config to read

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from qatune.cli.common import (
+    RUN_EXPORT,
     add_device_option,
     add_tokenizer_option,
     load_model,
@@ -63,7 +64,18 @@ def parse_mapping(items: list[str]) -> dict[str, str] | None:
     return mapping or None
 
 
-def data_config(args: argparse.Namespace, meta: dict | None, context: int):
+def training_truncation(model_path: str) -> str | None:
+    """The truncation policy of the run that wrote this export (its resolved config.yaml), if any."""
+    import yaml
+
+    config = Path(model_path).parent / "config.yaml"
+    if Path(model_path).name != RUN_EXPORT or not config.exists():
+        return None
+    data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
+    return data.get("truncation")
+
+
+def data_config(args: argparse.Namespace, meta: dict | None, context: int, model_path: str = ""):
     from qatune.data.pipeline import DataConfig
 
     meta = meta or {}
@@ -73,7 +85,7 @@ def data_config(args: argparse.Namespace, meta: dict | None, context: int):
         template=args.template or meta.get("template") or "plain",
         system_prompt=args.system_prompt,
         max_len=args.max_len or meta.get("max_len") or context,
-        truncation=args.truncation or meta.get("truncation") or "cut_response",
+        truncation=args.truncation or meta.get("truncation") or training_truncation(model_path) or "cut_response",
         limit=args.limit,
     )
 
@@ -123,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(args.model)
     settings = EvalSettings(sampling_from_args(args), args.batch_size, args.examples)
     context = _context_of(model_path)
-    data = data_config(args, meta, context)
+    data = data_config(args, meta, context, model_path)
     report = evaluate_one(args.model, tokenizer, data, out / GENERATIONS, settings, device)
     base = None
     if args.compare:
