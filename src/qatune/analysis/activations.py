@@ -1,0 +1,170 @@
+"""Activation memory of OUR GPT-2 (`qatune.model.gpt2`), from the tensors autograd really saves.
+
+Measured with `torch.autograd.graph.saved_tensors_hooks` (storages deduplicated), torch 2.13, and
+written here from the shapes. E = B*T positions, d = width, h = heads, V = vocabulary, N = label
+positions; `a` = bytes of matmul activations, `r` = bytes of the residual stream (fp32 under
+autocast: the residual adds promote to fp32), `s` = LayerNorm statistics (fp32 except pure 16-bit
+on CPU). Per block, without checkpointing:
+
+  ln_1 input (the block input)  E*d*r     ln_1 mean + rstd           2*E*s
+  ln_1 output = c_attn input    E*d*a     qkv = c_attn output        3*E*d*a  (q, k, v are views)
+  SDPA output = c_proj input    E*d*a     SDPA logsumexp (fp32)      B*h*T*4
+  ln_2 input                    E*d*r     ln_2 mean + rstd           2*E*s
+  ln_2 output = c_fc input      E*d*a     c_fc output = GELU input   4*E*d*a
+  GELU output = c_proj input    4*E*d*a
+  = E*d*(2r + 14a) + 4*E*s + 4*B*h*T
+
+SDPA backends (what differs):
+- flash (CPU's `_scaled_dot_product_flash_attention_for_cpu`; CUDA flash for bf16/fp16): saves q, k,
+  v, the output (laid out (B, T, h, hd), so the transpose before c_proj is free) and an fp32
+  logsumexp (B, h, T). No T x T tensor.
+- packed rows (`doc_ids`): the model builds a (B, 1, T, T) bool mask. On CPU the flash kernel
+  converts it to an additive mask in the query dtype and saves that per layer: B*T*T*a. On CUDA
+  flash takes no arbitrary mask, so SDPA runs the memory-efficient kernel, which saves the mask
+  padded to a multiple of 16 keys and a logsumexp padded to a multiple of 32 queries (assumed
+  from the kernel's source, not measured here: no GPU). With checkpointing the bool mask is an
+  input of every checkpointed block: saved once, B*T*T bytes.
+- math (CPU fallback, e.g. dropout > 0): saves copies of q, k, v, the softmax probabilities
+  B*h*T*T and a copy of the output: this is the O(T^2) activation the seeds worry about. On CPU
+  it upcasts 16-bit q, k, v to fp32 first, so q, k, v and the probabilities are fp32 there.
+
+With activation checkpointing only each block's input is kept (E*d*r per layer); during backward
+one block at a time is recomputed, so one block's saved set comes back on top. The autocast
+weight copies are then not saved, but autocast's cache still holds them until the forward ends.
+
+Under autocast the 16-bit copies of the four matmul weights are saved too (12*d^2*a per layer):
+weight-sized, not batch-sized, and reported on their own line. Dropout masks are not modelled
+(qatune's fine-tuning default is dropout 0).
+
+The loss: `response_loss_sum` keeps a (B, T) bool selection mask, grad_h (N x d, dtype of h) and
+grad_w (V x d, fp32), never a logits tensor; during its forward one chunk of logits lives at a time.
+The "full logits" alternative (what `transformers` does) keeps B*T*V logits in the caller plus the
+fp32 log-softmax that cross-entropy saves, and needs a logits-sized gradient in backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qatune.analysis.setup import PlanSetup
+
+INDEX_BYTES = 8  # int64 token and position ids, saved by the two embedding lookups
+
+
+@dataclass
+class ActivationPlan:
+    per_block: dict[str, int]  # what one block saves, without checkpointing
+    saved: dict[str, int]  # what autograd holds at the end of forward, by component
+    weight_copies: int  # autocast: 16-bit copies of matmul weights, alive at the end of forward
+    weight_copies_saved: int  # of which saved for backward (none under checkpointing: only cached)
+    recompute: int  # checkpointing: one block's saved set, re-created during backward
+    loss_transient: int  # extra bytes alive only during the loss forward (one chunk of logits …)
+    loss_backward: int  # extra bytes the loss's backward creates (the logits' gradient for full logits)
+    transient_mask: int  # the bool (B, 1, T, T) mask while the forward runs (packed rows)
+
+    @property
+    def total(self) -> int:
+        return sum(self.saved.values())
+
+
+def _stat_bytes(s: PlanSetup) -> int:
+    # LayerNorm keeps mean/rstd in the accumulation type: fp32, except CPU's 16-bit kernels.
+    return 4 if (s.prec.residual == 4 or s.device == "cuda") else s.prec.residual
+
+
+def _round_up(n: int, k: int) -> int:
+    return math.ceil(n / k) * k
+
+
+def attention_saved(s: PlanSetup) -> dict[str, int]:
+    B, T, c = s.micro_batch, s.seq_len, s.config
+    E, d, h, a = B * T, c.n_embd, c.n_head, s.prec.act
+    kernel = s.attention
+    if kernel == "flash" and s.packed and s.device == "cuda":
+        kernel = "efficient"  # CUDA flash has no arbitrary mask
+    if kernel == "math":
+        up = 4 if s.device == "cpu" else a  # CPU's math kernel upcasts 16-bit q, k, v to fp32
+        return {"q, k, v": 3 * E * d * up, "softmax probabilities": B * h * T * T * up, "attention output": E * d * a}
+    out = {"q, k, v": 3 * E * d * a, "attention output": E * d * a}
+    if kernel == "flash":
+        out["logsumexp"] = B * h * T * 4
+        if s.packed:  # CPU flash: additive mask in the query dtype
+            out["attention mask"] = B * T * T * a
+    else:
+        out["logsumexp"] = B * h * _round_up(T, 32) * 4
+        if s.packed:
+            out["attention mask"] = B * T * _round_up(T, 16) * a
+    return out
+
+
+def block_saved(s: PlanSetup) -> dict[str, int]:
+    """Bytes one transformer block saves for backward (no checkpointing), by tensor."""
+    E, d = s.tokens, s.config.n_embd
+    a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
+    out = {
+        "LayerNorm inputs (residual stream)": 2 * E * d * r,
+        "LayerNorm mean/rstd": 4 * E * st,
+        "LayerNorm outputs (matmul inputs)": 2 * E * d * a,
+    }
+    out.update(attention_saved(s))
+    out["MLP: GELU input"] = 4 * E * d * a
+    out["MLP: GELU output"] = 4 * E * d * a
+    return out
+
+
+def loss_saved(s: PlanSetup) -> dict[str, int]:
+    E, d, V = s.tokens, s.config.n_embd, s.config.vocab_size
+    if s.loss == "chunked":
+        return {"loss: label mask, grad_h, grad_w": E + s.label_tokens * d * s.prec.residual + V * d * 4}
+    return {
+        "loss: head input": E * d * s.prec.act,
+        "loss: logits (held by the caller)": E * V * s.prec.act,
+        "loss: fp32 log-softmax": E * V * 4,
+    }
+
+
+def loss_transients(s: PlanSetup) -> tuple[int, int]:
+    """(extra bytes during the loss forward, extra bytes during its backward)."""
+    E, d, V, a = s.tokens, s.config.n_embd, s.config.vocab_size, s.prec.act
+    if s.loss == "full":
+        upcast = E * V * 4 if a != 4 else 0  # logits.float() before the softmax
+        return upcast, E * V * 4 + E * V * a
+    rows = min(s.chunk_size, s.label_tokens)
+    # Inside one chunk, at its two fullest moments: the fp32 logits plus logsumexp's exp() temp;
+    # then the logits (turned into dlogits in place, + a 16-bit copy under mixed precision) while
+    # dlogits^T @ h makes a V x d product (16-bit, then fp32) before it is added into grad_w.
+    low = a if a != 4 else 0
+    softmax = 8 * rows * V
+    grad_w_update = rows * V * (4 + low) + V * d * (4 + low)
+    weight_cast = V * d * a if s.prec.autocast else 0
+    return max(softmax, grad_w_update) + weight_cast, V * d * 4  # backward: the scaled grad_w
+
+
+def plan_activations(s: PlanSetup) -> ActivationPlan:
+    c = s.config
+    B, T, E, d, L = s.micro_batch, s.seq_len, s.tokens, c.n_embd, c.n_layer
+    per_block = block_saved(s)
+    saved = {"embedding ids": 2 * E * INDEX_BYTES}
+    if s.checkpointing:
+        saved["block inputs (checkpointed)"] = L * E * d * s.prec.residual
+        if s.packed:
+            saved["packed-row bool mask (checkpoint input)"] = B * T * T
+    else:
+        saved["transformer blocks"] = L * sum(per_block.values())
+    saved["final LayerNorm"] = E * d * s.prec.residual + 2 * E * _stat_bytes(s)
+    saved.update(loss_saved(s))
+    loss_fwd, loss_bwd = loss_transients(s)
+    weight_copies = 12 * d * d * s.prec.act * L if s.prec.autocast else 0
+    return ActivationPlan(
+        per_block=per_block,
+        saved=saved,
+        weight_copies=weight_copies,
+        weight_copies_saved=0 if s.checkpointing else weight_copies,
+        recompute=sum(per_block.values()) + (12 * d * d * s.prec.act if s.prec.autocast else 0)
+        if s.checkpointing
+        else 0,
+        loss_transient=loss_fwd,
+        loss_backward=loss_bwd,
+        transient_mask=B * T * T if s.packed else 0,
+    )

@@ -1,0 +1,135 @@
+"""Compute plan: FLOPs per token and per step, split into dense matmuls, attention and LM head.
+
+Counted as PyTorch's `torch.utils.flop_counter` counts: 2 FLOPs per multiply-add of a matmul, bias
+adds and elementwise work (LayerNorm, GELU, softmax) not counted. Per token, forward + backward:
+- dense: 6 * 12*L*d^2 (the "6N" rule with N = the 12*L*d^2 weights of the block matmuls; biases
+  and LayerNorm, 13*L*d more parameters, do no matmul work),
+- attention: 12 * L * T * d: QK^T and AV are 2*T*d multiply-adds each per token and layer in
+  forward, twice that in backward. This counts the full T x T square, as the counter does for
+  the math kernel; a causal flash kernel skips the masked half of the tiles, so the work the GPU
+  really does is about 6*L*T*d, while CUDA flash backward also recomputes QK^T (the counter's
+  CUDA formula: 14*L*T*d). The T in it is the row width: packed rows pay for the whole row.
+- LM head: 6 * V * d per *labelled* token with our chunked loss (2 forward + 4 backward, all
+  done in the loss's forward), per token with full logits.
+Activation checkpointing recomputes each block's forward once, up to the last tensor backward
+needs (PyTorch's non-reentrant checkpoint stops early: the MLP's output projection is not rerun):
++ 16*L*d^2 + 4*L*T*d per token (hardware FLOPs; MFU is quoted on model FLOPs, without the
+recompute, the PaLM convention).
+
+Note: the PyTorch FLOP counter has no formula for CPU's flash-attention op
+(`_scaled_dot_product_flash_attention_for_cpu`), so on CPU it reports attention as 0 unless SDPA
+runs its math kernel; `measure` states which it compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qatune.analysis.accelerators import Accelerator, peak_tflops
+from qatune.analysis.setup import PlanSetup
+from qatune.model.gpt2 import GPT2Config
+
+
+def dense_flops_per_token(c: GPT2Config) -> int:
+    return 6 * 12 * c.n_layer * c.n_embd**2
+
+
+def attention_flops_per_token(c: GPT2Config, seq_len: int) -> int:
+    return 12 * c.n_layer * seq_len * c.n_embd
+
+
+def head_flops_per_token(c: GPT2Config) -> int:
+    return 6 * c.vocab_size * c.n_embd
+
+
+@dataclass
+class ComputePlan:
+    setup: PlanSetup
+    dense: int  # per micro-batch, forward + backward
+    attention: int
+    lm_head: int
+    recompute: int  # checkpointing's extra forward (hardware FLOPs only)
+
+    @property
+    def model_flops(self) -> int:
+        """Per micro-batch; the MFU numerator."""
+        return self.dense + self.attention + self.lm_head
+
+    @property
+    def hardware_flops(self) -> int:
+        return self.model_flops + self.recompute
+
+    @property
+    def per_token(self) -> float:
+        return self.model_flops / self.setup.tokens
+
+    @property
+    def attention_share(self) -> float:
+        return self.attention / self.model_flops
+
+    def per_optimizer_step(self) -> int:
+        """Model FLOPs of one optimizer step on one rank (all its micro-batches)."""
+        return self.model_flops * self.setup.accum
+
+
+def plan_compute(s: PlanSetup) -> ComputePlan:
+    c, tokens = s.config, s.tokens
+    head_tokens = s.label_tokens if s.loss == "chunked" else tokens
+    # Recompute stops early once the last saved tensor is back, so mlp.c_proj (8*d^2) is not rerun.
+    recompute = (16 * c.n_layer * c.n_embd**2 + 4 * c.n_layer * s.seq_len * c.n_embd) * tokens if s.checkpointing else 0
+    # LoRA: frozen weights need no weight gradient, so the dense backward is one matmul, not two.
+    dense = (4 if s.lora_r else 6) * 12 * c.n_layer * c.n_embd**2 * tokens
+    return ComputePlan(
+        s, dense, attention_flops_per_token(c, s.seq_len) * tokens, head_flops_per_token(c) * head_tokens, recompute
+    )
+
+
+@dataclass
+class StepTime:
+    accelerator: str
+    peak_tflops: float
+    mfu: float
+    seconds: float  # one optimizer step (all micro-batches) on one rank
+    tokens_per_second: float  # all ranks
+
+    @property
+    def tokens_per_second_per_gpu(self) -> float:
+        return self.tokens_per_second
+
+
+def step_time(s: PlanSetup, acc: Accelerator, mfu: float) -> StepTime:
+    """Step time at a stated MFU: model FLOPs / (peak x MFU), plus the recompute at the same rate.
+    Communication (DDP all-reduce, FSDP gathers) is assumed overlapped; offload is not modelled."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"MFU {mfu} is outside (0, 1]")
+    plan = plan_compute(s)
+    peak = peak_tflops(acc, s.precision)
+    seconds = plan.hardware_flops * s.accum / (peak * 1e12 * mfu)
+    tokens = s.tokens * s.accum * s.gpus
+    return StepTime(acc.key, peak, mfu, seconds, tokens / seconds)
+
+
+def seq_len_table(config: GPT2Config, seq_lens=(256, 512, 1024), label_fraction: float = 0.5) -> list[dict]:
+    """Per-token FLOPs at several T, the attention share, and the per-sequence cost factor from one
+    T to the next (the seeds: 'O(L*T^2*d), so 512 -> 1024 is ~4x')."""
+    rows = []
+    for i, T in enumerate(seq_lens):
+        dense = dense_flops_per_token(config)
+        attention = attention_flops_per_token(config, T)
+        head = head_flops_per_token(config) * label_fraction
+        total = dense + attention + head
+        row = {
+            "seq_len": T,
+            "dense": dense,
+            "attention": attention,
+            "lm_head": head,
+            "total": total,
+            "attention_share": attention / total,
+            "per_sequence": total * T,
+        }
+        if i:
+            prev = rows[-1]
+            row["per_token_factor"] = total / prev["total"]
+            row["per_sequence_factor"] = row["per_sequence"] / prev["per_sequence"]
+        rows.append(row)
+    return rows

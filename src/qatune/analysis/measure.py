@@ -1,0 +1,361 @@
+"""One real training step of a plan's configuration, measured the way the plan predicts it.
+
+`measure_step` builds the model (random weights of the planned shape), a synthetic batch with the
+planned number of label positions, and runs forward, the chunked response-only loss, backward and
+one AdamW step (qatune's own optimizer builder: decay groups, fused). It reports:
+- parameter / gradient / optimizer bytes summed over the real tensors (storages counted once),
+- activation bytes: every tensor autograd saves during forward and loss, caught with
+  `torch.autograd.graph.saved_tensors_hooks`, storages deduplicated, parameters excluded, the
+  autocast weight copies counted on their own line,
+- FLOPs of forward + backward from `torch.utils.flop_counter.FlopCounterMode`,
+- the step's wall time, and the peak: `torch.cuda.max_memory_allocated` on GPU, on CPU the
+  process's peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before the model
+  was built. For a clean CPU peak, `measure_in_subprocess` runs the step in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from qatune.analysis.setup import PlanSetup
+from qatune.data.example import IGNORE
+from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.train.loss import response_loss_sum
+from qatune.train.optim import OptimConfig, build_optimizer
+
+MEASURABLE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CAST_OPS = ("ToCopyBackward0", "TBackward0", "ViewBackward0", "PermuteBackward0")
+
+
+@dataclass
+class Measurement:
+    device: str
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # saved by forward + loss, without parameters and autocast weight copies
+    activations_model: int  # of which saved by the model's forward
+    activations_loss: int  # of which saved by the loss
+    weight_copies: int
+    flops: int  # forward + backward, as counted by FlopCounterMode
+    attention_counted: bool  # False: the CPU flash kernel has no FLOP formula (counted as 0)
+    step_seconds: float  # forward + loss + backward + optimizer step
+    optimizer_seconds: float
+    peak: int | None  # bytes above the pre-model baseline
+    peak_source: str
+
+
+def _rss_kb(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _storage_bytes(tensors) -> int:
+    seen = {}
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _storage_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def synthetic_batch(s: PlanSetup, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random token ids; in each row the last positions carry labels, `s.label_tokens` in all.
+    Packed plans put two documents in each row (positions restart, block-causal mask)."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = s.micro_batch, s.seq_len
+    ids = torch.randint(0, s.config.vocab_size, (B, T), generator=g)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    per_row = [s.label_tokens // B + (r < s.label_tokens % B) for r in range(B)]
+    for r, k in enumerate(per_row):
+        if k:
+            targets[r, T - k :] = torch.randint(0, s.config.vocab_size, (k,), generator=g)
+    if s.packed:
+        half = T // 2
+        doc_ids = (torch.arange(T) >= half).long().expand(B, T).contiguous()
+        position_ids = torch.cat([torch.arange(half), torch.arange(T - half)]).expand(B, T).contiguous()
+    else:
+        doc_ids = None
+        position_ids = torch.arange(T).expand(B, T).contiguous()
+    return {"input_ids": ids, "position_ids": position_ids, "doc_ids": doc_ids, "targets": targets}
+
+
+def _is_weight_copy(t: torch.Tensor) -> bool:
+    """A tensor reached from a parameter only through casts/transposes: autocast's weight copy."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in _CAST_OPS:
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        if len(nxt) != 1:
+            return False
+        fn = nxt[0]
+        if type(fn).__name__ == "AccumulateGrad":
+            return True
+    return False
+
+
+class SavedTensorLedger:
+    """Counts the storages autograd saves, by category, without keeping them alive."""
+
+    def __init__(self, params) -> None:
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: dict[int, tuple[str, int]] = {}
+        self.phase = "model"
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self.param_ptrs and ptr not in self.seen:
+            self.seen[ptr] = ("weight copies" if _is_weight_copy(t) else self.phase, st.nbytes())
+        return t
+
+    def total(self, category: str) -> int:
+        return sum(n for c, n in self.seen.values() if c == category)
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def _check_measurable(s: PlanSetup) -> None:
+    problems = []
+    if s.precision not in MEASURABLE_PRECISIONS:
+        problems.append(f"precision {s.precision} (qatune trains with fp32 weights: fp32, bf16 or fp16 autocast)")
+    if s.gpus > 1 or s.zero or s.offload != "none":
+        problems.append("several ranks, ZeRO or offload (a one-process step; the distributed tests check those)")
+    if s.lora_r:
+        problems.append("LoRA (qatune's model has no LoRA adapters yet)")
+    if s.loss != "chunked":
+        problems.append("full logits (qatune trains with the chunked loss)")
+    if s.optimizer != "adamw":
+        problems.append(f"optimizer {s.optimizer} (qatune trains with AdamW)")
+    if problems:
+        raise ValueError("--measure cannot run: " + "; ".join(problems))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measurement:
+    """Run one training step of plan `s` on `s.device` and measure it (see the module docstring)."""
+    _check_measurable(s)
+    device = torch.device(s.device)
+    dtype = MEASURABLE_PRECISIONS[s.precision]
+    batch = {k: (v.to(device) if v is not None else None) for k, v in synthetic_batch(s, seed).items()}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base, peak_source = torch.cuda.memory_allocated(device), "torch.cuda.max_memory_allocated"
+    else:
+        peak_source = "peak RSS (VmHWM) delta" if _reset_peak_rss() else "unavailable"
+        base = _rss_kb("VmRSS") * 1024
+
+    torch.manual_seed(seed)
+    model = GPT2(s.config).to(device)
+    model.train()
+    model.activation_checkpointing = s.checkpointing
+    optimizer = build_optimizer(model, OptimConfig())
+    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    ledger = SavedTensorLedger(model.parameters())
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
+    kernel = sdpa_kernel(SDPBackend.MATH) if s.attention == "math" else contextlib.nullcontext()
+
+    _sync(device)
+    start = time.perf_counter()
+    with counter, kernel:
+        with ledger.hooks():
+            with autocast:
+                hidden = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+            ledger.phase = "loss"
+            loss_sum, n_labels = response_loss_sum(hidden, model.wte.weight, batch["targets"], compute_dtype=dtype)
+        loss = loss_sum / max(n_labels, 1)
+        del hidden
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    _sync(device)
+    opt_start = time.perf_counter()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    _sync(device)
+    end = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = _rss_kb("VmHWM") * 1024 - base if peak_source != "unavailable" else None
+    flops = counter.get_total_flops() if count_flops else 0
+    attention_counted = bool(count_flops) and any(
+        "scaled_dot_product" in str(op) or "bmm" in str(op) for op in counter.get_flop_counts().get("Global", {})
+    )
+    return Measurement(
+        device=str(device),
+        params=_storage_bytes(model.parameters()),
+        grads=grads,
+        optimizer=optimizer_state_bytes(optimizer),
+        activations=ledger.total("model") + ledger.total("loss"),
+        activations_model=ledger.total("model"),
+        activations_loss=ledger.total("loss"),
+        weight_copies=ledger.total("weight copies"),
+        flops=flops,
+        attention_counted=attention_counted,
+        step_seconds=end - start,
+        optimizer_seconds=end - opt_start,
+        peak=peak,
+        peak_source=peak_source,
+    )
+
+
+def calibrate(device: torch.device, dtype: torch.dtype | None, d: int, rows: int, reps: int = 3) -> dict[str, float]:
+    """This device's achieved matmul FLOP/s (a rows x d x 4d GEMM, like the MLP's) and copy
+    bandwidth (bytes read + written per second): the "peak" a step-time estimate uses here."""
+    dtype = dtype or torch.float32
+    a = torch.randn(rows, d, device=device, dtype=dtype)
+    b = torch.randn(d, 4 * d, device=device, dtype=dtype)
+    a @ b  # warm-up (threads, kernels)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    gemm = 2 * rows * d * 4 * d * reps / (time.perf_counter() - t)
+    src = torch.empty(32 * 1024 * 1024, device=device)  # 128 MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    bandwidth = 2 * src.nbytes * reps / (time.perf_counter() - t)
+    return {"matmul_flops_per_s": gemm, "copy_bytes_per_s": bandwidth}
+
+
+# AdamW reads parameter, gradient and two moments and writes parameter and moments: 7 fp32 values.
+ADAM_BYTES_PER_PARAM = 28
+
+
+def estimate_step_seconds(hardware_flops: int, trainable: int, rates: dict[str, float]) -> float:
+    """Forward + backward at the calibrated matmul rate, plus AdamW at the copy bandwidth."""
+    return hardware_flops / rates["matmul_flops_per_s"] + trainable * ADAM_BYTES_PER_PARAM / rates["copy_bytes_per_s"]
+
+
+# --- running the step in a fresh interpreter (clean peak RSS) ---------------------------------
+
+
+def setup_to_json(s: PlanSetup) -> str:
+    d = {f.name: getattr(s, f.name) for f in fields(s)}
+    d["config"] = s.config.to_dict()
+    d["lora_targets"] = list(s.lora_targets)
+    return json.dumps(d)
+
+
+def setup_from_json(text: str) -> PlanSetup:
+    d = json.loads(text)
+    d["config"] = GPT2Config(**d["config"])
+    d["lora_targets"] = tuple(d["lora_targets"])
+    return PlanSetup(**d)
+
+
+# glibc raises its mmap threshold up to 32 MB as large blocks are freed, then keeps freed
+# activations in its heap: measured at gpt2 seq 512, ~250 MB stays in RSS after backward (+13% on
+# the peak). A fixed 128 KiB threshold mmaps every tensor-sized block and unmaps it when freed, so
+# the peak RSS tracks live tensors.
+MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def measure_in_subprocess(
+    s: PlanSetup, count_flops: bool = True, timeout: float | None = None, env: dict | None = None
+) -> Measurement:
+    """`measure_step` in a fresh Python process: nothing of this process's memory in its peak."""
+    cmd = [sys.executable, "-m", "qatune.analysis.measure", setup_to_json(s)]
+    if not count_flops:
+        cmd.append("--no-flops")
+    environment = {**os.environ, **(MEASURE_ENV if env is None else env)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environment)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement subprocess failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return Measurement(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="measure one training step of a plan (internal)")
+    p.add_argument("setup_json")
+    p.add_argument("--no-flops", action="store_true")
+    args = p.parse_args(argv)
+    m = measure_step(setup_from_json(args.setup_json), count_flops=not args.no_flops)
+    print(json.dumps(asdict(m)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
+
+
+def compare(s: PlanSetup, m: Measurement, rates: dict[str, float] | None = None) -> list[dict]:
+    """Predicted vs measured, one row per component: {name, predicted, measured, ratio, unit}."""
+    from qatune.analysis.compute import plan_compute
+    from qatune.analysis.memory import plan_memory
+
+    plan, compute = plan_memory(s), plan_compute(s)
+    c = s.config
+    attention = compute.attention + (4 * c.n_layer * s.seq_len * c.n_embd * s.tokens if s.checkpointing else 0)
+    flops = compute.hardware_flops - (0 if m.attention_counted else attention)
+    rows = [
+        ("parameters", plan.state.weights, m.params, "bytes"),
+        ("gradients", plan.state.grads, m.grads, "bytes"),
+        ("optimizer state", plan.state.optimizer, m.optimizer, "bytes"),
+        ("activations saved (model)", plan.activations.total - sum(_loss_parts(plan)), m.activations_model, "bytes"),
+        ("activations saved (loss)", sum(_loss_parts(plan)), m.activations_loss, "bytes"),
+        ("autocast weight copies", plan.activations.weight_copies_saved, m.weight_copies, "bytes"),
+        ("peak, first step", plan.first_step_peak, m.peak, "bytes"),
+        (
+            "FLOPs fwd+bwd" + ("" if m.attention_counted else " (no attention: CPU flash uncounted)"),
+            flops,
+            m.flops,
+            "FLOP",
+        ),
+    ]
+    if rates is not None:
+        estimate = estimate_step_seconds(compute.hardware_flops, plan.state.trainable, rates)
+        rows.append(("step time", estimate, m.step_seconds, "s"))
+    out = []
+    for name, predicted, measured, unit in rows:
+        if predicted == 0 and not measured:
+            continue
+        ratio = measured / predicted if predicted and measured is not None else None
+        out.append({"name": name, "predicted": predicted, "measured": measured, "ratio": ratio, "unit": unit})
+    return out
+
+
+def _loss_parts(plan) -> list[int]:
+    return [v for k, v in plan.activations.saved.items() if k.startswith("loss")]

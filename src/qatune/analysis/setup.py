@@ -1,0 +1,123 @@
+"""What a plan is about: a model, a batch shape and a training recipe, as one frozen dataclass.
+
+The precision table says, per mode, how many bytes each kind of tensor takes, and what "master
+weights" means in that mode:
+- fp32: weights, gradients and Adam moments in fp32; no master copy (the weights are fp32).
+- bf16 / fp16 (autocast, what `qatune train` does): the parameters stay fp32 and *are* the master
+  weights; autocast makes a bf16/fp16 copy of each matmul weight per forward (kept for backward)
+  and runs the matmuls, and the activations they produce, in 16 bits. fp16 adds loss scaling.
+- bf16-master / fp16-master: 16-bit parameters and gradients plus a separate fp32 master copy in
+  the optimizer (the DeepSpeed/Megatron layout behind the usual "16 bytes/param" figure:
+  2 weights + 4 master + 2 grads + 8 Adam moments). fp32 gradient accumulation would make it 18.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from qatune.model.gpt2 import GPT2Config
+
+
+@dataclass(frozen=True)
+class Precision:
+    weight: int  # bytes per parameter as stored on the device
+    grad: int  # bytes per gradient element
+    master: int  # bytes per parameter of a separate fp32 master copy (0: none)
+    act: int  # bytes per element of matmul inputs/outputs (activations)
+    residual: int  # bytes per element of the residual stream (LayerNorm inputs)
+    autocast: bool  # matmul weights cast to 16 bits on the fly (copies kept for backward)
+    note: str
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision(4, 4, 0, 4, 4, False, "fp32 weights, grads and moments; no master copy"),
+    "bf16": Precision(4, 4, 0, 2, 4, True, "autocast: fp32 weights are the master; bf16 matmuls and activations"),
+    "fp16": Precision(4, 4, 0, 2, 4, True, "autocast + loss scaling: fp32 weights are the master; fp16 matmuls"),
+    "bf16-master": Precision(2, 2, 4, 2, 2, False, "bf16 weights and grads + separate fp32 master copy"),
+    "fp16-master": Precision(2, 2, 4, 2, 2, False, "fp16 weights and grads + separate fp32 master copy"),
+}
+
+# Optimizer state bytes per trainable parameter, and whether qatune's trainer supports it.
+OPTIMIZERS: dict[str, tuple[float, str]] = {
+    "adamw": (8.0, "two fp32 moments (supported)"),
+    "adamw-8bit": (
+        2.0 + 8 / 2048,
+        "two 8-bit moments + one fp32 scale per 2048-block each (bitsandbytes; not supported by qatune train)",
+    ),
+    "sgd-momentum": (4.0, "one fp32 momentum buffer (not supported by qatune train)"),
+    "sgd": (0.0, "no state (not supported by qatune train)"),
+}
+
+OFFLOADS = ("none", "optimizer", "all")
+LOSSES = ("chunked", "full")
+ATTENTION = ("flash", "efficient", "math")
+# Matrices LoRA can adapt, by their name inside a block.
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@dataclass(frozen=True)
+class PlanSetup:
+    config: GPT2Config
+    seq_len: int = 1024
+    micro_batch: int = 1
+    accum: int = 1
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    zero: int = 0  # 0 = none/DDP, 1 = optimizer state, 2 = + gradients, 3 = + parameters (FSDP full shard)
+    gpus: int = 1
+    offload: str = "none"  # "optimizer": optimizer state (+ master, + sharded grads) on the host; "all": + params
+    checkpointing: bool = False
+    lora_r: int = 0  # 0 = full fine-tuning
+    lora_targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj")
+    loss: str = "chunked"  # "chunked": our response-only fused loss; "full": B x T x V logits
+    label_fraction: float = 0.5  # share of positions that carry a label (the response)
+    packed: bool = False  # rows hold several examples: a (B, 1, T, T) block-causal mask is built
+    attention: str = "flash"  # which SDPA kernel: what it saves for backward
+    device: str = "cuda"
+    chunk_size: int = 2048
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
+            (self.zero in (0, 1, 2, 3), f"zero stage {self.zero} is not 0, 1, 2 or 3"),
+            (self.offload in OFFLOADS, f"offload {self.offload!r} is not one of {', '.join(OFFLOADS)}"),
+            (self.loss in LOSSES, f"loss {self.loss!r} is not one of {', '.join(LOSSES)}"),
+            (self.attention in ATTENTION, f"attention {self.attention!r} is not one of {', '.join(ATTENTION)}"),
+            (self.device in ("cuda", "cpu"), f"device {self.device!r} is not 'cuda' or 'cpu'"),
+            (self.gpus >= 1 and self.micro_batch >= 1 and self.accum >= 1, "gpus, micro-batch and accum must be >= 1"),
+            (
+                1 <= self.seq_len <= self.config.n_positions,
+                f"seq_len {self.seq_len} is outside 1..{self.config.n_positions}",
+            ),
+            (0.0 <= self.label_fraction <= 1.0, f"label_fraction {self.label_fraction} is outside [0, 1]"),
+            (self.lora_r >= 0, f"lora_r {self.lora_r} is negative"),
+            (
+                all(t in LORA_TARGETS for t in self.lora_targets),
+                f"LoRA targets must be among {', '.join(LORA_TARGETS)}",
+            ),
+            (
+                self.offload == "none" or self.zero >= 1 or self.gpus == 1,
+                "offload needs a ZeRO stage >= 1 (or one GPU)",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def prec(self) -> Precision:
+        return PRECISIONS[self.precision]
+
+    @property
+    def tokens(self) -> int:
+        """Positions computed per micro-batch (rows x width, padding included)."""
+        return self.micro_batch * self.seq_len
+
+    @property
+    def label_tokens(self) -> int:
+        return round(self.label_fraction * self.tokens)
+
+    def with_(self, **changes) -> PlanSetup:
+        return replace(self, **changes)
