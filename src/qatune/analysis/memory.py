@@ -247,25 +247,28 @@ def advice(s: PlanSetup, capacity: int, where: str) -> list[str]:
             lines.append(f"largest micro-batch that fits at seq {s.seq_len}: {best}")
         return lines
     lines.append(f"does not fit in {where}: needs {need / GB:.1f} GB, has {capacity / GB:.0f} GB")
+    keep_batch = dict(micro_batch=1, accum=s.accum * s.micro_batch)  # same tokens per optimizer step
     tries = [
         ("activation checkpointing", dict(checkpointing=True)),
-        ("micro-batch 1", dict(micro_batch=1)),
-        ("checkpointing + micro-batch 1", dict(checkpointing=True, micro_batch=1)),
         ("bf16 autocast", dict(precision="bf16")),
-        ("LoRA r=16 on attention", dict(lora_r=16)),
+        (f"micro-batch 1 x accum {keep_batch['accum']}", keep_batch),
         ("ZeRO-3 on 2 GPUs", dict(zero=3, gpus=max(2, s.gpus))),
         ("ZeRO-3 on 8 GPUs", dict(zero=3, gpus=max(8, s.gpus))),
-        ("ZeRO-3 + CPU offload of optimizer state", dict(zero=3, offload="optimizer")),
+        ("CPU offload of optimizer state", dict(zero=max(s.zero, 1), offload="optimizer")),
+        ("LoRA r=16 on attention", dict(lora_r=16)),
     ]
-    for label, change in tries:
-        if all(getattr(s, k) == v for k, v in change.items()):
-            continue
+    tries = [(label, change) for label, change in tries if any(getattr(s, k) != v for k, v in change.items())]
+    for label, change in tries:  # one change alone
         alt = s.with_(**change)
-        alt_need = plan_memory(alt).total_with_allowance
-        if alt_need <= capacity:
-            extra = f" (then micro-batch up to {largest_micro_batch(alt, capacity)})"
-            lines.append(f"fits with {label}: {alt_need / GB:.1f} GB{extra}")
-            break
-    else:
-        lines.append("no single change tried here makes it fit")
+        if fits(alt, capacity):
+            lines.append(f"fits with {label}: {plan_memory(alt).total_with_allowance / GB:.1f} GB")
+            return lines
+    alt, labels = s, []
+    for label, change in tries:  # the changes one after another, cheapest first
+        alt, labels = alt.with_(**change), [*labels, label]
+        if fits(alt, capacity):
+            need = plan_memory(alt).total_with_allowance
+            lines.append(f"fits with {' + '.join(labels)}: {need / GB:.1f} GB")
+            return lines
+    lines.append("does not fit even with " + " + ".join(labels))
     return lines
