@@ -128,3 +128,16 @@ def test_labels_decode_to_response_plus_eos(gpt2_tokenizer, prompt, response, te
     ex, o = truncate(enc, "cut_response", max_len)
     assert ex.input_ids[: enc.response_start] == enc.input_ids[: enc.response_start]
     assert ex.n_label_tokens == min(len(enc) - enc.response_start, max_len - enc.response_start) >= 1
+
+
+def test_cut_response_on_a_conversation_keeps_earlier_answers(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    msgs = [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "word " * 40)]
+    msgs.append(Message("assistant", "ok"))
+    enc = encode_records([Record("s", "s:1", messages=msgs)], get_template("plain"), tok)[0]
+    first_answer = tok("Hello")["input_ids"] + [EOS]
+    ex, o = truncate(enc, "cut_response", enc.response_start - 5)  # the last prompt alone overflows
+    assert ex is not None and o.truncated and o.eos_lost and not o.no_loss
+    assert label_ids(ex) == first_answer  # the first answer is still trained on
+    ex, o = truncate(enc, "cut_response", 6)  # only part of the first question fits: nothing to learn
+    assert ex is None and o.no_loss

@@ -266,3 +266,14 @@ def test_data_config_from_yaml_mapping_and_template_dict():
         from_dict(DataConfig, {"truncation": "cut"})
     with pytest.raises(ConfigError, match="unknown config key 'max_length'"):
         from_dict(DataConfig, {"max_length": 3})
+
+
+def test_hugging_face_failure_says_it_is_neither_file_nor_dataset(monkeypatch):
+    import datasets
+
+    def fail(name, split):
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(DataError, match=r"data/train: not a local file or folder, and cannot load it as Hugging Face"):
+        read_records("data/train")

@@ -17,7 +17,6 @@ import csv
 import glob
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +113,7 @@ def expand_sources(sources: list[str]) -> list[str]:
 
 
 def looks_like_path(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.endswith(FILE_SUFFIXES) or os.sep + os.sep in s
+    return s.startswith((".", "/", "~")) or s.endswith(FILE_SUFFIXES)
 
 
 def iter_rows(source: str) -> Iterator[tuple[str, object]]:
@@ -222,6 +221,9 @@ def hf_rows(spec: str) -> Iterator[tuple[str, object]]:
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types (network, missing split, bad name)
-        raise DataError(f"{spec}: cannot load Hugging Face dataset {name!r} split {split!r} ({e})") from None
+        raise DataError(
+            f"{spec}: not a local file or folder, and cannot load it as Hugging Face dataset {name!r} "
+            f"split {split!r} ({type(e).__name__}: {e})"
+        ) from None
     for i, row in enumerate(ds):
         yield f"{name}:{split}[{i}]", row
