@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 from qatune.analysis.accelerators import ACCELERATORS, get_accelerator
 from qatune.analysis.compute import plan_compute, seq_len_table, step_time
-from qatune.analysis.memory import GB, MemoryPlan, advice, plan_memory
+from qatune.analysis.memory import GB, MemoryPlan, advice, model_state, plan_memory
 from qatune.analysis.setup import ATTENTION, LORA_TARGETS, LOSSES, OFFLOADS, OPTIMIZERS, PRECISIONS, PlanSetup
 from qatune.cli.common import resolve_model_path
 from qatune.model.gpt2 import SIZES
@@ -215,7 +215,13 @@ def run_measure(args: argparse.Namespace, acc) -> int:
     if s.precision not in MEASURABLE_PRECISIONS:
         raise ValueError(f"--measure: precision {s.precision} is not one qatune trains with (fp32, bf16, fp16)")
     m = measure_step(s) if device.type == "cuda" else measure_in_subprocess(s)
-    rates = calibrate(device, MEASURABLE_PRECISIONS[s.precision], s.config.n_embd, min(s.tokens, 4096))
+    rates = calibrate(
+        device,
+        MEASURABLE_PRECISIONS[s.precision],
+        s.config.n_embd,
+        min(s.tokens, 4096),
+        min(model_state(s).trainable, 1 << 26),
+    )
     rows = compare(s, m, rates)
     if args.json:
         print(
@@ -237,8 +243,8 @@ def run_measure(args: argparse.Namespace, acc) -> int:
         print(f"  {r['name']:<58}{_fmt(r['predicted'], r['unit']):>18}{_fmt(r['measured'], r['unit']):>18}{ratio:>8}")
     print(
         f"  step-time estimate: FLOPs at this device's calibrated matmul rate "
-        f"({rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s) + AdamW at its copy bandwidth "
-        f"({rates['copy_bytes_per_s'] / 1e9:.1f} GB/s); measured optimizer step alone {m.optimizer_seconds:.2f} s"
+        f"({rates['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s) + AdamW at its calibrated rate "
+        f"({rates['adamw_params_per_s'] / 1e6:.0f}M params/s); optimizer step alone {m.optimizer_seconds:.2f} s"
     )
     return 0
 
