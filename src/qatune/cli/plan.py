@@ -134,7 +134,8 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
         ("LM head (labelled tokens)", compute.lm_head),
         ("recompute (checkpointing)", compute.recompute),
     ):
-        print(f"  {label:<32}{n / 1e12:12.3f} TFLOP  {100 * n / compute.model_flops:5.1f}%")
+        if n:
+            print(f"  {label:<32}{n / 1e12:12.3f} TFLOP  {100 * n / compute.model_flops:5.1f}%")
     print(f"  {'per token':<32}{compute.per_token / 1e9:12.3f} GFLOP")
     print(
         f"  {acc.name}: {t.peak_tflops:g} TFLOP/s dense peak at MFU {mfu:.0%}: {t.seconds:.3f} s per optimizer step, "
