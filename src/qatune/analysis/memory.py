@@ -56,12 +56,13 @@ def lora_shapes(config: GPT2Config, r: int, targets: tuple[str, ...]) -> list[tu
     return shapes
 
 
-def shard_numel(shape: tuple[int, ...], world: int, rank: int) -> int:
-    """Elements of `rank`'s dim-0 shard, as FSDP2 (`torch.chunk`) splits a tensor over `world` ranks."""
+def shard_numel(shape: tuple[int, ...], world: int, rank: int, padded: bool = False) -> int:
+    """Elements of `rank`'s dim-0 shard, as FSDP2 (`torch.chunk`) splits a tensor over `world`
+    ranks; `padded`: the size FSDP2 allocates for it (every rank's shard padded to the first's)."""
     rows = shape[0] if shape else 1
     rest = math.prod(shape[1:]) if len(shape) > 1 else 1
     per = math.ceil(rows / world)
-    return max(0, min(per, rows - rank * per)) * rest
+    return (per if padded else max(0, min(per, rows - rank * per))) * rest
 
 
 def per_rank_state_bytes(
@@ -71,11 +72,17 @@ def per_rank_state_bytes(
     precision: str = "fp32",
     optimizer: str = "adamw",
     rank: int = 0,
+    padded: bool = False,
 ) -> dict[str, int]:
     """Exact bytes of parameters, gradients, optimizer state and master weights that `rank` holds,
     for full fine-tuning sharded FSDP2-style (every tensor split on dim 0 with `torch.chunk`):
     stage 1 shards optimizer state and master weights, stage 2 also gradients, stage 3 also
-    parameters. AdamW's per-tensor `step` scalar lives on every rank. For the distributed tests."""
+    parameters. AdamW's per-tensor `step` scalar lives on every rank. For the distributed tests.
+
+    padded=False counts the elements of the local shards (`DTensor.to_local().numel()`);
+    padded=True the storage FSDP2 allocates for sharded parameters and gradients, each padded to
+    ceil(rows / world) rows on every rank (optimizer state is built from the unpadded shards).
+    Checked against a 2-process FSDP2 (`fully_shard`) run on CPU with gloo, both ways."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero stage {zero_stage} is not 0, 1, 2 or 3")
     if not 0 <= rank < world_size:
@@ -85,8 +92,9 @@ def per_rank_state_bytes(
     for _, shape in parameter_shapes(config):
         full = math.prod(shape)
         shard = shard_numel(shape, world_size, rank)
-        out["params"] += (shard if zero_stage >= 3 else full) * prec.weight
-        out["grads"] += (shard if zero_stage >= 2 else full) * prec.grad
+        alloc = shard_numel(shape, world_size, rank, padded) if world_size > 1 else full
+        out["params"] += (alloc if zero_stage >= 3 else full) * prec.weight
+        out["grads"] += (alloc if zero_stage >= 2 else full) * prec.grad
         held = shard if zero_stage >= 1 else full
         out["master"] += held * prec.master
         out["optimizer"] += round(held * opt_per_param) + (ADAM_STEP_BYTES if optimizer == "adamw" else 0)
