@@ -156,14 +156,13 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     saved.update(loss_saved(s))
     loss_fwd, loss_bwd = loss_transients(s)
     weight_copies = 12 * d * d * s.prec.act * L if s.prec.autocast else 0
+    one_block = sum(per_block.values()) + weight_copies // L
     return ActivationPlan(
         per_block=per_block,
         saved=saved,
         weight_copies=weight_copies,
         weight_copies_saved=0 if s.checkpointing else weight_copies,
-        recompute=sum(per_block.values()) + (12 * d * d * s.prec.act if s.prec.autocast else 0)
-        if s.checkpointing
-        else 0,
+        recompute=one_block if s.checkpointing else 0,
         loss_transient=loss_fwd,
         loss_backward=loss_bwd,
         transient_mask=B * T * T if s.packed else 0,

@@ -92,10 +92,6 @@ class StepTime:
     seconds: float  # one optimizer step (all micro-batches) on one rank
     tokens_per_second: float  # all ranks
 
-    @property
-    def tokens_per_second_per_gpu(self) -> float:
-        return self.tokens_per_second
-
 
 def step_time(s: PlanSetup, acc: Accelerator, mfu: float) -> StepTime:
     """Step time at a stated MFU: model FLOPs / (peak x MFU), plus the recompute at the same rate.

@@ -88,8 +88,8 @@ def _gb(n: float) -> str:
 
 def memory_rows(plan: MemoryPlan) -> list[tuple[str, int]]:
     """(label, bytes) rows of the per-GPU table; indented labels are parts of the row above."""
-    st, acts = plan.state, plan.activations
-    rows = [(k, v) for k, v in plan.device.items()]
+    acts = plan.activations
+    rows = list(plan.device.items())
     rows.append(("activations saved for backward", acts.total))
     rows += [(f"  {k}", v) for k, v in acts.saved.items()]
     rows.append(("autocast 16-bit weight copies", acts.weight_copies))
@@ -99,7 +99,6 @@ def memory_rows(plan: MemoryPlan) -> list[tuple[str, int]]:
     rows += [(f"peak at {k}", v) for k, v in plan.phases.items()]
     rows.append(("allowance (fragmentation, CUDA context)", plan.allowance))
     rows.append(("TOTAL per GPU", plan.total_with_allowance))
-    del st
     return rows
 
 
