@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from qatune.analysis.activations import plan_activations
-from qatune.analysis.measure import measure_step
+from qatune.analysis.measure import SavedTensorLedger, measure_step, synthetic_batch
 from qatune.analysis.memory import (
     GB,
     advice,
@@ -20,7 +21,8 @@ from qatune.analysis.memory import (
     shard_numel,
 )
 from qatune.analysis.setup import PlanSetup
-from qatune.model.gpt2 import SIZES, GPT2Config
+from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
+from qatune.train.loss import response_loss_sum
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 N_TENSORS = 2 + 12 * TINY.n_layer + 2  # wte, wpe; 12 per block; ln_f weight and bias
@@ -154,3 +156,45 @@ def test_advice_for_a_24_gb_card():
     assert fits(s.with_(micro_batch=best), 24 * 10**9) and not fits(s.with_(micro_batch=best + 1), 24 * 10**9)
     with pytest.raises(ValueError, match="precision"):
         PlanSetup(TINY, precision="int4")
+
+
+class _LoRALinear(torch.nn.Module):
+    """A plain LoRA adapter around a frozen linear, only to check the plan's LoRA activations
+    (qatune's model has no LoRA module yet)."""
+
+    def __init__(self, base: torch.nn.Linear, r: int) -> None:
+        super().__init__()
+        self.base = base
+        self.A = torch.nn.Parameter(torch.randn(r, base.in_features) * 0.01)
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t()) @ self.B.t()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("targets", [("attn.c_attn", "attn.c_proj"), ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")])
+def test_lora_activations_within_5_percent(precision, targets):
+    s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision=precision, lora_r=8, lora_targets=targets, device="cpu")
+    torch.manual_seed(0)
+    model = GPT2(TINY).requires_grad_(False)
+    for block in model.h:
+        for target in targets:
+            parent, name = target.split(".")
+            module = getattr(block, parent)
+            setattr(module, name, _LoRALinear(getattr(module, name), 8))
+    batch = synthetic_batch(s)
+    ledger = SavedTensorLedger(model.parameters())
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    with ledger.hooks():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            hidden = model(batch["input_ids"], batch["position_ids"])
+        ledger.phase = "loss"
+        response_loss_sum(hidden, model.wte.weight, batch["targets"], compute_dtype=dtype)
+    plan = plan_activations(s)
+    # Frozen weights' 16-bit copies have no autograd history, so the ledger cannot tell them from
+    # activations: compare everything the model saves.
+    measured = ledger.total("model") + ledger.total("weight copies")
+    predicted = plan.total + plan.weight_copies_saved - plan.saved["loss: label mask, grad_h, grad_w"]
+    assert predicted == pytest.approx(measured, rel=0.05)
+    assert plan.saved["loss: label mask, grad_h, grad_w"] == ledger.total("loss")  # no V x d grad_w: head frozen

@@ -32,6 +32,11 @@ With activation checkpointing only each block's input is kept (E*d*r per layer);
 one block at a time is recomputed, so one block's saved set comes back on top. The autocast
 weight copies are then not saved, but autocast's cache still holds them until the forward ends.
 
+LoRA (frozen base): a frozen matmul saves no input (measured with frozen nn.Linear weights), so
+a block saves the ln_1 / ln_2 outputs and the GELU output only where an adapter reads them, plus
+each adapter's E x r intermediate; with frozen embeddings block 0's ln_1 and c_attn save nothing
+(checked against a plain adapter in tests: qatune's model has no LoRA module yet).
+
 Under autocast the 16-bit copies of the four matmul weights are saved too (12*d^2*a per layer):
 weight-sized, not batch-sized, and reported on their own line. Dropout masks are not modelled
 (qatune's fine-tuning default is dropout 0).
@@ -102,21 +107,27 @@ def block_saved(s: PlanSetup) -> dict[str, int]:
     """Bytes one transformer block saves for backward (no checkpointing), by tensor."""
     E, d = s.tokens, s.config.n_embd
     a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
+    # A matmul saves its input only to compute its weight's gradient: with LoRA a frozen matrix
+    # needs it only when an adapter reads the same input (measured: frozen linears save nothing).
+    needs_input = {t: (not s.lora_r) or t in s.lora_targets for t in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")}
     out = {
         "LayerNorm inputs (residual stream)": 2 * E * d * r,
         "LayerNorm mean/rstd": 4 * E * st,
-        "LayerNorm outputs (matmul inputs)": 2 * E * d * a,
+        "LayerNorm outputs (matmul inputs)": (needs_input["attn.c_attn"] + needs_input["mlp.c_fc"]) * E * d * a,
     }
-    out.update(attention_saved(s))
+    out.update(attention_saved(s))  # the SDPA output is attn.c_proj's input: saved by SDPA anyway
     out["MLP: GELU input"] = 4 * E * d * a
-    out["MLP: GELU output"] = 4 * E * d * a
+    out["MLP: GELU output"] = 4 * E * d * a if needs_input["mlp.c_proj"] else 0
+    if s.lora_r:
+        out["LoRA: A outputs (B's inputs)"] = len(s.lora_targets) * E * s.lora_r * a
     return out
 
 
 def loss_saved(s: PlanSetup) -> dict[str, int]:
     E, d, V = s.tokens, s.config.n_embd, s.config.vocab_size
     if s.loss == "chunked":
-        return {"loss: label mask, grad_h, grad_w": E + s.label_tokens * d * s.prec.residual + V * d * 4}
+        grad_w = 0 if s.lora_r else V * d * 4  # a frozen (tied) head gets no gradient buffer
+        return {"loss: label mask, grad_h, grad_w": E + s.label_tokens * d * s.prec.residual + grad_w}
     return {
         "loss: head input": E * d * s.prec.act,
         "loss: logits (held by the caller)": E * V * s.prec.act,
@@ -136,27 +147,53 @@ def loss_transients(s: PlanSetup) -> tuple[int, int]:
     # dlogits^T @ h makes a V x d product (16-bit, then fp32) before it is added into grad_w.
     low = a if a != 4 else 0
     softmax = 8 * rows * V
-    grad_w_update = rows * V * (4 + low) + V * d * (4 + low)
+    head_trained = not s.lora_r
+    grad_w_update = rows * V * (4 + low) + (V * d * (4 + low) if head_trained else rows * d * 4)
     weight_cast = V * d * a if s.prec.autocast else 0
-    return max(softmax, grad_w_update) + weight_cast, V * d * 4  # backward: the scaled grad_w
+    backward = V * d * 4 if head_trained else 0  # the scaled grad_w
+    return max(softmax, grad_w_update) + weight_cast, backward
+
+
+def _weight_copies(s: PlanSetup) -> int:
+    """Autocast's 16-bit copies of the block matmul weights (and of LoRA factors) kept for backward."""
+    if not s.prec.autocast:
+        return 0
+    c, a = s.config, s.prec.act
+    copies = 12 * c.n_embd**2 * a * c.n_layer
+    if s.lora_r:
+        copies -= 3 * c.n_embd**2 * a  # block 0's frozen c_attn: its input needs no gradient
+        copies += s.lora_r * a * c.n_layer * sum(_LORA_FANS[t](c.n_embd) for t in s.lora_targets)
+    return copies
+
+
+# in + out features of each LoRA-targetable matrix, as a function of d.
+_LORA_FANS = {
+    "attn.c_attn": lambda d: 4 * d,
+    "attn.c_proj": lambda d: 2 * d,
+    "mlp.c_fc": lambda d: 5 * d,
+    "mlp.c_proj": lambda d: 5 * d,
+}
 
 
 def plan_activations(s: PlanSetup) -> ActivationPlan:
     c = s.config
     B, T, E, d, L = s.micro_batch, s.seq_len, s.tokens, c.n_embd, c.n_layer
     per_block = block_saved(s)
-    saved = {"embedding ids": 2 * E * INDEX_BYTES}
+    # With LoRA the embeddings are frozen: the lookups save no ids, and block 0's ln_1 (whose
+    # input needs no gradient) saves nothing, nor does its frozen c_attn keep a weight copy.
+    saved = {"embedding ids": 0 if s.lora_r else 2 * E * INDEX_BYTES}
     if s.checkpointing:
         saved["block inputs (checkpointed)"] = L * E * d * s.prec.residual
         if s.packed:
             saved["packed-row bool mask (checkpoint input)"] = B * T * T
     else:
-        saved["transformer blocks"] = L * sum(per_block.values())
+        first_block = E * d * s.prec.residual + 2 * E * _stat_bytes(s) if s.lora_r else 0
+        saved["transformer blocks"] = L * sum(per_block.values()) - first_block
     saved["final LayerNorm"] = E * d * s.prec.residual + 2 * E * _stat_bytes(s)
     saved.update(loss_saved(s))
     loss_fwd, loss_bwd = loss_transients(s)
-    weight_copies = 12 * d * d * s.prec.act * L if s.prec.autocast else 0
-    one_block = sum(per_block.values()) + weight_copies // L
+    weight_copies = _weight_copies(s)
+    one_block = sum(per_block.values()) + 12 * d * d * s.prec.act * s.prec.autocast
     return ActivationPlan(
         per_block=per_block,
         saved=saved,
