@@ -29,10 +29,10 @@ def test_flops_within_2_percent_of_flop_counter(attention, checkpointing):
     m = measure_step(s)
     plan = plan_compute(s)
     if attention == "math":  # the counter sees SDPA's bmm's: dense + attention + head (+ recompute)
-        assert m.attention_counted
+        assert m.attention_counted == "math"
         assert plan.hardware_flops == pytest.approx(m.flops, rel=0.02)
     else:  # CPU's flash kernel has no FLOP formula in the counter: it counts dense + head only
-        assert not m.attention_counted
+        assert m.attention_counted == "none"
         attention_flops = plan.attention + (4 * 2 * 96 * 64 * s.tokens if checkpointing else 0)
         assert plan.hardware_flops - attention_flops == pytest.approx(m.flops, rel=0.02)
     flops_row = next(r for r in compare(s, m) if r["name"].startswith("FLOPs"))

@@ -33,7 +33,7 @@ from qatune.analysis.setup import PlanSetup
 from qatune.data.example import IGNORE
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.train.loss import response_loss_sum
-from qatune.train.optim import OptimConfig, build_optimizer
+from qatune.train.optim import OptimConfig, build_optimizer, clip_gradients
 
 MEASURABLE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _CAST_OPS = ("ToCopyBackward0", "TBackward0", "ViewBackward0", "PermuteBackward0")
@@ -50,7 +50,9 @@ class Measurement:
     activations_loss: int  # of which saved by the loss
     weight_copies: int
     flops: int  # forward + backward, as counted by FlopCounterMode
-    attention_counted: bool  # False: the CPU flash kernel has no FLOP formula (counted as 0)
+    # How the counter saw attention: "math" (bmm's), "fused" (flash/efficient kernels, backward
+    # counted with its QK^T recompute), "none" (CPU flash: no formula, counted as 0).
+    attention_counted: str
     step_seconds: float  # forward + loss + backward + optimizer step
     optimizer_seconds: float
     peak: int | None  # bytes above the pre-model baseline
@@ -201,6 +203,9 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     _sync(device)
     opt_start = time.perf_counter()
     if scaler is not None:
+        scaler.unscale_(optimizer)
+    clip_gradients(model.parameters(), OptimConfig().grad_clip)  # as training does
+    if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
@@ -214,9 +219,9 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     else:
         peak = _rss_kb("VmHWM") * 1024 - base if peak_source != "unavailable" else None
     flops = counter.get_total_flops() if count_flops else 0
-    attention_counted = bool(count_flops) and any(
-        "scaled_dot_product" in str(op) or "bmm" in str(op) for op in counter.get_flop_counts().get("Global", {})
-    )
+    ops = [str(op) for op in counter.get_flop_counts().get("Global", {})] if count_flops else []
+    fused = any("scaled_dot_product" in op for op in ops)
+    attention_counted = "fused" if fused else "math" if any("bmm" in op for op in ops) else "none"
     return Measurement(
         device=str(device),
         params=_storage_bytes(model.parameters()),
@@ -345,7 +350,10 @@ def compare(s: PlanSetup, m: Measurement, rates: dict[str, float] | None = None)
     plan, compute = plan_memory(s), plan_compute(s)
     c = s.config
     attention = compute.attention + (4 * c.n_layer * s.seq_len * c.n_embd * s.tokens if s.checkpointing else 0)
-    flops = compute.hardware_flops - (0 if m.attention_counted else attention)
+    # The counter's view of attention: math kernel = our 12*L*T*d; fused kernels add the backward's
+    # QK^T recompute (14*L*T*d); CPU flash = nothing.
+    seen = {"math": attention, "fused": attention + 2 * c.n_layer * s.seq_len * c.n_embd * s.tokens, "none": 0}
+    flops = compute.hardware_flops - attention + seen[m.attention_counted]
     rows = [
         ("parameters", plan.state.weights, m.params, "bytes"),
         ("gradients", plan.state.grads, m.grads, "bytes"),
@@ -355,7 +363,7 @@ def compare(s: PlanSetup, m: Measurement, rates: dict[str, float] | None = None)
         ("autocast weight copies", plan.activations.weight_copies_saved, m.weight_copies, "bytes"),
         ("peak, first step", plan.first_step_peak, m.peak, "bytes"),
         (
-            "FLOPs fwd+bwd" + ("" if m.attention_counted else " (no attention: CPU flash uncounted)"),
+            "FLOPs fwd+bwd" + (" (no attention: CPU flash uncounted)" if m.attention_counted == "none" else ""),
             flops,
             m.flops,
             "FLOP",
