@@ -220,6 +220,12 @@ def plan_memory(s: PlanSetup) -> MemoryPlan:
     notes = []
     if s.config.dropout > 0:
         notes.append("dropout > 0: dropout masks are not modelled, and on CPU SDPA falls back to the math kernel")
+    if s.zero >= 3 and s.gpus > 1 and s.prec.autocast:
+        notes.append(
+            "ZeRO-3 with autocast: the 16-bit weight copies are counted for every layer, as torch.autocast keeps "
+            "them for backward; FSDP2's MixedPrecisionPolicy(param_dtype=bf16) gathers 16-bit parameters per "
+            "block and frees them after use instead (then about two blocks' worth)"
+        )
     if s.optimizer != "adamw":
         notes.append(f"optimizer {s.optimizer}: {OPTIMIZERS[s.optimizer][1]}")
     return MemoryPlan(s, st, acts, device, host, phases, first, allowance, notes)

@@ -115,10 +115,11 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
     print("\nMemory per GPU (GB = 1e9 bytes)")
     for label, n in memory_rows(plan):
         print(f"  {label:<48}{_gb(n)}")
-    if plan.host:
-        print("Offloaded to host memory (per host)")
-        for k, v in plan.host.items():
-            print(f"  {k:<48}{_gb(v)}")
+    ranks_per_host = min(s.gpus, 8)
+    print(f"Per host ({ranks_per_host} GPU(s))")
+    print(f"  {'GPU memory, all GPUs of the host':<48}{_gb(plan.total_with_allowance * ranks_per_host)}")
+    for k, v in plan.host.items():
+        print(f"  {'host memory: offloaded ' + k:<48}{_gb(v)}")
     for n in plan.notes:
         print(f"  note: {n}")
     print()
