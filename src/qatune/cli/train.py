@@ -18,10 +18,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from qatune.config import load_config
     from qatune.train.config import TrainConfig
-    from qatune.train.loop import train
+    from qatune.train.distributed import run_training
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    result = train(cfg, resume=args.resume, progress=args.progress)
+    result = run_training(cfg, resume=args.resume, progress=args.progress)
+    if result is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     ev = result.final_eval
     summary = f"trained {result.steps} steps -> {result.run_dir}"
     if ev:

@@ -13,6 +13,7 @@ from typing import Literal
 
 from qatune.data.pipeline import DataConfig
 from qatune.train.data import BatchConfig
+from qatune.train.distributed import FSDPConfig
 from qatune.train.optim import OptimConfig
 
 
@@ -56,6 +57,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model
+    # Data parallelism under torchrun: none (one process), ddp (replicas), fsdp (ZeRO-3 shards).
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # used when strategy is fsdp
     loss_chunk: int = 2048  # label rows per LM-head chunk
     seed: int = 0
     device: str | None = None  # default: cuda if available, else cpu

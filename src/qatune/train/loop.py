@@ -26,6 +26,8 @@ from qatune.model.checkpoint import build_model, export_hf
 from qatune.model.gpt2 import GPT2, SIZES
 from qatune.train.config import ModelConfig, TrainConfig
 from qatune.train.data import eval_batches, plan_run, split_holdout, step_batches
+from qatune.train.dist_checkpoint import full_state_dict, is_sharded, load_sharded, save_sharded, saved_world_size
+from qatune.train.distributed import check_plan_split, rank_eval_batches, wrap_ddp, wrap_fsdp
 from qatune.train.metrics import MetricsLogger
 from qatune.train.optim import build_optimizer, build_scheduler
 from qatune.train.plots import write_plots
@@ -115,21 +117,34 @@ def fit(
 
     train_idx, eval_idx = split_holdout(len(examples), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
     train_set = [examples[i] for i in train_idx]
-    eval_set = [examples[i] for i in eval_idx][rank::world_size]
-    plan = plan_run([len(e) for e in train_set], cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, world_size)
+    eval_set = [examples[i] for i in eval_idx]
+    ckpt_dir = run_dir / CHECKPOINTS
+    ckpt = latest_checkpoint(ckpt_dir) if resume else None
+    if resume and ckpt is None:
+        raise ValueError(f"--resume: no checkpoint in {ckpt_dir}")
+    # The global batch of every step is fixed by the world size the run started with, so a run
+    # resumed on another number of ranks deals the same micro-batches out differently.
+    plan_world = saved_world_size(ckpt, world_size)
+    plan = plan_run([len(e) for e in train_set], cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, plan_world)
+    check_plan_split(plan, world_size, plan_world, cfg.batch.accumulation)
     held_out = eval_batches(eval_set, cfg.batch.strategy, max_len, pad_id, cfg.eval.batch_size)
+    held_out = rank_eval_batches(held_out, rank, world_size)
 
     model.to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.strategy == "fsdp":
+        model = wrap_fsdp(model, cfg.fsdp)  # in place: the optimizer is built over the shards
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
     start, elapsed_before = 0, 0.0
-    ckpt_dir = run_dir / CHECKPOINTS
+    sharded = cfg.strategy != "none"  # DDP/FSDP: every rank writes its part of each checkpoint
     if resume:
-        ckpt = latest_checkpoint(ckpt_dir)
-        if ckpt is None:
-            raise ValueError(f"--resume: no checkpoint in {ckpt_dir}")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler, precision.scaler)
+        if is_sharded(ckpt):
+            state = load_sharded(ckpt, model, optimizer, scheduler, precision.scaler, rank)
+        elif cfg.strategy == "fsdp":
+            raise ValueError(f"{ckpt} was written by a single process; resume it with strategy none or ddp")
+        else:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, precision.scaler)
         start, elapsed_before = state["step"], state["extra"].get("elapsed", 0.0)
     is_main = rank == 0
     config_yaml = dump_yaml(cfg)
@@ -138,10 +153,16 @@ def fit(
         write_text_atomic(run_dir / "config.yaml", config_yaml)
         logger = MetricsLogger(run_dir, resume_step=start if resume else None, tensorboard=cfg.tensorboard)
     step_model = torch.compile(model) if cfg.compile else model
+    if cfg.strategy == "ddp":
+        step_model = wrap_ddp(step_model, device)  # `model` stays the plain module (eval, export)
 
     def save(step: int, elapsed: float) -> None:
         extra = {"elapsed": elapsed}
         scaler = precision.scaler
+        if sharded:
+            args = (optimizer, scheduler, scaler, config_yaml, extra, cfg.keep_checkpoints, rank, plan_world)
+            save_sharded(ckpt_dir, step, model, *args)
+            return
         save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, config_yaml, extra, cfg.keep_checkpoints)
 
     history: list[dict] = []
@@ -182,9 +203,9 @@ def fit(
             bar.update(record)
             if on_step:
                 on_step(record)
-            if cfg.save_every and done % cfg.save_every == 0 and not last and is_main:
+            if cfg.save_every and done % cfg.save_every == 0 and not last and (is_main or sharded):
                 save(done, record["elapsed"])
-                if cfg.plots:
+                if cfg.plots and is_main:
                     write_plots(run_dir)
     finally:
         bar.close()
@@ -192,8 +213,11 @@ def fit(
             logger.close()
     steps = len(plan)
     export_dir = None
-    if is_main:
+    if is_main or sharded:
         save(steps, time.perf_counter() - t_start)
+    if cfg.export and cfg.strategy == "fsdp":
+        model = _gathered(model, rank)  # collective; rank 0 gets a plain model with the full weights
+    if is_main:
         if cfg.plots:
             write_plots(run_dir)
         if cfg.export:
@@ -205,6 +229,16 @@ def _export(model, tokenizer, run_dir: Path, template, max_len, steps, final_eva
     info = {"template": template, "max_len": max_len, "steps": steps, **final_eval, **(meta or {})}
     text = json.dumps(info, indent=2, default=_json_default) + "\n"
     return export_hf(model, run_dir / "export", tokenizer, extra_files={"qatune.json": text})
+
+
+def _gathered(model, rank: int) -> GPT2 | None:
+    full = full_state_dict(model)
+    if rank != 0:
+        return None
+    with torch.device("meta"):
+        plain = GPT2(model.config)
+    plain.load_state_dict(full, assign=True)
+    return plain
 
 
 def _json_default(x):

@@ -73,6 +73,14 @@ def _lm_weight(model) -> torch.Tensor:
     return core.wte.weight
 
 
+def _device(model) -> torch.device:
+    """Where the forward runs: the LM weight's device, or for FSDP (whose shards may be offloaded
+    to the CPU) the device of its mesh."""
+    weight = _lm_weight(model)
+    mesh = getattr(weight, "device_mesh", None)
+    return torch.device(mesh.device_type) if mesh is not None else weight.device
+
+
 def train_step(
     model,
     micro_batches: Sequence[Batch],
@@ -81,7 +89,7 @@ def train_step(
 ) -> StepStats:
     """Forward and backward over the micro-batches of one optimizer step; gradients accumulate in
     `.grad`. Returns the step's loss, normalized by the label tokens of the whole step."""
-    device = _lm_weight(model).device
+    device = _device(model)
     local_labels = sum(b.n_label_tokens for b in micro_batches)
     local_tokens = sum(b.n_tokens for b in micro_batches)
     local_examples = sum(b.n_examples for b in micro_batches)
@@ -141,7 +149,7 @@ def evaluate(model, batches: Sequence[Batch], precision: Precision, chunk_size: 
     """Response-only loss (mean over label tokens) and perplexity on held-out batches."""
     was_training = model.training
     model.eval()
-    device = _lm_weight(model).device
+    device = _device(model)
     total, count = 0.0, 0
     for batch in batches:
         batch = batch.to(device)

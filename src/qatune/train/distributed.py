@@ -1,0 +1,203 @@
+"""Data-parallel training under torchrun: the launch environment, DDP and FSDP2 (ZeRO-3).
+
+    torchrun --nproc_per_node 4 -m qatune train run.yaml strategy=fsdp
+
+`setup` reads the variables torchrun sets, picks the backend from the device (NCCL on CUDA,
+gloo on CPU) and joins the process group; `Parallel.wrap` puts the model under
+`DistributedDataParallel` or shards it with `fully_shard` per transformer block, then the root.
+
+Why the loss may stay outside the model's forward under FSDP2: the loss applies the tied LM head
+(`wte.weight`) to the hidden states after `model(...)` returns. `wte` belongs to the root's
+parameter group, and FSDP2 never reshards the root after forward (its parameters would be
+all-gathered again at once for backward), so `model.wte.weight` is the full, unsharded tensor
+until the root's post-backward, which runs after the loss's gradient reached it. We therefore
+never pass `reshard_after_forward` to the root; the equality tests against a single process
+(tests/test_distributed.py) check the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qatune.data.batching import Batch
+from qatune.data.example import IGNORE
+
+# GRADIENT_SUM: each rank's loss is already divided by the label tokens of the whole step, all
+# ranks together (`train_step`), so the true gradient is the SUM of the ranks' gradients. DDP and
+# FSDP average by default, which would divide it by the world size once more.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FSDPConfig:
+    cpu_offload: bool = False  # sharded parameters, gradients and AdamW state live in CPU memory
+    param_dtype: Literal["fp32", "bf16"] = "fp32"  # dtype of the all-gathered params in compute
+    reduce_dtype: Literal["fp32", "bf16"] | None = None  # gradient reduce-scatter; None: param_dtype
+    reshard_after_forward: bool = True  # blocks free their gathered params after forward (ZeRO-3)
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def read_env(environ=None) -> DistEnv | None:
+    """The torchrun launch (None when not launched by torchrun). A partial launch environment is
+    an error naming what is missing."""
+    environ = os.environ if environ is None else environ
+    present = [v for v in TORCHRUN_VARS if v in environ]
+    if not present:
+        return None
+    missing = [v for v in TORCHRUN_VARS if v not in environ]
+    if missing:
+        raise ValueError(
+            f"distributed launch: {', '.join(present)} set but {', '.join(missing)} missing; "
+            "launch with `torchrun --nproc_per_node N -m qatune train CONFIG`"
+        )
+    values = {}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        try:
+            values[var] = int(environ[var])
+        except ValueError:
+            raise ValueError(f"distributed launch: {var}={environ[var]!r} is not an integer") from None
+    env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size:
+        raise ValueError(f"distributed launch: RANK={env.rank} is outside 0..WORLD_SIZE-1 ({env.world_size})")
+    return env
+
+
+def check_strategy(strategy: str, env: DistEnv | None) -> None:
+    if strategy not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"strategy {strategy!r} is not one of none, ddp, fsdp")
+    if strategy != "none" and env is None:
+        raise ValueError(
+            f"strategy {strategy} needs a torchrun launch ({', '.join(TORCHRUN_VARS)} are not set): "
+            f"`torchrun --nproc_per_node N -m qatune train CONFIG`, or set strategy=none for one process"
+        )
+    if strategy == "none" and env is not None and env.world_size > 1:
+        raise ValueError(
+            f"launched with {env.world_size} processes but strategy is none: set strategy=ddp or strategy=fsdp"
+        )
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup(strategy: str, device: str | None) -> DistEnv:
+    """Join the process group torchrun prepared (no-op for a single process); returns this rank."""
+    env = read_env()
+    check_strategy(strategy, env)
+    if env is None:
+        return DistEnv()
+    want = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.type == "cuda":
+        torch.cuda.set_device(env.local_rank)  # one GPU per process: "cuda" now means cuda:LOCAL_RANK
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(want), rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def wrap_fsdp(model: nn.Module, cfg: FSDPConfig) -> nn.Module:
+    """Shard each transformer block, then the root (embeddings, final LayerNorm): ZeRO-3.
+    Activation checkpointing stays the model's own: `checkpoint(block, ...)` calls the sharded
+    block, so the all-gather and the recompute both happen inside the block's FSDP hooks."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    param_dtype = DTYPES[cfg.param_dtype]
+    reduce_dtype = DTYPES[cfg.reduce_dtype or cfg.param_dtype]
+    common = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
+    }
+    for block in model.h:
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **common)
+    # The root keeps FSDP2's default (no reshard after forward): the loss uses wte.weight after forward.
+    fully_shard(model, **common)
+    for module in (*model.h, model):
+        # Sum, see GRADIENT_SUM; a plain SUM collective (gloo has no pre-multiplied sum).
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def _sum_hook(_state, bucket):
+    """DDP communication hook: all-reduce SUM (the default hook averages), see GRADIENT_SUM."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    ddp = DDP(model, device_ids=ids)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def rank_eval_batches(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
+    """This rank's share of the held-out batches, every rank the same number of them: FSDP's
+    forward is a collective, so a rank that ran out would hang the others. The filler is a copy
+    of a batch with every target ignored (it adds nothing to the loss or the token count)."""
+    if world_size == 1:
+        return batches
+    mine = batches[rank::world_size]
+    need = -(-len(batches) // world_size)
+    while len(mine) < need:
+        filler = dataclasses.replace(batches[0], targets=torch.full_like(batches[0].targets, IGNORE))
+        mine.append(dataclasses.replace(filler, n_examples=0, n_tokens=0, n_label_tokens=0))
+    return mine
+
+
+def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) -> None:
+    """Every step's micro-batches must deal out evenly over the ranks (each rank does the same
+    number of forward/backward passes, or the collectives would not line up)."""
+    for k, step in enumerate(plan.steps):
+        if len(step) % world_size:
+            raise ValueError(
+                f"the checkpoint was written by {plan_world} rank(s): step {k + 1} has {len(step)} micro-batches "
+                f"(batch.accumulation={accumulation} x {plan_world} rank(s)), which the {world_size} launched "
+                f"rank(s) cannot split evenly; launch a number of ranks that divides {len(step)}"
+            )
+
+
+def run_training(cfg, resume: bool = False, progress: bool = True):
+    """`qatune train` in this process: join the torchrun group if launched by torchrun, train,
+    leave the group. Returns the TrainResult on rank 0, None on the other ranks."""
+    from qatune.train.loop import train
+
+    env = setup(cfg.strategy, cfg.device)
+    try:
+        result = train(cfg, resume=resume, rank=env.rank, world_size=env.world_size, progress=progress)
+    finally:
+        teardown()
+    return result if env.is_main else None
