@@ -134,10 +134,9 @@ def wrap_fsdp(model: nn.Module, cfg: FSDPConfig) -> nn.Module:
 
     param_dtype = DTYPES[cfg.param_dtype]
     reduce_dtype = DTYPES[cfg.reduce_dtype or cfg.param_dtype]
-    common = {
-        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-        "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy(),
-    }
+    # Pinned host memory speeds up the copies to a GPU; without a GPU there is nothing to pin.
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
+    common = {"mp_policy": MixedPrecisionPolicy(param_dtype, reduce_dtype), "offload_policy": offload}
     for block in model.h:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **common)
     # The root keeps FSDP2's default (no reshard after forward): the loss uses wte.weight after forward.
