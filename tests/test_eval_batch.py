@@ -89,3 +89,24 @@ def test_long_prompt_is_cut_from_the_left_to_leave_room(tiny_model, gpt2_tokeniz
     kept = gpt2_tokenizer(long_text).input_ids[-(128 - 6) :]
     alone = generate_ids(tiny_model, [kept], gpt2_tokenizer.eos_token_id, CFG)[0]
     assert r["generation"] == gpt2_tokenizer.decode(alone.ids)
+
+
+def test_prompt_items_for_pairs_and_conversations():
+    from qatune.data.records import Message, Record
+    from qatune.data.templates import get_template
+    from qatune.generation.evaluate import prompt_item
+
+    tpl = get_template("chat", "Be brief.")
+    # t0-style completion: the literal EOS text at its end is not part of the reference
+    pair = Record("t0.jsonl", "t0.jsonl:3", prompt="Capital of France?", response=" Paris<|endoftext|>", context="Geo.")
+    item = prompt_item(pair, tpl)
+    assert (item.where, item.prompt, item.reference) == ("t0.jsonl:3", "Capital of France?", " Paris")
+    assert item.text == tpl.render_prompt("Capital of France?", "Geo.")
+
+    turns = [("user", "hi"), ("assistant", "hello"), ("user", "2+2?"), ("assistant", "4"), ("user", "bye")]
+    chat = Record("c.jsonl", "c.jsonl:1", messages=[Message(r, c) for r, c in turns])
+    item = prompt_item(chat, tpl)
+    # answered at its last assistant turn, with the history before it; later turns are not shown
+    assert (item.prompt, item.reference) == ("2+2?", "4")
+    assert item.text == tpl.generation_prompt([Message(r, c) for r, c in turns[:3]])
+    assert item.text.startswith("### System:\nBe brief.") and "bye" not in item.text
