@@ -1,0 +1,229 @@
+"""DDP and FSDP2 on CPU with gloo, 2 processes, against a single-process run with the same global
+batch: losses, gradient norms, held-out loss and exported weights; sharded checkpoints resumed on
+2 ranks and on 1; per-rank FSDP bytes against the planner.
+
+Process launches are slow to start, so there are two: the real `torchrun ... -m qatune train`
+CLI (FSDP), and one `torch.multiprocessing` spawn whose workers do everything else in turn.
+The single-process runs happen in the test process itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from qatune.config import load_config
+from qatune.model.gpt2 import GPT2Config
+from qatune.train.config import TrainConfig
+from qatune.train.metrics import read_metrics
+
+CONFIG = """
+out_dir: {out}
+tokenizer: {tok}
+model: {{name: gpt2, init: random, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, dropout: 0.0}}
+data: {{sources: [{data}], max_len: 64}}
+batch: {{size: 4, accumulation: 1}}
+optim: {{lr: 3e-3, warmup_steps: 2}}
+eval: {{fraction: 0.1, every: 2}}
+max_steps: 4
+save_every: 2
+keep_checkpoints: 3
+threads: 1
+tensorboard: false
+plots: false
+"""
+TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)  # 50257 rows: uneven shards
+# The same global batch: 2 ranks x accumulation 1 (the YAML) = 1 process x accumulation 2.
+SINGLE = ["strategy=none", "batch.accumulation=2"]
+DDP = ["strategy=ddp"]
+FSDP = ["strategy=fsdp"]
+FSDP_OFFLOAD = [*FSDP, "fsdp.cpu_offload=true", "activation_checkpointing=true", "fsdp.reshard_after_forward=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(cfg_path: Path, name: str, overrides: list[str], resume: bool = False):
+    from qatune.train.distributed import run_training
+
+    cfg = load_config(TrainConfig, cfg_path, [f"name={name}", *overrides])
+    return run_training(cfg, resume=resume, progress=False)
+
+
+def _resume_copy(runs: Path, source: str, name: str) -> None:
+    """A copy of run `source` as it was after its step-2 checkpoint (later files removed)."""
+    shutil.copytree(runs / source, runs / name)
+    shutil.rmtree(runs / name / "checkpoints" / "step_00000004")
+    shutil.rmtree(runs / name / "export")
+
+
+def _bytes(tensors, padded: bool) -> int:
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    if padded:  # the storage FSDP allocated (shards padded to equal rows), each storage once
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}.values())
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def _fsdp_state_bytes(out: Path, rank: int) -> None:
+    """Shard a model with our wrap_fsdp, do one real step with our optimizer, count what this rank holds."""
+    from qatune.data.batching import collate
+    from qatune.data.example import EncodedExample
+    from qatune.model.gpt2 import GPT2
+    from qatune.train.distributed import FSDPConfig, wrap_fsdp
+    from qatune.train.optim import OptimConfig, build_optimizer
+    from qatune.train.step import Precision, optimizer_step, train_step
+
+    torch.manual_seed(0)
+    model = wrap_fsdp(GPT2(TINY), FSDPConfig())
+    optimizer = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, TINY.vocab_size, (24,)).tolist()
+    example = EncodedExample(ids, [-100] * 10 + ids[10:], "t")
+    train_step(model, [collate([[example]], 0)], Precision("fp32", torch.device("cpu")))
+    params = list(model.parameters())
+    grads = [p.grad for p in params]  # kept: read before optimizer_step clears them
+    optimizer_step(model, optimizer, None, Precision("fp32", torch.device("cpu")), 1.0)
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    counted = {
+        kind: {
+            "params": _bytes(params, kind == "padded"),
+            "grads": _bytes(grads, kind == "padded"),
+            "optimizer": _bytes(state, kind == "padded"),
+            "master": 0,
+        }
+        for kind in ("local", "padded")
+    }
+    (out / f"bytes_rank{rank}.json").write_text(json.dumps(counted))
+
+
+def _worker(rank: int, cfg_path: str, ports: list[int]) -> None:
+    cfg_path = Path(cfg_path)
+    jobs = [("ddp", DDP, False), ("fsdp_resumed", FSDP, True), ("fsdp_offload", FSDP_OFFLOAD, False)]
+    for (name, overrides, resume), port in zip(jobs, ports, strict=False):
+        env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        os.environ.update({k: str(v) for k, v in env.items()})
+        _train(cfg_path, name, overrides, resume)
+    import torch.distributed as dist
+
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        _fsdp_state_bytes(cfg_path.parent, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tokenizer_dir) -> Path:
+    """Every run of this file, once: single-process reference, FSDP via torchrun, then the spawned
+    2-process jobs, then a 1-process resume of the FSDP run's step-2 checkpoint."""
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "qa.jsonl"
+    with data.open("w") as f:
+        for a in range(120):
+            b = (a * 37) % 100
+            f.write(json.dumps({"question": f"What is {a} plus {b}?", "answer": f"It is {a + b}."}) + "\n")
+    cfg = root / "run.yaml"
+    cfg.write_text(CONFIG.format(out=root / "runs", tok=tokenizer_dir, data=data))
+    _train(cfg, "single", SINGLE)
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "qatune", "train", str(cfg), "name=fsdp", *FSDP, "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "trained 4 steps" in done.stdout and done.stdout.count("trained") == 1  # rank 0 reports
+
+    _resume_copy(root / "runs", "fsdp", "fsdp_resumed")
+    _resume_copy(root / "runs", "fsdp", "one_rank_resumed")
+    mp.spawn(_worker, args=(str(cfg), [_free_port() for _ in range(4)]), nprocs=2, join=True)
+    # The 2-rank checkpoint on 1 process: same global batch, both micro-batches of each step here.
+    _train(cfg, "one_rank_resumed", ["strategy=none"], resume=True)
+    return root
+
+
+def _metrics(runs: Path, name: str) -> list[dict]:
+    return read_metrics(runs / "runs" / name)
+
+
+def _weights(runs: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(runs / "runs" / name / "export" / "model.safetensors")
+
+
+def _assert_close_runs(runs: Path, name: str, steps=range(4)) -> None:
+    ref, got = _metrics(runs, "single"), _metrics(runs, name)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for i in steps:
+        assert got[i]["loss"] == pytest.approx(ref[i]["loss"], rel=1e-5), (name, i)
+        assert got[i]["label_tokens"] == ref[i]["label_tokens"] and got[i]["examples"] == ref[i]["examples"]
+        # Summed, not averaged, over ranks: the norm is the single-process one (not halved).
+        assert got[i]["grad_norm"] == pytest.approx(ref[i]["grad_norm"], rel=1e-4), (name, i)
+        if "eval_loss" in ref[i]:
+            assert got[i]["eval_loss"] == pytest.approx(ref[i]["eval_loss"], rel=1e-5)
+            assert got[i]["eval_label_tokens"] == ref[i]["eval_label_tokens"]
+    ref_w, got_w = _weights(runs, "single"), _weights(runs, name)
+    assert ref_w.keys() == got_w.keys()
+    for key in ref_w:
+        assert got_w[key].dtype == torch.float32 and got_w[key].shape == ref_w[key].shape
+        assert (got_w[key] - ref_w[key]).abs().max() <= 1e-5, key
+    assert ref[-1]["loss"] < ref[0]["loss"] - 0.3  # it really trained: the steps changed the model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fsdp", "ddp", "fsdp_offload"])
+def test_two_ranks_match_one_process_with_the_same_global_batch(runs, name):
+    _assert_close_runs(runs, name)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_from_sharded_checkpoint_continues_identically(runs):
+    full, resumed = _metrics(runs, "fsdp"), _metrics(runs, "fsdp_resumed")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full]
+    a, b = _weights(runs, "fsdp"), _weights(runs, "fsdp_resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_one_rank_resumes_a_two_rank_checkpoint(runs):
+    _assert_close_runs(runs, "one_rank_resumed")
+    # Its new checkpoint is a single-process one, written by the 1-rank run.
+    assert (runs / "runs" / "one_rank_resumed" / "checkpoints" / "step_00000004" / "state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_layout(runs):
+    ckpts = runs / "runs" / "fsdp" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]  # no temp folder left
+    step2 = ckpts / "step_00000002"
+    assert (step2 / "dcp" / ".metadata").is_file()
+    assert sorted(p.name for p in (step2 / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (step2 / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    state = torch.load(step2 / "state.pt", weights_only=False)
+    assert state["format"] == "dcp" and state["step"] == 2 and state["world_size"] == 2
+    assert state["scheduler"]["last_epoch"] == 2
+    assert "strategy: fsdp" in (step2 / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp_per_rank_bytes_match_the_planner(runs):
+    from qatune.analysis.memory import per_rank_state_bytes
+
+    for rank in range(2):
+        counted = json.loads((runs / f"bytes_rank{rank}.json").read_text())
+        assert counted["local"] == per_rank_state_bytes(TINY, 2, 3, rank=rank)
+        assert counted["padded"] == per_rank_state_bytes(TINY, 2, 3, rank=rank, padded=True)
+    # ZeRO-3 really shards: each rank holds about half of the unsharded parameter bytes.
+    whole = per_rank_state_bytes(TINY, 1, 0)["params"]
+    assert abs(counted["local"]["params"] - whole / 2) < 0.01 * whole
