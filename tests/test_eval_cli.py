@@ -128,6 +128,8 @@ def test_bad_data_is_a_one_line_error(run_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("qatune eval: error:") and "bad.jsonl:2" in err
     assert not (tmp_path / "e" / "report.json").exists()
+    assert main(["eval", str(run_dir), str(bad), "--max-len", "500"]) == 2
+    assert "max_len 500 exceeds the model's context of 128 tokens" in capsys.readouterr().err
 
 
 def test_truncation_policy_comes_from_the_runs_config(tmp_path):

@@ -79,12 +79,15 @@ def data_config(args: argparse.Namespace, meta: dict | None, context: int, model
     from qatune.data.pipeline import DataConfig
 
     meta = meta or {}
+    max_len = args.max_len or meta.get("max_len") or context
+    if max_len > context:
+        raise ValueError(f"max_len {max_len} exceeds the model's context of {context} tokens")
     return DataConfig(
         sources=list(args.data),
         mapping=parse_mapping(args.map),
         template=args.template or meta.get("template") or "plain",
         system_prompt=args.system_prompt,
-        max_len=args.max_len or meta.get("max_len") or context,
+        max_len=max_len,
         truncation=args.truncation or meta.get("truncation") or training_truncation(model_path) or "cut_response",
         limit=args.limit,
     )
