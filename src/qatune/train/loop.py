@@ -127,6 +127,9 @@ def fit(
     plan_world = saved_world_size(ckpt, world_size)
     plan = plan_run([len(e) for e in train_set], cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, plan_world)
     check_plan_split(plan, world_size, plan_world, cfg.batch.accumulation)
+    if plan_world != world_size and rank == 0:
+        per_rank = cfg.batch.accumulation * plan_world // world_size
+        print(f"resuming a {plan_world}-rank run on {world_size}: {per_rank} micro-batches per rank", file=sys.stderr)
     held_out = eval_batches(eval_set, cfg.batch.strategy, max_len, pad_id, cfg.eval.batch_size)
     held_out = rank_eval_batches(held_out, rank, world_size)
 
