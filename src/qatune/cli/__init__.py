@@ -14,7 +14,7 @@ import sys
 from qatune import __version__
 
 # Order is the order shown in --help: the pipeline, data -> plan -> train -> analyse -> use.
-COMMANDS = ["info", "export", "stats", "plan", "train", "generate", "eval", "chat", "grads"]
+COMMANDS = ["info", "export", "demo", "stats", "plan", "train", "generate", "eval", "chat", "grads"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
