@@ -16,6 +16,7 @@ single process (strategy none) can load them too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -50,6 +51,14 @@ def saved_world_size(path: Path | None, default: int) -> int:
     return int(torch.load(Path(path) / STATE_FILE, weights_only=False)["world_size"])
 
 
+@contextlib.contextmanager
+def _one_process_is_fine():
+    """DCP warns when it runs without a process group; a single process doing it is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _rng_file(folder: Path, rank: int) -> Path:
     return folder / RNG_DIR / f"rank_{rank:05d}.pt"
 
@@ -76,7 +85,8 @@ def save_sharded(
         (tmp / RNG_DIR).mkdir(parents=True)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+    with _one_process_is_fine():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
     torch.save(rng_state(), _rng_file(tmp, rank))
     barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
@@ -118,9 +128,7 @@ def load_sharded(path: Path, model, optimizer=None, scheduler=None, scaler=None,
     rest; returns state.pt's contents (step, world_size, extra …)."""
     path = Path(path)
     state = torch.load(path / STATE_FILE, weights_only=False)
-    with warnings.catch_warnings():
-        # DCP warns when it reads without a process group; one process reading is what we want.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _one_process_is_fine():
         if optimizer is not None:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             both = {"model": model_sd, "optim": optim_sd}
