@@ -16,6 +16,7 @@ from qatune.train.distributed import (
     DistEnv,
     backend_for,
     check_plan_split,
+    check_precision,
     check_strategy,
     rank_eval_batches,
     read_env,
@@ -45,6 +46,9 @@ def test_strategy_and_launch_must_agree():
         check_strategy("none", DistEnv(0, 2, 0))
     check_strategy("ddp", DistEnv(0, 1, 0))  # torchrun --nproc_per_node 1 is fine
     check_strategy("none", None)
+    with pytest.raises(ValueError, match=r"precision fp16 is not supported with strategy fsdp"):
+        check_precision("fsdp", "fp16")
+    check_precision("ddp", "fp16")  # DDP ranks see the same all-reduced gradients: one decision
     assert backend_for(torch.device("cuda", 0)) == "nccl" and backend_for(torch.device("cpu")) == "gloo"
 
 
@@ -110,3 +114,12 @@ def test_eval_batches_are_dealt_evenly_and_fillers_count_nothing():
     assert (filler.targets == -100).all() and filler.n_label_tokens == filler.n_examples == 0
     assert sum(b.n_label_tokens for s in shares for b in s) == sum(b.n_label_tokens for b in batches)
     assert rank_eval_batches(batches, 0, 1) is batches
+
+
+def test_a_fixed_gpu_index_under_torchrun_is_refused(monkeypatch):
+    from qatune.train.distributed import setup
+
+    for var, value in FULL_ENV.items():
+        monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=r"device cuda:0 under torchrun would put every rank on one GPU"):
+        setup("ddp", "cuda:0")

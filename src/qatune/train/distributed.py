@@ -80,6 +80,13 @@ def read_env(environ=None) -> DistEnv | None:
     return env
 
 
+def check_precision(strategy: str, precision: str) -> None:
+    """fp16's loss scaler decides to skip a step from the gradients it sees; under FSDP each rank
+    sees only its shard, so ranks could decide differently and drift apart."""
+    if strategy == "fsdp" and precision == "fp16":
+        raise ValueError("precision fp16 is not supported with strategy fsdp: use bf16 (or fsdp.param_dtype=bf16)")
+
+
 def check_strategy(strategy: str, env: DistEnv | None) -> None:
     if strategy not in ("none", "ddp", "fsdp"):
         raise ValueError(f"strategy {strategy!r} is not one of none, ddp, fsdp")
@@ -105,6 +112,8 @@ def setup(strategy: str, device: str | None) -> DistEnv:
     if env is None:
         return DistEnv()
     want = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want.type == "cuda" and want.index is not None and env.world_size > 1:
+        raise ValueError(f"device {device} under torchrun would put every rank on one GPU: set device=cuda (or unset)")
     if want.type == "cuda":
         torch.cuda.set_device(env.local_rank)  # one GPU per process: "cuda" now means cuda:LOCAL_RANK
     if not dist.is_initialized():

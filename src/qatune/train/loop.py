@@ -27,7 +27,7 @@ from qatune.model.gpt2 import GPT2, SIZES
 from qatune.train.config import ModelConfig, TrainConfig
 from qatune.train.data import eval_batches, plan_run, split_holdout, step_batches
 from qatune.train.dist_checkpoint import full_state_dict, is_sharded, load_sharded, save_sharded, saved_world_size
-from qatune.train.distributed import check_plan_split, rank_eval_batches, wrap_ddp, wrap_fsdp
+from qatune.train.distributed import check_plan_split, check_precision, rank_eval_batches, wrap_ddp, wrap_fsdp
 from qatune.train.metrics import MetricsLogger
 from qatune.train.optim import build_optimizer, build_scheduler
 from qatune.train.plots import write_plots
@@ -136,6 +136,7 @@ def fit(
     model.to(device)
     model.activation_checkpointing = cfg.activation_checkpointing
     if cfg.strategy == "fsdp":
+        check_precision(cfg.strategy, precision.name)
         model = wrap_fsdp(model, cfg.fsdp)  # in place: the optimizer is built over the shards
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
