@@ -43,11 +43,16 @@ tensorboard: false
 plots: false
 """
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)  # 50257 rows: uneven shards
-# The same global batch: 2 ranks x accumulation 1 (the YAML) = 1 process x accumulation 2.
+# The same global batch: 2 ranks x accumulation 1 (the YAML) = 1 process x accumulation 2. Steps
+# take examples in one shuffled order, so 2 ranks x 2 micro-batches of 2 examples hold the same 8
+# examples as well (it exercises accumulation on each rank: DDP's no_sync, FSDP's repeated
+# reduce-scatter into the sharded gradients).
 SINGLE = ["strategy=none", "batch.accumulation=2"]
-DDP = ["strategy=ddp"]
+ACCUMULATE = ["batch.size=2", "batch.accumulation=2"]
+DDP = ["strategy=ddp", *ACCUMULATE]
 FSDP = ["strategy=fsdp"]
-FSDP_OFFLOAD = [*FSDP, "fsdp.cpu_offload=true", "activation_checkpointing=true", "fsdp.reshard_after_forward=false"]
+FSDP_OFFLOAD = [*FSDP, *ACCUMULATE, "fsdp.cpu_offload=true", "activation_checkpointing=true"]
+FSDP_OFFLOAD += ["fsdp.reshard_after_forward=false"]
 
 
 def _free_port() -> int:
