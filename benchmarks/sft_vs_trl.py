@@ -1,0 +1,335 @@
+"""qatune's training loop against TRL's SFTTrainer on the same work, on this machine's CPU.
+
+Same tiny GPT-2 (4 layers, d=256, same random initial weights, saved once and loaded by both),
+same fixed sample of real t0 Q&A examples (../shared/data/t0_qa_subset, only examples whose
+prompt + answer + EOS fit in max_len, so neither side truncates), one epoch, the same batch of 8
+examples per optimizer step (TRL with packing: 8 packed rows per step, its own batching), the
+same AdamW (no weight decay on either side, so no disagreement about which tensors decay), the
+same warmup + cosine to lr_min, clipping at 1.0, the same precision. Loss on the answer only
+(TRL: completion_only_loss). Each side runs in its own subprocess, so its peak RSS is its own.
+Both trained models are scored by the same code: qatune's held-out response-token loss.
+
+MFU = the FLOPs the work needs (real tokens only: 6 x 12 L d^2 per token for the blocks,
+attention scores over each example's own causal prefix, the LM head only where there is a label)
+over the matmul throughput this script measures on the same threads, in the same precision.
+
+    python benchmarks/sft_vs_trl.py                     # 1,000 examples, all four sides
+    python benchmarks/sft_vs_trl.py --n-train 200 --sides qatune trl-default
+Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+SIDES = ("qatune", "trl-default", "trl-packing", "trl-chunked")
+MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-heldout", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-min", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="both sides (TRL's CPU default: bf16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    p.add_argument("--workdir", default=None, help="keep data/models here (default: a temp folder)")
+    p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # child mode
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- shared preparation (parent)
+
+
+def tokenizer():
+    from qatune.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(SHARED / "tokenizer" / "gpt2")
+
+
+def prepare(args, work: Path) -> dict:
+    """Pick the examples, write them as prompt/completion JSONL, save the initial model."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qatune.data.encode import encode_records
+    from qatune.data.readers import read_records
+    from qatune.data.templates import get_template
+
+    tok = tokenizer()
+    records = read_records([str(SHARED / "data" / "t0_qa_subset" / "*.jsonl")], None, False, None).records
+    encodings = encode_records(records, get_template("raw"), tok)
+    fits = [i for i, e in enumerate(encodings) if len(e) <= args.max_len]
+    rng = random.Random(args.seed)
+    chosen = rng.sample(fits, args.n_train + args.n_heldout)
+    for name, idx in (("train", chosen[: args.n_train]), ("heldout", chosen[args.n_train :])):
+        with open(work / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for i in idx:
+                completion = records[i].response.removesuffix("<|endoftext|>")
+                f.write(json.dumps({"prompt": records[i].prompt, "completion": completion}) + "\n")
+    torch.manual_seed(args.seed)
+    hf = GPT2Config(
+        vocab_size=len(tok), n_positions=args.max_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **MODEL
+    )
+    GPT2LMHeadModel(hf).save_pretrained(work / "init")
+    train_enc = [encodings[i] for i in chosen[: args.n_train]]
+    return {
+        "examples": len(train_enc),
+        "lengths": [len(e) for e in train_enc],
+        "labels": [e.n_label_tokens for e in train_enc],
+    }
+
+
+def work_flops(lengths: list[int], labels: list[int], vocab: int) -> float:
+    """Training FLOPs the work needs: 3x the forward (forward + backward), real tokens only."""
+    L, d = MODEL["n_layer"], MODEL["n_embd"]
+    total = 0.0
+    for T, n_lab in zip(lengths, labels):
+        dense = 2 * 12 * L * d * d * T  # qkv, proj, mlp matmuls
+        attention = 2 * 2 * L * d * T * (T + 1) / 2  # QK^T and AV over each token's causal prefix
+        head = 2 * d * vocab * n_lab  # LM head only where a label is
+        total += 3 * (dense + attention + head)
+    return total
+
+
+def matmul_peak(precision: str, seconds: float = 2.0) -> float:
+    """FLOP/s of a large square matmul, measured here with the current thread count."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- the sides (children)
+
+
+def heldout_loss(model, work: Path, max_len: int) -> float:
+    """The same scorer for every side: qatune's response-token loss on the held-out examples, fp32."""
+    import torch
+
+    from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.train.data import eval_batches
+    from qatune.train.step import Precision, evaluate
+
+    tok = tokenizer()
+    ex = load_examples(DataConfig(sources=[str(work / "heldout.jsonl")], template="raw", max_len=max_len), tok)
+    batches = eval_batches(ex.examples, "grouped", max_len, tok.pad_token_id, 8)
+    return evaluate(model, batches, Precision("fp32", torch.device("cpu")))["eval_loss"]
+
+
+def run_qatune(args, work: Path) -> dict:
+    from qatune.config import from_dict
+    from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.model.checkpoint import from_pretrained
+    from qatune.train.config import TrainConfig
+    from qatune.train.loop import fit
+
+    t_start = time.perf_counter()
+    tok = tokenizer()
+    data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
+    examples = load_examples(data, tok).examples
+    model = from_pretrained(work / "init")
+    cfg = from_dict(
+        TrainConfig,
+        {
+            "name": "qatune",
+            "data": {"sources": data.sources, "template": "raw", "max_len": args.max_len},
+            "out_dir": str(work / "runs"),
+            "batch": {"strategy": "packed", "size": args.batch, "unit": "examples"},
+            "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
+            "eval": {"fraction": 0.0},
+            "precision": args.precision,
+            "seed": args.seed,
+            "device": "cpu",
+            "save_every": 0,
+            "tensorboard": False,
+            "plots": False,
+            "export": False,
+        },
+    )
+    t0 = time.perf_counter()
+    result = fit(model, tok, examples, cfg, progress=False)
+    train_s = time.perf_counter() - t0
+    h = result.history
+    return {
+        "train_s": train_s,
+        "total_s": time.perf_counter() - t_start,
+        "steps": result.steps,
+        "examples": sum(r["examples"] for r in h),
+        "tokens": sum(r["tokens"] for r in h),
+        "label_tokens": sum(r["label_tokens"] for r in h),
+        "final_train_loss": h[-1]["loss"],
+        "model": model,
+    }
+
+
+def run_trl(args, work: Path, side: str) -> dict:
+    import warnings
+
+    from datasets import load_dataset
+    from transformers import GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
+
+    from qatune.model.checkpoint import from_pretrained
+
+    warnings.filterwarnings("ignore")
+    t_start = time.perf_counter()
+    tok = tokenizer()
+    tok.padding_side = "right"
+    dataset = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    model = GPT2LMHeadModel.from_pretrained(work / "init", attn_implementation="sdpa")
+    config = SFTConfig(
+        output_dir=str(work / side),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": args.lr_min},
+        warmup_steps=args.warmup,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        max_length=args.max_len,
+        packing=side == "trl-packing",
+        loss_type="chunked_nll" if side == "trl-chunked" else "nll",
+        completion_only_loss=True,
+        bf16=args.precision == "bf16",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_s = time.perf_counter() - t0
+    model.save_pretrained(work / side / "final")
+    return {
+        "train_s": train_s,
+        "total_s": time.perf_counter() - t_start,
+        "steps": out.global_step,
+        "examples": args.n_train,
+        # TRL 1.16 tokenizes in its collator; the work is the same examples, counted by the parent
+        "tokens": None,
+        "label_tokens": None,
+        "final_train_loss": out.training_loss,
+        "model": from_pretrained(work / side / "final"),
+    }
+
+
+def child(args) -> None:
+    work = Path(args.workdir)
+    stats = run_qatune(args, work) if args.side == "qatune" else run_trl(args, work, args.side)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # training's high-water mark
+    model = stats.pop("model")
+    stats["heldout_loss"] = heldout_loss(model, work, args.max_len)
+    stats["peak_rss_mb"] = peak_rss_mb
+    print("RESULT " + json.dumps(stats), flush=True)
+
+
+# ---------------------------------------------------------------- report (parent)
+
+
+def child_argv(args) -> list[str]:
+    keys = ("n_train", "n_heldout", "max_len", "batch", "lr", "lr_min", "warmup", "precision", "seed")
+    return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
+def run_side(side: str, args, work: Path) -> dict:
+    cmd = [sys.executable, __file__, *child_argv(args), "--side", side, "--workdir", str(work)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.side:
+        return child(args)
+    import torch
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sft_vs_trl."))
+    work.mkdir(parents=True, exist_ok=True)
+    info = prepare(args, work)
+    flops = work_flops(info["lengths"], info["labels"], 50257)
+    peak = matmul_peak(args.precision)
+    load = os.getloadavg()
+    results = {}
+    for side in args.sides:
+        results[side] = run_side(side, args, work)
+        print(f"  {side}: {results[side]['train_s']:.1f} s", file=sys.stderr, flush=True)
+    base = results.get("qatune")
+    header = f"{'side':<13}{'train s':>9}{'ex/s':>8}{'tok/s':>9}{'label tok/s':>12}{'peak RSS MB':>12}"
+    header += f"{'held-out loss':>14}{'MFU':>7}{'speed-up':>9}{'RSS x':>7}{'loss x':>8}"
+    print(
+        f"\n{args.n_train} t0 examples (<= {args.max_len} tokens), batch {args.batch}, 1 epoch, {args.precision}, "
+        f"GPT-2 L={MODEL['n_layer']} d={MODEL['n_embd']}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads, load average at start {load[0]:.1f}; matmul peak {peak / 1e9:.0f} GFLOP/s"
+    )
+    print(header)
+    summary = {}
+    for side, r in results.items():
+        if r["tokens"] is None:
+            r["tokens"], r["label_tokens"] = sum(info["lengths"]), sum(info["labels"])
+        mfu = flops / r["train_s"] / peak
+        row = {
+            "train_s": r["train_s"],
+            "examples_per_s": r["examples"] / r["train_s"],
+            "tokens_per_s": r["tokens"] / r["train_s"],
+            "label_tokens_per_s": r["label_tokens"] / r["train_s"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "heldout_loss": r["heldout_loss"],
+            "mfu": mfu,
+            "steps": r["steps"],
+        }
+        if base and side != "qatune":
+            row["qatune_speedup"] = r["train_s"] / base["train_s"]
+            row["qatune_rss_ratio"] = base["peak_rss_mb"] / r["peak_rss_mb"]
+            row["qatune_loss_ratio"] = base["heldout_loss"] / r["heldout_loss"]
+        summary[side] = row
+        ratios = (
+            f"{row['qatune_speedup']:>8.1f}x{row['qatune_rss_ratio']:>7.2f}{row['qatune_loss_ratio']:>8.3f}"
+            if "qatune_speedup" in row
+            else f"{'':>9}{'':>7}{'':>8}"
+        )
+        print(
+            f"{side:<13}{row['train_s']:>9.1f}{row['examples_per_s']:>8.2f}{row['tokens_per_s']:>9.0f}"
+            f"{row['label_tokens_per_s']:>12.0f}{row['peak_rss_mb']:>12.0f}{row['heldout_loss']:>14.4f}"
+            f"{100 * mfu:>6.1f}%{ratios}"
+        )
+    print(json.dumps({"benchmark": "sft_vs_trl", "args": vars(args) | {"workdir": str(work)}, "results": summary}))
+
+
+if __name__ == "__main__":
+    main()
