@@ -1,0 +1,86 @@
+"""`qatune train` end to end on a tiny model: the run folder, its metrics, plots and export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qatune.cli import main
+from qatune.model.checkpoint import from_pretrained
+from qatune.train.step import Precision, train_step
+
+pytestmark = pytest.mark.slow
+
+FIELDS = {"step", "loss", "lr", "grad_norm", "clipped", "tokens", "label_tokens", "tokens_per_s", "elapsed"}
+
+
+@pytest.fixture
+def config(tmp_path, tokenizer_dir):
+    data = tmp_path / "qa.jsonl"
+    with data.open("w") as f:
+        for a in range(60):
+            f.write(json.dumps({"instruction": f"Add {a} and 3.", "output": f"{a + 3}" + " !" * (a % 7)}) + "\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"name: e2e\nout_dir: {tmp_path / 'runs'}\ntokenizer: {tokenizer_dir}\n"
+        "model: {name: gpt2, init: random, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64}\n"
+        f"data: {{sources: [{data}], template: alpaca, max_len: 64}}\n"
+        "batch: {size: 8, accumulation: 1}\noptim: {lr: 1e-3, warmup_steps: 2, grad_clip: 0.5}\n"
+        "eval: {fraction: 0.2, every: 3}\nmax_steps: 6\nsave_every: 2\nkeep_checkpoints: 2\nthreads: 1\n"
+    )
+    return cfg
+
+
+def test_run_folder(config, tmp_path, capsys):
+    assert main(["train", str(config), "optim.lr=2e-3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 6 steps" in out and "held-out response loss" in out
+    run = tmp_path / "runs" / "e2e"
+    assert "lr: 0.002" in (run / "config.yaml").read_text()  # the resolved config, override applied
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r.keys() >= FIELDS for r in records)
+    assert [r["lr"] for r in records[:2]] == pytest.approx([1e-3, 2e-3])
+    assert all(r["clipped"] == (r["grad_norm"] > 0.5) for r in records)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["eval_ppl"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item(), rel=1e-5)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"}
+    assert any((run / "tensorboard").iterdir())
+    meta = json.loads((run / "export" / "qatune.json").read_text())
+    assert meta["template"]["name"] == "alpaca" and meta["max_len"] == 64 and meta["steps"] == 6
+    assert meta["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+
+
+def test_export_loads_in_transformers_with_the_same_logits(config, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    assert main(["train", str(config), "max_steps=2", "--no-progress"]) == 0
+    export = tmp_path / "runs" / "e2e" / "export"
+    hf = GPT2LMHeadModel.from_pretrained(export).eval()
+    ours = from_pretrained(export).eval()
+    ids = torch.tensor([[464, 2068, 7586, 21831, 18045]])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_mixed_precision_step_close_to_fp32(name, tiny_model):
+    from qatune.data.example import IGNORE, EncodedExample
+    from qatune.train.data import make_batch
+
+    exs = [EncodedExample(list(range(100, 140)), [IGNORE] * 20 + list(range(120, 140))) for _ in range(3)]
+    batch = make_batch(exs, "packed", 128, 0)
+    cpu = torch.device("cpu")
+    ref = train_step(tiny_model, [batch], Precision("fp32", cpu)).loss
+    tiny_model.zero_grad()
+    precision = Precision(name, cpu)
+    got = train_step(tiny_model, [batch], precision).loss
+    assert got == pytest.approx(ref, rel=2e-2)
+    grads = [p.grad for p in tiny_model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if name == "fp16":
+        assert precision.scaler is not None and precision.scaler.get_scale() > 1  # the loss was scaled
