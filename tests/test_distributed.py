@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from qatune.config import load_config
 from qatune.model.gpt2 import GPT2Config
 from qatune.train.config import TrainConfig
+from qatune.train.dist_checkpoint import is_sharded, saved_world_size
 from qatune.train.metrics import read_metrics
 
 CONFIG = """
@@ -203,8 +204,9 @@ def test_fsdp_resume_from_sharded_checkpoint_continues_identically(runs):
 @pytest.mark.slow
 def test_one_rank_resumes_a_two_rank_checkpoint(runs):
     _assert_close_runs(runs, "one_rank_resumed")
-    # Its new checkpoint is a single-process one, written by the 1-rank run.
-    assert (runs / "runs" / "one_rank_resumed" / "checkpoints" / "step_00000004" / "state.pt").is_file()
+    # Its new checkpoint is a single-process one that still records the global batch's 2 ranks.
+    step4 = runs / "runs" / "one_rank_resumed" / "checkpoints" / "step_00000004"
+    assert not is_sharded(step4) and saved_world_size(step4, default=1) == 2
 
 
 @pytest.mark.slow
@@ -217,6 +219,7 @@ def test_sharded_checkpoint_layout(runs):
     assert sorted(p.name for p in (step2 / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     state = torch.load(step2 / "state.pt", weights_only=False)
     assert state["format"] == "dcp" and state["step"] == 2 and state["world_size"] == 2
+    assert state["batch_world_size"] == 2
     assert state["scheduler"]["last_epoch"] == 2
     assert "strategy: fsdp" in (step2 / "config.yaml").read_text()
 

@@ -47,6 +47,7 @@ def test_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_path):
     torch.manual_seed(999)
     state = load_sharded(path, fresh, fresh_opt, fresh_sched, rank=0)
     assert state["step"] == 2 and state["extra"] == {"elapsed": 1.5} and state["world_size"] == 2
+    assert state["batch_world_size"] == 2
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):

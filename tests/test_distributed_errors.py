@@ -90,7 +90,7 @@ def test_steps_of_a_two_rank_plan_deal_out_over_one_or_two_ranks_not_three():
     assert len(plan) == 5 and all(len(step) == 2 for step in plan.steps)
     check_plan_split(plan, world_size=1, plan_world=2, accumulation=1)
     check_plan_split(plan, world_size=2, plan_world=2, accumulation=1)
-    with pytest.raises(ValueError, match=r"written by 2 rank\(s\): step 1 has 2 micro-batches .* the 3 launched"):
+    with pytest.raises(ValueError, match=r"set for 2 rank\(s\): step 1 has 2 micro-batches .* the 3 launched"):
         check_plan_split(plan, world_size=3, plan_world=2, accumulation=1)
 
 

@@ -43,12 +43,14 @@ def is_sharded(path: Path) -> bool:
 
 
 def saved_world_size(path: Path | None, default: int) -> int:
-    """The number of ranks the run that wrote checkpoint `path` had (single-process checkpoints: 1)."""
+    """The number of ranks the run's global batch was set for (its first launch) as checkpoint
+    `path` records it; single-process checkpoints: 1; no checkpoint: `default`."""
     if path is None:
         return default
-    if not is_sharded(path):
-        return 1
-    return int(torch.load(Path(path) / STATE_FILE, weights_only=False)["world_size"])
+    if not is_sharded(path):  # memory-mapped: only the small `extra` dict is actually read
+        state = torch.load(Path(path) / STATE_FILE, mmap=True, map_location="cpu", weights_only=False)
+        return int(state["extra"].get("batch_world_size", 1))
+    return int(torch.load(Path(path) / STATE_FILE, weights_only=False)["batch_world_size"])
 
 
 @contextlib.contextmanager
@@ -75,8 +77,10 @@ def save_sharded(
     keep: int,
     rank: int,
     world_size: int,
+    batch_world_size: int | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Writes checkpoint `step`, then keeps the newest `keep`."""
+    """Collective: every rank calls it. Writes checkpoint `step`, then keeps the newest `keep`.
+    batch_world_size: the ranks the global batch was set for, when resumed on another number."""
     folder = Path(folder)
     target = folder / checkpoint_name(step)
     tmp = folder / f".{target.name}.tmp"
@@ -93,7 +97,8 @@ def save_sharded(
         state = {
             "format": "dcp",
             "step": step,
-            "world_size": world_size,
+            "world_size": world_size,  # ranks that wrote it
+            "batch_world_size": batch_world_size or world_size,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
             "extra": extra,

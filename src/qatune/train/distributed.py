@@ -192,7 +192,7 @@ def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) 
     for k, step in enumerate(plan.steps):
         if len(step) % world_size:
             raise ValueError(
-                f"the checkpoint was written by {plan_world} rank(s): step {k + 1} has {len(step)} micro-batches "
+                f"the run's global batch was set for {plan_world} rank(s): step {k + 1} has {len(step)} micro-batches "
                 f"(batch.accumulation={accumulation} x {plan_world} rank(s)), which the {world_size} launched "
                 f"rank(s) cannot split evenly; launch a number of ranks that divides {len(step)}"
             )

@@ -129,7 +129,10 @@ def fit(
     check_plan_split(plan, world_size, plan_world, cfg.batch.accumulation)
     if plan_world != world_size and rank == 0:
         per_rank = cfg.batch.accumulation * plan_world // world_size
-        print(f"resuming a {plan_world}-rank run on {world_size}: {per_rank} micro-batches per rank", file=sys.stderr)
+        print(
+            f"resuming a run batched for {plan_world} rank(s) on {world_size}: {per_rank} micro-batches per rank",
+            file=sys.stderr,
+        )
     held_out = eval_batches(eval_set, cfg.batch.strategy, max_len, pad_id, cfg.eval.batch_size)
     held_out = rank_eval_batches(held_out, rank, world_size)
 
@@ -164,9 +167,11 @@ def fit(
         extra = {"elapsed": elapsed}
         scaler = precision.scaler
         if sharded:
-            args = (optimizer, scheduler, scaler, config_yaml, extra, cfg.keep_checkpoints, rank, plan_world)
-            save_sharded(ckpt_dir, step, model, *args)
+            keep, ranks = cfg.keep_checkpoints, (rank, world_size, plan_world)
+            save_sharded(ckpt_dir, step, model, optimizer, scheduler, scaler, config_yaml, extra, keep, *ranks)
             return
+        if plan_world != 1:  # a multi-rank run resumed on one process: keep its global batch
+            extra["batch_world_size"] = plan_world
         save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, config_yaml, extra, cfg.keep_checkpoints)
 
     history: list[dict] = []
