@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 4 -m qatune train run.yaml strategy=fsdp
 
 `setup` reads the variables torchrun sets, picks the backend from the device (NCCL on CUDA,
-gloo on CPU) and joins the process group; `Parallel.wrap` puts the model under
-`DistributedDataParallel` or shards it with `fully_shard` per transformer block, then the root.
+gloo on CPU) and joins the process group; `wrap_ddp` puts the model under
+`DistributedDataParallel`, `wrap_fsdp` shards it with `fully_shard` per transformer block, then
+the root. `run_training` is what `qatune train` calls.
 
 Why the loss may stay outside the model's forward under FSDP2: the loss applies the tied LM head
 (`wte.weight`) to the hidden states after `model(...)` returns. `wte` belongs to the root's
@@ -32,6 +33,7 @@ from qatune.data.example import IGNORE
 # GRADIENT_SUM: each rank's loss is already divided by the label tokens of the whole step, all
 # ranks together (`train_step`), so the true gradient is the SUM of the ranks' gradients. DDP and
 # FSDP average by default, which would divide it by the world size once more.
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
