@@ -146,10 +146,8 @@ def loss_transients(s: PlanSetup) -> tuple[int, int]:
     # then the logits (turned into dlogits in place, + a 16-bit copy under mixed precision) while
     # dlogits^T @ h makes a V x d product (16-bit, then fp32) before it is added into grad_w.
     low = a if a != 4 else 0
-    # From the second chunk on, the previous chunk's dlogits (compute dtype) is still referenced
-    # by its variable when the next logits are allocated (measured: +412 MB at 2048 rows, fp32).
-    previous = rows * V * a if s.label_tokens > s.chunk_size else 0
-    softmax = 8 * rows * V + previous
+    # (The loss frees each chunk's dlogits before the next chunk's logits are allocated.)
+    softmax = 8 * rows * V
     head_trained = not s.lora_r
     grad_w_update = rows * V * (4 + low) + (V * d * (4 + low) if head_trained else rows * d * 4)
     weight_cast = V * d * a if s.prec.autocast else 0

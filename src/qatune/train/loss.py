@@ -47,6 +47,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_h[start : start + chunk_size] = (dlogits @ w).to(h.dtype)
                 if want_w:
                     grad_w += (dlogits.t() @ hc).to(acc)
+                del dlogits  # free it before the next chunk's logits are allocated
             del logits
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
