@@ -110,3 +110,39 @@ def test_prompt_items_for_pairs_and_conversations():
     assert (item.prompt, item.reference) == ("2+2?", "4")
     assert item.text == tpl.generation_prompt([Message(r, c) for r, c in turns[:3]])
     assert item.text.startswith("### System:\nBe brief.") and "bye" not in item.text
+
+
+@pytest.mark.slow
+def test_generate_killed_mid_run_resumes_to_the_same_file(hf_tiny_dir, gpt2_tokenizer, tokenizer_dir, tmp_path):
+    """SIGKILL a real `qatune generate --out` after its first batches; the rerun completes the file."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Story {i}: once"}) + "\n" for i in range(32)))
+    out = tmp_path / "g.jsonl"
+    args = [str(hf_tiny_dir), "--file", str(prompts), "--out", str(out), "--batch-size", "2"]
+    args += ["--max-new-tokens", "16", "--tokenizer", str(tokenizer_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qatune", "generate", *args], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = out.read_text().count("\n")
+    assert 4 <= written < 32  # killed mid-run
+
+    from qatune.cli import main
+
+    # Resume (with bigger batches: a record's output does not depend on its batch) ...
+    bigger = [a if a != "2" else "16" for a in args]
+    assert main(["generate", *bigger]) == 0
+    resumed = read_records(out)
+    assert [r["index"] for r in resumed] == list(range(32))
+    # ... to exactly the records of an uninterrupted run.
+    assert main(["generate", *[a if a != str(out) else str(tmp_path / "full.jsonl") for a in bigger]]) == 0
+    assert resumed == read_records(tmp_path / "full.jsonl")
