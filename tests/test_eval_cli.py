@@ -140,3 +140,28 @@ def test_truncation_policy_comes_from_the_runs_config(tmp_path):
     (tmp_path / "config.yaml").write_text("name: r\ndata:\n  truncation: drop\n  max_len: 64\n")
     assert training_truncation(str(tmp_path / "export")) == "drop"
     assert training_truncation(str(tmp_path)) is None  # not an export folder: no run config to read
+
+
+def test_real_data_two_sources_long_prompts(run_dir, data_dir, gpt2_tokenizer, tmp_path):
+    """t0 (passages longer than the tiny model's 128-token context) and GSM8K in one eval."""
+    t0 = tmp_path / "duorc.jsonl"
+    lines = (data_dir / "t0_qa_subset" / "duorc_ParaphraseRC_answer_question.jsonl").read_text().splitlines()[:3]
+    t0.write_text("\n".join(lines) + "\n")
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text("\n".join((data_dir / "gsm8k" / "test.jsonl").read_text().splitlines()[:2]) + "\n")
+    out = tmp_path / "eval"
+    assert main(["eval", str(run_dir), str(t0), str(gsm), "--out", str(out), "--max-new-tokens", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    gen = report["generation"]
+    assert sorted(gen["by_source"]) == sorted([str(t0), str(gsm)])
+    assert gen["by_source"][str(t0)]["n"] == 3 and gen["by_source"][str(gsm)]["n"] == 2
+    # prompts cut: exactly those longer than the context minus the reply room, counted directly
+    template = get_template("plain")
+    rows = [json.loads(line) for line in lines]
+    long = sum(len(gpt2_tokenizer(template.render_prompt(r["prompt"])).input_ids) > 128 - 4 for r in rows)
+    assert long == 3 and gen["prompts_cut"] == long
+    assert any("cut from the left" in w for w in report["warnings"])
+    # t0 completions end with the literal <|endoftext|>: never part of the reference
+    records = read_records(out / "generations.jsonl")
+    assert all("<|endoftext|>" not in r["reference"] for r in records)
+    assert [r["reference"] for r in records[:3]] == [r["completion"].replace("<|endoftext|>", "") for r in rows]
