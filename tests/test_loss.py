@@ -44,3 +44,23 @@ def test_bf16_compute_is_close_to_fp32():
     half, _ = response_loss_sum(h, w, t, compute_dtype=torch.bfloat16)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=1e-2, atol=0)
+
+
+def test_no_grad_mode_computes_no_gradients(monkeypatch):
+    """Eval runs under no_grad: the fused loss must not spend a matmul per chunk on gradients."""
+    import qatune.train.loss as loss_mod
+
+    seen = []
+    real = loss_mod._LinearCrossEntropySum.forward
+
+    def spy(ctx, *args):
+        seen.append(tuple(ctx.needs_input_grad[:2]))
+        return real(ctx, *args)
+
+    monkeypatch.setattr(loss_mod._LinearCrossEntropySum, "forward", staticmethod(spy))
+    h = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    with torch.no_grad():
+        response_loss_sum(h, w, torch.randint(0, 30, (4,)))
+    response_loss_sum(h, w, torch.randint(0, 30, (4,)))
+    assert seen == [(False, False), (True, True)]

@@ -83,6 +83,9 @@ def response_loss_sum(
     h, t = select_labelled(hidden, targets)
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+    if not torch.is_grad_enabled():
+        # needs_input_grad ignores no_grad mode: detach so eval does not compute gradients.
+        h, lm_weight = h.detach(), lm_weight.detach()
     with torch.autocast(h.device.type, enabled=False):
         loss = _LinearCrossEntropySum.apply(h, lm_weight, t, chunk_size, compute_dtype)
     return loss, int(t.numel())
