@@ -48,7 +48,8 @@ def test_run_folder(config, tmp_path, capsys):
     assert [r["step"] for r in evals] == [3, 6]
     assert evals[-1]["eval_ppl"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item(), rel=1e-5)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
-    assert {p.name for p in (run / "plots").iterdir()} == {"loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png"}
+    plots = {"loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png", "clip_rate.png", "grad_norm_layers.png"}
+    assert {p.name for p in (run / "plots").iterdir()} == plots
     assert any((run / "tensorboard").iterdir())
     meta = json.loads((run / "export" / "qatune.json").read_text())
     assert meta["template"]["name"] == "alpaca" and meta["max_len"] == 64 and meta["steps"] == 6

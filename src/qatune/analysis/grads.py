@@ -312,11 +312,18 @@ def per_layer_step(
     return out
 
 
-def per_layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Current .grad norms grouped by layer (for the training loop's periodic summaries)."""
+def layer_sq_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Squared .grad norms grouped by layer; of this rank's shard when gradients are FSDP DTensors."""
     sq: dict[str, float] = {}
     for name, p in model.named_parameters():
-        if p.grad is not None:
-            key = layer_of(name.removeprefix("_orig_mod.").removeprefix("module."))
-            sq[key] = sq.get(key, 0.0) + float(p.grad.detach().float().pow(2).sum())
-    return {k: math.sqrt(v) for k, v in sq.items()}
+        key = layer_of(name.removeprefix("_orig_mod.").removeprefix("module."))
+        g = p.grad
+        if g is not None and hasattr(g, "to_local"):
+            g = g.to_local()
+        sq[key] = sq.get(key, 0.0) + (float(g.detach().float().pow(2).sum()) if g is not None else 0.0)
+    return sq
+
+
+def per_layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Current .grad norms grouped by layer (one process)."""
+    return {k: math.sqrt(v) for k, v in layer_sq_norms(model).items()}

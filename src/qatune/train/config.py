@@ -43,6 +43,14 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Gradient dynamics watched during training (see `qatune grads` for the offline analysis)."""
+
+    every: int = 50  # optimizer steps between per-layer grad norms + prompt-token loss; 0 = off
+    clip_window: int = 50  # steps over which the clip rate is averaged
+
+
+@dataclass
 class TrainConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
     out_dir: str = "runs"
@@ -52,6 +60,7 @@ class TrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     epochs: int = 1
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans them)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32

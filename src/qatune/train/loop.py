@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from qatune.train.config import ModelConfig, TrainConfig
 from qatune.train.data import eval_batches, plan_run, split_holdout, step_batches
 from qatune.train.dist_checkpoint import full_state_dict, is_sharded, load_sharded, save_sharded, saved_world_size
 from qatune.train.distributed import check_plan_split, check_precision, rank_eval_batches, wrap_ddp, wrap_fsdp
-from qatune.train.metrics import MetricsLogger
+from qatune.train.metrics import MetricsLogger, read_metrics
 from qatune.train.optim import build_optimizer, build_scheduler
 from qatune.train.plots import write_plots
 from qatune.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -175,6 +176,7 @@ def fit(
         save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, scaler, config_yaml, extra, cfg.keep_checkpoints)
 
     history: list[dict] = []
+    clip_history = _clip_window(run_dir, start, cfg.monitor.clip_window, resume and is_main)
     final_eval: dict = {}
     bar = _Progress(len(plan), start, enabled=progress and is_main)
     t_start = time.perf_counter() - elapsed_before
@@ -183,8 +185,11 @@ def fit(
         for step in range(start, len(plan)):
             t0 = time.perf_counter()
             batches = step_batches(plan, step, train_set, cfg.batch, max_len, pad_id, rank, world_size)
-            stats = train_step(step_model, batches, precision, cfg.loss_chunk)
+            watch = cfg.monitor.every > 0 and (step == 0 or (step + 1) % cfg.monitor.every == 0)
+            stats = train_step(step_model, batches, precision, cfg.loss_chunk, measure_prompt_loss=watch)
+            layer_norms = layer_grad_norms(model, precision, sharded=cfg.strategy == "fsdp") if watch else None
             update = optimizer_step(model, optimizer, scheduler, precision, cfg.optim.grad_clip)
+            clip_history.append(update.clipped)
             dt = time.perf_counter() - t0
             done = step + 1
             record = {
@@ -200,6 +205,10 @@ def fit(
                 "tokens_per_s": stats.tokens / dt,
                 "elapsed": time.perf_counter() - t_start,
             }
+            record["clip_rate"] = sum(clip_history) / len(clip_history)
+            if watch:
+                record["prompt_loss"] = stats.prompt_loss  # measured on prompt tokens, not trained on
+                record["grad_norm_layers"] = layer_norms
             if update.skipped:
                 record["skipped"] = True
             last = done == len(plan)
@@ -232,6 +241,29 @@ def fit(
         if cfg.export:
             export_dir = _export(model, tokenizer, run_dir, template, max_len, steps, final_eval, meta)
     return TrainResult(run_dir, steps, final_eval, export_dir, history)
+
+
+def _clip_window(run_dir: Path, start: int, size: int, from_metrics: bool) -> deque:
+    """The clipped flags of the last `size` steps; on resume, refilled from metrics.jsonl."""
+    window: deque = deque(maxlen=max(1, size))
+    if from_metrics:
+        window.extend(bool(r.get("clipped")) for r in read_metrics(run_dir) if r.get("step", 0) <= start)
+    return window
+
+
+def layer_grad_norms(model, precision, sharded: bool) -> dict[str, float]:
+    """Per-layer norms of the accumulated gradients, unscaled (fp16) and, under FSDP, summed over
+    the shards of every rank."""
+    from qatune.analysis.grads import layer_sq_norms
+    from qatune.train.step import _global_sum
+
+    sq = layer_sq_norms(model)
+    names = sorted(sq)
+    values = [sq[n] for n in names]
+    if sharded:
+        values = _global_sum(values, next(model.parameters()).device)
+    scale = precision.scaler.get_scale() if precision.scaler is not None else 1.0
+    return {n: math.sqrt(v) / scale for n, v in zip(names, values)}
 
 
 def _export(model, tokenizer, run_dir: Path, template, max_len, steps, final_eval, meta) -> Path:

@@ -63,6 +63,10 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
                 elif isinstance(value, bool):
                     self._tb.add_scalar(f"{prefix}/{key}", int(value), step)
+                elif isinstance(value, dict):  # e.g. grad_norm_layers: one scalar per layer
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)) and v is not None:
+                            self._tb.add_scalar(f"{key}/{sub}", v, step)
 
     def close(self) -> None:
         self._file.close()

@@ -12,6 +12,7 @@ PLOTS = {
     "lr": ("lr", "learning rate"),
     "grad_norm": ("grad_norm", "global grad norm (pre-clip)"),
     "tokens_per_s": ("tokens_per_s", "tokens / s"),
+    "clip_rate": ("clip_rate", "share of recent steps clipped"),
 }
 
 
@@ -40,6 +41,9 @@ def write_plots(run_dir: Path) -> list[Path]:
             ev_steps, ev = _series(records, "eval_loss")
             if ev_steps:
                 ax.plot(ev_steps, ev, "o-", label="held-out", ms=3)
+            pr_steps, pr = _series(records, "prompt_loss")
+            if pr_steps:
+                ax.plot(pr_steps, pr, "s--", label="prompt tokens (measured, not trained)", ms=3, lw=1)
             ax.legend()
         if name == "grad_norm":
             clipped = [r["step"] for r in records if r.get("clipped")]
@@ -56,4 +60,32 @@ def write_plots(run_dir: Path) -> list[Path]:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
         written.append(path)
-    return written
+    layers = _layer_plot(records, out, plt)
+    return written + ([layers] if layers else [])
+
+
+def _layer_plot(records: list[dict], out: Path, plt) -> Path | None:
+    """Per-layer gradient norms over training (logged every `monitor.every` steps)."""
+    rows = [(r["step"], r["grad_norm_layers"]) for r in records if r.get("grad_norm_layers")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(rows[-1][1])
+    cmap = plt.get_cmap("viridis", max(2, len(names)))
+    for i, name in enumerate(names):
+        ax.plot(
+            [s for s, _ in rows],
+            [n.get(name) for _, n in rows],
+            color=cmap(i),
+            lw=1,
+            label=name if name in (names[0], names[-1]) or len(names) <= 6 else None,
+        )
+    ax.set(xlabel="optimizer step", ylabel="grad norm per layer (pre-clip)", yscale="log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "grad_norm_layers.png"
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from qatune.data.batching import Batch
+from qatune.data.example import IGNORE
 from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum
 from qatune.train.optim import ClipResult, clip_gradients
 
@@ -52,6 +53,20 @@ class StepStats:
     tokens: int  # real tokens in the step, all ranks
     label_tokens: int  # label tokens in the step, all ranks
     examples: int  # examples in the step, all ranks
+    prompt_loss: float | None = None  # mean loss on prompt tokens, measured (no gradient) on request
+    prompt_tokens: int = 0
+
+
+def prompt_targets(batch: Batch) -> torch.Tensor:
+    """Shifted targets for the tokens that carry NO loss (prompt and user turns), IGNORE elsewhere.
+
+    Position i predicts token i+1 only when both lie in the same example: positions restart at 0
+    for every packed example and padding sits at position 0, so "same example" is exactly
+    position_ids[i+1] == position_ids[i] + 1."""
+    ids, pos, t = batch.input_ids, batch.position_ids, batch.targets
+    same_doc = pos[:, 1:] == pos[:, :-1] + 1
+    shifted = torch.where(same_doc & (t[:, :-1] == IGNORE), ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
+    return torch.cat([shifted, torch.full_like(ids[:, :1], IGNORE)], dim=1)
 
 
 def _global_sum(values: list[float], device: torch.device) -> list[float]:
@@ -86,16 +101,20 @@ def train_step(
     micro_batches: Sequence[Batch],
     precision: Precision,
     chunk_size: int = DEFAULT_CHUNK,
+    measure_prompt_loss: bool = False,
 ) -> StepStats:
     """Forward and backward over the micro-batches of one optimizer step; gradients accumulate in
-    `.grad`. Returns the step's loss, normalized by the label tokens of the whole step."""
+    `.grad`. Returns the step's loss, normalized by the label tokens of the whole step.
+
+    measure_prompt_loss: also measure the loss on the prompt tokens from the same forward pass,
+    without gradient (it costs one more LM-head pass over the prompt positions)."""
     device = _device(model)
     local_labels = sum(b.n_label_tokens for b in micro_batches)
     local_tokens = sum(b.n_tokens for b in micro_batches)
     local_examples = sum(b.n_examples for b in micro_batches)
     labels, tokens, examples = _global_sum([local_labels, local_tokens, local_examples], device)
     labels = int(labels)
-    loss_sum = 0.0
+    loss_sum = prompt_sum = prompt_count = 0.0
     for i, batch in enumerate(micro_batches):
         batch = batch.to(device)
         last = i == len(micro_batches) - 1
@@ -105,14 +124,23 @@ def train_step(
             with precision.autocast():
                 hidden = model(**_model_inputs(batch))
             part, _ = response_loss_sum(hidden, _lm_weight(model), batch.targets, chunk_size, precision.head_dtype)
+            if measure_prompt_loss:  # before backward: FSDP reshards the root's weights after it
+                with torch.no_grad():
+                    ps, pn = response_loss_sum(
+                        hidden, _lm_weight(model), prompt_targets(batch), chunk_size, precision.head_dtype
+                    )
+                prompt_sum, prompt_count = prompt_sum + float(ps), prompt_count + pn
             loss = part / max(labels, 1)
             if precision.scaler is not None:
                 precision.scaler.scale(loss).backward()
             else:
                 loss.backward()
         loss_sum += float(part.detach())
-    (global_loss_sum,) = _global_sum([loss_sum], device)
-    return StepStats(global_loss_sum / max(labels, 1), loss_sum, int(tokens), labels, int(examples))
+    global_loss_sum, prompt_sum, prompt_count = _global_sum([loss_sum, prompt_sum, prompt_count], device)
+    prompt_loss = prompt_sum / prompt_count if measure_prompt_loss and prompt_count else None
+    return StepStats(
+        global_loss_sum / max(labels, 1), loss_sum, int(tokens), labels, int(examples), prompt_loss, int(prompt_count)
+    )
 
 
 @dataclass

@@ -1,0 +1,68 @@
+"""Gradient dynamics watched during training: prompt-token loss, per-layer norms, clip rate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tests.test_train_step import SMALL, examples_of_varied_lengths
+
+from qatune.data.batching import collate
+from qatune.data.example import IGNORE
+from qatune.model.gpt2 import GPT2
+from qatune.train.config import TrainConfig
+from qatune.train.loop import fit
+from qatune.train.step import Precision, prompt_targets, train_step
+
+
+def direct_prompt_loss(model: GPT2, examples) -> float:
+    """Mean cross-entropy over prompt tokens, each example alone, full logits."""
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex.input_ids])
+        targets = [nxt if label == IGNORE else IGNORE for nxt, label in zip(ex.input_ids[1:], ex.labels[1:])]
+        logits = model.lm_head(model(ids))[0, :-1]
+        t = torch.tensor(targets)
+        total += float(F.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum").detach())
+        count += int((t != IGNORE).sum())
+    return total / count
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_prompt_loss_equals_a_direct_count(packed):
+    torch.manual_seed(0)
+    model = GPT2(SMALL).double()
+    exs = examples_of_varied_lengths(6)
+    rows = [exs[:3], exs[3:]] if packed else [[e] for e in exs]
+    batch = collate(rows, pad_id=0)
+    n_prompt = sum(sum(1 for label in e.labels[1:] if label == IGNORE) for e in exs)
+    assert int((prompt_targets(batch) != IGNORE).sum()) == n_prompt
+    stats = train_step(model, [batch], Precision("fp32", torch.device("cpu")), measure_prompt_loss=True)
+    assert stats.prompt_tokens == n_prompt
+    assert stats.prompt_loss == pytest.approx(direct_prompt_loss(model, exs), rel=1e-9)
+    assert train_step(model, [batch], Precision("fp32", torch.device("cpu"))).prompt_loss is None
+
+
+def test_fit_logs_layer_norms_clip_rate_and_prompt_loss(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2(SMALL)
+    cfg = TrainConfig(name="mon", out_dir=str(tmp_path), max_steps=6, tensorboard=False, plots=True, export=False)
+    cfg.batch.size, cfg.batch.unit = 2, "examples"
+    cfg.monitor.every, cfg.monitor.clip_window = 2, 3
+    cfg.optim.grad_clip, cfg.optim.warmup_steps, cfg.eval.fraction = 0.5, 0, 0.0
+    result = fit(model, None, examples_of_varied_lengths(12), cfg, progress=False)
+    records = result.history
+    watched = [r["step"] for r in records if "grad_norm_layers" in r]
+    assert watched == [1, 2, 4, 6]
+    for r in records:
+        clipped = [q["clipped"] for q in records if r["step"] - 3 < q["step"] <= r["step"]]
+        assert r["clip_rate"] == pytest.approx(sum(clipped) / len(clipped))
+        if "grad_norm_layers" in r:
+            layers = r["grad_norm_layers"]
+            assert set(layers) == {"embeddings", "h.0", "h.1", "ln_f"}
+            # the per-layer norms add up (in squares) to the global pre-clip norm
+            assert math.sqrt(sum(v * v for v in layers.values())) == pytest.approx(r["grad_norm"], rel=1e-5)
+            assert r["prompt_loss"] > 0
+    assert (tmp_path / "mon" / "plots" / "grad_norm_layers.png").exists()
