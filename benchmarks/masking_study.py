@@ -67,13 +67,24 @@ class Task:
 
 
 def facts_task(steps: int) -> Task:
+    """The demo's task; named by its step budget, so several budgets can be compared."""
     train_qs, test_qs = make_task(0)
     template = get_template("plain")
     corpus = [template.render_prompt(q.question) + q.answer for q in train_qs + test_qs]
     tokenizer, _ = demo_tokenizer(None, corpus)
     to_records = lambda qs, tag: [Record("facts", f"{tag}:{i}", q.question, q.answer) for i, q in enumerate(qs)]
     return Task(
-        "facts", to_records(train_qs, "train"), to_records(test_qs, "test"), tokenizer, 2, 128, steps, 32, 3e-3, 64, 8
+        f"facts@{steps}",
+        to_records(train_qs, "train"),
+        to_records(test_qs, "test"),
+        tokenizer,
+        2,
+        128,
+        steps,
+        32,
+        3e-3,
+        64,
+        8,
     )
 
 
@@ -214,16 +225,17 @@ def plot(results: dict, out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", nargs="+", default=["facts", "gsm8k"], choices=["facts", "gsm8k"])
-    p.add_argument("--facts-steps", type=int, default=300)
+    p.add_argument("--facts-steps", type=int, nargs="+", default=[100, 300], help="one facts study per budget")
     p.add_argument("--gsm8k-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="masking_study")
     args = p.parse_args()
     out = Path(args.out)
-    builders = {"facts": lambda: facts_task(args.facts_steps), "gsm8k": lambda: gsm8k_task(args.gsm8k_steps)}
-    results = {name: study(builders[name](), out, args.seed) for name in args.tasks}
+    tasks = [facts_task(n) for n in args.facts_steps] if "facts" in args.tasks else []
+    tasks += [gsm8k_task(args.gsm8k_steps)] if "gsm8k" in args.tasks else []
+    results = {task.name: study(task, out, args.seed) for task in tasks}
     plot(results, out)
-    header = f"| {'task':<6} | {'loss on':<10} | {'held-out response loss':>22} | {'exact match':>11} | "
+    header = f"| {'task':<9} | {'loss on':<10} | {'held-out response loss':>22} | {'exact match':>11} | "
     header += (
         f"{'3-gram overlap w/ prompt':>24} | {'repeats prompt':>14} | {'echoes template':>15} | {'stops w/ EOS':>12} |"
     )
@@ -232,7 +244,7 @@ def main() -> None:
     for task, arms in results.items():
         for name, r in arms.items():
             print(
-                f"| {task:<6} | {name:<10} | {r['response_loss']:>22.3f} | {r['exact_match']:>11.1%} | "
+                f"| {task:<9} | {name:<10} | {r['response_loss']:>22.3f} | {r['exact_match']:>11.1%} | "
                 f"{r['prompt_3gram_overlap']:>24.1%} | {r['repeats_prompt']:>14.1%} | {r['echoes_template']:>15.1%} | "
                 f"{r['stops_with_eos']:>12.1%} |"
             )
