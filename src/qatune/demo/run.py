@@ -84,7 +84,7 @@ def train_config(s: DemoSettings) -> TrainConfig:
         data=DataConfig(sources=[], template="plain", max_len=64),
         batch=BatchConfig(strategy="packed", size=s.batch_size, unit="examples"),
         optim=OptimConfig(lr=s.lr, lr_min=s.lr / 10, warmup_steps=20, betas=(0.9, 0.98), weight_decay=0.1),
-        eval=EvalConfig(fraction=0.0, every=0),
+        eval=EvalConfig(every=50),  # on the held-out questions (passed to fit as eval_examples)
         epochs=0,
         max_steps=s.steps,
         # bf16 matmuls where the CPU has them (AVX512-BF16/AMX): several times faster for the LM head.
@@ -118,7 +118,8 @@ def run_demo(s: DemoSettings, log=print) -> DemoResult:
     log(f"model: GPT-2 {s.n_layer} layers, d={s.n_embd}, {model.num_parameters() / 1e6:.1f}M parameters, random init")
     before = exact_match(answer(model, tokenizer, template, test_qs), test_qs)
     log(f"held-out exact match before training: {before:.1%}")
-    result = fit(model, tokenizer, encode(train_qs, tokenizer, template), cfg, template.to_dict())
+    train_ex, test_ex = encode(train_qs, tokenizer, template), encode(test_qs, tokenizer, template)
+    result = fit(model, tokenizer, train_ex, cfg, template.to_dict(), eval_examples=test_ex)
     predicted = answer(model, tokenizer, template, test_qs)
     after = exact_match(predicted, test_qs)
     log(f"held-out exact match after {result.steps} steps: {after:.1%}")

@@ -103,8 +103,10 @@ def fit(
     progress: bool = True,
     meta: dict | None = None,
     on_step: Callable[[dict], None] | None = None,
+    eval_examples: Sequence[EncodedExample] | None = None,
 ) -> TrainResult:
-    """Train `model` on `examples` (a held-out split is taken from them) and write the run folder."""
+    """Train `model` on `examples` and write the run folder. The held-out set is `eval_examples`
+    when given, else a seeded split of `examples` (cfg.eval.fraction)."""
     run_dir = Path(cfg.out_dir) / cfg.name
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -116,9 +118,12 @@ def fit(
     if too_long:
         raise ValueError(f"example {too_long[0]} has {len(examples[too_long[0]])} tokens, over max_len {max_len}")
 
-    train_idx, eval_idx = split_holdout(len(examples), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
-    train_set = [examples[i] for i in train_idx]
-    eval_set = [examples[i] for i in eval_idx]
+    if eval_examples is not None:  # the caller brings its own held-out set: no split
+        train_set, eval_set = list(examples), list(eval_examples)
+    else:
+        train_idx, eval_idx = split_holdout(len(examples), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+        train_set = [examples[i] for i in train_idx]
+        eval_set = [examples[i] for i in eval_idx]
     ckpt_dir = run_dir / CHECKPOINTS
     ckpt = latest_checkpoint(ckpt_dir) if resume else None
     if resume and ckpt is None:
