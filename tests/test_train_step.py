@@ -109,3 +109,13 @@ def test_loss_matches_plain_full_logits_cross_entropy(model):
     ref.backward()
     assert loss == pytest.approx(float(ref), rel=1e-12)
     assert_same({n: p.grad for n, p in model.named_parameters()}, grads, 1e-10)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(model):
+    batch = make_batch(examples_of_varied_lengths(), "packed", 128, PAD)
+    model.train()
+    plain = grads_after(model, [batch])
+    model.activation_checkpointing = True
+    recomputed = grads_after(model, [batch])
+    assert plain[0] == recomputed[0]
+    assert_same(plain[1], recomputed[1], 1e-12)
