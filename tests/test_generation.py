@@ -67,3 +67,13 @@ def test_top_k_and_top_p_filters():
     # nucleus 0.7: 0.5 alone < 0.7, 0.5+0.3 >= 0.7 -> keep the first two
     assert torch.isinf(filter_logits(logits, 0, 0.7)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, 0, 0.5)).tolist() == [[False, True, True, True]]
+
+
+def test_generate_cli_names_a_generation_length_the_context_cannot_hold(hf_tiny_dir, tokenizer_dir, capsys):
+    from qatune.cli import main
+
+    args = ["generate", str(hf_tiny_dir), "--prompt", "Hi", "--tokenizer", str(tokenizer_dir)]
+    assert main([*args, "--max-new-tokens", "128"]) == 2  # the tiny model's context is 128
+    assert "max_new_tokens=128 leaves no prompt room in the model's 128-token context" in capsys.readouterr().err
+    assert main([*args, "--max-new-tokens", "3", "--no-stop-at-eos"]) == 0
+    assert capsys.readouterr().out.startswith("Hi")

@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
     add_sampling_options(p)
     add_tokenizer_option(p)
     add_device_option(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, max_new_tokens=None)  # None: 128, or half a smaller model's context
 
 
 def read_prompts(path: str) -> list[str]:
@@ -116,13 +116,15 @@ def run(args: argparse.Namespace) -> int:
     items = prompt_items(args, template)
     model = load_model(args.model, pick_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(SamplingConfig.max_new_tokens, model.config.n_positions // 2)
     sampling = sampling_from_args(args)
     if args.out:
         return write_records(args, model, tokenizer, items, template, sampling)
-    from qatune.generation.batch import prompt_ids
+    from qatune.generation.batch import prompt_budget, prompt_ids
     from qatune.generation.sampling import generate_ids
 
-    budget = model.config.n_positions - sampling.max_new_tokens
+    budget = prompt_budget(model.config.n_positions, sampling.max_new_tokens)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
         ids = [prompt_ids(tokenizer, item, budget)[0] for item in chunk]

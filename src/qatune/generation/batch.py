@@ -78,6 +78,17 @@ def read_done(out: Path, items: Sequence[PromptItem]) -> dict[int, dict]:
     return done
 
 
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside `max_new_tokens` new ones; an error when none do."""
+    budget = context - max_new_tokens
+    if budget < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no prompt room in the model's {context}-token context; "
+            f"use --max-new-tokens {context // 2} or less"
+        )
+    return budget
+
+
 def prompt_ids(tokenizer, item: PromptItem, budget: int) -> tuple[list[int], bool]:
     """Token ids of the prompt, cut from the left to `budget` tokens when too long: the end holds
     the question and the answer cue, which the model needs most. A literal EOS text in the prompt
@@ -131,10 +142,7 @@ def generate_to_file(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ctx = model.config.n_positions
-    budget = ctx - sampling.max_new_tokens
-    if budget < 1:
-        raise ValueError(f"max_new_tokens={sampling.max_new_tokens} leaves no prompt room in a {ctx}-token context")
+    budget = prompt_budget(model.config.n_positions, sampling.max_new_tokens)
     check_or_write_meta(out, {**(settings or {}), "sampling": asdict(sampling), "n_items": len(items)})
     done = read_done(out, items)
     todo = [i for i in range(len(items)) if i not in done]
