@@ -13,9 +13,11 @@ from pathlib import Path
 from qatune.cli.common import (
     RUN_EXPORT,
     add_device_option,
+    add_mapping_option,
     add_tokenizer_option,
     load_model,
     load_tokenizer_for,
+    parse_mapping,
     pick_device,
     read_meta,
     resolve_model_path,
@@ -38,7 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--max-len", type=int, help="default: the model's training max_len, else its context")
     p.add_argument("--truncation", help="default: the model's training policy, else cut_response")
-    p.add_argument("--map", action="append", default=[], metavar="ROLE=FIELD", help="field mapping, e.g. prompt=q")
+    add_mapping_option(p)
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--examples", type=int, default=5, help="example generations shown in the report")
@@ -52,16 +54,6 @@ def default_out(model: str) -> Path:
     if resolve_model_path(model) != model:  # a run folder
         return Path(model) / "eval"
     return Path(f"eval-{Path(model.rstrip('/')).name or 'model'}")
-
-
-def parse_mapping(items: list[str]) -> dict[str, str] | None:
-    mapping = {}
-    for item in items:
-        role, sep, field = item.partition("=")
-        if not sep or not role or not field:
-            raise ValueError(f"--map {item!r}: expected ROLE=FIELD, e.g. prompt=question")
-        mapping[role] = field
-    return mapping or None
 
 
 def training_truncation(model_path: str) -> str | None:
@@ -84,7 +76,7 @@ def data_config(args: argparse.Namespace, meta: dict | None, context: int, model
         raise ValueError(f"max_len {max_len} exceeds the model's context of {context} tokens")
     return DataConfig(
         sources=list(args.data),
-        mapping=parse_mapping(args.map),
+        mapping=parse_mapping(args.mapping),
         template=args.template or meta.get("template") or "plain",
         system_prompt=args.system_prompt,
         max_len=max_len,

@@ -10,9 +10,11 @@ import sys
 
 from qatune.cli.common import (
     add_device_option,
+    add_mapping_option,
     add_tokenizer_option,
     load_model,
     load_tokenizer_for,
+    parse_mapping,
     pick_device,
     read_meta,
     resolve_model_path,
@@ -55,7 +57,7 @@ def add_parser(sub) -> None:
         "--template", help="template name (raw = the prompt as is); default: the model's own template, else raw"
     )
     p.add_argument("--system-prompt", default=None)
-    p.add_argument("--map", action="append", default=[], metavar="ROLE=FIELD", help="field mapping, e.g. prompt=q")
+    add_mapping_option(p)
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", help="write JSONL records here (resumable) instead of printing")
@@ -94,13 +96,11 @@ def prompt_items(args: argparse.Namespace, template) -> list:
         return [
             PromptItem(f"--prompt {i + 1}", "--prompt", p, template.render_prompt(p)) for i, p in enumerate(args.prompt)
         ]
-    from qatune.cli.eval import parse_mapping
-
     try:
-        records = read_records(args.file, parse_mapping(args.map), limit=args.limit).records
+        records = read_records(args.file, parse_mapping(args.mapping), limit=args.limit).records
     except DataError:
         # Prompt-only JSONL (no answers): not a training layout, but fine to generate for.
-        if args.map or not all(f.endswith(".jsonl") for f in args.file):
+        if args.mapping or not all(f.endswith(".jsonl") for f in args.file):
             raise
         texts = [(f, n, p) for f in args.file for n, p in enumerate(read_prompts(f), 1)]
         texts = texts[: args.limit] if args.limit is not None else texts

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from qatune.cli.common import add_tokenizer_option
+from qatune.cli.common import add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.data.truncation import POLICIES
 
 
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-len", type=int, default=1024, help="context limit T_max (default 1024)")
     p.add_argument("--template", default="plain", help="plain | raw | alpaca | chat, or a YAML/JSON file with one")
     p.add_argument("--system-prompt", default=None, help="system text for the chat template")
-    p.add_argument("--mapping", action="append", default=[], metavar="KEY=FIELD", help="e.g. prompt=q response=a")
+    add_mapping_option(p)
     p.add_argument("--train-on-turns", choices=["all", "last"], default="all")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
@@ -29,16 +29,6 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="folder for stats.md, stats.json, lengths_hist.png, lengths_cdf.png")
     p.add_argument("--json", help="write the JSON here ('-' for stdout)")
     p.set_defaults(func=run)
-
-
-def parse_mapping(items: list[str]) -> dict[str, str] | None:
-    mapping = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key or not value:
-            raise ValueError(f"--mapping {item!r}: expected KEY=FIELD, e.g. prompt=question")
-        mapping[key] = value
-    return mapping or None
 
 
 def template_arg(value: str):
