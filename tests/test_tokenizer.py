@@ -1,0 +1,42 @@
+"""The GPT-2 tokenizer from each source gives GPT-2's ids, with EOS set."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from qatune.model.tokenizer import ENV_VAR, TokenizerError, load_tokenizer
+
+
+def check(tok):
+    assert tok("Hello world").input_ids == [15496, 995]
+    assert tok.eos_token_id == 50256 and tok.pad_token_id == 50256
+    # literal <|endoftext|> in text is the EOS id, not 7 character tokens
+    assert tok("a<|endoftext|>b").input_ids == [64, 50256, 65]
+    assert tok.decode([15496, 995]) == "Hello world"
+
+
+def test_folder_with_tokenizer_json(tokenizer_dir):
+    check(load_tokenizer(tokenizer_dir))
+
+
+def test_vocab_and_merges_only(tokenizer_dir, tmp_path):
+    # GPT2TokenizerFast(vocab_file=, merges_file=) builds an EMPTY tokenizer in transformers 5.x;
+    # qatune builds the BPE itself from the two files.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(tokenizer_dir / name, tmp_path / name)
+    check(load_tokenizer(tmp_path))
+    check(load_tokenizer(tmp_path / "vocab.json"))
+
+
+def test_environment_variable_is_the_default(tokenizer_dir, monkeypatch):
+    monkeypatch.setenv(ENV_VAR, str(tokenizer_dir))
+    check(load_tokenizer())
+
+
+def test_a_folder_without_tokenizer_files_is_named(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json, nor vocab.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(TokenizerError, match="is not a folder with tokenizer files"):
+        load_tokenizer(tmp_path / "missing" / "tok")
