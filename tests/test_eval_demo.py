@@ -23,10 +23,12 @@ def test_eval_of_the_demo_model(tmp_path, tokenizer_dir, capsys):
     settings = dataclasses.replace(DemoSettings(out_dir=str(tmp_path), tokenizer=str(tokenizer_dir)), **quick)
     demo = run_demo(settings, log=lambda *_: None)
     _, held_out = make_task(settings.seed)
-    data = tmp_path / "held_out.jsonl"
-    data.write_text("".join(json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in held_out))
-
     run = demo.train.run_dir
+    data = run / "held_out.jsonl"  # the demo writes its held-out questions for exactly this
+    assert [json.loads(line) for line in data.read_text().splitlines()] == [
+        {"question": q.question, "answer": q.answer} for q in held_out
+    ]
+
     assert main(["eval", str(run), str(data), "--max-new-tokens", "8", "--batch-size", "32"]) == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     records = read_records(run / "eval" / "generations.jsonl")

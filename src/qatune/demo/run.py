@@ -7,6 +7,7 @@ normal run folder (metrics, plots, checkpoints, a Hugging Face export that `qatu
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from qatune.train.config import EvalConfig, ModelConfig, TrainConfig
 from qatune.train.data import BatchConfig
 from qatune.train.loop import TrainResult, fit, make_model
 from qatune.train.optim import OptimConfig
+from qatune.utils.files import write_text_atomic
 
 
 @dataclass
@@ -104,6 +106,14 @@ def _cpu_bf16() -> bool:
         return False
 
 
+def write_held_out(run_dir: Path, questions: list[QA]) -> Path:
+    """The held-out questions as a question/answer JSONL, so `qatune eval` can score the run."""
+    path = run_dir / "held_out.jsonl"
+    lines = (json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in questions)
+    write_text_atomic(path, "".join(lines))
+    return path
+
+
 def run_demo(s: DemoSettings, log=print) -> DemoResult:
     t0 = time.perf_counter()
     train_qs, test_qs = make_task(s.seed)
@@ -127,6 +137,8 @@ def run_demo(s: DemoSettings, log=print) -> DemoResult:
     for question, expected, got in samples:
         mark = "ok" if got == expected else f"expected {expected!r}"
         log(f"  Q: {question}  A: {got}  [{mark}]")
+    held_out = write_held_out(Path(result.run_dir), test_qs)
     seconds = time.perf_counter() - t0
     log(f"run folder: {result.run_dir} (plots in {Path(result.run_dir) / 'plots'}); {seconds:.0f} s in all")
+    log(f"next: qatune eval {result.run_dir} {held_out}   |   qatune chat {result.run_dir}")
     return DemoResult(before, after, len(train_qs), len(test_qs), source, seconds, samples, result)
