@@ -53,6 +53,7 @@ def test_run_folder(config, tmp_path, capsys):
     assert any((run / "tensorboard").iterdir())
     meta = json.loads((run / "export" / "qatune.json").read_text())
     assert meta["template"]["name"] == "alpaca" and meta["max_len"] == 64 and meta["steps"] == 6
+    assert meta["truncation"] == "cut_response"  # eval reuses the training policy
     assert meta["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
 
 

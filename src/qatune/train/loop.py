@@ -244,6 +244,7 @@ def fit(
         if cfg.plots:
             write_plots(run_dir)
         if cfg.export:
+            meta = {"truncation": cfg.data.truncation, **(meta or {})}
             export_dir = _export(model, tokenizer, run_dir, template, max_len, steps, final_eval, meta)
     return TrainResult(run_dir, steps, final_eval, export_dir, history)
 
