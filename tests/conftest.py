@@ -81,3 +81,21 @@ def hf_tiny_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf_tiny")
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def make_tiny_run(hf_tiny_dir, gpt2_tokenizer, tmp_path_factory):
+    """make_tiny_run(template) -> a run folder whose export/ holds the tiny transformers model, the
+    GPT-2 tokenizer and a qatune.json with that template and max_len 128."""
+    import json
+
+    from qatune.data.templates import get_template
+    from qatune.model.checkpoint import export_hf, from_pretrained
+
+    def make(template: str):
+        run = tmp_path_factory.mktemp(f"run_{template}")
+        meta = {"template": get_template(template).to_dict(), "max_len": 128}
+        export_hf(from_pretrained(hf_tiny_dir), run / "export", gpt2_tokenizer, {"qatune.json": json.dumps(meta)})
+        return run
+
+    return make

@@ -15,19 +15,15 @@ from qatune.data.templates import get_template
 from qatune.generation.batch import read_records
 from qatune.generation.metrics import normalize_answer
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.checkpoint import from_pretrained
 
 QUESTIONS = ["What is two plus two?", "Name a colour.", "Thủ đô của Việt Nam là gì?", "Why is the sky blue?", "Say hi."]
 MAX_NEW = 6
 
 
 @pytest.fixture(scope="module")
-def run_dir(hf_tiny_dir, gpt2_tokenizer, tmp_path_factory):
-    """A run folder whose export/ holds the tiny model, its tokenizer and a qatune.json."""
-    run = tmp_path_factory.mktemp("run")
-    meta = {"template": get_template("plain").to_dict(), "max_len": 128}
-    export_hf(from_pretrained(hf_tiny_dir), run / "export", gpt2_tokenizer, {"qatune.json": json.dumps(meta)})
-    return run
+def run_dir(make_tiny_run):
+    return make_tiny_run("plain")
 
 
 def greedy_answers(model_dir, tokenizer):

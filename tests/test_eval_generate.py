@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from qatune.cli import main
@@ -11,15 +9,12 @@ from qatune.data.templates import get_template
 from qatune.generation.batch import read_records
 from qatune.generation.metrics import exact_match
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.checkpoint import from_pretrained
 
 
 @pytest.fixture(scope="module")
-def run_dir(hf_tiny_dir, gpt2_tokenizer, tmp_path_factory):
-    run = tmp_path_factory.mktemp("gen_run")
-    meta = {"template": get_template("alpaca").to_dict(), "max_len": 128}
-    export_hf(from_pretrained(hf_tiny_dir), run / "export", gpt2_tokenizer, {"qatune.json": json.dumps(meta)})
-    return run
+def run_dir(make_tiny_run):
+    return make_tiny_run("alpaca")
 
 
 def greedy(run_dir, tokenizer, text, n=4):
