@@ -322,8 +322,3 @@ def layer_sq_norms(model: torch.nn.Module) -> dict[str, float]:
             g = g.to_local()
         sq[key] = sq.get(key, 0.0) + (float(g.detach().float().pow(2).sum()) if g is not None else 0.0)
     return sq
-
-
-def per_layer_grad_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Current .grad norms grouped by layer (one process)."""
-    return {k: math.sqrt(v) for k, v in layer_sq_norms(model).items()}

@@ -118,13 +118,3 @@ def generate_ids(
         stopped = cfg.stop_at_eos and eos_id in row
         results.append(Generation(p, row[: row.index(eos_id)] if stopped else row, stopped))
     return results
-
-
-def generate_text(model: GPT2, tokenizer, prompts: list[str], cfg: SamplingConfig, batch_size: int = 8) -> list[str]:
-    """Generate a completion (text after the prompt) for each prompt string."""
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer(p).input_ids for p in prompts[start : start + batch_size]]
-        for g in generate_ids(model, chunk, tokenizer.eos_token_id, cfg):
-            texts.append(tokenizer.decode(g.ids))
-    return texts
