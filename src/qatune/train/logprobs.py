@@ -1,0 +1,152 @@
+"""Per-token log-probabilities (and entropies) of target tokens through the tied LM head, in chunks.
+
+    logp = token_logprobs(h, lm_weight, targets)                      # (N,), differentiable
+    logp, ent = token_logprobs(h, lm_weight, targets, with_entropy=True)
+    seq_logp = segment_sum(logp, seq_of_row, n_seqs)                  # per-sequence sums
+
+The general primitive behind every method that needs log pi(token) rather than a cross-entropy
+sum: DPO (sequence log-probs of chosen and rejected responses), reward-model evaluation, PPO/GRPO
+(per-token ratios, KL to the reference, entropy bonus).
+
+No `rows x vocab` tensor outlives one chunk. The forward keeps only the rows' log-sum-exp (and
+entropy); the backward recomputes each chunk's logits z = h W^T and applies the upstream gradient
+per token:
+
+    d log p_t / d z_j = 1[j = t] - p_j
+    d H / d z_j       = -p_j (log p_j + H)           (H = -sum_j p_j log p_j)
+
+so dL/dz = g_logp (onehot - p) - g_H p (log p + H), then dL/dh = dz W and dL/dW = dz^T h. That is
+four head matmuls per row in a training step (forward, recompute, two gradients) where a loss whose
+per-token gradient is known in the forward — SFT's cross-entropy (`qatune.train.loss`) — needs three.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qatune.data.example import IGNORE
+
+DEFAULT_CHUNK = 2048
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(h W^T)[t] per row, and optionally the softmax entropy per row."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int, compute_dtype: torch.dtype, with_entropy: bool):
+        ctx.set_materialize_grads(False)  # an unused output (entropy for logging) costs no backward work
+        acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+        n = h.shape[0]
+        logp = torch.empty(n, dtype=acc, device=h.device)
+        lse = torch.empty(n, dtype=acc, device=h.device)
+        entropy = torch.empty(n, dtype=acc, device=h.device) if with_entropy else None
+        w = weight.to(compute_dtype)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logits = (h[start:end].to(compute_dtype) @ w.t()).to(acc)
+            lse_c = torch.logsumexp(logits, dim=-1)
+            lse[start:end] = lse_c
+            logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse_c
+            if with_entropy:
+                # H = lse - sum_j p_j z_j, with p computed in place over the logits.
+                z_dot_p = logits.sub(lse_c[:, None]).exp_().mul_(logits).sum(-1)
+                entropy[start:end] = lse_c - z_dot_p
+            del logits
+        ctx.save_for_backward(h, weight, targets, lse, entropy if with_entropy else lse)
+        ctx.chunk_size, ctx.compute_dtype, ctx.acc = chunk_size, compute_dtype, acc
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        h, weight, targets, lse, entropy = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if (grad_logp is None and grad_entropy is None) or not (want_h or want_w):
+            return None, None, None, None, None, None
+        acc, cdt = ctx.acc, ctx.compute_dtype
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        w = weight.to(cdt)
+        for start in range(0, h.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, h.shape[0])
+            hc = h[start:end].to(cdt)
+            logits = (hc @ w.t()).to(acc)
+            log_p = logits.sub_(lse[start:end, None])  # in place: the chunk now holds log p
+            dz = torch.zeros_like(log_p)
+            if grad_entropy is not None:
+                g = grad_entropy[start:end].to(acc)
+                # -g p (log p + H)
+                dz.add_(log_p + entropy[start:end, None]).mul_(log_p.exp()).mul_(-g[:, None])
+            if grad_logp is not None:
+                g = grad_logp[start:end].to(acc)
+                dz.addcmul_(log_p.exp_(), g[:, None], value=-1.0)  # log_p is p from here on
+                rows = torch.arange(end - start, device=dz.device)
+                dz[rows, targets[start:end]] += g
+            del log_p, logits
+            dz = dz.to(cdt)
+            if want_h:
+                grad_h[start:end] = (dz @ w).to(h.dtype)
+            if want_w:
+                grad_w += (dz.t() @ hc).to(acc)
+            del dz  # free it before the next chunk's logits are allocated
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+    compute_dtype: torch.dtype | None = None,
+    with_entropy: bool = False,
+):
+    """log p(targets[i] | hidden[i]) for rows hidden (N, d) under the head lm_weight (V, d): (N,),
+    or (logp, entropy) with `with_entropy`. Both are fp32 (at least) and differentiable in hidden
+    and lm_weight.
+
+    compute_dtype: dtype of the head's matmuls (bf16/fp16 under mixed precision; default the
+    autocast dtype when autocast is on, else hidden's dtype); the softmax is always fp32.
+    """
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        shapes = f"{tuple(hidden.shape)} and {tuple(targets.shape)}"
+        raise ValueError(f"token_logprobs wants rows (N, d) and targets (N,), got {shapes}")
+    if compute_dtype is None:
+        device = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if not torch.is_grad_enabled():
+        # needs_input_grad ignores no_grad mode: detach so nothing is saved for a backward.
+        hidden, lm_weight = hidden.detach(), lm_weight.detach()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedTokenLogprobs.apply(hidden, lm_weight, targets, chunk_size, compute_dtype, with_entropy)
+
+
+def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """out[s] = sum of values[i] with segment_ids[i] == s, for s < n_segments (differentiable)."""
+    out = values.new_zeros(n_segments)
+    return out.index_add(0, segment_ids, values)
+
+
+def labelled_rows(hidden: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None):
+    """The hidden rows (N, d) and targets (N,) of the positions that carry a target (not IGNORE),
+    in row-major order, plus those positions' entries of `segments` (same shape as targets) when
+    given: e.g. which sequence of a packed micro-batch each scored token belongs to."""
+    keep = targets != IGNORE
+    rows, t = hidden[keep], targets[keep]
+    return (rows, t) if segments is None else (rows, t, segments[keep])
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    segments: torch.Tensor,
+    n_segments: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sum of log p over the labelled positions of each segment: (n_segments,).
+
+    hidden (B, T, d); targets (B, T) shifted, IGNORE where nothing is scored; segments (B, T) the
+    segment (sequence) index of each position, any value where targets is IGNORE."""
+    rows, t, seg = labelled_rows(hidden, targets, segments)
+    logp = token_logprobs(rows, lm_weight, t, chunk_size, compute_dtype)
+    return segment_sum(logp, seg, n_segments)
