@@ -66,6 +66,45 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+class Decoder:
+    """Feeds a left-padded batch through a model one new token at a time, with a KV cache.
+
+    `hidden()` returns the last position's hidden state (B, d) after feeding every token not yet
+    fed; `append(tokens)` adds one token per row. Positions start at 0 at each row's first real
+    token and padding is masked out of attention, so a padded row decodes exactly as it would
+    alone. Without the cache every call re-runs the whole sequence (slow; the reference the cached
+    path is tested against). Shared by `generate_ids` and the RL rollouts, which run one decoder for
+    the policy and one for the reference model side by side on the same tokens.
+    """
+
+    def __init__(self, model: GPT2, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True):
+        self.model = model
+        self.ids, self.mask = ids, mask
+        self.cache = model.new_kv_cache(ids.shape[0], ids.shape[1] + max_new) if use_cache else None
+        self.fed = 0  # tokens of `ids` already in the cache
+
+    def hidden(self) -> torch.Tensor:
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = self.ids, self.mask
+        if self.cache is not None and self.fed:
+            ids, mask, positions = ids[:, self.fed :], mask[:, self.fed :], positions[:, self.fed :]
+        hidden = self.model(ids, position_ids=positions, attention_mask=mask, kv_cache=self.cache)
+        self.fed = self.ids.shape[1]
+        return hidden[:, -1]
+
+    def append(self, tokens: torch.Tensor) -> None:
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens[:, None])], dim=1)
+
+
+def room_for(prompt_width: int, max_new_tokens: int, context: int) -> int:
+    """New tokens that fit after a prompt of `prompt_width` tokens; an error when none do."""
+    max_new = min(max_new_tokens, context - prompt_width)
+    if max_new <= 0:
+        raise ValueError(f"a prompt of {prompt_width} tokens leaves no room in the {context}-token context")
+    return max_new
+
+
 @torch.inference_mode()
 def generate_ids(
     model: GPT2,
@@ -82,25 +121,14 @@ def generate_ids(
     device = model.wte.weight.device
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
-    ctx = model.config.n_positions
-    max_new = min(cfg.max_new_tokens, ctx - P)
-    if max_new <= 0:
-        raise ValueError(f"a prompt of {P} tokens leaves no room in the {ctx}-token context")
+    max_new = room_for(P, cfg.max_new_tokens, model.config.n_positions)
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
-    cache = model.new_kv_cache(B, P + max_new) if use_cache else None
+    decoder = Decoder(model, ids, mask, max_new, use_cache)
     out = torch.full((B, max_new), eos_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids, step_mask = ids, mask
     n = 0
     for n in range(max_new):
-        positions = (step_mask.cumsum(-1) - 1).clamp(min=0)
-        if use_cache and n > 0:
-            positions = positions[:, -1:]
-            step_ids, step_mask_in = step_ids[:, -1:], step_mask[:, -1:]
-        else:
-            step_mask_in = step_mask
-        hidden = model(step_ids, position_ids=positions, attention_mask=step_mask_in, kv_cache=cache)
-        logits = model.lm_head(hidden[:, -1]).float()
+        logits = model.lm_head(decoder.hidden()).float()
         tok = next_token(logits, cfg, generator)
         tok = torch.where(done, torch.full_like(tok, eos_id), tok)
         out[:, n] = tok
@@ -110,8 +138,7 @@ def generate_ids(
             done |= tok == eos_id
         if done.all():
             break
-        step_ids = torch.cat([step_ids, tok[:, None]], dim=1)
-        step_mask = torch.cat([step_mask, torch.ones_like(tok[:, None])], dim=1)
+        decoder.append(tok)
     results = []
     for i, p in enumerate(prompts):
         row = out[i, : n + 1].tolist()

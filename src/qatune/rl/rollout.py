@@ -1,0 +1,142 @@
+"""Rollouts: sample responses with the KV-cache decoder and record, token by token, what RL needs.
+
+At every decoding step the policy's logits at the last position give the next token (sampled at
+`temperature`, optionally top-k / top-p filtered) and, from the same logits, the policy's
+log-probability of that token and the entropy of its distribution; the reference model, run
+side by side with its own KV cache on the same tokens, gives its log-probability; an optional
+value head reads the policy's hidden state at the same position. So no second forward pass of
+the policy is needed after sampling.
+
+Log-probabilities are those of the temperature-scaled policy, softmax(logits / T), without the
+top-k / top-p filters: the training step computes the same quantity (hidden / T through the LM
+head), so the PPO ratio starts at 1. The filters only shape exploration.
+
+A response's tokens include its EOS when the model stopped (stopping is an action the policy
+takes and is rewarded for); after that, positions are masked. A response that reaches
+`max_new_tokens` without EOS is cut there (`stopped_at_eos` False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for
+from qatune.model.gpt2 import GPT2
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # > 0: RL needs a stochastic policy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0 for sampling, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Rollout:
+    """B sampled responses. Per-token tensors are (B, R), R = the longest response; positions past
+    a response's end hold 0 and are False in `mask`."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # EOS included when the model stopped
+    logprobs: torch.Tensor  # policy log-prob of each response token (fp32)
+    ref_logprobs: torch.Tensor | None  # reference log-prob, when a reference was given
+    entropy: torch.Tensor  # entropy of the policy's distribution at each step (nats)
+    values: torch.Tensor | None  # value-head output at each step, when a value head was given
+    mask: torch.Tensor  # (B, R) bool: real response tokens
+    stopped_at_eos: list[bool]
+    generated_tokens: int  # tokens sampled, EOS included (for generation tokens/s)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.response_ids]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of `tokens`, entropy) under softmax(logits / temperature), fp32. logits: (B, V)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
+
+
+@torch.no_grad()
+def sample_rollout(
+    policy: GPT2,
+    prompts: list[list[int]],
+    eos_id: int,
+    cfg: RolloutConfig,
+    generator: torch.Generator,
+    reference: GPT2 | None = None,
+    value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    autocast=None,
+) -> Rollout:
+    """Sample one response per prompt (repeat a prompt for a group) and record log-probs as above.
+
+    reference: a model with the policy's interface (forward to hidden states, `lm_head`); under
+        LoRA, the policy's own base with adapters off. value_head: maps hidden (B, d) -> (B,).
+    autocast: a context-manager factory for mixed precision (the run's); log-probs are fp32.
+    """
+    was_training = policy.training
+    policy.eval()
+    if reference is not None:
+        reference.eval()
+    device = policy.wte.weight.device
+    ids, mask = left_pad(prompts, eos_id, device)
+    B, P = ids.shape
+    max_new = room_for(P, cfg.max_new_tokens, policy.config.n_positions)
+    decoders = [Decoder(policy, ids, mask, max_new)]
+    if reference is not None:
+        decoders.append(Decoder(reference, ids, mask, max_new))
+    tokens = torch.full((B, max_new), eos_id, dtype=torch.long, device=device)
+    logprobs, ref_logprobs, entropy, values = (torch.zeros(B, max_new, device=device) for _ in range(4))
+    alive = torch.ones(B, dtype=torch.bool, device=device)  # rows still generating
+    live = torch.zeros(B, max_new, dtype=torch.bool, device=device)
+    n = 0
+    autocast = autocast or contextlib.nullcontext
+    for n in range(max_new):
+        with autocast():
+            hidden = decoders[0].hidden()
+            logits = policy.lm_head(hidden).float()
+            ref_logits = reference.lm_head(decoders[1].hidden()).float() if reference is not None else None
+            value = value_head(hidden).float() if value_head is not None else None
+        scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+        tok = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+        tok = torch.where(alive, tok, torch.full_like(tok, eos_id))
+        tokens[:, n], live[:, n] = tok, alive
+        logprobs[:, n], entropy[:, n] = token_logprobs(logits, tok, cfg.temperature)
+        if ref_logits is not None:
+            ref_logprobs[:, n] = token_logprobs(ref_logits, tok, cfg.temperature)[0]
+        if value is not None:
+            values[:, n] = value
+        alive &= tok != eos_id
+        if not alive.any():
+            break
+        for d in decoders:
+            d.append(tok)
+    policy.train(was_training)
+    width = n + 1
+    live = live[:, :width]
+    zero = lambda t: t[:, :width].masked_fill(~live, 0.0)  # noqa: E731
+    response_ids = [tokens[i, : int(live[i].sum())].tolist() for i in range(B)]
+    return Rollout(
+        prompt_ids=[list(p) for p in prompts],
+        response_ids=response_ids,
+        logprobs=zero(logprobs),
+        ref_logprobs=zero(ref_logprobs) if reference is not None else None,
+        entropy=zero(entropy),
+        values=zero(values) if value_head is not None else None,
+        mask=live,
+        stopped_at_eos=[bool(r) and r[-1] == eos_id for r in response_ids],
+        generated_tokens=int(live.sum()),
+    )
