@@ -40,7 +40,7 @@ def fresh(model: GPT2, prompt: list[int], response: list[int], temperature: floa
 def test_recorded_logprobs_equal_a_fresh_forward_with_left_padding():
     policy, reference = models()
     head = torch.nn.Linear(CFG.n_embd, 1)
-    value = lambda h: head(h).squeeze(-1)  # noqa: E731
+    value = lambda h: head(h).squeeze(-1)
     cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
     out = sample_rollout(policy, PROMPTS, EOS, cfg, torch.Generator().manual_seed(1), reference, value)
     assert out.prompt_ids == PROMPTS

@@ -127,7 +127,7 @@ def sample_rollout(
     policy.train(was_training)
     width = n + 1
     live = live[:, :width]
-    zero = lambda t: t[:, :width].masked_fill(~live, 0.0)  # noqa: E731
+    zero = lambda t: t[:, :width].masked_fill(~live, 0.0)
     response_ids = [tokens[i, : int(live[i].sum())].tolist() for i in range(B)]
     return Rollout(
         prompt_ids=[list(p) for p in prompts],
