@@ -73,3 +73,28 @@ def test_rollout_is_seeded_and_leaves_the_policy_in_training_mode():
     assert a.response_ids != c.response_ids
     assert a.ref_logprobs is None and a.values is None
     assert policy.training
+
+
+def test_packed_training_batch_lines_up_with_the_recorded_logprobs():
+    """Experiences packed into rows (block-causal, positions restarted): the labelled positions of a
+    training forward give back the log-probs recorded while sampling, token for token."""
+    from qatune.data.example import IGNORE
+    from qatune.rl.experience import Experience, make_batch
+
+    policy, reference = models()
+    cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
+    out = sample_rollout(policy, PROMPTS, EOS, cfg, torch.Generator().manual_seed(1), reference)
+    experiences = [
+        Experience(p, r, out.logprobs[i, : len(r)], out.ref_logprobs[i, : len(r)], torch.full((len(r),), float(i)))
+        for i, (p, r) in enumerate(zip(out.prompt_ids, out.response_ids))
+    ]
+    rl = make_batch(experiences, row_capacity=24, pad_id=0)
+    b = rl.batch
+    assert b.doc_ids is not None and b.input_ids.shape[0] < len(PROMPTS)  # some rows hold two
+    assert rl.count == sum(out.lengths) == rl.old_logprobs.numel() == rl.advantages.numel()
+    with torch.no_grad():
+        hidden = policy(b.input_ids, position_ids=b.position_ids, doc_ids=b.doc_ids)
+        keep = b.targets != IGNORE
+        logp = torch.log_softmax(policy.lm_head(hidden[keep]) / 0.7, dim=-1)
+        chosen = logp.gather(-1, b.targets[keep][:, None]).squeeze(-1)
+    torch.testing.assert_close(chosen, rl.old_logprobs, atol=1e-5, rtol=0)
