@@ -22,6 +22,7 @@ from qatune.analysis.memory import (
 )
 from qatune.analysis.setup import PlanSetup
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
+from qatune.model.lora import LoRAConfig, apply_lora
 from qatune.train.loss import response_loss_sum
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
@@ -158,31 +159,13 @@ def test_advice_for_a_24_gb_card():
         PlanSetup(TINY, precision="int4")
 
 
-class _LoRALinear(torch.nn.Module):
-    """A plain LoRA adapter around a frozen linear, only to check the plan's LoRA activations
-    (qatune's model has no LoRA module yet)."""
-
-    def __init__(self, base: torch.nn.Linear, r: int) -> None:
-        super().__init__()
-        self.base = base
-        self.A = torch.nn.Parameter(torch.randn(r, base.in_features) * 0.01)
-        self.B = torch.nn.Parameter(torch.zeros(base.out_features, r))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.A.t()) @ self.B.t()
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("targets", [("attn.c_attn", "attn.c_proj"), ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")])
 def test_lora_activations_within_5_percent(precision, targets):
     s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision=precision, lora_r=8, lora_targets=targets, device="cpu")
     torch.manual_seed(0)
-    model = GPT2(TINY).requires_grad_(False)
-    for block in model.h:
-        for target in targets:
-            parent, name = target.split(".")
-            module = getattr(block, parent)
-            setattr(module, name, _LoRALinear(getattr(module, name), 8))
+    model = GPT2(TINY)
+    apply_lora(model, LoRAConfig(r=8, targets=list(targets)))
     batch = synthetic_batch(s)
     ledger = SavedTensorLedger(model.parameters())
     dtype = torch.bfloat16 if precision == "bf16" else None

@@ -35,7 +35,7 @@ weight copies are then not saved, but autocast's cache still holds them until th
 LoRA (frozen base): a frozen matmul saves no input (measured with frozen nn.Linear weights), so
 a block saves the ln_1 / ln_2 outputs and the GELU output only where an adapter reads them, plus
 each adapter's E x r intermediate; with frozen embeddings block 0's ln_1 and c_attn save nothing
-(checked against a plain adapter in tests: qatune's model has no LoRA module yet).
+(checked against `qatune.model.lora` adapters in tests).
 
 Under autocast the 16-bit copies of the four matmul weights are saved too (12*d^2*a per layer):
 weight-sized, not batch-sized, and reported on their own line. Dropout masks are not modelled

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qatune.data.pipeline import DataConfig
+from qatune.model.lora import LoRAConfig
 from qatune.train.data import BatchConfig
 from qatune.train.distributed import FSDPConfig
 from qatune.train.optim import OptimConfig
@@ -28,6 +29,9 @@ class ModelConfig:
     n_head: int | None = None
     n_positions: int | None = None
     dropout: float = 0.0
+    # LoRA adapters (`lora: {r: 16, alpha: 32, targets: [...]}`, see qatune.model.lora); the base is
+    # frozen and only the adapters train. None = full fine-tuning.
+    lora: LoRAConfig | None = None
 
     def shape_overrides(self) -> dict:
         keys = ("n_layer", "n_embd", "n_head", "n_positions")
