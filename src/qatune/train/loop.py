@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, resume: bool = False, rank: int = 0, world_size: int
     from qatune.data.pipeline import load_examples
     from qatune.model.tokenizer import load_tokenizer
 
+    if cfg.model.lora is not None:  # the adapters exist (qatune.model.lora); the loop does not apply them yet
+        raise ValueError("model.lora: LoRA training is not available in this version of qatune train yet")
     if resume and latest_checkpoint(Path(cfg.out_dir) / cfg.name / CHECKPOINTS) is None:
         raise ValueError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS}")
     tokenizer = load_tokenizer(cfg.tokenizer)
