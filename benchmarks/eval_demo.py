@@ -21,7 +21,7 @@ from qatune.demo.run import DemoSettings, run_demo, train_config
 from qatune.demo.task import make_task
 from qatune.model.checkpoint import export_hf
 from qatune.model.tokenizer import load_tokenizer
-from qatune.train.loop import make_model
+from qatune.train.runtime import make_model
 
 
 def main() -> None:

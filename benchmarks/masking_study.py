@@ -45,8 +45,8 @@ from qatune.generation.metrics import exact_match, normalize_answer
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.train.config import EvalConfig, ModelConfig, MonitorConfig, TrainConfig
 from qatune.train.data import BatchConfig
-from qatune.train.loop import fit, make_model
 from qatune.train.optim import OptimConfig
+from qatune.train.runtime import fit, make_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

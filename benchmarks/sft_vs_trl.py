@@ -147,7 +147,7 @@ def run_qatune(args, work: Path) -> dict:
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.model.checkpoint import from_pretrained
     from qatune.train.config import TrainConfig
-    from qatune.train.loop import fit
+    from qatune.train.runtime import fit
 
     t_start = time.perf_counter()
     tok = tokenizer()

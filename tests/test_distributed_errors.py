@@ -18,7 +18,7 @@ from qatune.train.distributed import (
     check_plan_split,
     check_precision,
     check_strategy,
-    rank_eval_batches,
+    deal_eval_batches,
     read_env,
 )
 
@@ -108,12 +108,12 @@ def _example(n: int, labelled: int) -> EncodedExample:
 
 def test_eval_batches_are_dealt_evenly_and_fillers_count_nothing():
     batches = [collate([[_example(6 + i, 3)]], 0) for i in range(5)]
-    shares = [rank_eval_batches(list(batches), r, 2) for r in range(2)]
+    shares = [deal_eval_batches(list(batches), r, 2) for r in range(2)]
     assert [len(s) for s in shares] == [3, 3]  # every rank runs the same number of forwards
-    filler = shares[1][-1]
-    assert (filler.targets == -100).all() and filler.n_label_tokens == filler.n_examples == 0
-    assert sum(b.n_label_tokens for s in shares for b in s) == sum(b.n_label_tokens for b in batches)
-    assert rank_eval_batches(batches, 0, 1) is batches
+    filler, counted = shares[1][-1]
+    assert not counted
+    assert sum(b.n_label_tokens for s in shares for b, c in s if c) == sum(b.n_label_tokens for b in batches)
+    assert [b for b, c in deal_eval_batches(batches, 0, 1) if c] == batches
 
 
 def test_a_fixed_gpu_index_under_torchrun_is_refused(monkeypatch):

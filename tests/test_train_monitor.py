@@ -13,7 +13,7 @@ from qatune.data.batching import collate
 from qatune.data.example import IGNORE
 from qatune.model.gpt2 import GPT2
 from qatune.train.config import TrainConfig
-from qatune.train.loop import fit
+from qatune.train.runtime import fit
 from qatune.train.step import Precision, prompt_targets, train_step
 
 

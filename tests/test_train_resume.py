@@ -55,7 +55,7 @@ def run_cli(*args: str, killer: str = "") -> subprocess.CompletedProcess:
 
 KILL_AT_STEP_8 = """
 import os, signal
-import qatune.train.loop as loop
+import qatune.train.runtime as loop
 _real = loop.optimizer_step
 _count = [0]
 def optimizer_step(*a, **k):

@@ -316,7 +316,7 @@ def layer_sq_norms(model: torch.nn.Module) -> dict[str, float]:
     """Squared .grad norms grouped by layer; of this rank's shard when gradients are FSDP DTensors."""
     sq: dict[str, float] = {}
     for name, p in model.named_parameters():
-        key = layer_of(name.removeprefix("_orig_mod.").removeprefix("module."))
+        key = layer_of(name.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("backbone."))
         g = p.grad
         if g is not None and hasattr(g, "to_local"):
             g = g.to_local()

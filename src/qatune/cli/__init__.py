@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from qatune import __version__
+from qatune.errors import RunError
 
 # Order is the order shown in --help: the pipeline, data -> plan -> train -> analyse -> use.
 COMMANDS = ["info", "export", "demo", "stats", "plan", "train", "generate", "eval", "chat", "grads"]
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"qatune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"qatune {args.command}: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"qatune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -7,16 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qatune.cli.common import (
-    add_device_option,
-    add_tokenizer_option,
-    load_model,
-    load_tokenizer_for,
-    pick_device,
-    read_meta,
-    resolve_model_path,
-)
+from qatune.cli.common import add_device_option, add_tokenizer_option
 from qatune.cli.generate import add_sampling_options, sampling_from_args
+from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+from qatune.utils.device import default_device
 
 HELP = "/reset clears the conversation, /exit quits"
 
@@ -41,7 +35,7 @@ def make_session(args: argparse.Namespace):
 
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
-    model = load_model(args.model, pick_device(args.device))
+    model = load_model(args.model, default_device(args.device))
     context = min(args.context or model.config.n_positions, model.config.n_positions)
     if args.max_new_tokens is None:  # half the context for the reply, at most 256 tokens
         args.max_new_tokens = min(256, context // 2)

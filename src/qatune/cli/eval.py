@@ -10,19 +10,10 @@ import math
 import sys
 from pathlib import Path
 
-from qatune.cli.common import (
-    RUN_EXPORT,
-    add_device_option,
-    add_mapping_option,
-    add_tokenizer_option,
-    load_model,
-    load_tokenizer_for,
-    parse_mapping,
-    pick_device,
-    read_meta,
-    resolve_model_path,
-)
+from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.cli.generate import add_sampling_options, sampling_from_args
+from qatune.runs import EXPORT_DIR, load_model, load_tokenizer_for, read_meta, resolve_model_path
+from qatune.utils.device import default_device
 from qatune.utils.files import write_text_atomic
 
 GENERATIONS = "generations.jsonl"
@@ -61,7 +52,7 @@ def training_truncation(model_path: str) -> str | None:
     import yaml
 
     config = Path(model_path).parent / "config.yaml"
-    if Path(model_path).name != RUN_EXPORT or not config.exists():
+    if Path(model_path).name != EXPORT_DIR or not config.exists():
         return None
     data = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}
     return data.get("truncation")
@@ -123,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from qatune.generation.evaluate import EvalSettings
     from qatune.generation.report import render_markdown, summary_table
 
-    device = pick_device(args.device)
+    device = default_device(args.device)
     model_path = resolve_model_path(args.model)
     meta = read_meta(model_path)
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)

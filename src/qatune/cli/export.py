@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from qatune.cli.common import add_tokenizer_option, load_tokenizer_for, resolve_model_path
+from qatune.cli.common import add_tokenizer_option
 from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.runs import load_tokenizer_for, resolve_model_path
 
 
 def add_parser(sub) -> None:

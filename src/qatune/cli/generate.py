@@ -8,18 +8,10 @@ import argparse
 import json
 import sys
 
-from qatune.cli.common import (
-    add_device_option,
-    add_mapping_option,
-    add_tokenizer_option,
-    load_model,
-    load_tokenizer_for,
-    parse_mapping,
-    pick_device,
-    read_meta,
-    resolve_model_path,
-)
+from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.generation.sampling import SamplingConfig
+from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+from qatune.utils.device import default_device
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -114,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "raw", args.system_prompt)
     items = prompt_items(args, template)
-    model = load_model(args.model, pick_device(args.device))
+    model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     if args.max_new_tokens is None:
         args.max_new_tokens = min(SamplingConfig.max_new_tokens, model.config.n_positions // 2)

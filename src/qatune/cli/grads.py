@@ -13,15 +13,9 @@ import argparse
 import random
 from pathlib import Path
 
-from qatune.cli.common import (
-    add_device_option,
-    add_tokenizer_option,
-    load_model,
-    load_tokenizer_for,
-    pick_device,
-    read_meta,
-    resolve_model_path,
-)
+from qatune.cli.common import add_device_option, add_tokenizer_option
+from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+from qatune.utils.device import default_device
 
 
 def add_parser(sub) -> None:
@@ -65,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     model_path = resolve_model_path(args.model)
-    model = load_model(model_path, pick_device(args.device))
+    model = load_model(model_path, default_device(args.device))
     tokenizer = load_tokenizer_for(model_path, args.tokenizer)
     examples = sample_examples(args, tokenizer, read_meta(model_path))
     if len(examples) < 8:

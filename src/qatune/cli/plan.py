@@ -11,8 +11,8 @@ from qatune.analysis.accelerators import ACCELERATORS, get_accelerator
 from qatune.analysis.compute import plan_compute, seq_len_table, step_time
 from qatune.analysis.memory import GB, MemoryPlan, advice, model_state, plan_memory
 from qatune.analysis.setup import ATTENTION, LORA_TARGETS, LOSSES, OFFLOADS, OPTIMIZERS, PRECISIONS, PlanSetup
-from qatune.cli.common import resolve_model_path
 from qatune.model.gpt2 import SIZES
+from qatune.runs import resolve_model_path
 
 CORRECTIONS = [
     "GPT-2 Large (L=36, d=1280, h=20) has ~774M parameters, not 1.5B; 1.5B is GPT-2 XL (L=48, d=1600, h=25).",
@@ -209,9 +209,9 @@ def run_measure(args: argparse.Namespace, acc) -> int:
     import torch
 
     from qatune.analysis.measure import MEASURABLE_PRECISIONS, calibrate, compare, measure_in_subprocess, measure_step
-    from qatune.cli.common import pick_device
+    from qatune.utils.device import default_device
 
-    device = pick_device(args.device)
+    device = default_device(args.device)
     s = setup_from_args(args, device="cuda" if device.type == "cuda" else "cpu")
     if s.precision not in MEASURABLE_PRECISIONS:
         raise ValueError(f"--measure: precision {s.precision} is not one qatune trains with (fp32, bf16, fp16)")

@@ -1,4 +1,5 @@
-"""`qatune train CONFIG.yaml [key=value …] [--resume]`: supervised fine-tuning into runs/<name>/."""
+"""`qatune train CONFIG.yaml [key=value …] [--resume | --overwrite]`: train into runs/<name>/ with the
+config's method (supervised fine-tuning by default)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ def add_parser(sub) -> None:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. optim.lr=3e-5")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="clear a run folder that already holds a run, then train")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -21,7 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from qatune.train.distributed import run_training
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    result = run_training(cfg, resume=args.resume, progress=args.progress)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    result = run_training(cfg, resume=args.resume, progress=args.progress, overwrite=args.overwrite)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
     ev = result.final_eval

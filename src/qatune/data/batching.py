@@ -43,6 +43,11 @@ class Batch:
         )
 
     @property
+    def count(self) -> int:
+        """The loss normalizer of this micro-batch: its label tokens."""
+        return self.n_label_tokens
+
+    @property
     def padding_fraction(self) -> float:
         return 1.0 - self.n_tokens / self.input_ids.numel()
 

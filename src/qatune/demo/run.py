@@ -24,8 +24,8 @@ from qatune.demo.tokenizer import demo_tokenizer
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.train.config import EvalConfig, ModelConfig, TrainConfig
 from qatune.train.data import BatchConfig
-from qatune.train.loop import TrainResult, fit, make_model
 from qatune.train.optim import OptimConfig
+from qatune.train.runtime import TrainResult, fit, make_model
 from qatune.utils.files import write_text_atomic
 
 
@@ -129,7 +129,7 @@ def run_demo(s: DemoSettings, log=print) -> DemoResult:
     before = exact_match(answer(model, tokenizer, template, test_qs), test_qs)
     log(f"held-out exact match before training: {before:.1%}")
     train_ex, test_ex = encode(train_qs, tokenizer, template), encode(test_qs, tokenizer, template)
-    result = fit(model, tokenizer, train_ex, cfg, template.to_dict(), eval_examples=test_ex)
+    result = fit(model, tokenizer, train_ex, cfg, template.to_dict(), eval_examples=test_ex, overwrite=True)
     predicted = answer(model, tokenizer, template, test_qs)
     after = exact_match(predicted, test_qs)
     log(f"held-out exact match after {result.steps} steps: {after:.1%}")

@@ -57,6 +57,7 @@ class MonitorConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
+    method: str = "sft"  # the training method: sft (more in qatune.train.methods)
     out_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: str | None = None  # default: $QATUNE_TOKENIZER, else the model's, else "gpt2"

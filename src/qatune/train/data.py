@@ -10,12 +10,13 @@ seen twice in a step and every rank does the same number of micro-batches.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from qatune.data.batching import Batch, collate, length_grouped_batches, pack_bins
 from qatune.data.example import EncodedExample
+from qatune.train.distributed import check_plan_split
 
 
 @dataclass
@@ -132,6 +133,36 @@ def plan_run(
     if max_steps is not None:
         steps, epoch_of = steps[:max_steps], epoch_of[:max_steps]
     return RunPlan(steps, epoch_of)
+
+
+@dataclass
+class ExamplePlan:
+    """The StepPlan of an offline method: items with a length (examples, preference pairs …)
+    grouped into micro-batches and optimizer steps by `plan_run`; `make_batch` collates the items
+    of one micro-batch. Batches depend only on the data, so the runtime may prefetch them."""
+
+    run_plan: RunPlan
+    items: Sequence
+    make_batch: Callable[[list], object]
+    prefetch: bool = True
+
+    @classmethod
+    def build(cls, items: Sequence, cfg: BatchConfig, seed: int, epochs: int, max_steps: int | None, run, make_batch):
+        """The plan for `run` (a RunContext): set for the ranks the global batch was first set
+        for (`run.plan_world`), checked to deal out evenly over the ranks launched."""
+        plan = plan_run([len(x) for x in items], cfg, seed, epochs, max_steps, run.plan_world)
+        check_plan_split(plan, run.world_size, run.plan_world, cfg.accumulation)
+        return cls(plan, items, make_batch)
+
+    def __len__(self) -> int:
+        return len(self.run_plan)
+
+    def epoch_of(self, step: int) -> int:
+        return self.run_plan.epoch_of_step[step]
+
+    def micro_batches(self, step: int, rank: int, world_size: int) -> list:
+        micros = rank_share(self.run_plan.steps[step], rank, world_size)
+        return [self.make_batch([self.items[i] for i in m]) for m in micros]
 
 
 def make_batch(examples: Sequence[EncodedExample], strategy: str, max_len: int, pad_id: int) -> Batch:

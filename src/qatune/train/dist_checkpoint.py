@@ -78,9 +78,11 @@ def save_sharded(
     rank: int,
     world_size: int,
     batch_world_size: int | None = None,
+    rank_extra: dict | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes checkpoint `step`, then keeps the newest `keep`.
-    batch_world_size: the ranks the global batch was set for, when resumed on another number."""
+    batch_world_size: the ranks the global batch was set for, when resumed on another number.
+    rank_extra: this rank's own state (a method's rollout buffer …), kept beside its RNG state."""
     folder = Path(folder)
     target = folder / checkpoint_name(step)
     tmp = folder / f".{target.name}.tmp"
@@ -91,7 +93,7 @@ def save_sharded(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _one_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
-    torch.save(rng_state(), _rng_file(tmp, rank))
+    torch.save({**rng_state(), "rank_extra": rank_extra or {}}, _rng_file(tmp, rank))
     barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
         state = {
@@ -130,7 +132,7 @@ def _fsync_tree(root: Path, files: bool = True) -> None:
 
 def load_sharded(path: Path, model, optimizer=None, scheduler=None, scaler=None, rank: int = 0) -> dict:
     """Restore a sharded checkpoint into `model` (plain, DDP or FSDP, any number of ranks) and the
-    rest; returns state.pt's contents (step, world_size, extra …)."""
+    rest; returns state.pt's contents (step, world_size, extra …) and this rank's `rank_extra`."""
     path = Path(path)
     state = torch.load(path / STATE_FILE, weights_only=False)
     with _one_process_is_fine():
@@ -149,7 +151,9 @@ def load_sharded(path: Path, model, optimizer=None, scheduler=None, scaler=None,
         scaler.load_state_dict(state["scaler"])
     # A rank the saving run did not have starts from rank 0's generator state.
     rng = _rng_file(path, rank) if _rng_file(path, rank).exists() else _rng_file(path, 0)
-    set_rng_state(torch.load(rng, weights_only=False))
+    rank_state = torch.load(rng, weights_only=False)
+    set_rng_state(rank_state)
+    state["rank_extra"] = rank_state.get("rank_extra", {})
     return state
 
 

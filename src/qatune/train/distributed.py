@@ -18,8 +18,8 @@ never pass `reshard_after_forward` to the root; the equality tests against a sin
 
 from __future__ import annotations
 
-import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,15 +27,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qatune.data.batching import Batch
-from qatune.data.example import IGNORE
+from qatune.utils.device import DTYPES, default_device
 
 # GRADIENT_SUM: each rank's loss is already divided by the label tokens of the whole step, all
 # ranks together (`train_step`), so the true gradient is the SUM of the ranks' gradients. DDP and
 # FSDP average by default, which would divide it by the world size once more.
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -113,7 +111,7 @@ def setup(strategy: str, device: str | None) -> DistEnv:
     check_strategy(strategy, env)
     if env is None:
         return DistEnv()
-    want = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    want = default_device(device)
     if want.type == "cuda" and want.index is not None and env.world_size > 1:
         raise ValueError(f"device {device} under torchrun would put every rank on one GPU: set device=cuda (or unset)")
     if want.type == "cuda":
@@ -132,6 +130,13 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -148,11 +153,12 @@ def wrap_fsdp(model: nn.Module, cfg: FSDPConfig) -> nn.Module:
     # Pinned host memory speeds up the copies to a GPU; without a GPU there is nothing to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
     common = {"mp_policy": MixedPrecisionPolicy(param_dtype, reduce_dtype), "offload_policy": offload}
-    for block in model.h:
+    blocks = getattr(model, "backbone", model).h  # a method's head wrapper holds the GPT-2 as `backbone`
+    for block in blocks:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **common)
     # The root keeps FSDP2's default (no reshard after forward): the loss uses wte.weight after forward.
     fully_shard(model, **common)
-    for module in (*model.h, model):
+    for module in (*blocks, model):
         # Sum, see GRADIENT_SUM; a plain SUM collective (gloo has no pre-multiplied sum).
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)
@@ -174,18 +180,13 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return ddp
 
 
-def rank_eval_batches(batches: list[Batch], rank: int, world_size: int) -> list[Batch]:
-    """This rank's share of the held-out batches, every rank the same number of them: FSDP's
-    forward is a collective, so a rank that ran out would hang the others. The filler is a copy
-    of a batch with every target ignored (it adds nothing to the loss or the token count)."""
-    if world_size == 1:
-        return batches
-    mine = batches[rank::world_size]
+def deal_eval_batches(batches: Sequence, rank: int, world_size: int) -> list[tuple[object, bool]]:
+    """This rank's share of the held-out batches as (batch, counted) pairs, every rank the same
+    number of them: an FSDP forward is a collective, so a rank that ran out would hang the
+    others. A rank that runs out repeats a batch whose results are not counted."""
+    mine = [(b, True) for b in batches[rank::world_size]]
     need = -(-len(batches) // world_size)
-    while len(mine) < need:
-        filler = dataclasses.replace(batches[0], targets=torch.full_like(batches[0].targets, IGNORE))
-        mine.append(dataclasses.replace(filler, n_examples=0, n_tokens=0, n_label_tokens=0))
-    return mine
+    return mine + [(batches[0], False)] * (need - len(mine))
 
 
 def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) -> None:
@@ -200,14 +201,14 @@ def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) 
             )
 
 
-def run_training(cfg, resume: bool = False, progress: bool = True):
+def run_training(cfg, resume: bool = False, progress: bool = True, overwrite: bool = False):
     """`qatune train` in this process: join the torchrun group if launched by torchrun, train,
     leave the group. Returns the TrainResult on rank 0, None on the other ranks."""
-    from qatune.train.loop import train
+    from qatune.train.runtime import train
 
     env = setup(cfg.strategy, cfg.device)
     try:
-        result = train(cfg, resume=resume, rank=env.rank, world_size=env.world_size, progress=progress)
+        result = train(cfg, resume, env.rank, env.world_size, progress, overwrite=overwrite)
     finally:
         teardown()
     return result if env.is_main else None

@@ -1,37 +1,41 @@
 """One optimizer step: forward/backward over its micro-batches, then clip and update.
 
-`train_step` is the unit the loop, `qatune grads`, distributed training and `qatune plan
---measure` share. The loss of every micro-batch is a *sum* over its label tokens divided by the
-label-token count of the whole step — counted before any backward pass and summed over ranks — so
+`accumulate` runs any method's step over the micro-batches of one optimizer step and is the unit
+the runtime, `qatune grads`, `qatune plan --measure` and distributed training share. Each
+micro-batch's loss is a *sum* over its units (label tokens, pairs …) divided by the unit count of
+the whole step — summed from the batch plan before any backward pass, and over ranks — so
 micro-batch x accumulation x ranks gives exactly the gradient of the large batch.
+
+Nothing here waits for the device between micro-batches: counts come from the batches (known
+when they were collated), and the step's losses and metrics stay on the device until one
+transfer at the end of the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
-from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum
+from qatune.train.distributed import deal_eval_batches, rank_and_world
+from qatune.train.loss import DEFAULT_CHUNK
 from qatune.train.optim import ClipResult, clip_gradients
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from qatune.utils.device import dtype_of
 
 
 class Precision:
     """Autocast settings and, for fp16, the gradient scaler."""
 
     def __init__(self, name: str, device: torch.device) -> None:
-        if name not in DTYPES:
-            raise ValueError(f"precision {name!r} is not one of {', '.join(DTYPES)}")
+        self.dtype = dtype_of(name)
         self.name = name
         self.device_type = device.type
-        self.dtype = DTYPES[name]
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
 
@@ -46,101 +50,118 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-@dataclass
-class StepStats:
-    loss: float  # mean response-token loss of the step, over all micro-batches and ranks
-    loss_sum: float  # local sum (this rank)
-    tokens: int  # real tokens in the step, all ranks
-    label_tokens: int  # label tokens in the step, all ranks
-    examples: int  # examples in the step, all ranks
-    prompt_loss: float | None = None  # mean loss on prompt tokens, measured (no gradient) on request
-    prompt_tokens: int = 0
+def backbone(model):
+    """The GPT-2 inside whatever wraps it: DDP (`module`), torch.compile (`_orig_mod`), a method's
+    head wrapper (`backbone`)."""
+    for attr in ("module", "_orig_mod", "backbone"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, torch.nn.Module):
+            return backbone(inner)
+    return model
 
 
-def prompt_targets(batch: Batch) -> torch.Tensor:
-    """Shifted targets for the tokens that carry NO loss (prompt and user turns), IGNORE elsewhere.
-
-    Position i predicts token i+1 only when both lie in the same example: positions restart at 0
-    for every packed example and padding sits at position 0, so "same example" is exactly
-    position_ids[i+1] == position_ids[i] + 1."""
-    ids, pos, t = batch.input_ids, batch.position_ids, batch.targets
-    same_doc = pos[:, 1:] == pos[:, :-1] + 1
-    shifted = torch.where(same_doc & (t[:, :-1] == IGNORE), ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
-    return torch.cat([shifted, torch.full_like(ids[:, :1], IGNORE)], dim=1)
+def lm_weight(model) -> torch.Tensor:
+    """The tied LM head / token embedding of the GPT-2 in `model`."""
+    return backbone(model).wte.weight
 
 
-def _global_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum over ranks (identity in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _model_inputs(batch: Batch) -> dict:
-    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
-
-
-def _lm_weight(model) -> torch.Tensor:
-    core = getattr(model, "module", model)  # DDP wraps; torch.compile keeps attributes reachable
-    core = getattr(core, "_orig_mod", core)
-    return core.wte.weight
-
-
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     """Where the forward runs: the LM weight's device, or for FSDP (whose shards may be offloaded
     to the CPU) the device of its mesh."""
-    weight = _lm_weight(model)
+    weight = lm_weight(model)
     mesh = getattr(weight, "device_mesh", None)
     return torch.device(mesh.device_type) if mesh is not None else weight.device
 
 
-def train_step(
-    model,
-    micro_batches: Sequence[Batch],
-    precision: Precision,
-    chunk_size: int = DEFAULT_CHUNK,
-    measure_prompt_loss: bool = False,
-) -> StepStats:
-    """Forward and backward over the micro-batches of one optimizer step; gradients accumulate in
-    `.grad`. Returns the step's loss, normalized by the label tokens of the whole step.
+def global_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values)
+    return values
 
-    measure_prompt_loss: also measure the loss on the prompt tokens from the same forward pass,
-    without gradient (it costs one more LM-head pass over the prompt positions)."""
-    device = _device(model)
-    local_labels = sum(b.n_label_tokens for b in micro_batches)
-    local_tokens = sum(b.n_tokens for b in micro_batches)
-    local_examples = sum(b.n_examples for b in micro_batches)
-    labels, tokens, examples = _global_sum([local_labels, local_tokens, local_examples], device)
-    labels = int(labels)
-    loss_sum = prompt_sum = prompt_count = 0.0
+
+def _global_sum(values: list[float], device: torch.device) -> list[float]:
+    return global_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def _grad_sync(model, last: bool):
+    """Reduce gradients over ranks only on the last micro-batch of a step: DDP's `no_sync` on the
+    others; FSDP2 keeps unsharded gradients across micro-batches and reduce-scatters once."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2's FSDPModule
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+@dataclass
+class StepTotals:
+    loss: float  # the step's loss: global loss sum / global count
+    loss_sum: float  # this rank's loss sum
+    count: int  # units of the whole step, all ranks
+    tokens: int  # real tokens in the step, all ranks
+    examples: int  # examples in the step, all ranks
+    totals: dict[str, float] = field(default_factory=dict)  # the method's metrics, summed over everything
+
+
+def _add(sums: dict, metrics: dict) -> None:
+    for k, v in metrics.items():
+        v = v.detach() if torch.is_tensor(v) else v
+        sums[k] = sums[k] + v if k in sums else v
+
+
+def _reduce(local: list, device: torch.device) -> list[float]:
+    """One device->host transfer (and one all-reduce) for every number the step logs."""
+    parts = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1) for v in local]
+    return global_sum(torch.cat(parts)).tolist()
+
+
+def accumulate(model, method, micro_batches: Sequence, precision: Precision, monitor: bool = False) -> StepTotals:
+    """Forward and backward of `method.step` over the micro-batches of one optimizer step;
+    gradients accumulate in `.grad`, normalized by the count of the whole step."""
+    device = model_device(model)
+    local = [sum(b.count for b in micro_batches), sum(b.n_tokens for b in micro_batches)]
+    local.append(sum(b.n_examples for b in micro_batches))
+    count, tokens, examples = (int(x) for x in _global_sum(local, device))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums: dict = {}
     for i, batch in enumerate(micro_batches):
         batch = batch.to(device)
-        last = i == len(micro_batches) - 1
-        # Under DDP, gradients are all-reduced once, on the last micro-batch of the step.
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with _grad_sync(model, last=i == len(micro_batches) - 1):
             with precision.autocast():
-                hidden = model(**_model_inputs(batch))
-            part, _ = response_loss_sum(hidden, _lm_weight(model), batch.targets, chunk_size, precision.head_dtype)
-            if measure_prompt_loss:  # before backward: FSDP reshards the root's weights after it
-                with torch.no_grad():
-                    ps, pn = response_loss_sum(
-                        hidden, _lm_weight(model), prompt_targets(batch), chunk_size, precision.head_dtype
-                    )
-                prompt_sum, prompt_count = prompt_sum + float(ps), prompt_count + pn
-            loss = part / max(labels, 1)
-            if precision.scaler is not None:
-                precision.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-        loss_sum += float(part.detach())
-    global_loss_sum, prompt_sum, prompt_count = _global_sum([loss_sum, prompt_sum, prompt_count], device)
-    prompt_loss = prompt_sum / prompt_count if measure_prompt_loss and prompt_count else None
-    return StepStats(
-        global_loss_sum / max(labels, 1), loss_sum, int(tokens), labels, int(examples), prompt_loss, int(prompt_count)
-    )
+                out = method.step(model, batch, monitor=monitor)
+            loss = out.loss_sum / max(count, 1)
+            (precision.scaler.scale(loss) if precision.scaler is not None else loss).backward()
+        loss_sum += out.loss_sum.detach()
+        _add(sums, out.metrics)
+    names = sorted(sums)
+    reduced = _reduce([loss_sum, *[sums[n] for n in names]], device)
+    local_sum = float(loss_sum)
+    return StepTotals(reduced[0] / max(count, 1), local_sum, count, tokens, examples, dict(zip(names, reduced[1:])))
+
+
+@torch.no_grad()
+def evaluate_sums(model, method, batches: Sequence, precision: Precision) -> tuple[float, int, dict[str, float]]:
+    """(loss sum, count, summed metrics) of `method.step` over held-out batches, all ranks.
+
+    Each rank takes every world_size-th batch (`deal_eval_batches`)."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count, sums = 0, {}
+    for batch, counted in deal_eval_batches(batches, *rank_and_world()):
+        with precision.autocast():
+            out = method.step(model, batch.to(device))
+        if counted:
+            loss_sum += out.loss_sum.detach()
+            count += out.count
+            _add(sums, out.metrics)
+    model.train(was_training)
+    names = sorted(sums)
+    reduced = _reduce([loss_sum, count, *[sums[n] for n in names]], device)
+    return reduced[0], int(reduced[1]), dict(zip(names, reduced[2:]))
 
 
 @dataclass
@@ -172,21 +193,60 @@ def optimizer_step(model, optimizer, scheduler, precision: Precision, grad_clip:
     return UpdateStats(lr, clip.grad_norm, clip.clipped, skipped)
 
 
+# --- supervised fine-tuning through the shared step (kept as plain functions for callers that
+# hold batches, not a run: tests, `qatune grads`, benchmarks) ---------------------------------
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean response-token loss of the step, over all micro-batches and ranks
+    loss_sum: float  # local sum (this rank)
+    tokens: int  # real tokens in the step, all ranks
+    label_tokens: int  # label tokens in the step, all ranks
+    examples: int  # examples in the step, all ranks
+    prompt_loss: float | None = None  # mean loss on prompt tokens, measured (no gradient) on request
+    prompt_tokens: int = 0
+
+
+def train_step(
+    model,
+    micro_batches: Sequence[Batch],
+    precision: Precision,
+    chunk_size: int = DEFAULT_CHUNK,
+    measure_prompt_loss: bool = False,
+) -> StepStats:
+    """The SFT step (`qatune.train.methods.sft.SFT.step`) accumulated over `micro_batches`.
+
+    measure_prompt_loss: also measure the loss on the prompt tokens from the same forward pass,
+    without gradient (it costs one more LM-head pass over the prompt positions)."""
+    from qatune.train.methods.sft import SFT
+
+    t = accumulate(model, SFT.stepper(chunk_size), micro_batches, precision, monitor=measure_prompt_loss)
+    n_prompt = int(t.totals.get("prompt_tokens", 0))
+    prompt_loss = t.totals["prompt_loss_sum"] / n_prompt if measure_prompt_loss and n_prompt else None
+    return StepStats(t.loss, t.loss_sum, t.tokens, t.count, t.examples, prompt_loss, n_prompt)
+
+
 @torch.no_grad()
 def evaluate(model, batches: Sequence[Batch], precision: Precision, chunk_size: int = DEFAULT_CHUNK) -> dict:
     """Response-only loss (mean over label tokens) and perplexity on held-out batches."""
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = batch.to(device)
-        with precision.autocast():
-            hidden = model(**_model_inputs(batch))
-        part, n = response_loss_sum(hidden, _lm_weight(model), batch.targets, chunk_size, precision.head_dtype)
-        total += float(part)
-        count += n
-    total, count = _global_sum([total, count], device)
-    model.train(was_training)
-    loss = total / count if count else float("nan")
-    return {"eval_loss": loss, "eval_ppl": float(torch.tensor(loss).exp()), "eval_label_tokens": int(count)}
+    from qatune.train.methods.sft import SFT, lm_eval_metrics
+
+    loss_sum, count, _ = evaluate_sums(model, SFT.stepper(chunk_size), batches, precision)
+    return lm_eval_metrics(loss_sum, count)
+
+
+def prompt_targets(batch: Batch) -> torch.Tensor:
+    """Shifted targets for the tokens that carry NO loss (prompt and user turns), IGNORE elsewhere.
+
+    Position i predicts token i+1 only when both lie in the same example: positions restart at 0
+    for every packed example and padding sits at position 0, so "same example" is exactly
+    position_ids[i+1] == position_ids[i] + 1."""
+    ids, pos, t = batch.input_ids, batch.position_ids, batch.targets
+    same_doc = pos[:, 1:] == pos[:, :-1] + 1
+    shifted = torch.where(same_doc & (t[:, :-1] == IGNORE), ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
+    return torch.cat([shifted, torch.full_like(ids[:, :1], IGNORE)], dim=1)
+
+
+def perplexity(loss: float) -> float:
+    return math.inf if loss > 709 else math.exp(loss)  # exp overflows a double past ~709.78; nan stays nan

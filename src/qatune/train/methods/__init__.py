@@ -1,0 +1,28 @@
+"""Training methods on the shared runtime, by the name the config's `method:` key gives.
+
+Each entry is `module:Class`, imported when chosen, so a method's own dependencies load only
+when it is used. A method class has `from_config(cfg, tokenizer, rank)`, which loads its data.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from qatune.train.methods.base import Method
+
+METHODS: dict[str, str] = {
+    "sft": "qatune.train.methods.sft:SFT",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        module, cls = METHODS[name].split(":")
+    except KeyError:
+        raise ValueError(f"method {name!r} is not one of {', '.join(METHODS)}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(cfg, tokenizer, rank: int = 0) -> Method:
+    """The method `cfg.method` names, with its data loaded."""
+    return method_class(cfg.method).from_config(cfg, tokenizer, rank)

@@ -1,0 +1,138 @@
+"""What a training method supplies to the runtime: its data, its plan of steps, and its step.
+
+The runtime (`qatune.train.runtime`) owns everything a method has in common with every other —
+devices, precision, wrapping, accumulation, clipping, checkpoints, logging, export. A method owns
+what makes it that method:
+
+    setup(run)                    load/split its data; `run` is the RunContext below
+    wrap(model) -> module         the module trained (default: the GPT-2 itself)
+    plan(run) -> StepPlan         every optimizer step of the run, as this rank's micro-batches
+    step(model, batch, monitor)   forward + loss of one micro-batch -> StepOutput (no backward)
+    summarize(totals, count)      the step's summed metrics -> fields of the metrics record
+    evaluate(model)               held-out metrics (eval_*), called by the runtime at eval steps
+    state_dict / load_state_dict  method state kept in checkpoints (rollout buffers, controllers)
+    export(model, run, info)      the final export (default: a transformers GPT-2 LM folder)
+
+The runtime divides every micro-batch's `loss_sum` by the count of the WHOLE optimizer step (all
+micro-batches, all ranks), summed from the batches' `.count` before any forward pass, so that
+micro-batch x accumulation x ranks gives exactly the large-batch gradient whatever the method.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from qatune.train.step import Precision, evaluate_sums
+
+
+@dataclass
+class StepOutput:
+    loss_sum: torch.Tensor  # scalar: the SUM of this micro-batch's per-unit losses (with grad when training)
+    count: int  # units in loss_sum (label tokens, pairs …), known from the batch: no device sync
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)  # sums over the micro-batch
+
+
+class BatchLike(Protocol):
+    count: int  # the loss normalizer of this micro-batch
+    n_tokens: int  # real tokens, for tokens/s
+    n_examples: int
+
+    def to(self, device) -> BatchLike: ...
+
+
+class StepPlan(Protocol):
+    """Every optimizer step of a run. `micro_batches` may be computed on demand (an online method
+    generates its rollouts there); `prefetch` says whether the runtime may build the next step's
+    batches in a background thread while the current step runs (only when they do not depend on
+    the model being trained)."""
+
+    prefetch: bool
+
+    def __len__(self) -> int: ...
+
+    def epoch_of(self, step: int) -> int: ...
+
+    def micro_batches(self, step: int, rank: int, world_size: int) -> list[BatchLike]: ...
+
+
+@dataclass
+class RunContext:
+    """What the runtime tells a method about the run it is part of."""
+
+    cfg: Any  # the TrainConfig
+    tokenizer: Any
+    device: torch.device
+    precision: Precision
+    rank: int
+    world_size: int  # ranks launched
+    plan_world: int  # ranks the global batch was set for (differs when resumed on another number)
+    run_dir: Path
+    model: nn.Module | None = None  # the plain GPT-2 (unwrapped), once built
+    reference: nn.Module | None = None  # frozen initial weights, for methods with `needs_reference`
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class Method:
+    """Defaults shared by every method; a method overrides what makes it different."""
+
+    name = "method"
+    needs_reference = False  # the runtime keeps a frozen copy of the initial model (run.reference)
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, rank: int = 0) -> Method:
+        """The method with its data loaded as `cfg` says (`qatune train` calls this)."""
+        raise NotImplementedError
+
+    def setup(self, run: RunContext) -> None:
+        self.run = run
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def plan(self, run: RunContext) -> StepPlan:
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch, monitor: bool = False) -> StepOutput:
+        raise NotImplementedError
+
+    def summarize(self, totals: dict[str, float], count: int) -> dict:
+        return {}
+
+    def eval_batches(self) -> Sequence:
+        """The held-out micro-batches (all of them; the runtime deals them out over ranks)."""
+        return []
+
+    def evaluate(self, model: nn.Module) -> dict:
+        """Mean loss over the held-out batches: `eval_loss`, and the summed metrics, prefixed."""
+        batches = self.eval_batches()
+        if not batches:
+            return {}
+        loss_sum, count, totals = evaluate_sums(model, self, batches, self.run.precision)
+        out = {"eval_loss": loss_sum / count if count else math.nan}
+        out.update({f"eval_{k}": v for k, v in self.summarize(totals, count).items()})
+        return out
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export_info(self) -> dict:
+        """What the export's qatune.json records beside the weights (template, max_len …)."""
+        return {}
+
+    def export(self, model: nn.Module, run: RunContext, info: dict) -> Path | None:
+        from qatune.train.export import export_lm
+
+        return export_lm(model, run, info)

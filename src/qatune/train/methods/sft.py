@@ -1,0 +1,116 @@
+"""Supervised fine-tuning: cross-entropy on response tokens only, normalized by the label tokens
+of the whole optimizer step.
+
+Data: encoded (prompt, response) examples (`qatune.data.pipeline.load_examples`), a seeded
+held-out split, packed or length-grouped micro-batches (`ExamplePlan`). Step: the model's hidden
+states, then the chunked LM head only at labelled positions (`qatune.train.loss`). With
+`monitor`, the same forward also measures the loss on prompt tokens, without gradient.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from qatune.data.batching import Batch
+from qatune.data.example import EncodedExample
+from qatune.train.data import ExamplePlan, eval_batches, make_batch, split_holdout
+from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum
+from qatune.train.methods.base import Method, RunContext, StepOutput
+from qatune.train.step import evaluate_sums, lm_weight, perplexity, prompt_targets
+
+
+def lm_eval_metrics(loss_sum: float, count: int) -> dict:
+    loss = loss_sum / count if count else float("nan")
+    return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_label_tokens": int(count)}
+
+
+def model_inputs(batch: Batch) -> dict:
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
+
+
+class SFT(Method):
+    name = "sft"
+
+    def __init__(
+        self,
+        examples: Sequence[EncodedExample],
+        template: dict | None = None,
+        eval_examples: Sequence[EncodedExample] | None = None,
+        meta: dict | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        self.examples, self.template, self.eval_examples = examples, template, eval_examples
+        self.meta = meta or {}
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, rank: int = 0) -> SFT:
+        from qatune.data.pipeline import load_examples
+
+        loaded = load_examples(cfg.data, tokenizer)
+        if rank == 0:
+            print(f"data: {loaded.report.summary()}", file=sys.stderr)
+        return cls(loaded.examples, loaded.template.to_dict(), meta={"data_report": loaded.report.to_dict()})
+
+    @classmethod
+    def stepper(cls, chunk_size: int = DEFAULT_CHUNK) -> SFT:
+        """Just the step, for callers holding their own batches (tests, `qatune grads`, plan)."""
+        return cls([], chunk_size=chunk_size)
+
+    def setup(self, run: RunContext) -> None:
+        super().setup(run)
+        cfg = run.cfg
+        self.chunk_size = cfg.loss_chunk
+        self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
+        too_long = [i for i, e in enumerate(self.examples) if len(e) > self.max_len]
+        if too_long:
+            n = len(self.examples[too_long[0]])
+            raise ValueError(f"example {too_long[0]} has {n} tokens, over max_len {self.max_len}")
+        if self.eval_examples is not None:  # the caller brings its own held-out set: no split
+            self.train_set, eval_set = list(self.examples), list(self.eval_examples)
+        else:
+            train_idx, eval_idx = split_holdout(len(self.examples), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+            self.train_set = [self.examples[i] for i in train_idx]
+            eval_set = [self.examples[i] for i in eval_idx]
+        tok = run.tokenizer
+        self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        self.held_out = eval_batches(eval_set, cfg.batch.strategy, self.max_len, self.pad_id, cfg.eval.batch_size)
+
+    def plan(self, run: RunContext) -> ExamplePlan:
+        cfg = run.cfg
+        strategy, max_len, pad_id = cfg.batch.strategy, self.max_len, self.pad_id
+        collate = lambda items: make_batch(items, strategy, max_len, pad_id)
+        return ExamplePlan.build(self.train_set, cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, run, collate)
+
+    def step(self, model, batch: Batch, monitor: bool = False) -> StepOutput:
+        hidden = model(**model_inputs(batch))
+        weight = lm_weight(model)
+        loss_sum, _ = response_loss_sum(hidden, weight, batch.targets, self.chunk_size)
+        metrics = {}
+        if monitor:  # before backward: FSDP reshards the root's weights after it
+            with torch.no_grad():
+                prompt_sum, n_prompt = response_loss_sum(hidden, weight, prompt_targets(batch), self.chunk_size)
+            metrics = {"prompt_loss_sum": prompt_sum, "prompt_tokens": n_prompt}
+        return StepOutput(loss_sum, batch.count, metrics)
+
+    def summarize(self, totals: dict[str, float], count: int) -> dict:
+        out = {"label_tokens": count}
+        if totals.get("prompt_tokens"):
+            out["prompt_loss"] = totals["prompt_loss_sum"] / totals["prompt_tokens"]  # measured, not trained on
+        return out
+
+    def eval_batches(self) -> Sequence[Batch]:
+        return self.held_out
+
+    def evaluate(self, model) -> dict:
+        if not self.held_out:
+            return {}
+        loss_sum, count, _ = evaluate_sums(model, self, self.held_out, self.run.precision)
+        return lm_eval_metrics(loss_sum, count)
+
+    def export_info(self) -> dict:
+        truncation = self.run.cfg.data.truncation
+        return {"template": self.template, "max_len": self.max_len, "truncation": truncation, **self.meta}

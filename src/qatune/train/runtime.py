@@ -1,0 +1,449 @@
+"""The training runtime: one loop for every method, top to bottom.
+
+    result = train(load_config(TrainConfig, "configs/tiny-cpu.yaml"))
+
+`train` loads the tokenizer, the method's data (`cfg.method`: sft, …) and the model, then `run`s
+the method. The runtime owns what every method shares — device and precision, wrapping (DDP,
+FSDP2, activation checkpointing, compile), the optimizer and schedule, accumulation with global
+normalization (`qatune.train.step.accumulate`), clipping, checkpoints and resume, metrics, plots,
+eval calls, stop signals and export; a method (`qatune.train.methods`) supplies its data plan and
+its step. `fit` is the shortcut for supervised fine-tuning on examples a caller already holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qatune.config import dump_yaml
+from qatune.data.example import EncodedExample
+from qatune.errors import RunError, TrainingStopped
+from qatune.model.checkpoint import build_model
+from qatune.model.gpt2 import GPT2, SIZES
+from qatune.runs import CHECKPOINTS_DIR
+from qatune.train.config import ModelConfig, TrainConfig
+from qatune.train.dist_checkpoint import is_sharded, load_sharded, save_sharded, saved_world_size
+from qatune.train.distributed import check_precision, wrap_ddp, wrap_fsdp
+from qatune.train.export import gathered
+from qatune.train.methods import build_method
+from qatune.train.methods.base import Method, RunContext
+from qatune.train.metrics import MetricsLogger, read_metrics
+from qatune.train.optim import build_optimizer, build_scheduler
+from qatune.train.plots import write_plots
+from qatune.train.progress import Progress
+from qatune.train.run_dir import RunLock, check_resume, prepare_fresh
+from qatune.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from qatune.train.step import Precision, accumulate, backbone, global_sum, model_device, optimizer_step
+from qatune.utils.device import default_device, warn_slow_cpu_precision
+from qatune.utils.files import write_text_atomic
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int  # optimizer steps completed
+    final_eval: dict = field(default_factory=dict)
+    export_dir: Path | None = None
+    history: list[dict] = field(default_factory=list)  # the records logged by this process
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs, and less exact
+
+
+def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
+    """Random init of a named size (shape overrides allowed, vocab sized to the tokenizer), or
+    pretrained weights from a hub name / local folder."""
+    if cfg.init == "random":
+        if cfg.name not in SIZES:
+            raise ValueError(f"model.init=random needs a size name ({', '.join(SIZES)}), got {cfg.name!r}")
+        shape = cfg.shape_overrides()
+        return build_model(cfg.name, random_init=True, vocab_size=vocab_size, dropout=cfg.dropout, **shape)
+    if cfg.shape_overrides():
+        raise ValueError(f"model.{next(iter(cfg.shape_overrides()))} only applies to model.init=random")
+    model = build_model(cfg.name)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"the tokenizer has {vocab_size} tokens but {cfg.name} only {model.config.vocab_size}")
+    return model
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Load tokenizer, the method's data and the model as `cfg` says, then `run`."""
+    from qatune.model.tokenizer import load_tokenizer
+
+    if cfg.model.lora is not None:  # the adapters exist (qatune.model.lora); the runtime does not apply them yet
+        raise ValueError("model.lora: LoRA training is not available in this version of qatune train yet")
+    if resume and latest_checkpoint(Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR) is None:
+        raise ValueError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR}")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    method = build_method(cfg, tokenizer, rank)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, len(tokenizer))
+    return run(method, model, tokenizer, cfg, resume, rank, world_size, progress, overwrite=overwrite)
+
+
+def fit(
+    model: GPT2,
+    tokenizer,
+    examples: Sequence[EncodedExample],
+    cfg: TrainConfig,
+    template: dict | None = None,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    meta: dict | None = None,
+    on_step: Callable[[dict], None] | None = None,
+    eval_examples: Sequence[EncodedExample] | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Supervised fine-tuning of `model` on `examples`, writing the run folder. The held-out set is
+    `eval_examples` when given, else a seeded split of `examples` (cfg.eval.fraction)."""
+    from qatune.train.methods.sft import SFT
+
+    method = SFT(examples, template, eval_examples, meta)
+    return run(method, model, tokenizer, cfg, resume, rank, world_size, progress, on_step, overwrite)
+
+
+def run(
+    method: Method,
+    model: GPT2,
+    tokenizer,
+    cfg: TrainConfig,
+    resume: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    on_step: Callable[[dict], None] | None = None,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train `model` with `method` as `cfg` says; rank 0 holds the run folder's lock throughout."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    with RunLock(run_dir) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and not resume:
+            prepare_fresh(run_dir, overwrite)
+        return _Run(method, model, tokenizer, cfg, resume, rank, world_size).loop(progress, on_step)
+
+
+class _Run:
+    """The state of one training run: built once, then `loop`."""
+
+    def __init__(self, method: Method, model: GPT2, tokenizer, cfg: TrainConfig, resume, rank, world_size) -> None:
+        self.cfg, self.method, self.resume = cfg, method, resume
+        self.run_dir = Path(cfg.out_dir) / cfg.name
+        self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = default_device(cfg.device)
+        precision = Precision(pick_precision(cfg.precision, device), device)
+        if device.type == "cpu":
+            warn_slow_cpu_precision(precision.name)
+        self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
+        if resume and self.ckpt is None:
+            raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        # The global batch of every step is fixed by the world size the run started with, so a run
+        # resumed on another number of ranks deals the same micro-batches out differently.
+        plan_world = saved_world_size(self.ckpt, world_size)
+        self.ctx = RunContext(cfg, tokenizer, device, precision, rank, world_size, plan_world, self.run_dir, model)
+        model.to(device)
+        if method.needs_reference:  # the initial weights, before any checkpoint is loaded
+            self.ctx.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        method.setup(self.ctx)
+        self.plan = method.plan(self.ctx)
+        if plan_world != world_size and rank == 0:
+            per_rank = cfg.batch.accumulation * plan_world // world_size
+            print(
+                f"resuming a run batched for {plan_world} rank(s) on {world_size}: {per_rank} micro-batches per rank",
+                file=sys.stderr,
+            )
+        self.trainable = self._wrap(method.wrap(model))
+        self.optimizer = build_optimizer(self.trainable, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.plan))
+        self.sharded = cfg.strategy != "none"  # DDP/FSDP: every rank writes its part of each checkpoint
+        self.config_yaml = dump_yaml(cfg)
+        self.start, self.elapsed_before = 0, 0.0
+        if resume:
+            self._restore()
+        self.step_model = torch.compile(self.trainable) if cfg.compile else self.trainable
+        if cfg.strategy == "ddp":
+            self.step_model = wrap_ddp(self.step_model, device)  # `trainable` stays unwrapped (eval, export)
+
+    def _wrap(self, trainable: torch.nn.Module) -> torch.nn.Module:
+        trainable.to(self.ctx.device)
+        backbone(trainable).activation_checkpointing = self.cfg.activation_checkpointing
+        if self.cfg.strategy == "fsdp":
+            check_precision(self.cfg.strategy, self.ctx.precision.name)
+            trainable = wrap_fsdp(trainable, self.cfg.fsdp)  # in place: the optimizer is built over the shards
+        return trainable
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _restore(self) -> None:
+        ctx, scaler = self.ctx, self.ctx.precision.scaler
+        if is_sharded(self.ckpt):
+            state = load_sharded(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler, ctx.rank)
+        elif self.cfg.strategy == "fsdp":
+            raise ValueError(f"{self.ckpt} was written by a single process; resume it with strategy none or ddp")
+        else:
+            state = load_checkpoint(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler)
+        extra = state["extra"]
+        check_resume(self.ckpt, state["step"], self.config_yaml, len(self.plan), extra.get("plan_steps"))
+        self.method.load_state_dict(state.get("rank_extra", extra).get("method", {}))
+        self.start, self.elapsed_before = state["step"], extra.get("elapsed", 0.0)
+
+    def save(self, step: int, elapsed: float) -> None:
+        """Checkpoint `step` (collective when sharded). A full disk is one clear line; the write is
+        atomic, so the previous checkpoint stays the latest loadable one."""
+        ctx, cfg = self.ctx, self.cfg
+        extra = {"elapsed": elapsed, "plan_steps": len(self.plan)}
+        method_state = {"method": self.method.state_dict()}
+        scaler = ctx.precision.scaler
+        try:
+            if self.sharded:
+                ranks = (ctx.rank, ctx.world_size, ctx.plan_world)
+                args = (self.optimizer, self.scheduler, scaler, self.config_yaml, extra, cfg.keep_checkpoints)
+                save_sharded(self.ckpt_dir, step, self.trainable, *args, *ranks, rank_extra=method_state)
+                return
+            if ctx.plan_world != 1:  # a multi-rank run resumed on one process: keep its global batch
+                extra["batch_world_size"] = ctx.plan_world
+            extra.update(method_state)
+            args = (self.optimizer, self.scheduler, scaler, self.config_yaml, extra, cfg.keep_checkpoints)
+            save_checkpoint(self.ckpt_dir, step, self.trainable, *args)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC
+                raise RunError(f"disk full writing the step-{step} checkpoint into {self.ckpt_dir}: {e}") from None
+            raise
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def loop(self, progress: bool, on_step) -> TrainResult:
+        cfg, ctx, plan = self.cfg, self.ctx, self.plan
+        logger = None
+        if ctx.is_main:
+            write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
+            resume_step = self.start if self.resume else None
+            logger = MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=cfg.tensorboard)
+        history: list[dict] = []
+        self.clip_history = _clip_window(self.run_dir, self.start, cfg.monitor.clip_window, self.resume and ctx.is_main)
+        final_eval: dict = {}
+        bar = Progress(len(plan), self.start, enabled=progress and ctx.is_main)
+        self.t_start = time.perf_counter() - self.elapsed_before
+        batches = _Prefetcher(plan, ctx, self.start)
+        self.trainable.train()
+        try:
+            with _StopSignals() as stop:
+                for step in range(self.start, len(plan)):
+                    record = self._train_step(step, batches.get(step))
+                    done, last = step + 1, step + 1 == len(plan)
+                    if last or (cfg.eval.every and done % cfg.eval.every == 0):
+                        evaluated = self.method.evaluate(self.trainable)
+                        record.update(evaluated)
+                        final_eval = evaluated or final_eval
+                    if logger and (done % cfg.log_every == 0 or last or "eval_loss" in record):
+                        logger.log(record)
+                    history.append(record)
+                    bar.update(record)
+                    if on_step:
+                        on_step(record)
+                    signum = stop.agreed(model_device(self.trainable))
+                    if signum and not last:
+                        self._stop(done, record["elapsed"], signum)
+                    if cfg.save_every and done % cfg.save_every == 0 and not last:
+                        self._checkpoint(done, record["elapsed"])
+        finally:
+            batches.close()
+            bar.close()
+            if logger:
+                logger.close()
+        return self._finish(final_eval, history)
+
+    def _train_step(self, step: int, micro: list) -> dict:
+        """One optimizer step over this rank's micro-batches; returns its metrics record."""
+        cfg, precision, t0 = self.cfg, self.ctx.precision, time.perf_counter()
+        watch = cfg.monitor.every > 0 and (step == 0 or (step + 1) % cfg.monitor.every == 0)
+        try:
+            totals = accumulate(self.step_model, self.method, micro, precision, monitor=watch)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            _raise_if_out_of_memory(e, step, micro)
+            raise
+        layer_norms = layer_grad_norms(self.trainable, precision, cfg.strategy == "fsdp") if watch else None
+        update = optimizer_step(self.trainable, self.optimizer, self.scheduler, precision, cfg.optim.grad_clip)
+        self.clip_history.append(update.clipped)
+        record = {
+            "step": step + 1,
+            "epoch": self.plan.epoch_of(step),
+            "loss": totals.loss,
+            "lr": update.lr,
+            "grad_norm": update.grad_norm,
+            "clipped": update.clipped,
+            "tokens": totals.tokens,
+            **self.method.summarize(totals.totals, totals.count),
+            "examples": totals.examples,
+            "tokens_per_s": totals.tokens / (time.perf_counter() - t0),
+            "elapsed": time.perf_counter() - self.t_start,
+            "clip_rate": sum(self.clip_history) / len(self.clip_history),
+        }
+        if layer_norms is not None:
+            record["grad_norm_layers"] = layer_norms
+        if update.skipped:
+            record["skipped"] = True
+        return record
+
+    def _checkpoint(self, step: int, elapsed: float) -> None:
+        if self.ctx.is_main or self.sharded:
+            self.save(step, elapsed)
+            if self.cfg.plots and self.ctx.is_main:
+                write_plots(self.run_dir)
+
+    def _stop(self, step: int, elapsed: float, signum: int) -> None:
+        self._checkpoint(step, elapsed)
+        name = signal.Signals(signum).name
+        raise TrainingStopped(
+            f"stopped by {name} after step {step}/{len(self.plan)}; checkpoint in {self.ckpt_dir}: "
+            "continue with --resume",
+            signum,
+        )
+
+    def _finish(self, final_eval: dict, history: list[dict]) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        steps = len(self.plan)
+        if ctx.is_main or self.sharded:
+            self.save(steps, time.perf_counter() - self.t_start)
+        model = self.trainable
+        if cfg.export and cfg.strategy == "fsdp":  # collective; rank 0 gets a plain model with the full weights
+            model = gathered(model, ctx.rank, lambda: self.method.wrap(GPT2(ctx.model.config)))
+        export_dir = None
+        if ctx.is_main:
+            if cfg.plots:
+                write_plots(self.run_dir)
+            if cfg.export:
+                info = {**self.method.export_info(), "steps": steps, **final_eval}
+                export_dir = self.method.export(model, ctx, info)
+        return TrainResult(self.run_dir, steps, final_eval, export_dir, history)
+
+
+def _raise_if_out_of_memory(e: Exception, step: int, micro_batches: Sequence) -> None:
+    """Turn an allocation failure into one line that says what to change."""
+    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+        return
+    shapes = ", ".join(
+        f"{tuple(b.input_ids.shape)}" for b in micro_batches if hasattr(b, "input_ids")
+    )  # fmt: skip
+    raise RunError(
+        f"out of memory in step {step + 1} (micro-batches of shape {shapes or '?'}): lower batch.size or "
+        "data.max_len, or set activation_checkpointing=true; `qatune plan` shows where the memory goes "
+        "for a model, sequence length and micro-batch",
+        exit_code=2,
+    ) from None
+
+
+def _clip_window(run_dir: Path, start: int, size: int, from_metrics: bool) -> deque:
+    """The clipped flags of the last `size` steps; on resume, refilled from metrics.jsonl."""
+    window: deque = deque(maxlen=max(1, size))
+    if from_metrics:
+        window.extend(bool(r.get("clipped")) for r in read_metrics(run_dir) if r.get("step", 0) <= start)
+    return window
+
+
+def layer_grad_norms(model, precision: Precision, sharded: bool) -> dict[str, float]:
+    """Per-layer norms of the accumulated gradients, unscaled (fp16) and, under FSDP, summed over
+    the shards of every rank."""
+    import math
+
+    from qatune.analysis.grads import layer_sq_norms
+
+    sq = layer_sq_norms(model)
+    names = sorted(sq)
+    values = torch.tensor([sq[n] for n in names], dtype=torch.float64, device=model_device(model))
+    if sharded:
+        values = global_sum(values)
+    scale = precision.scaler.get_scale() if precision.scaler is not None else 1.0
+    return {n: math.sqrt(v) / scale for n, v in zip(names, values.tolist())}
+
+
+class _Prefetcher:
+    """The micro-batches of step k+1 are collated in a background thread while step k runs (when
+    the plan allows it: an online method's batches depend on the model being trained)."""
+
+    def __init__(self, plan, ctx: RunContext, start: int) -> None:
+        self.plan, self.rank, self.world = plan, ctx.rank, ctx.world_size
+        self.pin = ctx.device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="qatune-batches") if plan.prefetch else None
+        self._next: tuple[int, object] | None = None
+
+    def _build(self, step: int) -> list:
+        batches = self.plan.micro_batches(step, self.rank, self.world)
+        if self.pin:  # page-locked host memory lets the copy to the GPU run asynchronously
+            batches = [b.pin_memory() if hasattr(b, "pin_memory") else b for b in batches]
+        return batches
+
+    def get(self, step: int) -> list:
+        if self._pool is None:
+            return self._build(step)
+        pending = self._next
+        batches = pending[1].result() if pending is not None and pending[0] == step else self._build(step)
+        self._next = (step + 1, self._pool.submit(self._build, step + 1)) if step + 1 < len(self.plan) else None
+        return batches
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the run to stop: the step in flight finishes, a checkpoint is written,
+    then the run ends with TrainingStopped. A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint", file=sys.stderr)
+
+    def agreed(self, device: torch.device) -> int:
+        """The signal any rank received (all ranks stop after the same step)."""
+        from qatune.train.distributed import distributed
+
+        if not distributed():
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
+    def __exit__(self, *exc) -> None:
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
