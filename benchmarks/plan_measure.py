@@ -23,6 +23,7 @@ from qatune.analysis.measure import MEASURABLE_PRECISIONS, calibrate, compare, m
 from qatune.analysis.memory import plan_memory
 from qatune.analysis.setup import PlanSetup
 from qatune.model.gpt2 import SIZES
+from qatune.utils.device import DTYPES
 
 
 def available_bytes() -> int:
@@ -66,7 +67,7 @@ def main() -> int:
             results.append({"model": name, "skipped": True, "predicted_peak": need, "available": have})
             continue
         m = measure_in_subprocess(s)
-        rates = calibrate(torch.device("cpu"), MEASURABLE_PRECISIONS[s.precision], s.config.n_embd, s.tokens, 1 << 26)
+        rates = calibrate(torch.device("cpu"), DTYPES[s.precision], s.config.n_embd, s.tokens, 1 << 26)
         rows = compare(s, m, rates)
         print(
             f"\n{name}: seq {s.seq_len} x micro-batch {s.micro_batch}, {s.precision}, checkpointing "

@@ -277,24 +277,30 @@ def segment_shares(model: GPT2, examples: Sequence[EncodedExample]) -> dict:
 def per_layer_step(
     model: GPT2, examples: Sequence[EncodedExample], lr: float = 1e-4, weight_decay: float = 0.0
 ) -> list[dict]:
-    """One AdamW step on the response-only, token-normalized loss of `examples` (on a copy of the
-    model): per layer, the gradient norm, the weight norm, and the update-to-weight ratio."""
+    """One optimizer step of training (the runtime's `accumulate` with the SFT step, then
+    `optimizer_step`: AdamW, no clipping) on the response-only, token-normalized loss of
+    `examples`, on a copy of the model: per layer, the gradient norm, the weight norm, and the
+    update-to-weight ratio."""
+    from qatune.data.batching import collate
+    from qatune.train.methods.sft import SFT
+    from qatune.train.optim import OptimConfig, build_optimizer
+    from qatune.train.step import Precision, accumulate, optimizer_step
+
     work = copy.deepcopy(model)
     work.eval()
     device = work.wte.weight.device
-    total_labels = sum(e.n_label_tokens for e in examples)
-    if total_labels == 0:
+    if sum(e.n_label_tokens for e in examples) == 0:
         raise ValueError("the examples carry no label tokens")
-    for ex in examples:
-        ids, targets = _example_tensors(ex, device)
-        loss, _ = response_loss_sum(work(ids), work.wte.weight, targets)
-        (loss / total_labels).backward()
+    precision = Precision("fp32", device)
+    accumulate(work, SFT.stepper(), [collate([[ex]], pad_id=0) for ex in examples], precision)
+    grads = {n: p.grad.detach().clone() for n, p in work.named_parameters()}
     before = {n: p.detach().clone() for n, p in work.named_parameters()}
-    torch.optim.AdamW(work.parameters(), lr=lr, weight_decay=weight_decay).step()
+    optimizer = build_optimizer(work, OptimConfig(lr=lr, weight_decay=weight_decay, warmup_steps=0, grad_clip=0.0))
+    optimizer_step(work, optimizer, None, precision, grad_clip=0.0)
     rows: dict[str, dict] = {}
     for name, p in work.named_parameters():
         r = rows.setdefault(layer_of(name), {"layer": layer_of(name), "grad_sq": 0.0, "w_sq": 0.0, "dw_sq": 0.0})
-        r["grad_sq"] += float(p.grad.double().pow(2).sum())
+        r["grad_sq"] += float(grads[name].double().pow(2).sum())
         r["w_sq"] += float(before[name].double().pow(2).sum())
         r["dw_sq"] += float((p.detach() - before[name]).double().pow(2).sum())
     out = []

@@ -1,8 +1,9 @@
 """One real training step of a plan's configuration, measured the way the plan predicts it.
 
 `measure_step` builds the model (random weights of the planned shape), a synthetic batch with the
-planned number of label positions, and runs forward, the chunked response-only loss, backward and
-one AdamW step (qatune's own optimizer builder: decay groups, fused). It reports:
+planned number of label positions, and runs the training step itself: the runtime's `accumulate`
+with the SFT step (forward, chunked response-only loss, backward), then `optimizer_step` (clip,
+qatune's AdamW: decay groups, fused). It reports:
 - parameter / gradient / optimizer bytes summed over the real tensors (storages counted once),
 - activation bytes: every tensor autograd saves during forward and loss, caught with
   `torch.autograd.graph.saved_tensors_hooks`, storages deduplicated, parameters excluded, the
@@ -30,12 +31,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from qatune.analysis.setup import PlanSetup
+from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.train.loss import response_loss_sum
-from qatune.train.optim import OptimConfig, build_optimizer, clip_gradients
+from qatune.train.methods.sft import SFT
+from qatune.train.optim import OptimConfig, build_optimizer
+from qatune.train.step import Precision, accumulate, optimizer_step
 
-MEASURABLE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEASURABLE_PRECISIONS = ("fp32", "bf16", "fp16")  # what training runs: fp32 weights, optional autocast
 _CAST_OPS = ("ToCopyBackward0", "TBackward0", "ViewBackward0", "PermuteBackward0")
 
 
@@ -107,6 +110,13 @@ def synthetic_batch(s: PlanSetup, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "position_ids": position_ids, "doc_ids": doc_ids, "targets": targets}
 
 
+def _as_batch(tensors: dict[str, torch.Tensor], s: PlanSetup) -> Batch:
+    ids = tensors["input_ids"]
+    return Batch(
+        ids, tensors["targets"], tensors["position_ids"], tensors["doc_ids"], ids.shape[0], ids.numel(), s.label_tokens
+    )
+
+
 def _is_weight_copy(t: torch.Tensor) -> bool:
     """A tensor reached from a parameter only through casts/transposes: autocast's weight copy."""
     fn = t.grad_fn
@@ -141,6 +151,12 @@ class SavedTensorLedger:
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
+    def follow(self, model: torch.nn.Module) -> None:
+        """What is saved while `model`'s forward runs counts as "model", what is saved after it
+        (the loss) as "loss"."""
+        model.register_forward_pre_hook(lambda *_: setattr(self, "phase", "model"))
+        model.register_forward_hook(lambda *_: setattr(self, "phase", "loss"))
+
 
 def _check_measurable(s: PlanSetup) -> None:
     problems = []
@@ -167,8 +183,7 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     """Run one training step of plan `s` on `s.device` and measure it (see the module docstring)."""
     _check_measurable(s)
     device = torch.device(s.device)
-    dtype = MEASURABLE_PRECISIONS[s.precision]
-    batch = {k: (v.to(device) if v is not None else None) for k, v in synthetic_batch(s, seed).items()}
+    batch = _as_batch(synthetic_batch(s, seed), s).to(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -182,37 +197,23 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     model.train()
     model.activation_checkpointing = s.checkpointing
     optimizer = build_optimizer(model, OptimConfig())
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+    precision = Precision(s.precision, device)
     ledger = SavedTensorLedger(model.parameters())
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    ledger.follow(model)
     counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     kernel = sdpa_kernel(SDPBackend.MATH) if s.attention == "math" else contextlib.nullcontext()
 
+    # The step training runs (`accumulate` with the SFT step, then `optimizer_step`), timed in two parts.
     _sync(device)
     start = time.perf_counter()
-    with counter, kernel:
-        with ledger.hooks():
-            with autocast:
-                hidden = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
-            ledger.phase = "loss"
-            loss_sum, n_labels = response_loss_sum(hidden, model.wte.weight, batch["targets"], compute_dtype=dtype)
-        loss = loss_sum / max(n_labels, 1)
-        del hidden
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    with counter, kernel, ledger.hooks():
+        accumulate(model, SFT.stepper(), [batch], precision)
     grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
     _sync(device)
     opt_start = time.perf_counter()
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    clip_gradients(model.parameters(), OptimConfig().grad_clip)  # as training does
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    optimizer_step(model, optimizer, None, precision, OptimConfig().grad_clip)
     _sync(device)
     end = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - base

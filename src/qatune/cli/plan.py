@@ -209,7 +209,7 @@ def run_measure(args: argparse.Namespace, acc) -> int:
     import torch
 
     from qatune.analysis.measure import MEASURABLE_PRECISIONS, calibrate, compare, measure_in_subprocess, measure_step
-    from qatune.utils.device import default_device
+    from qatune.utils.device import DTYPES, default_device
 
     device = default_device(args.device)
     s = setup_from_args(args, device="cuda" if device.type == "cuda" else "cpu")
@@ -218,7 +218,7 @@ def run_measure(args: argparse.Namespace, acc) -> int:
     m = measure_step(s) if device.type == "cuda" else measure_in_subprocess(s)
     rates = calibrate(
         device,
-        MEASURABLE_PRECISIONS[s.precision],
+        DTYPES[s.precision],
         s.config.n_embd,
         min(s.tokens, 4096),
         min(model_state(s).trainable, 1 << 26),

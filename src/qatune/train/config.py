@@ -67,7 +67,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (the schedule spans them)
+    max_steps: int | None = None  # the run's length in optimizer steps, past one epoch if need be (overrides epochs)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model

@@ -118,18 +118,18 @@ def plan_run(
     max_steps: int | None = None,
     world_size: int = 1,
 ) -> RunPlan:
+    """Every optimizer step of the run: `epochs` epochs, or — when `max_steps` is set — exactly
+    `max_steps` steps, cycling through as many epochs as that takes (each reshuffled)."""
     steps: list[list[list[int]]] = []
     epoch_of: list[int] = []
     epoch = 0
-    while epoch < epochs or (max_steps is not None and epochs <= 0):
+    while (epoch < epochs) if max_steps is None else (len(steps) < max_steps):
         epoch_steps = plan_steps(epoch_micro_batches(lengths, cfg, seed + epoch), cfg.accumulation, world_size)
         if not epoch_steps:
             raise ValueError(f"{len(lengths)} training examples make no optimizer step for {world_size} rank(s)")
         steps += epoch_steps
         epoch_of += [epoch] * len(epoch_steps)
         epoch += 1
-        if max_steps is not None and len(steps) >= max_steps:
-            break
     if max_steps is not None:
         steps, epoch_of = steps[:max_steps], epoch_of[:max_steps]
     return RunPlan(steps, epoch_of)
