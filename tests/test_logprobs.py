@@ -116,3 +116,44 @@ def test_segment_sum():
     assert out.tolist() == [6.0, 0.0, 4.0]
     (out * torch.tensor([1.0, 10.0, 100.0])).sum().backward()
     assert v.grad.tolist() == [100.0, 1.0, 100.0, 1.0]
+
+
+def test_group_chunks_hold_whole_groups():
+    from qatune.train.logprobs import group_chunks
+
+    assert group_chunks([0, 3, 5, 9, 10], 5) == [(0, 5), (5, 10)]
+    assert group_chunks([0, 7, 8], 5) == [(0, 7), (7, 8)]  # a group longer than a chunk is its own chunk
+    assert group_chunks([0, 2, 4], 100) == [(0, 4)]
+    assert group_chunks([0], 4) == []
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 1000])
+def test_fused_loss_equals_the_general_primitive(chunk):
+    """A pairwise loss over groups of rows (DPO's shape): value and gradients as through
+    token_logprobs + autograd, for chunks of one group, a few groups, or everything."""
+    from qatune.train.logprobs import fused_logprob_loss
+
+    torch.manual_seed(4)
+    lengths = [3, 2, 4, 1, 2, 5]  # sequences; groups are pairs (0, 1), (2, 3), (4, 5)
+    seq = torch.repeat_interleave(torch.arange(6), torch.tensor(lengths))
+    N, V, d = len(seq), 60, 8
+    h, w = torch.randn(N, d, dtype=torch.float64), torch.randn(V, d, dtype=torch.float64)
+    t = torch.randint(0, V, (N,))
+    bounds = [0, 5, 10, 17]
+
+    def pair_loss(seq_logp):
+        return -torch.nn.functional.logsigmoid(0.3 * (seq_logp[0::2] - seq_logp[1::2])).sum()
+
+    def loss_fn(logp, start, end):
+        s = seq[start:end]
+        return pair_loss(segment_sum(logp, s - s[0], int(s[-1] - s[0]) + 1))
+
+    h1, w1 = leaves(h, w)
+    fused = fused_logprob_loss(h1, w1, t, bounds, loss_fn, chunk_size=chunk)
+    h2, w2 = leaves(h, w)
+    general = pair_loss(segment_sum(token_logprobs(h2, w2, t), seq, 6))
+    torch.testing.assert_close(fused, general)
+    (3.0 * fused).backward()
+    (3.0 * general).backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
