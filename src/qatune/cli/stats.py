@@ -1,6 +1,8 @@
 """`qatune stats DATA... --tokenizer T --max-len N [--template NAME|FILE] [--out DIR] [--json FILE]`:
 token-length statistics of questions and answers, truncation under every policy, padding waste of
-each batching strategy; a table on the terminal, and a Markdown report, JSON and PNG plots."""
+each batching strategy; a table on the terminal, and a Markdown report, JSON and PNG plots.
+On preference data (chosen/rejected pairs): prompt, chosen and rejected lengths, length bias, and
+truncation under every pair policy."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("data", nargs="+", help="files, folders, globs, or Hugging Face dataset names (name[:split])")
     add_tokenizer_option(p)
     p.add_argument("--max-len", type=int, default=1024, help="context limit T_max (default 1024)")
-    p.add_argument("--template", default="plain", help="plain | raw | alpaca | chat, or a YAML/JSON file with one")
+    p.add_argument("--template", default="plain", help="plain | raw | alpaca | chat | hh, or a YAML/JSON file with one")
     p.add_argument("--system-prompt", default=None, help="system text for the chat template")
     add_mapping_option(p)
     p.add_argument("--train-on-turns", choices=["all", "last"], default="all")
@@ -61,6 +63,63 @@ def source_groups(data: list[str], encodings) -> dict[str, list[int]]:
     return groups
 
 
+def is_preference(cfg) -> bool:
+    from qatune.data.preference.records import sniff_preference
+
+    if cfg.mapping:
+        return "chosen" in cfg.mapping or "rejected" in cfg.mapping
+    return sniff_preference(cfg.sources)
+
+
+def write_outputs(args, stats: dict, meta: dict, make_tables, plot) -> None:
+    """The tables on the terminal; stats.md/.json and plots under --out; JSON to --json."""
+    from rich.console import Console
+
+    from qatune.data.stats_render import markdown, print_tables
+    from qatune.utils.files import write_text_atomic
+
+    text = json.dumps({**meta, **stats}, indent=2, ensure_ascii=False) + "\n"
+    out_console = Console()
+    if not out_console.is_terminal:  # piped or redirected: wide enough for every column
+        out_console = Console(width=140)
+    print_tables(stats, out_console, make_tables)
+    if meta["skipped"]:
+        Console(stderr=True).print(f"skipped {meta['skipped']} bad records, e.g. {meta['skip_reasons'][0]}")
+    if args.out:
+        out = Path(args.out)
+        write_text_atomic(out / "stats.json", text)
+        write_text_atomic(out / "stats.md", markdown(stats, meta, make_tables))
+        plot(out)
+        print(f"wrote {out}/stats.md, stats.json, lengths_hist.png, lengths_cdf.png")
+    if args.json == "-":
+        sys.stdout.write(text)
+    elif args.json:
+        write_text_atomic(args.json, text)
+
+
+def run_pairs(args, cfg, template, tokenizer) -> int:
+    from qatune.data.preference.encode import encode_pairs
+    from qatune.data.preference.pipeline import read_distinct
+    from qatune.data.preference.stats import pair_stats, pair_tables, save_pair_plots
+    from qatune.model.tokenizer import tokenizer_location
+
+    read, distinct, identical = read_distinct(cfg)
+    pairs = encode_pairs(distinct, template, tokenizer)
+    stats = pair_stats(pairs, cfg.max_len, len(identical))
+    meta = {
+        "sources": list(args.data),
+        "layouts": read.layouts,
+        "template": template.to_dict(),
+        "tokenizer": tokenizer_location(args.tokenizer),
+        "records": len(read.pairs),
+        "skipped": read.skipped,
+        "skip_reasons": read.skip_reasons,
+        "identical_where": identical[:5],
+    }
+    write_outputs(args, stats, meta, pair_tables, lambda out: save_pair_plots(pairs, cfg.max_len, out))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -69,9 +128,8 @@ def run(args: argparse.Namespace) -> int:
     from qatune.data.pipeline import DataConfig
     from qatune.data.readers import read_records
     from qatune.data.stats import compute_stats, lengths_of
-    from qatune.data.stats_render import markdown, print_tables, save_plots
+    from qatune.data.stats_render import save_plots, tables
     from qatune.model.tokenizer import load_tokenizer, tokenizer_location
-    from qatune.utils.files import write_text_atomic
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -88,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     )
     template = cfg.get_template()  # a bad template fails before any reading
     tokenizer = load_tokenizer(args.tokenizer)
+    if is_preference(cfg):
+        return run_pairs(args, cfg, template, tokenizer)
     err = Console(stderr=True)
     read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
     if not read.records:
@@ -108,22 +168,5 @@ def run(args: argparse.Namespace) -> int:
         "skipped": read.skipped,
         "skip_reasons": read.skip_reasons,
     }
-    report = {**meta, **stats}
-    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
-    out_console = Console()
-    if not out_console.is_terminal:  # piped or redirected: wide enough for every column
-        out_console = Console(width=140)
-    print_tables(stats, out_console)
-    if read.skipped:
-        err.print(f"skipped {read.skipped} bad records, e.g. {read.skip_reasons[0]}")
-    if args.out:
-        out = Path(args.out)
-        write_text_atomic(out / "stats.json", text)
-        write_text_atomic(out / "stats.md", markdown(stats, meta))
-        save_plots(*lengths_of(encodings), cfg.max_len, out)
-        print(f"wrote {out}/stats.md, stats.json, lengths_hist.png, lengths_cdf.png")
-    if args.json == "-":
-        sys.stdout.write(text)
-    elif args.json:
-        write_text_atomic(args.json, text)
+    write_outputs(args, stats, meta, tables, lambda out: save_plots(*lengths_of(encodings), cfg.max_len, out))
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from qatune.data.encode import TURNS, Encoding, encode_records
 from qatune.data.example import EncodedExample
+from qatune.data.preference.truncation import PAIR_POLICIES
 from qatune.data.readers import ReadResult, read_records
 from qatune.data.records import DataError
 from qatune.data.report import DataReport, TruncationCounts
@@ -25,10 +26,11 @@ from qatune.data.truncation import POLICIES, apply, plan
 class DataConfig:
     sources: list[str] = field(default_factory=list)  # files, folders, globs, or dataset names ("hf:name:split")
     mapping: dict[str, str] | None = None  # e.g. {"prompt": "q", "response": "a"}; replaces layout detection
-    template: str | dict = "plain"  # plain | raw | alpaca | chat, or a template dict (see templates.py)
+    template: str | dict = "plain"  # plain | raw | alpaca | chat | hh, or a template dict (see templates.py)
     system_prompt: str | None = None  # system text for the chat template
     max_len: int = 1024
-    truncation: str = "cut_response"  # cut_response | drop | cut_prompt_left | cut_prompt_middle | error
+    # cut_response | drop | cut_prompt_left | cut_prompt_middle | error; preference pairs: cut_pair | drop | error
+    truncation: str = "cut_response"
     train_on_turns: str = "all"  # all | last: which assistant turns of a conversation carry loss
     skip_bad: bool = False  # skip (and count) bad records instead of failing
     limit: int | None = None  # only the first N records
@@ -36,8 +38,9 @@ class DataConfig:
     def __post_init__(self):
         if isinstance(self.sources, str):
             self.sources = [self.sources]
-        if self.truncation not in POLICIES:
-            raise DataError(f"data.truncation: {self.truncation!r} is not one of {', '.join(POLICIES)}")
+        if self.truncation not in (*POLICIES, *PAIR_POLICIES):
+            known = ", ".join(dict.fromkeys((*POLICIES, *PAIR_POLICIES)))
+            raise DataError(f"data.truncation: {self.truncation!r} is not one of {known}")
         if self.train_on_turns not in TURNS:
             raise DataError(f"data.train_on_turns: {self.train_on_turns!r} is not one of {', '.join(TURNS)}")
         if self.max_len < 2:
@@ -72,6 +75,9 @@ def read_and_encode(
 
 
 def load_examples(cfg: DataConfig, tokenizer, progress: Callable[[int], None] | None = None) -> LoadResult:
+    if cfg.truncation not in POLICIES:
+        known = ", ".join(POLICIES)
+        raise DataError(f"data.truncation: {cfg.truncation!r} applies to preference pairs; use one of {known}")
     read, encodings = read_and_encode(cfg, tokenizer, progress)
     counts = TruncationCounts(cfg.truncation, cfg.max_len)
     examples = []

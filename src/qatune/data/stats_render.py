@@ -87,24 +87,24 @@ def tables(stats: dict) -> list[Table]:
     return out
 
 
-def markdown(stats: dict, meta: dict) -> str:
+def markdown(stats: dict, meta: dict, make_tables=tables) -> str:
     lines = ["# Data statistics", ""]
     lines += [f"- sources: {', '.join(f'`{s}`' for s in meta['sources'])}"]
     lines += [f"- layouts: {', '.join(sorted(set(meta['layouts'].values())))}"]
     lines += [f"- template: `{meta['template']['name']}`; tokenizer: `{meta['tokenizer']}`; max_len {stats['max_len']}"]
     lines += [f"- records read: {meta['records']:,}; bad records skipped: {meta['skipped']:,}"]
     lines += [f"  - {r}" for r in meta["skip_reasons"]]
-    for title, head, rows in tables(stats):
+    for title, head, rows in make_tables(stats):
         lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     lines += ["", "![token lengths](lengths_hist.png)", "", "![CDF](lengths_cdf.png)", ""]
     return "\n".join(lines)
 
 
-def print_tables(stats: dict, console) -> None:
+def print_tables(stats: dict, console, make_tables=tables) -> None:
     from rich.table import Table as RichTable
 
-    for title, head, rows in tables(stats):
+    for title, head, rows in make_tables(stats):
         t = RichTable(title=title, title_justify="left")
         for i, h in enumerate(head):
             t.add_column(h, justify="left" if i == 0 else "right")

@@ -123,11 +123,13 @@ TEMPLATES: dict[str, Template] = {
         "### User:\n{prompt}\n\n{context}\n\n### Assistant:\n",
         system="### System:\n{system}\n\n",
     ),
+    # Anthropic HH-RLHF's dialogue format; the prompt ends in a space, like "plain".
+    "hh": Template("hh", "\n\nHuman: {prompt}\n\nAssistant: ", "\n\nHuman: {prompt}\n\n{context}\n\nAssistant: "),
 }
 
 
 def get_template(name_or_dict: str | dict | Template, system_prompt: str | None = None) -> Template:
-    """A named template ("plain", "raw", "alpaca", "chat") or one defined by a dict; `system_prompt`
+    """A named template ("plain", "raw", "alpaca", "chat", "hh") or one defined by a dict; `system_prompt`
     sets the system text used when a record brings none."""
     if isinstance(name_or_dict, Template):
         tpl = name_or_dict
