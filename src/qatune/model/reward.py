@@ -1,0 +1,120 @@
+"""A reward model: GPT-2 with a scalar head on the last token of the response.
+
+The head is `GPT2ForSequenceClassification`'s (`score`: Linear(d, 1) without bias), so the export
+is a `transformers` folder that `AutoModelForSequenceClassification` loads and that gives the same
+scores. The scored token is the last one *before* a final EOS: `transformers` picks the rightmost
+token that is not `pad_token_id`, the export sets pad_token_id = EOS (GPT-2 has no pad token),
+so a sequence scores the same with or without its EOS and with any amount of EOS padding — the
+convention of TRL's GPT-2 reward models too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qatune.model.checkpoint import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    hf_to_qatune,
+    qatune_to_hf,
+    read_hf_state_dict,
+    resolve_checkpoint_dir,
+)
+from qatune.model.gpt2 import GPT2
+from qatune.utils.files import atomic_dir
+
+SCORE_KEY = "score.weight"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone: GPT2) -> None:
+        super().__init__()
+        self.transformer = backbone
+        self.score = nn.Linear(backbone.config.n_embd, 1, bias=False)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)  # transformers' initializer_range
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, last_token=None):
+        """Scores (N,) of the positions `last_token` (flat indices into B*T); without it, the
+        score of every position (B, T)."""
+        hidden = self.transformer(input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask)
+        if last_token is None:
+            return self.score(hidden).squeeze(-1)
+        return self.score(hidden.reshape(-1, hidden.shape[-1])[last_token]).squeeze(-1)
+
+    @torch.no_grad()
+    def score_ids(self, sequences: Sequence[Sequence[int]], eos_id: int, batch_size: int = 16) -> torch.Tensor:
+        """Scores (B,) of prompt + response id lists; a final EOS (or several) is not scored."""
+        device = self.score.weight.device
+        out = []
+        for start in range(0, len(sequences), batch_size):
+            chunk = [strip_eos(s, eos_id) for s in sequences[start : start + batch_size]]
+            width = max(len(s) for s in chunk)
+            ids = torch.full((len(chunk), width), eos_id, dtype=torch.long)
+            for i, s in enumerate(chunk):
+                ids[i, : len(s)] = torch.tensor(s)
+            last = torch.tensor([i * width + len(s) - 1 for i, s in enumerate(chunk)])
+            # Right padding needs no mask: causal attention never lets a real token see a pad.
+            out.append(self.forward(ids.to(device), last_token=last.to(device)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+    ids = list(ids)
+    while len(ids) > 1 and ids[-1] == eos_id:
+        ids.pop()
+    return ids
+
+
+def export_reward_hf(model: RewardModel, out_dir: str | os.PathLike, tokenizer=None, extra_files=None) -> Path:
+    """A `transformers` GPT2ForSequenceClassification folder (num_labels=1, pad_token_id = EOS)."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        hf = config_to_hf(model.config, tokenizer.eos_token_id if tokenizer is not None else None)
+        hf.update(architectures=["GPT2ForSequenceClassification"], pad_token_id=hf["eos_token_id"])
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        state = qatune_to_hf(model.transformer)
+        state[SCORE_KEY] = model.score.weight.detach().cpu().contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out_dir
+
+
+def load_reward_model(name_or_path: str | os.PathLike) -> RewardModel:
+    """A reward model from a GPT2ForSequenceClassification folder (num_labels=1)."""
+    folder = resolve_checkpoint_dir(name_or_path)
+    hf = json.loads((folder / "config.json").read_text())
+    labels = hf.get("num_labels", len(hf.get("id2label") or {}) or None)
+    if labels not in (None, 1) or "GPT2ForSequenceClassification" not in (hf.get("architectures") or []):
+        raise CheckpointError(f"{folder} is not a reward model (a GPT2ForSequenceClassification with num_labels=1)")
+    state = read_hf_state_dict(folder)
+    if SCORE_KEY not in state:
+        raise CheckpointError(f"{folder}: tensor {SCORE_KEY!r} (the reward head) is missing")
+    score = state.pop(SCORE_KEY)
+    with torch.device("meta"):
+        model = RewardModel(GPT2(config_from_hf(hf)))
+    backbone = hf_to_qatune(state, model.transformer, source=str(folder))
+    model.load_state_dict({**{f"transformer.{k}": v for k, v in backbone.items()}, SCORE_KEY: score}, assign=True)
+    return model.float()
+
+
+def is_reward_model(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    return "GPT2ForSequenceClassification" in (json.loads(config.read_text()).get("architectures") or [])

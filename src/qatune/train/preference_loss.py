@@ -1,0 +1,132 @@
+"""The losses and metrics of preference tuning, on sequence log-probabilities and scores.
+
+DPO (Rafailov et al. 2023). With log-ratios rho = log pi(y|x) - log pi_ref(y|x) of the chosen (w)
+and rejected (l) responses and delta = rho_w - rho_l:
+
+- sigmoid:  -log sigma(beta delta)
+- sigmoid with label_smoothing eps (conservative DPO, Mitchell 2023: the label is wrong with
+  probability eps): -(1 - eps) log sigma(beta delta) - eps log sigma(-beta delta)
+- ipo (Azar et al. 2023): (delta' - 1 / (2 beta))^2 with delta' the log-ratios divided by each
+  response's token count, as TRL computes it (confirmed there with the IPO authors)
+
+Metrics as TRL defines them: rewards beta * rho for chosen and rejected, reward accuracy = share of
+pairs with chosen reward > rejected reward (strictly: a tie counts as wrong, so a policy equal to
+its reference scores 0), margin = mean(chosen reward - rejected reward), the policy's log-probs of
+each response. The implicit KL estimate is TRL's (KTO's) one: the mean sequence log-ratio
+log pi/pi_ref over the responses, floored at 0 — measured on the data, not on samples of pi.
+
+Reward model: Bradley-Terry, -log sigma(s_w - s_l - m) with an optional margin m per pair, plus
+TRL's optional centering term c (s_w + s_l)^2 (Eisenstein et al. 2023) that keeps scores near 0.
+
+Every function returns per-pair values; metric helpers return SUMS over the pairs, so that
+micro-batches, accumulation and ranks add up and the runtime divides once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1  # strength of the KL anchor; IPO's tau
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0  # conservative DPO's eps (sigmoid loss only), in [0, 0.5)
+    # Reference log-probs: computed once for the whole data set before training (cached in the
+    # run folder, reused on resume) instead of a reference forward in every step.
+    precompute_reference: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in DPO_LOSSES:
+            raise ValueError(f"dpo.loss: {self.loss!r} is not one of {', '.join(DPO_LOSSES)}")
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ValueError("dpo.label_smoothing applies to the sigmoid loss only")
+
+
+@dataclass
+class RewardConfig:
+    center_coefficient: float = 0.0  # c in c (s_w + s_l)^2; TRL recommends 0.01 when used
+
+
+def dpo_losses(
+    chosen_logratio: torch.Tensor,
+    rejected_logratio: torch.Tensor,
+    cfg: DPOConfig,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pair DPO losses (P,) from the log-ratios (P,) of chosen and rejected responses."""
+    if cfg.loss == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the IPO loss needs the token count of each response")
+        delta = chosen_logratio / chosen_tokens.clamp(min=1) - rejected_logratio / rejected_tokens.clamp(min=1)
+        return (delta - 1 / (2 * cfg.beta)) ** 2
+    z = cfg.beta * (chosen_logratio - rejected_logratio)
+    if cfg.label_smoothing:
+        return -(1 - cfg.label_smoothing) * F.logsigmoid(z) - cfg.label_smoothing * F.logsigmoid(-z)
+    return -F.logsigmoid(z)
+
+
+def dpo_metric_sums(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    """Sums over the pairs of a batch; sequences interleaved (2k chosen, 2k+1 rejected), detached."""
+    policy_logps, ref_logps = policy_logps.detach().float(), ref_logps.float()
+    rewards = beta * (policy_logps - ref_logps)
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    return {
+        "reward_accuracy": (chosen > rejected).float().sum(),
+        "margin": (chosen - rejected).sum(),
+        "reward_chosen": chosen.sum(),
+        "reward_rejected": rejected.sum(),
+        "logp_chosen": policy_logps[0::2].sum(),
+        "logp_rejected": policy_logps[1::2].sum(),
+        "logratio": (policy_logps - ref_logps).view(-1, 2).mean(1).sum(),  # per pair, mean of its two
+    }
+
+
+def dpo_summary(totals: dict[str, float], pairs: int) -> dict[str, float]:
+    """Summed metrics -> the logged means (per pair); `kl` floored at 0 as TRL's KTO does."""
+    out = {k: v / pairs for k, v in totals.items() if k != "logratio"}
+    if "logratio" in totals:
+        out["kl"] = max(0.0, totals["logratio"] / pairs)
+    return out
+
+
+def bradley_terry_losses(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center: float = 0.0
+) -> torch.Tensor:
+    """Per-pair reward-model losses (P,) from the scores (P,) of chosen and rejected responses."""
+    diff = chosen - rejected if margin is None else chosen - rejected - margin
+    loss = -F.logsigmoid(diff)
+    if center:
+        loss = loss + center * (chosen + rejected) ** 2
+    return loss
+
+
+def reward_metric_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    chosen, rejected = chosen.detach().float(), rejected.detach().float()
+    scores = torch.cat([chosen, rejected])
+    return {
+        "accuracy": (chosen > rejected).float().sum(),
+        "margin": (chosen - rejected).sum(),
+        "score_chosen": chosen.sum(),
+        "score_rejected": rejected.sum(),
+        "score_sq": (scores**2).sum() / 2,  # per pair, for the spread of the scores
+    }
+
+
+def reward_summary(totals: dict[str, float], pairs: int) -> dict[str, float]:
+    out = {k: v / pairs for k, v in totals.items() if k != "score_sq"}
+    if "score_sq" in totals:
+        mean = (totals["score_chosen"] + totals["score_rejected"]) / (2 * pairs)
+        out["score_std"] = max(0.0, totals["score_sq"] / pairs - mean * mean) ** 0.5
+    return out
