@@ -88,7 +88,7 @@ def test_chat_page_streams_the_greedy_answer(make_tiny_run, browser):
         page.close()
 
 
-def test_chat_page_asks_for_the_api_key(make_tiny_run, browser):
+def test_chat_page_asks_for_the_api_key_and_keeps_a_long_chat_in_the_context(make_tiny_run, browser):
     with ServerThread(make_tiny_run("plain"), "--api-key", "s3cret") as s:
         page = browser.new_page()
         page.goto(s.url + "/")
@@ -97,6 +97,12 @@ def test_chat_page_asks_for_the_api_key(make_tiny_run, browser):
         page.fill("#api-key", "s3cret")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function(f"document.getElementById('model-name').textContent.startsWith('{s.served.name} ')")
-        page.fill("#max-tokens", "4")
-        assert ask(page, "hi", 0)
+        assert page.input_value("#max-tokens") == "64"  # half the 128-token context
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "40")
+        long_question = "Tell me everything about the history of the city of Rome, please, " * 2  # 35 tokens
+        for turn in range(3):  # from turn 2 on, the previous exchange (35 + 41) does not fit beside the new one
+            assert ask(page, long_question, turn)
+        assert page.locator(".note", has_text="dropped the 1 oldest exchange(s) to fit the context").count() == 2
+        assert page.locator(".msg.error").count() == 0
         page.close()
