@@ -12,15 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from qatune.cli.common import (
-    add_device_option,
-    add_tokenizer_option,
-    load_model,
-    load_tokenizer_for,
-    pick_device,
-    read_meta,
-    resolve_model_path,
-)
+from qatune.cli.common import add_device_option, add_tokenizer_option
+from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+from qatune.utils.device import default_device
 
 API_KEY_ENV = "QATUNE_API_KEY"
 
@@ -80,7 +74,7 @@ def build_server(args: argparse.Namespace):
         torch.set_num_threads(args.threads)
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
-    model = load_model(args.model, pick_device(args.device))
+    model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     config = model.config
     served = ServedModel(
