@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tests.toy_method import NAME as TOY
+from tests.toy_method import register as register_toy_method
 
 from qatune.config import load_config
 from qatune.model.gpt2 import GPT2Config
@@ -43,6 +45,7 @@ threads: 1
 tensorboard: false
 plots: false
 """
+register_toy_method()  # at import: the spawned workers import this module too
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)  # 50257 rows: uneven shards
 # The same global batch: 2 ranks x accumulation 1 (the YAML) = 1 process x accumulation 2. Steps
 # take examples in one shuffled order, so 2 ranks x 2 micro-batches of 2 examples hold the same 8
@@ -114,9 +117,34 @@ def _fsdp_state_bytes(out: Path, rank: int) -> None:
     (out / f"bytes_rank{rank}.json").write_text(json.dumps(counted))
 
 
+def _count_fsdp_reduces(out: Path, rank: int) -> None:
+    """Gradient reductions of one FSDP step with 4 micro-batches (one per FSDP group expected)."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
+    from qatune.data.batching import collate
+    from qatune.data.example import EncodedExample
+    from qatune.model.gpt2 import GPT2
+    from qatune.train.distributed import FSDPConfig, wrap_fsdp
+    from qatune.train.methods.sft import SFT
+    from qatune.train.step import Precision, accumulate
+
+    torch.manual_seed(0)
+    model = wrap_fsdp(GPT2(TINY), FSDPConfig())
+    calls, real = [0], param_group.foreach_reduce
+    param_group.foreach_reduce = lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real(*a, **k)
+    ids = torch.randint(0, TINY.vocab_size, (24,)).tolist()
+    micro = [collate([[EncodedExample(ids, [-100] * 10 + ids[10:], "t")]], 0) for _ in range(4)]
+    try:
+        accumulate(model, SFT.stepper(), micro, Precision("fp32", torch.device("cpu")))
+    finally:
+        param_group.foreach_reduce = real
+    (out / f"reduces_rank{rank}.json").write_text(json.dumps({"reduces": calls[0], "groups": TINY.n_layer + 1}))
+
+
 def _worker(rank: int, cfg_path: str, ports: list[int]) -> None:
     cfg_path = Path(cfg_path)
     jobs = [("ddp", DDP, False), ("fsdp_resumed", FSDP, True), ("fsdp_offload", FSDP_OFFLOAD, False)]
+    jobs.append(("toy_ddp", [*DDP, f"method={TOY}"], False))
     for (name, overrides, resume), port in zip(jobs, ports, strict=False):
         env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         os.environ.update({k: str(v) for k, v in env.items()})
@@ -127,6 +155,7 @@ def _worker(rank: int, cfg_path: str, ports: list[int]) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         _fsdp_state_bytes(cfg_path.parent, rank)
+        _count_fsdp_reduces(cfg_path.parent, rank)
     finally:
         dist.destroy_process_group()
 
@@ -153,7 +182,8 @@ def runs(tmp_path_factory, tokenizer_dir) -> Path:
 
     _resume_copy(root / "runs", "fsdp", "fsdp_resumed")
     _resume_copy(root / "runs", "fsdp", "one_rank_resumed")
-    mp.spawn(_worker, args=(str(cfg), [_free_port() for _ in range(4)]), nprocs=2, join=True)
+    _train(cfg, "toy_single", [*SINGLE, f"method={TOY}"])
+    mp.spawn(_worker, args=(str(cfg), [_free_port() for _ in range(5)]), nprocs=2, join=True)
     # The 2-rank checkpoint on 1 process: same global batch, both micro-batches of each step here.
     _train(cfg, "one_rank_resumed", ["strategy=none"], resume=True)
     return root
@@ -235,3 +265,22 @@ def test_fsdp_per_rank_bytes_match_the_planner(runs):
     # ZeRO-3 really shards: each rank holds about half of the unsharded parameter bytes.
     whole = per_rank_state_bytes(TINY, 1, 0)["params"]
     assert abs(counted["local"]["params"] - whole / 2) < 0.01 * whole
+
+
+@pytest.mark.slow
+def test_a_second_method_runs_under_ddp_with_no_runtime_change(runs):
+    ref, got = _metrics(runs, "toy_single"), _metrics(runs, "toy_ddp")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5) and b["prompt_tokens"] == a["prompt_tokens"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    ref_w, got_w = _weights(runs, "toy_single"), _weights(runs, "toy_ddp")
+    assert all((got_w[k] - ref_w[k]).abs().max() <= 1e-5 for k in ref_w)
+    assert ref[-1]["loss"] < ref[0]["loss"]
+
+
+@pytest.mark.slow
+def test_fsdp_reduces_gradients_once_per_step_not_per_micro_batch(runs):
+    for rank in range(2):
+        counted = json.loads((runs / f"reduces_rank{rank}.json").read_text())
+        assert counted["reduces"] == counted["groups"]  # 4 micro-batches, one reduce-scatter per FSDP group

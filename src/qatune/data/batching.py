@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,17 +30,23 @@ class Batch:
     n_tokens: int  # real (non-padding) tokens
     n_label_tokens: int
 
+    label_index: torch.Tensor | None = None  # flat positions of the labels, set by `to` (see there)
+
+    def _map(self, fn) -> Batch:
+        tensors = (self.input_ids, self.targets, self.position_ids, self.doc_ids, self.label_index)
+        ids, targets, pos, docs, index = (None if t is None else fn(t) for t in tensors)
+        return Batch(ids, targets, pos, docs, self.n_examples, self.n_tokens, self.n_label_tokens, index)
+
     def to(self, device) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Batch(
-            move(self.input_ids),
-            move(self.targets),
-            move(self.position_ids),
-            move(self.doc_ids),
-            self.n_examples,
-            self.n_tokens,
-            self.n_label_tokens,
-        )
+        """The batch on `device`, with `label_index` computed here from the host's targets: the
+        loss then gathers its rows with `index_select`, which never waits for the device (a
+        boolean mask on a GPU tensor would: its output size is only known there)."""
+        batch = self if self.targets.is_cuda else replace(self, label_index=labelled_positions(self.targets))
+        return batch._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked host copies, so that `to(cuda)` runs asynchronously."""
+        return self._map(lambda t: t.pin_memory())
 
     @property
     def count(self) -> int:
@@ -50,6 +56,11 @@ class Batch:
     @property
     def padding_fraction(self) -> float:
         return 1.0 - self.n_tokens / self.input_ids.numel()
+
+
+def labelled_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Flat indices (into targets.flatten()) of the positions that carry a label."""
+    return (targets.flatten() != IGNORE).nonzero().squeeze(1)
 
 
 def pack_bins(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -169,7 +169,9 @@ class GPT2(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        if position_ids.max() >= self.config.n_positions:
+        # Checked on host tensors only: on a GPU, .max() would make the host wait for the device
+        # every forward (training batches are checked when they are built).
+        if position_ids.device.type == "cpu" and position_ids.max() >= self.config.n_positions:
             raise ValueError(f"position {int(position_ids.max())} exceeds the context of {self.config.n_positions}")
         mask = self._attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))

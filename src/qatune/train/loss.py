@@ -61,8 +61,13 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def select_labelled(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden rows (N, d) and targets (N,) of positions that carry a label."""
+def select_labelled(
+    hidden: torch.Tensor, targets: torch.Tensor, index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden rows (N, d) and targets (N,) of positions that carry a label; `index` (their
+    flat positions, known when the batch was built) avoids a boolean mask's device sync."""
+    if index is not None:
+        return hidden.flatten(0, -2).index_select(0, index), targets.flatten().index_select(0, index)
     keep = targets != IGNORE
     return hidden[keep], targets[keep]
 
@@ -73,14 +78,16 @@ def response_loss_sum(
     targets: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK,
     compute_dtype: torch.dtype | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over labelled positions, number of labelled positions).
 
     hidden: (..., d) final hidden states; targets: (...) shifted targets, IGNORE where no loss.
     compute_dtype: dtype of the head's matmuls (bf16/fp16 under mixed precision); the softmax and
     the sum are always fp32.
+    index: flat positions of the labelled targets (`Batch.label_index`), when known.
     """
-    h, t = select_labelled(hidden, targets)
+    h, t = select_labelled(hidden, targets, index)
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     if not torch.is_grad_enabled():

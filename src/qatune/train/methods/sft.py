@@ -88,7 +88,7 @@ class SFT(Method):
     def step(self, model, batch: Batch, monitor: bool = False) -> StepOutput:
         hidden = model(**model_inputs(batch))
         weight = lm_weight(model)
-        loss_sum, _ = response_loss_sum(hidden, weight, batch.targets, self.chunk_size)
+        loss_sum, _ = response_loss_sum(hidden, weight, batch.targets, self.chunk_size, index=batch.label_index)
         metrics = {}
         if monitor:  # before backward: FSDP reshards the root's weights after it
             with torch.no_grad():
