@@ -21,6 +21,7 @@ from qatune.analysis.memory import (
     shard_numel,
 )
 from qatune.analysis.setup import PlanSetup
+from qatune.data.batching import labelled_positions
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.lora import LoRAConfig, apply_lora
 from qatune.train.loss import response_loss_sum
@@ -113,7 +114,7 @@ def test_full_logits_cost_the_vocabulary_per_position():
     E, V, d = 1024, 50257, 1280
     assert full.saved["loss: logits (held by the caller)"] == E * V * 2
     assert full.saved["loss: fp32 log-softmax"] == E * V * 4
-    assert chunked.saved["loss: label mask, grad_h, grad_w"] == E + 512 * d * 4 + V * d * 4
+    assert chunked.saved["loss: label index, grad_h, grad_w"] == 512 * 8 + 512 * d * 4 + V * d * 4
     # At micro-batch 1 the fused loss's V x d gradient buffer is as large as the logits; at 8 rows
     # of 1024 the full logits cost gigabytes more at the end of forward.
     eight = s.with_(micro_batch=8)
@@ -173,11 +174,12 @@ def test_lora_activations_within_5_percent(precision, targets):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             hidden = model(batch["input_ids"], batch["position_ids"])
         ledger.phase = "loss"
-        response_loss_sum(hidden, model.wte.weight, batch["targets"], compute_dtype=dtype)
+        index = labelled_positions(batch["targets"])  # as training gathers its label rows
+        response_loss_sum(hidden, model.wte.weight, batch["targets"], compute_dtype=dtype, index=index)
     plan = plan_activations(s)
     # Frozen weights' 16-bit copies have no autograd history, so the ledger cannot tell them from
     # activations: compare everything the model saves.
     measured = ledger.total("model") + ledger.total("weight copies")
-    predicted = plan.total + plan.weight_copies_saved - plan.saved["loss: label mask, grad_h, grad_w"]
+    predicted = plan.total + plan.weight_copies_saved - plan.saved["loss: label index, grad_h, grad_w"]
     assert predicted == pytest.approx(measured, rel=0.05)
-    assert plan.saved["loss: label mask, grad_h, grad_w"] == ledger.total("loss")  # no V x d grad_w: head frozen
+    assert plan.saved["loss: label index, grad_h, grad_w"] == ledger.total("loss")  # no V x d grad_w: head frozen

@@ -41,7 +41,8 @@ Under autocast the 16-bit copies of the four matmul weights are saved too (12*d^
 weight-sized, not batch-sized, and reported on their own line. Dropout masks are not modelled
 (qatune's fine-tuning default is dropout 0).
 
-The loss: `response_loss_sum` keeps a (B, T) bool selection mask, grad_h (N x d, dtype of h) and
+The loss: `response_loss_sum` keeps the N label positions (int64, gathered with `index_select` from
+`Batch.label_index`: no device sync, unlike a bool mask), grad_h (N x d, dtype of h) and
 grad_w (V x d, fp32), never a logits tensor; during its forward one chunk of logits lives at a time.
 The "full logits" alternative (what `transformers` does) keeps B*T*V logits in the caller plus the
 fp32 log-softmax that cross-entropy saves, and needs a logits-sized gradient in backward.
@@ -127,7 +128,8 @@ def loss_saved(s: PlanSetup) -> dict[str, int]:
     E, d, V = s.tokens, s.config.n_embd, s.config.vocab_size
     if s.loss == "chunked":
         grad_w = 0 if s.lora_r else V * d * 4  # a frozen (tied) head gets no gradient buffer
-        return {"loss: label mask, grad_h, grad_w": E + s.label_tokens * d * s.prec.residual + grad_w}
+        index = s.label_tokens * 8  # int64 positions of the labels (index_select saves them for backward)
+        return {"loss: label index, grad_h, grad_w": index + s.label_tokens * d * s.prec.residual + grad_w}
     return {
         "loss: head input": E * d * s.prec.act,
         "loss: logits (held by the caller)": E * V * s.prec.act,
