@@ -53,7 +53,7 @@ TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50
 # reduce-scatter into the sharded gradients).
 SINGLE = ["strategy=none", "batch.accumulation=2"]
 ACCUMULATE = ["batch.size=2", "batch.accumulation=2"]
-DDP = ["strategy=ddp", *ACCUMULATE]
+DDP = ["strategy=ddp", *ACCUMULATE, "tracking=[mlflow]"]  # only rank 0 may log: one MLflow run
 FSDP = ["strategy=fsdp"]
 FSDP_OFFLOAD = [*FSDP, *ACCUMULATE, "fsdp.cpu_offload=true", "activation_checkpointing=true"]
 FSDP_OFFLOAD += ["fsdp.reshard_after_forward=false"]
@@ -220,6 +220,18 @@ def _assert_close_runs(runs: Path, name: str, steps=range(4)) -> None:
 @pytest.mark.parametrize("name", ["fsdp", "ddp", "fsdp_offload"])
 def test_two_ranks_match_one_process_with_the_same_global_batch(runs, name):
     _assert_close_runs(runs, name)
+
+
+@pytest.mark.slow
+def test_only_rank_0_logs_to_the_tracker(runs, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((runs / "runs" / "mlruns").as_uri())
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "ddp" and run.data.params["strategy"] == "ddp"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert losses == [r["loss"] for r in _metrics(runs, "ddp")]
 
 
 @pytest.mark.slow

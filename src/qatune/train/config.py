@@ -81,10 +81,19 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 500  # optimizer steps between checkpoints; 0 = only the final one
     keep_checkpoints: int = 3
-    tensorboard: bool = True
+    # Experiment trackers besides metrics.jsonl: tensorboard, mlflow, wandb (see train/tracking.py).
+    tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    tensorboard: bool = True  # false drops tensorboard from `tracking` (the older switch, kept for old configs)
     plots: bool = True
     export: bool = True  # write <run>/export (a Hugging Face folder) at the end
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and self.max_steps is None:
             raise ValueError("set epochs >= 1 or max_steps")
+        if len(set(self.tracking)) != len(self.tracking):
+            raise ValueError(f"tracking: {self.tracking} names a tracker twice")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run logs to: `tracking`, less tensorboard when `tensorboard` is false."""
+        return [t for t in self.tracking if t != "tensorboard" or self.tensorboard]

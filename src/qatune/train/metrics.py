@@ -1,4 +1,5 @@
-"""Per-step metrics: `metrics.jsonl` (one JSON object per line) and TensorBoard events.
+"""Per-step metrics: `metrics.jsonl` (one JSON object per line), and the same records to the
+experiment trackers the config names (TensorBoard by default; MLflow, W&B: `train/tracking.py`).
 
 Lines are appended and flushed one whole line at a time while training. On `--resume` the file
 is rewritten atomically with only the lines up to the checkpoint's step, so the steps a killed
@@ -37,38 +38,37 @@ def _clean(record: dict) -> dict:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int | None = None,
+        tracking: list[str] | tuple[str, ...] = ("tensorboard",),
+        config: dict | None = None,
+    ) -> None:
+        """`tracking`: tracker names (see `qatune.train.tracking`); `config`: the resolved config,
+        which MLflow and W&B record as the run's parameters."""
+        from qatune.train.tracking import make_trackers
+
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
         if resume_step is not None:
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the run)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+        self._trackers = make_trackers(list(tracking), self.run_dir, resume_step, config)
 
     def log(self, record: dict, prefix: str = "train") -> None:
         record = _clean(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    group = "eval" if key.startswith("eval_") else prefix
-                    self._tb.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
-                elif isinstance(value, bool):
-                    self._tb.add_scalar(f"{prefix}/{key}", int(value), step)
-                elif isinstance(value, dict):  # e.g. grad_norm_layers: one scalar per layer
-                    for sub, v in value.items():
-                        if isinstance(v, (int, float)) and v is not None:
-                            self._tb.add_scalar(f"{key}/{sub}", v, step)
+        for tracker in self._trackers:
+            tracker.log(record, prefix)
 
     def close(self) -> None:
+        """Close the file and the trackers; MLflow and W&B take the plots folder as artifacts (so
+        the runtime closes the logger after writing the final plots)."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close(self.run_dir / "plots")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from qatune.config import dump_yaml
+from qatune.config import dump_yaml, to_dict
 from qatune.data.example import EncodedExample
 from qatune.errors import RunError, TrainingStopped
 from qatune.model.checkpoint import build_model
@@ -244,7 +244,7 @@ class _Run:
         if ctx.is_main:
             write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
             resume_step = self.start if self.resume else None
-            logger = MetricsLogger(self.run_dir, resume_step=resume_step, tensorboard=cfg.tensorboard)
+            logger = MetricsLogger(self.run_dir, resume_step, cfg.trackers, to_dict(cfg))
         history: list[dict] = []
         self.clip_history = _clip_window(self.run_dir, self.start, cfg.monitor.clip_window, self.resume and ctx.is_main)
         final_eval: dict = {}
@@ -272,12 +272,12 @@ class _Run:
                         self._stop(done, record["elapsed"], signum)
                     if cfg.save_every and done % cfg.save_every == 0 and not last:
                         self._checkpoint(done, record["elapsed"])
+            return self._finish(final_eval, history)
         finally:
             batches.close()
             bar.close()
-            if logger:
+            if logger:  # after _finish: the trackers take the final plots as artifacts
                 logger.close()
-        return self._finish(final_eval, history)
 
     def _train_step(self, step: int, micro: list) -> dict:
         """One optimizer step over this rank's micro-batches; returns its metrics record."""
