@@ -14,7 +14,13 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_configs_are_shipped():
     names = {p.name for p in CONFIGS}
-    assert {"gpt2-large-sft.yaml", "gpt2-medium-sft.yaml", "gpt2-sft.yaml", "tiny-cpu.yaml"} <= names
+    assert {
+        "gpt2-large-sft.yaml",
+        "gpt2-large-lora.yaml",
+        "gpt2-medium-sft.yaml",
+        "gpt2-sft.yaml",
+        "tiny-cpu.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -33,6 +39,32 @@ def test_gpt2_large_is_the_seeds_setting():
     assert cfg.optim.grad_clip == 1.0 and cfg.precision == "bf16"
     assert cfg.batch.accumulation > 1 and cfg.activation_checkpointing
     assert cfg.optim.betas == (0.9, 0.95)
+
+
+def test_gpt2_large_lora_fits_16_gb_as_planned():
+    """The LoRA config's comment quotes `qatune plan`; the plan of what it trains fits 16 GB."""
+    from qatune.analysis.memory import plan_memory
+    from qatune.analysis.setup import PlanSetup
+    from qatune.model.gpt2 import SIZES
+
+    cfg = load_config(TrainConfig, CONFIGS[0].with_name("gpt2-large-lora.yaml"))
+    lora = cfg.model.lora
+    assert cfg.model.name == "gpt2-large" and lora is not None and lora.r == 16
+    rows = cfg.batch.size // cfg.data.max_len
+    s = PlanSetup(
+        SIZES["gpt2-large"],
+        seq_len=cfg.data.max_len,
+        micro_batch=rows,
+        precision=cfg.precision,
+        checkpointing=cfg.activation_checkpointing,
+        packed=cfg.batch.strategy == "packed",
+        lora_r=lora.r,
+        lora_targets=tuple(lora.targets),
+        device="cuda",
+    )
+    need = plan_memory(s).total_with_allowance
+    assert need <= 16e9
+    assert f"{need / 1e9:.1f} GB per GPU" in CONFIGS[0].with_name("gpt2-large-lora.yaml").read_text()
 
 
 def test_overrides_and_unknown_keys():

@@ -165,8 +165,16 @@ def _weight_copies(s: PlanSetup) -> int:
     copies = 12 * c.n_embd**2 * a * c.n_layer
     if s.lora_r:
         copies -= 3 * c.n_embd**2 * a  # block 0's frozen c_attn: its input needs no gradient
-        copies += s.lora_r * a * c.n_layer * sum(_LORA_FANS[t](c.n_embd) for t in s.lora_targets)
+        copies += _lora_copies(s)
     return copies
+
+
+def _lora_copies(s: PlanSetup) -> int:
+    """Autocast's 16-bit copies of the LoRA factors A and B of every adapted matrix."""
+    if not s.prec.autocast:
+        return 0
+    c = s.config
+    return s.lora_r * s.prec.act * c.n_layer * sum(_LORA_FANS[t](c.n_embd) for t in s.lora_targets)
 
 
 # in + out features of each LoRA-targetable matrix, as a function of d.
@@ -196,11 +204,17 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     saved.update(loss_saved(s))
     loss_fwd, loss_bwd = loss_transients(s)
     weight_copies = _weight_copies(s)
+    # Autocast caches only the casts of leaf tensors that require grad. Under checkpointing nothing
+    # is saved, so what stays alive to the end of forward is that cache: all block weights for
+    # full fine-tuning, only the adapters' factors with LoRA (a frozen weight's copy is made and
+    # freed per matmul; measured on gpt2: +170 MB at the end of a checkpointed bf16 forward for
+    # full fine-tuning, +0 MB with LoRA).
+    cached = _lora_copies(s) if s.lora_r else weight_copies
     one_block = sum(per_block.values()) + 12 * d * d * s.prec.act * s.prec.autocast
     return ActivationPlan(
         per_block=per_block,
         saved=saved,
-        weight_copies=weight_copies,
+        weight_copies=cached if s.checkpointing else weight_copies,
         weight_copies_saved=0 if s.checkpointing else weight_copies,
         recompute=one_block if s.checkpointing else 0,
         loss_transient=loss_fwd,

@@ -269,7 +269,7 @@ def advice(s: PlanSetup, capacity: int, where: str) -> list[str]:
         ("ZeRO-3 on 2 GPUs", dict(zero=3, gpus=max(2, s.gpus))),
         ("ZeRO-3 on 8 GPUs", dict(zero=3, gpus=max(8, s.gpus))),
         ("CPU offload of optimizer state", dict(zero=max(s.zero, 1), offload="optimizer")),
-        ("LoRA r=16 on attention", dict(lora_r=16)),
+        ("LoRA r=16 on attention", dict(lora_r=16, lora_targets=("attn.c_attn", "attn.c_proj"))),
     ]
     tries = [(label, change) for label, change in tries if any(getattr(s, k) != v for k, v in change.items())]
     for label, change in tries:  # one change alone

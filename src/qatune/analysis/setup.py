@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from qatune.model.gpt2 import GPT2Config
+from qatune.model.lora import TARGETS
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ OPTIMIZERS: dict[str, tuple[float, str]] = {
 OFFLOADS = ("none", "optimizer", "all")
 LOSSES = ("chunked", "full")
 ATTENTION = ("flash", "efficient", "math")
-# Matrices LoRA can adapt, by their name inside a block.
-LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# Matrices LoRA can adapt, by their name inside a block (the default adapts all four, as training does).
+LORA_TARGETS = TARGETS
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class PlanSetup:
     offload: str = "none"  # "optimizer": optimizer state (+ master, + sharded grads) on the host; "all": + params
     checkpointing: bool = False
     lora_r: int = 0  # 0 = full fine-tuning
-    lora_targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     loss: str = "chunked"  # "chunked": our response-only fused loss; "full": B x T x V logits
     label_fraction: float = 0.5  # share of positions that carry a label (the response)
     packed: bool = False  # rows hold several examples: a (B, 1, T, T) block-causal mask is built

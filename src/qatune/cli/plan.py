@@ -38,7 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing of every block")
     p.add_argument("--offload", default="none", choices=list(OFFLOADS), help="CPU offload (optimizer, or all)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
-    p.add_argument("--lora-targets", default="attn.c_attn,attn.c_proj", help=f"among {','.join(LORA_TARGETS)}")
+    p.add_argument(
+        "--lora-targets", default=",".join(LORA_TARGETS), help=f"among {','.join(LORA_TARGETS)} (default: all)"
+    )
     p.add_argument("--loss", default="chunked", choices=list(LOSSES), help="chunked response-only, or full logits")
     p.add_argument("--label-fraction", type=float, default=0.5, help="share of positions with a label")
     p.add_argument("--packed", action="store_true", help="packed rows (block-causal mask)")
