@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from tests.toy_method import register as register_toy_method
 
 from qatune.config import load_config
 from qatune.model.gpt2 import GPT2Config
+from qatune.model.lora import TARGETS as LORA_TARGETS
 from qatune.train.config import TrainConfig
 from qatune.train.dist_checkpoint import is_sharded, saved_world_size
 from qatune.train.metrics import read_metrics
@@ -57,6 +59,8 @@ DDP = ["strategy=ddp", *ACCUMULATE, "tracking=[mlflow]"]  # only rank 0 may log:
 FSDP = ["strategy=fsdp"]
 FSDP_OFFLOAD = [*FSDP, *ACCUMULATE, "fsdp.cpu_offload=true", "activation_checkpointing=true"]
 FSDP_OFFLOAD += ["fsdp.reshard_after_forward=false"]
+# LoRA on the random base (frozen, rebuilt from the seed on every rank and on resume).
+LORA = ["model.lora.r=4", "model.lora.alpha=8", "optim.lr=3e-2"]
 
 
 def _free_port() -> int:
@@ -145,9 +149,19 @@ def _worker(rank: int, cfg_path: str, ports: list[int]) -> None:
     cfg_path = Path(cfg_path)
     jobs = [("ddp", DDP, False), ("fsdp_resumed", FSDP, True), ("fsdp_offload", FSDP_OFFLOAD, False)]
     jobs.append(("toy_ddp", [*DDP, f"method={TOY}"], False))
+    jobs += [("ddp_lora", [*DDP, *LORA], False), ("fsdp_lora", [*FSDP, *LORA], False)]
+    jobs += [("fsdp_lora_resumed", [*FSDP, *LORA], True)]
+    runs = cfg_path.parent / "runs"
     for (name, overrides, resume), port in zip(jobs, ports, strict=False):
         env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         os.environ.update({k: str(v) for k, v in env.items()})
+        if name == "fsdp_lora_resumed":  # rank 0 prepares the copy, rank 1 waits for it
+            ready = runs / "fsdp_lora_resumed.ready"
+            if rank == 0:
+                _resume_copy(runs, "fsdp_lora", name)
+                ready.touch()
+            while not ready.exists():
+                time.sleep(0.05)
         _train(cfg_path, name, overrides, resume)
     import torch.distributed as dist
 
@@ -173,6 +187,7 @@ def runs(tmp_path_factory, tokenizer_dir) -> Path:
     cfg = root / "run.yaml"
     cfg.write_text(CONFIG.format(out=root / "runs", tok=tokenizer_dir, data=data))
     _train(cfg, "single", SINGLE)
+    _train(cfg, "single_lora", [*SINGLE, *LORA])
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "qatune", "train", str(cfg), "name=fsdp", *FSDP, "--no-progress"]
@@ -183,7 +198,7 @@ def runs(tmp_path_factory, tokenizer_dir) -> Path:
     _resume_copy(root / "runs", "fsdp", "fsdp_resumed")
     _resume_copy(root / "runs", "fsdp", "one_rank_resumed")
     _train(cfg, "toy_single", [*SINGLE, f"method={TOY}"])
-    mp.spawn(_worker, args=(str(cfg), [_free_port() for _ in range(5)]), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(cfg), [_free_port() for _ in range(8)]), nprocs=2, join=True)
     # The 2-rank checkpoint on 1 process: same global batch, both micro-batches of each step here.
     _train(cfg, "one_rank_resumed", ["strategy=none"], resume=True)
     return root
@@ -197,8 +212,8 @@ def _weights(runs: Path, name: str) -> dict[str, torch.Tensor]:
     return load_file(runs / "runs" / name / "export" / "model.safetensors")
 
 
-def _assert_close_runs(runs: Path, name: str, steps=range(4)) -> None:
-    ref, got = _metrics(runs, "single"), _metrics(runs, name)
+def _assert_close_runs(runs: Path, name: str, steps=range(4), single: str = "single") -> None:
+    ref, got = _metrics(runs, single), _metrics(runs, name)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for i in steps:
         assert got[i]["loss"] == pytest.approx(ref[i]["loss"], rel=1e-5), (name, i)
@@ -208,7 +223,7 @@ def _assert_close_runs(runs: Path, name: str, steps=range(4)) -> None:
         if "eval_loss" in ref[i]:
             assert got[i]["eval_loss"] == pytest.approx(ref[i]["eval_loss"], rel=1e-5)
             assert got[i]["eval_label_tokens"] == ref[i]["eval_label_tokens"]
-    ref_w, got_w = _weights(runs, "single"), _weights(runs, name)
+    ref_w, got_w = _weights(runs, single), _weights(runs, name)
     assert ref_w.keys() == got_w.keys()
     for key in ref_w:
         assert got_w[key].dtype == torch.float32 and got_w[key].shape == ref_w[key].shape
@@ -298,3 +313,28 @@ def test_fsdp_reduces_gradients_once_per_step_not_per_micro_batch(runs):
     for rank in range(2):
         counted = json.loads((runs / f"reduces_rank{rank}.json").read_text())
         assert counted["reduces"] == counted["groups"]  # 4 micro-batches, one reduce-scatter per FSDP group
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ddp_lora", "fsdp_lora"])
+def test_lora_on_two_ranks_matches_one_process(runs, name):
+    _assert_close_runs(runs, name, single="single_lora")
+    a = load_file(runs / "runs" / "single_lora" / "adapter" / "adapter_model.safetensors")
+    b = load_file(runs / "runs" / name / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
+
+
+@pytest.mark.slow
+def test_lora_sharded_checkpoint_holds_the_adapters_and_resumes_identically(runs):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    step2 = runs / "runs" / "fsdp_lora" / "checkpoints" / "step_00000002"
+    saved = FileSystemReader(str(step2 / "dcp")).read_metadata().state_dict_metadata
+    model_keys = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    assert model_keys == {f"h.{i}.{t}.lora_{ab}.weight" for i in range(2) for t in LORA_TARGETS for ab in "AB"}
+    full, resumed = _metrics(runs, "fsdp_lora"), _metrics(runs, "fsdp_lora_resumed")
+    assert [(r["loss"], r["grad_norm"]) for r in resumed] == [(r["loss"], r["grad_norm"]) for r in full]
+    for folder, file in (("export", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+        a = load_file(runs / "runs" / "fsdp_lora" / folder / file)
+        b = load_file(runs / "runs" / "fsdp_lora_resumed" / folder / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

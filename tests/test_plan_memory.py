@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qatune.analysis.activations import plan_activations
-from qatune.analysis.measure import SavedTensorLedger, measure_step, synthetic_batch
+from qatune.analysis.measure import SavedTensorLedger, compare, measure_step, synthetic_batch
 from qatune.analysis.memory import (
     GB,
     advice,
@@ -183,3 +183,28 @@ def test_lora_activations_within_5_percent(precision, targets):
     predicted = plan.total + plan.weight_copies_saved - plan.saved["loss: label index, grad_h, grad_w"]
     assert predicted == pytest.approx(measured, rel=0.05)
     assert plan.saved["loss: label index, grad_h, grad_w"] == ledger.total("loss")  # no V x d grad_w: head frozen
+
+
+@pytest.mark.parametrize("precision, checkpointing", [("fp32", False), ("bf16", True)])
+def test_measured_lora_step_matches_the_plan(precision, checkpointing):
+    """`plan --measure` with LoRA: the runtime's step on qatune's adapters, against the plan."""
+    s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision=precision, checkpointing=checkpointing, packed=True)
+    s = s.with_(lora_r=8, device="cpu")
+    m, st, acts = measure_step(s), model_state(s), plan_activations(s)
+    assert (st.weights, st.grads, st.optimizer) == (m.params, m.grads, m.optimizer)
+    adapters = 8 * TINY.n_layer * (4 + 2 + 5 + 5) * TINY.n_embd  # r * (in + out) of all four matrices
+    assert m.grads == 4 * adapters and m.optimizer == 8 * adapters + 4 * 2 * 4 * TINY.n_layer
+    # Frozen weights' 16-bit copies have no autograd history: the ledger counts them as activations.
+    predicted = acts.total + acts.weight_copies_saved
+    assert predicted == pytest.approx(m.activations + m.weight_copies, rel=0.01)
+    flops = next(row for row in compare(s, m) if row["name"].startswith("FLOPs"))
+    assert flops["predicted"] == flops["measured"]  # frozen head and base, adapters, recompute: exact
+
+
+@pytest.mark.parametrize("targets", [("attn.c_proj", "mlp.c_fc"), ("mlp.c_fc",), ("mlp.c_proj",)])
+def test_lora_without_c_attn_block_0_saves_only_after_its_first_adapter(targets):
+    s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision="fp32", lora_r=8, lora_targets=targets, device="cpu")
+    m, acts = measure_step(s), plan_activations(s)
+    assert acts.total == m.activations  # exact: which tensors need a gradient in block 0
+    flops = next(row for row in compare(s, m) if row["name"].startswith("FLOPs"))
+    assert flops["predicted"] == flops["measured"]

@@ -21,6 +21,7 @@ from qatune.model.checkpoint import from_pretrained
 from qatune.model.gpt2 import GPT2
 
 EXPORT_DIR = "export"  # a run folder's final Hugging Face export
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter in peft's format (export/ holds the merged model)
 CHECKPOINTS_DIR = "checkpoints"
 META_FILE = "qatune.json"  # beside an export: the template and max_len the model was trained with
 

@@ -34,8 +34,9 @@ weight copies are then not saved, but autocast's cache still holds them until th
 
 LoRA (frozen base): a frozen matmul saves no input (measured with frozen nn.Linear weights), so
 a block saves the ln_1 / ln_2 outputs and the GELU output only where an adapter reads them, plus
-each adapter's E x r intermediate; with frozen embeddings block 0's ln_1 and c_attn save nothing
-(checked against `qatune.model.lora` adapters in tests).
+each adapter's E x r intermediate. Block 0 reads the frozen embeddings: there only what lies after
+its first adapter is saved (nothing for ln_1; q, k, v only if c_attn is adapted …). Checked
+against `qatune.model.lora` adapters in tests: exact in fp32 for every subset of targets.
 
 Under autocast the 16-bit copies of the four matmul weights are saved too (12*d^2*a per layer):
 weight-sized, not batch-sized, and reported on their own line. Dropout masks are not modelled
@@ -53,7 +54,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qatune.analysis.setup import PlanSetup
+from qatune.analysis.setup import LORA_TARGETS, PlanSetup
 
 INDEX_BYTES = 8  # int64 token and position ids, saved by the two embedding lookups
 
@@ -124,6 +125,34 @@ def block_saved(s: PlanSetup) -> dict[str, int]:
     return out
 
 
+def _input_needs_grad_in_block_0(s: PlanSetup) -> dict[str, bool]:
+    """Under LoRA, block 0 reads the frozen embeddings: a tensor there needs a gradient only
+    downstream of an adapter. Per matmul (in forward order): does its input depend on one?"""
+    seen, out = False, {}
+    for target in LORA_TARGETS:
+        out[target] = seen
+        seen = seen or target in s.lora_targets
+    return out
+
+
+def first_block_saved(s: PlanSetup) -> dict[str, int]:
+    """What block 0 saves: as any block for full fine-tuning; under LoRA only what lies after
+    its first adapter (checked against the saved-tensor ledger for every subset of targets)."""
+    out = block_saved(s)
+    if not s.lora_r:
+        return out
+    E, d, a = s.tokens, s.config.n_embd, s.prec.act
+    grad = _input_needs_grad_in_block_0(s)
+    ln_2 = grad["mlp.c_fc"]  # ln_1's input (the embeddings) never needs a gradient
+    out["LayerNorm inputs (residual stream)"] = E * d * s.prec.residual * ln_2
+    out["LayerNorm mean/rstd"] = 2 * E * _stat_bytes(s) * ln_2
+    if "attn.c_attn" not in s.lora_targets:  # q, k, v need no gradient: SDPA saves nothing
+        out.update(dict.fromkeys(attention_saved(s), 0))
+        out["attention output"] = E * d * a if "attn.c_proj" in s.lora_targets else 0  # saved by c_proj's A
+    out["MLP: GELU input"] = 4 * E * d * a * grad["mlp.c_proj"]
+    return out
+
+
 def loss_saved(s: PlanSetup) -> dict[str, int]:
     E, d, V = s.tokens, s.config.n_embd, s.config.vocab_size
     if s.loss == "chunked":
@@ -163,8 +192,10 @@ def _weight_copies(s: PlanSetup) -> int:
         return 0
     c, a = s.config, s.prec.act
     copies = 12 * c.n_embd**2 * a * c.n_layer
-    if s.lora_r:
-        copies -= 3 * c.n_embd**2 * a  # block 0's frozen c_attn: its input needs no gradient
+    if s.lora_r:  # block 0's frozen matmuls whose input needs no gradient keep no copy
+        grad, d = _input_needs_grad_in_block_0(s), c.n_embd
+        weights = {"attn.c_attn": 3 * d * d, "attn.c_proj": d * d, "mlp.c_fc": 4 * d * d, "mlp.c_proj": 4 * d * d}
+        copies -= sum(w for t, w in weights.items() if not grad[t]) * a
         copies += _lora_copies(s)
     return copies
 
@@ -190,16 +221,14 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     c = s.config
     B, T, E, d, L = s.micro_batch, s.seq_len, s.tokens, c.n_embd, c.n_layer
     per_block = block_saved(s)
-    # With LoRA the embeddings are frozen: the lookups save no ids, and block 0's ln_1 (whose
-    # input needs no gradient) saves nothing, nor does its frozen c_attn keep a weight copy.
+    # With LoRA the embeddings are frozen: the lookups save no ids (and see first_block_saved).
     saved = {"embedding ids": 0 if s.lora_r else 2 * E * INDEX_BYTES}
     if s.checkpointing:
         saved["block inputs (checkpointed)"] = L * E * d * s.prec.residual
         if s.packed:
             saved["packed-row bool mask (checkpoint input)"] = B * T * T
     else:
-        first_block = E * d * s.prec.residual + 2 * E * _stat_bytes(s) if s.lora_r else 0
-        saved["transformer blocks"] = L * sum(per_block.values()) - first_block
+        saved["transformer blocks"] = (L - 1) * sum(per_block.values()) + sum(first_block_saved(s).values())
     saved["final LayerNorm"] = E * d * s.prec.residual + 2 * E * _stat_bytes(s)
     saved.update(loss_saved(s))
     loss_fwd, loss_bwd = loss_transients(s)

@@ -11,6 +11,14 @@ adds and elementwise work (LayerNorm, GELU, softmax) not counted. Per token, for
   CUDA formula: 14*L*T*d). The T in it is the row width: packed rows pay for the whole row.
 - LM head: 6 * V * d per *labelled* token with our chunked loss (2 forward + 4 backward, all
   done in the loss's forward), per token with full logits.
+LoRA (frozen base, checked exactly against the counter): a frozen matmul needs no weight
+gradient, so its backward is one matmul (4 per weight per token, not 6); in block 0 the matmuls up
+to the first adapted one read inputs computed from the frozen embeddings alone, which need no
+gradient (forward only, 2). The tied head, frozen too, costs 4 * V * d per labelled token. Each
+adapter's A and B cost 6 * r * (in + out) per token like any trained matmul (the first adapted
+matrix of block 0 needs no input gradient through A: 2 * r * in less). Under checkpointing the
+recompute reruns the adapters' forward too, and with mlp.c_proj adapted it cannot stop before
+that matmul (its adapter saves A's output, computed after it): 24*L*d^2, less B's last product.
 Activation checkpointing recomputes each block's forward once, up to the last tensor backward
 needs (PyTorch's non-reentrant checkpoint stops early: the MLP's output projection is not rerun):
 + 16*L*d^2 + 4*L*T*d per token (hardware FLOPs; MFU is quoted on model FLOPs, without the
@@ -77,11 +85,41 @@ def plan_compute(s: PlanSetup) -> ComputePlan:
     head_tokens = s.label_tokens if s.loss == "chunked" else tokens
     # Recompute stops early once the last saved tensor is back, so mlp.c_proj (8*d^2) is not rerun.
     recompute = (16 * c.n_layer * c.n_embd**2 + 4 * c.n_layer * s.seq_len * c.n_embd) * tokens if s.checkpointing else 0
-    # LoRA: frozen weights need no weight gradient, so the dense backward is one matmul, not two.
-    dense = (4 if s.lora_r else 6) * 12 * c.n_layer * c.n_embd**2 * tokens
-    return ComputePlan(
-        s, dense, attention_flops_per_token(c, s.seq_len) * tokens, head_flops_per_token(c) * head_tokens, recompute
-    )
+    dense = dense_flops_per_token(c) * tokens
+    head = head_flops_per_token(c) * head_tokens
+    if s.lora_r:
+        dense, head = lora_dense_flops_per_token(s) * tokens, 4 * c.vocab_size * c.n_embd * head_tokens
+        if s.checkpointing:
+            recompute = (lora_recompute_flops_per_token(s) + 4 * c.n_layer * s.seq_len * c.n_embd) * tokens
+    return ComputePlan(s, dense, attention_flops_per_token(c, s.seq_len) * tokens, head, recompute)
+
+
+def _matmul_shapes(d: int) -> dict[str, tuple[int, int]]:
+    """(in, out) of each block matmul, in the order the forward runs them."""
+    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
+
+
+def lora_dense_flops_per_token(s: PlanSetup) -> int:
+    """Block matmuls and adapters under LoRA, forward + backward (see the module docstring)."""
+    c, r = s.config, s.lora_r
+    shapes = _matmul_shapes(c.n_embd)
+    fans = sum(sum(shapes[t]) for t in s.lora_targets)
+    total = 4 * 12 * c.n_layer * c.n_embd**2 + 6 * r * c.n_layer * fans
+    for name, (fan_in, fan_out) in shapes.items():  # block 0 up to its first adapter: no input gradient
+        total -= 2 * fan_in * fan_out
+        if name in s.lora_targets:
+            return total - 2 * r * fan_in
+    return total
+
+
+def lora_recompute_flops_per_token(s: PlanSetup) -> int:
+    """Block matmuls and adapters rerun by checkpointing under LoRA (attention not included)."""
+    c, r = s.config, s.lora_r
+    shapes = _matmul_shapes(c.n_embd)
+    adapters = 2 * r * c.n_layer * sum(sum(shapes[t]) for t in s.lora_targets)
+    if "mlp.c_proj" in s.lora_targets:  # rerun through mlp.c_proj and its A; B's product is not needed
+        return 24 * c.n_layer * c.n_embd**2 + adapters - 2 * r * c.n_layer * c.n_embd
+    return 16 * c.n_layer * c.n_embd**2 + adapters
 
 
 @dataclass

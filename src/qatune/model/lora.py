@@ -180,6 +180,35 @@ def adapters_disabled(model: nn.Module):
             m.disabled = state
 
 
+class BaseModelView(nn.Module):
+    """The adapted model seen as its frozen base, without a second copy: every call runs `model`
+    in eval mode with its adapters disabled (the reference model of DPO/PPO/GRPO under LoRA).
+
+    `model` is deliberately not a submodule, so that `.eval()`, `.to()` or `.requires_grad_()` on
+    the view never reach the model being trained; other attributes (`wte`, `lm_head`, `config`,
+    `new_kv_cache` …) are the model's own, which are frozen anyway."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "_base_model", model)
+
+    def forward(self, *args, **kwargs):
+        model = self._base_model
+        training = model.training
+        model.eval()
+        try:
+            with adapters_disabled(model):
+                return model(*args, **kwargs)
+        finally:
+            model.train(training)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_base_model"), name)
+
+
 def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """A plain model's state dict from an adapted one: W += scaling * B @ A (in fp32, cast back
     to W's dtype), adapter keys dropped. Works on a gathered (e.g. FSDP full) state dict."""

@@ -35,6 +35,10 @@ from qatune.train.distributed import barrier
 from qatune.train.state import STATE_FILE, checkpoint_name, prune_checkpoints, rng_state, set_rng_state
 
 DCP_DIR = "dcp"
+# Frozen parameters (a LoRA run's base) are rebuilt from the config, not checkpointed; loading
+# expects exactly the trainable ones (dcp.load fails on any of those missing from the files).
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 RNG_DIR = "rng"
 
 
@@ -90,7 +94,7 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / RNG_DIR).mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
     with _one_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
     torch.save({**rng_state(), "rank_extra": rank_extra or {}}, _rng_file(tmp, rank))
@@ -137,14 +141,16 @@ def load_sharded(path: Path, model, optimizer=None, scheduler=None, scaler=None,
     state = torch.load(path / STATE_FILE, weights_only=False)
     with _one_process_is_fine():
         if optimizer is not None:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
             both = {"model": model_sd, "optim": optim_sd}
             dcp.load(both, checkpoint_id=str(path / DCP_DIR))
-            set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"])
+            set_state_dict(
+                model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"], options=LOAD
+            )
         else:
-            only = {"model": get_model_state_dict(model)}
+            only = {"model": get_model_state_dict(model, options=TRAINABLE)}
             dcp.load(only, checkpoint_id=str(path / DCP_DIR))
-            set_state_dict(model, [], model_state_dict=only["model"], optim_state_dict={})
+            set_state_dict(model, [], model_state_dict=only["model"], optim_state_dict={}, options=LOAD)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:

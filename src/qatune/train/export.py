@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from qatune.model.checkpoint import export_hf
-from qatune.runs import EXPORT_DIR, META_FILE
+from qatune.model.lora import has_lora, merge_lora, save_adapter
+from qatune.runs import ADAPTER_DIR, EXPORT_DIR, META_FILE
 from qatune.train.dist_checkpoint import full_state_dict
 from qatune.train.step import backbone
 
@@ -25,9 +26,23 @@ def meta_text(info: dict) -> str:
 
 
 def export_lm(model, run, info: dict) -> Path:
-    """`<run>/export`: the GPT-2 as a transformers GPT2LMHeadModel folder, tokenizer, qatune.json."""
+    """`<run>/export`: the GPT-2 as a transformers GPT2LMHeadModel folder, tokenizer, qatune.json.
+    Under LoRA the adapter goes to `<run>/adapter` (peft's format) and the export is the merged model."""
     target = run.run_dir / EXPORT_DIR
-    return export_hf(backbone(model), target, run.tokenizer, extra_files={META_FILE: meta_text(info)})
+    lm = backbone(model)
+    if has_lora(lm):
+        save_adapter(lm, run.run_dir / ADAPTER_DIR, run.cfg.model.lora, base_model=base_model_name(run.cfg.model))
+        lm = merge_lora(lm)
+    return export_hf(lm, target, run.tokenizer, extra_files={META_FILE: meta_text(info)})
+
+
+def base_model_name(model_cfg) -> str | None:
+    """What an adapter's `base_model_name_or_path` records: a local folder as an absolute path, a
+    hub name as is, nothing for random init (that base exists only inside the run)."""
+    if model_cfg.init == "random":
+        return None
+    path = Path(model_cfg.name)
+    return str(path.resolve()) if path.is_dir() else model_cfg.name
 
 
 def gathered(model, rank: int, rebuild):

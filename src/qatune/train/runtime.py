@@ -31,6 +31,7 @@ from qatune.data.example import EncodedExample
 from qatune.errors import RunError, TrainingStopped
 from qatune.model.checkpoint import build_model
 from qatune.model.gpt2 import GPT2, SIZES
+from qatune.model.lora import BaseModelView, apply_lora, has_lora
 from qatune.runs import CHECKPOINTS_DIR
 from qatune.train.config import ModelConfig, TrainConfig
 from qatune.train.dist_checkpoint import is_sharded, load_sharded, save_sharded, saved_world_size
@@ -93,8 +94,6 @@ def train(
     """Load tokenizer, the method's data and the model as `cfg` says, then `run`."""
     from qatune.model.tokenizer import load_tokenizer
 
-    if cfg.model.lora is not None:  # the adapters exist (qatune.model.lora); the runtime does not apply them yet
-        raise ValueError("model.lora: LoRA training is not available in this version of qatune train yet")
     if resume and latest_checkpoint(Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR) is None:
         raise ValueError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR}")
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -168,8 +167,10 @@ class _Run:
         plan_world = saved_world_size(self.ckpt, world_size)
         self.ctx = RunContext(cfg, tokenizer, device, precision, rank, world_size, plan_world, self.run_dir, model)
         model.to(device)
+        if cfg.model.lora is not None:  # base frozen, adapters added: before any copy, wrap or load
+            apply_lora(model, cfg.model.lora)
         if method.needs_reference:  # the initial weights, before any checkpoint is loaded
-            self.ctx.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ctx.reference = reference_model(model)
         method.setup(self.ctx)
         self.plan = method.plan(self.ctx)
         if plan_world != world_size and rank == 0:
@@ -189,6 +190,13 @@ class _Run:
         self.step_model = torch.compile(self.trainable) if cfg.compile else self.trainable
         if cfg.strategy == "ddp":
             self.step_model = wrap_ddp(self.step_model, device)  # `trainable` stays unwrapped (eval, export)
+
+    def _plain_model(self) -> GPT2:
+        """A model of the run's shape (adapters included) to gather the trained weights into."""
+        model = GPT2(self.ctx.model.config)
+        if self.cfg.model.lora is not None:
+            apply_lora(model, self.cfg.model.lora)
+        return model
 
     def _wrap(self, trainable: torch.nn.Module) -> torch.nn.Module:
         trainable.to(self.ctx.device)
@@ -333,7 +341,7 @@ class _Run:
             self.save(steps, time.perf_counter() - self.t_start)
         model = self.trainable
         if cfg.export and cfg.strategy == "fsdp":  # collective; rank 0 gets a plain model with the full weights
-            model = gathered(model, ctx.rank, lambda: self.method.wrap(GPT2(ctx.model.config)))
+            model = gathered(model, ctx.rank, lambda: self.method.wrap(self._plain_model()))
         export_dir = None
         if ctx.is_main:
             if cfg.plots:
@@ -342,6 +350,14 @@ class _Run:
                 info = {**self.method.export_info(), "steps": steps, **final_eval}
                 export_dir = self.method.export(model, ctx, info)
         return TrainResult(self.run_dir, steps, final_eval, export_dir, history)
+
+
+def reference_model(model: GPT2) -> torch.nn.Module:
+    """The frozen initial model: under LoRA the base itself with its adapters off (no copy),
+    otherwise a frozen copy of the initial weights."""
+    if has_lora(model):
+        return BaseModelView(model)
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _raise_if_out_of_memory(e: Exception, step: int, micro_batches: Sequence) -> None:

@@ -55,6 +55,25 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state without its frozen parameters, which every run rebuilds from its config
+    (pretrained folder or seed): a LoRA checkpoint holds the adapters only, not the base."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_trainable_state_dict(model, state: dict, source) -> None:
+    """Load what `trainable_state_dict` saved: strict about everything except frozen parameters."""
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in frozen]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: the checkpoint does not fit the model (missing: {', '.join(missing[:4]) or '-'}; "
+            f"unexpected: {', '.join(unexpected[:4]) or '-'}); was model.lora changed?"
+        )
+
+
 def save_checkpoint(
     folder: Path,
     step: int,
@@ -71,7 +90,7 @@ def save_checkpoint(
     target = folder / checkpoint_name(step)
     state = {
         "step": step,
-        "model": _unwrap(model).state_dict(),
+        "model": trainable_state_dict(_unwrap(model)),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -113,7 +132,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, scaler=None, restore_rng: bool = True) -> dict:
     """Restore what was saved into the given objects; returns the raw state (step, extra …)."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    _unwrap(model).load_state_dict(state["model"])
+    load_trainable_state_dict(_unwrap(model), state["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
