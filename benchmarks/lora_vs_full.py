@@ -145,9 +145,9 @@ def main() -> int:
         ("checkpoint: trainable + AdamW (MB)", None, "checkpoint_bytes", "{:.1f}"),
     ]
     scale = {"first_step_peak": 1e9, "peak": 1e9, "checkpoint_bytes": 1e6}
-    head = f"| {'':<36} | {'full pred':>10} | {'full meas':>10} | {'LoRA pred':>10} | {'LoRA meas':>10} |"
+    head = f"| {'':<36} | {'full pred':>11} | {'full meas':>11} | {'LoRA pred':>11} | {'LoRA meas':>11} |"
     print(head + f" {'LoRA/full meas':>14} |")
-    print("|" + "|".join("-" * n for n in (38, 12, 12, 12, 12, 16)) + "|")
+    print("|" + "|".join("-" * n for n in (38, 13, 13, 13, 13, 16)) + "|")
     for label, pkey, mkey, fmt in rows:
         cells, values = [], []
         for name in ("full", "lora"):
@@ -156,7 +156,7 @@ def main() -> int:
             values.append(meas)
             div = scale.get(mkey, 1)
             cells += [fmt.format(pred / div) if pred is not None else "", fmt.format(meas / div)]
-        print(f"| {label:<36} | " + " | ".join(f"{c:>10}" for c in cells) + f" | {values[1] / values[0]:>14.3f} |")
+        print(f"| {label:<36} | " + " | ".join(f"{c:>11}" for c in cells) + f" | {values[1] / values[0]:>14.3f} |")
     for name in ("full", "lora"):
         r = results[name]
         pairs = (("first_step_peak", "first_step_peak"), ("peak", "peak"), ("step_seconds", "step_seconds_median"))
@@ -176,7 +176,7 @@ def main() -> int:
         "device": "cpu",
         "threads": args.threads,
         "torch": torch.__version__,
-        "lora": {"r": args.r, "alpha": args.alpha, "targets": list(sides["lora"].lora_targets)},
+        "lora_config": {"r": args.r, "alpha": args.alpha, "targets": list(sides["lora"].lora_targets)},
         "steps": args.steps,
         "calibration": rates,
         "load_average": os.getloadavg()[0],
