@@ -149,7 +149,7 @@ def _worker(rank: int, cfg_path: str, ports: list[int]) -> None:
     cfg_path = Path(cfg_path)
     jobs = [("ddp", DDP, False), ("fsdp_resumed", FSDP, True), ("fsdp_offload", FSDP_OFFLOAD, False)]
     jobs.append(("toy_ddp", [*DDP, f"method={TOY}"], False))
-    jobs += [("ddp_lora", [*DDP, *LORA], False), ("fsdp_lora", [*FSDP, *LORA], False)]
+    jobs += [("ddp_lora", [*DDP, *LORA, "tracking=[]"], False), ("fsdp_lora", [*FSDP, *LORA], False)]
     jobs += [("fsdp_lora_resumed", [*FSDP, *LORA], True)]
     runs = cfg_path.parent / "runs"
     for (name, overrides, resume), port in zip(jobs, ports, strict=False):
