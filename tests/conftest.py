@@ -9,10 +9,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Nothing in the suite may reach the network: the hub libraries read their cache only, and qatune
+# never probes the hub (tests that need "online" or "unreachable" fake that boundary).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
-from qatune.model.gpt2 import GPT2, GPT2Config
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qatune.model.gpt2 import GPT2, GPT2Config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))

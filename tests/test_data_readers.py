@@ -121,7 +121,7 @@ def test_hugging_face_dataset_name(monkeypatch):
 
     calls = []
 
-    def fake_load(name, split):
+    def fake_load(name, config=None, split=None):
         calls.append((name, split))
         return datasets.Dataset.from_list([{"instruction": "Say hi", "input": "", "output": "hi"}])
 
@@ -266,9 +266,11 @@ def test_data_config_from_yaml_mapping_and_template_dict():
 def test_hugging_face_failure_says_it_is_neither_file_nor_dataset(monkeypatch):
     import datasets
 
-    def fail(name, split):
+    def fail(name, config=None, split=None):
         raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
 
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr("qatune.data.hf_datasets.unreachable_reason", lambda: None)  # as if online
     monkeypatch.setattr(datasets, "load_dataset", fail)
     with pytest.raises(DataError, match=r"data/train: not a local file or folder, and cannot load it as Hugging Face"):
         read_records("data/train")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.checkpoint import CheckpointError, from_pretrained
 from qatune.model.gpt2 import GPT2
+from qatune.utils.hub import looks_like_local_path
 
 EXPORT_DIR = "export"  # a run folder's final Hugging Face export
 ADAPTER_DIR = "adapter"  # a LoRA run's adapter in peft's format (export/ holds the merged model)
@@ -27,9 +28,14 @@ META_FILE = "qatune.json"  # beside an export: the template and max_len the mode
 
 
 def resolve_model_path(model_or_run: str) -> str:
-    """A run folder means its final export; anything else (folder, hub name) is used as is."""
+    """A run folder means its final export; anything else (folder, hub name) is used as is. A
+    local-looking path that does not exist is an error here, before any tokenizer or hub lookup."""
     run_export = Path(model_or_run) / EXPORT_DIR
-    return str(run_export) if (run_export / "config.json").exists() else model_or_run
+    if (run_export / "config.json").exists():
+        return str(run_export)
+    if not Path(model_or_run).exists() and looks_like_local_path(model_or_run):
+        raise CheckpointError(f"{model_or_run}: no such folder")
+    return model_or_run
 
 
 def read_meta(model_path: str) -> dict | None:

@@ -85,6 +85,8 @@ def write_outputs(args, stats: dict, meta: dict, make_tables, plot) -> None:
     print_tables(stats, out_console, make_tables)
     if meta["skipped"]:
         Console(stderr=True).print(f"skipped {meta['skipped']} bad records, e.g. {meta['skip_reasons'][0]}")
+    for line in [f"warning: {w}" for w in meta.get("warnings", [])] + [f"note: {n}" for n in meta.get("notes", [])]:
+        print(line, file=sys.stderr)
     if args.out:
         out = Path(args.out)
         write_text_atomic(out / "stats.json", text)
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
     if not read.records:
-        raise ValueError(f"no records in {', '.join(cfg.sources)} ({read.skipped} bad records skipped)")
+        raise ValueError(f"no records in {', '.join(map(str, cfg.sources))} ({read.skipped} bad records skipped)")
     columns = [TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("tokenize", total=len(read.records))
@@ -167,6 +169,8 @@ def run(args: argparse.Namespace) -> int:
         "records": len(read.records),
         "skipped": read.skipped,
         "skip_reasons": read.skip_reasons,
+        "warnings": read.warnings,
+        "notes": read.notes,
     }
     write_outputs(args, stats, meta, tables, lambda out: save_plots(*lengths_of(encodings), cfg.max_len, out))
     return 0

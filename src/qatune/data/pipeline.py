@@ -24,7 +24,9 @@ from qatune.data.truncation import POLICIES, apply, plan
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=list)  # files, folders, globs, or dataset names ("hf:name:split")
+    # files, folders, globs, save_to_disk folders, hub data sets ("name[:config][:split]"), or
+    # mappings {hub: name, config, split, data_files, streaming, revision} / {path: folder, split}
+    sources: list[str | dict] = field(default_factory=list)
     mapping: dict[str, str] | None = None  # e.g. {"prompt": "q", "response": "a"}; replaces layout detection
     template: str | dict = "plain"  # plain | raw | alpaca | chat | hh, or a template dict (see templates.py)
     system_prompt: str | None = None  # system text for the chat template
@@ -36,7 +38,7 @@ class DataConfig:
     limit: int | None = None  # only the first N records
 
     def __post_init__(self):
-        if isinstance(self.sources, str):
+        if isinstance(self.sources, (str, dict)):
             self.sources = [self.sources]
         if self.truncation not in (*POLICIES, *PAIR_POLICIES):
             known = ", ".join(dict.fromkeys((*POLICIES, *PAIR_POLICIES)))
@@ -69,7 +71,7 @@ def read_and_encode(
     read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
     if not read.records:
         skipped = f" ({read.skipped} skipped)" if read.skipped else ""
-        raise DataError(f"no records in {', '.join(cfg.sources)}{skipped}")
+        raise DataError(f"no records in {', '.join(map(str, cfg.sources))}{skipped}")
     encodings = encode_records(read.records, cfg.get_template(), tokenizer, cfg.train_on_turns, progress=progress)
     return read, encodings
 
@@ -87,5 +89,7 @@ def load_examples(cfg: DataConfig, tokenizer, progress: Callable[[int], None] | 
         counts.add(len(enc), enc.n_label_tokens, outcome, None if example is None else example.n_label_tokens)
         if example is not None:
             examples.append(example)
-    report = DataReport(len(read.records), read.skipped, read.skip_reasons, counts, dict(read.layouts))
+    report = DataReport(
+        len(read.records), read.skipped, read.skip_reasons, counts, dict(read.layouts), read.warnings, read.notes
+    )
     return LoadResult(examples, report, dict(read.layouts), cfg.get_template())

@@ -30,6 +30,7 @@ class Record:
     response: str = ""  # the answer the model is trained to give
     context: str = ""  # Alpaca `input`, Dolly `context`: extra text the prompt refers to
     messages: list[Message] | None = None  # set for conversations instead of prompt/response
+    references: list[str] | None = None  # every accepted answer (SQuAD-style sets); the first is `response`
     extra: dict = field(default_factory=dict)  # untouched fields (id, category …) for eval reports
 
     @property
@@ -42,3 +43,8 @@ class Record:
         if self.messages is None:
             return self.response
         return next(m.content for m in reversed(self.messages) if m.role == "assistant")
+
+    @property
+    def all_references(self) -> list[str]:
+        """Every answer an evaluation accepts: EM/F1 take the best over them."""
+        return self.references or [self.reference]

@@ -53,6 +53,8 @@ class DataReport:
     skip_reasons: list[str]
     truncation: TruncationCounts
     layouts: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # text fields left unread (see readers.py)
+    notes: list[str] = field(default_factory=list)  # how files were interpreted
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -69,3 +71,7 @@ class DataReport:
         if self.skipped:
             text += f"; {self.skipped} bad records skipped, e.g. {self.skip_reasons[0]}"
         return text
+
+    def messages(self) -> list[str]:
+        """Lines a user must see beside the summary: warnings first, then notes."""
+        return [f"warning: {w}" for w in self.warnings] + [f"note: {n}" for n in self.notes]

@@ -32,6 +32,7 @@ class PromptItem:
     prompt: str
     text: str
     reference: str | None = None
+    references: list[str] | None = None  # all accepted answers when there are several (the first is `reference`)
 
 
 def meta_path(out: Path) -> Path:
@@ -112,7 +113,9 @@ def make_record(index: int, item: PromptItem, ids: list[int], stopped: bool, cut
     }
     if item.reference is not None:
         record["reference_tokens"] = len(tokenizer(item.reference).input_ids)
-        record.update(score(generation, item.reference))
+        record.update(score(generation, item.references or [item.reference]))
+        if item.references and len(item.references) > 1:
+            record["references"] = item.references
     return record
 
 

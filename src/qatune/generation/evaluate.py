@@ -45,7 +45,8 @@ def prompt_item(record: Record, template: Template) -> PromptItem:
     reference = strip_final_eos(record.reference)
     if not record.is_conversation:
         text = template.render_prompt(record.prompt, record.context)
-        return PromptItem(record.where, record.source, record.prompt, text, reference)
+        references = [strip_final_eos(r) for r in record.references] if record.references else None
+        return PromptItem(record.where, record.source, record.prompt, text, reference, references)
     last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
     history = record.messages[:last]
     if not history or history[-1].role != "user":
@@ -152,7 +153,8 @@ def evaluate_model(
         "sampling": asdict(settings.sampling),
         "generations_file": str(generations_file),
         "examples": [_shown(r) for r in out[: settings.examples_shown]],
-        "warnings": data_warnings(loaded.report.truncation.to_dict())
+        "warnings": loaded.report.warnings
+        + data_warnings(loaded.report.truncation.to_dict())
         + warnings_for(generation, settings.sampling.max_new_tokens),
     }
 

@@ -79,12 +79,14 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def score(prediction: str, reference: str) -> dict[str, float]:
-    """The per-record metrics stored in a generations file."""
+def score(prediction: str, reference: str | Sequence[str]) -> dict[str, float]:
+    """The per-record metrics stored in a generations file. With several accepted answers each
+    metric takes its best over them, as the SQuAD evaluation script does."""
+    references = [reference] if isinstance(reference, str) else list(reference)
     return {
-        "exact_match": exact_match(prediction, reference),
-        "f1": token_f1(prediction, reference),
-        "rouge_l": rouge_l(prediction, reference),
+        "exact_match": max(exact_match(prediction, r) for r in references),
+        "f1": max(token_f1(prediction, r) for r in references),
+        "rouge_l": max(rouge_l(prediction, r) for r in references),
     }
 
 

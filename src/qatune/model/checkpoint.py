@@ -20,6 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.utils.files import atomic_dir
+from qatune.utils.hub import (
+    looks_like_local_path,
+    model_download_hint,
+    offline_mode,
+    unreachable_message,
+    unreachable_reason,
+)
 
 # Conv1D weights in HF's GPT-2: stored (in, out).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -77,29 +84,57 @@ def config_to_hf(config: GPT2Config, eos_id: int | None = None) -> dict:
 
 
 def resolve_checkpoint_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise download config + weights of a hub repo (safetensors first)."""
+    """A local folder as is; otherwise config + weights of a hub repo (safetensors first): from the
+    local cache when there, else downloaded. A name that looks like a path is never sent to the
+    hub, and an unreachable hub is one line within seconds, not minutes of retries."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a folder with config.json and weights")
-    from huggingface_hub import hf_hub_download
+    repo = str(name_or_path)
+    if looks_like_local_path(repo):
+        raise CheckpointError(f"{repo}: no such folder")
+    cached = _hub_files(repo, local_files_only=True)
+    if cached is not None:
+        return cached
+    if offline_mode():
+        raise CheckpointError(
+            f"{repo!r} is not a local folder and not in the local cache (HF_HUB_OFFLINE is set); "
+            f"{model_download_hint(repo)}"
+        )
+    reason = unreachable_reason()
+    if reason:
+        raise CheckpointError(unreachable_message(repo, "folder", reason, model_download_hint(repo)))
+    try:
+        return _hub_files(repo, local_files_only=False)
+    except Exception as e:  # unknown repo, no permission, network cut mid-way: say which and why
+        raise CheckpointError(
+            f"{repo!r} is neither a local folder nor a loadable hub model ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _hub_files(repo: str, local_files_only: bool) -> Path | None:
+    """The snapshot folder holding config.json and the weights (safetensors first); None when
+    `local_files_only` and the cache lacks them."""
+    import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 
-    repo = str(name_or_path)
     try:
-        config_file = hf_hub_download(repo, "config.json")
-    except Exception as e:  # offline, unknown repo, no permission: say which and why
-        raise CheckpointError(
-            f"{repo!r} is neither a local folder nor a reachable hub model ({type(e).__name__}: {e})"
-        ) from e
-    for weights in _WEIGHT_FILES:
-        try:
-            hf_hub_download(repo, weights)
-            break
-        except EntryNotFoundError:
-            continue
-    return Path(config_file).parent
+        config_file = huggingface_hub.hf_hub_download(repo, "config.json", local_files_only=local_files_only)
+        for weights in _WEIGHT_FILES:
+            try:
+                huggingface_hub.hf_hub_download(repo, weights, local_files_only=local_files_only)
+                return Path(config_file).parent
+            except EntryNotFoundError:  # LocalEntryNotFoundError too: try the next weights file
+                continue
+    except Exception:
+        if local_files_only:  # not cached, an invalid repo id, a broken cache: the real attempt says what
+            return None
+        raise
+    if local_files_only:
+        return None
+    return Path(config_file).parent  # no weights on the hub: read_hf_state_dict names the folder
 
 
 def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:

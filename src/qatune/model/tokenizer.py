@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qatune.utils.hub import looks_like_local_path, offline_mode, unreachable_message, unreachable_reason
+
 ENV_VAR = "QATUNE_TOKENIZER"
 EOS_TEXT = "<|endoftext|>"
 
@@ -51,25 +53,46 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
             tok = _from_vocab_merges(path / "vocab.json", path / "merges.txt")
         else:
             raise TokenizerError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
-    elif path.exists() or os.sep in location or location.startswith("."):
+    elif path.exists() or looks_like_local_path(location):
         raise TokenizerError(f"tokenizer location {location!r} is not a folder with tokenizer files")
     else:
-        tok = _load_pretrained(location)
+        tok = _from_hub(location)
     return _with_eos(tok, location)
 
 
-def _load_pretrained(location: str):
+def _from_hub(name: str):
+    """The cached copy when there is one; else a download, unless the hub cannot be reached
+    (then one line at once rather than minutes of retries)."""
+    if not offline_mode():
+        try:
+            return _load_pretrained(name, local_files_only=True)
+        except TokenizerError:
+            pass
+        reason = unreachable_reason()
+        if reason:
+            how = f"point --tokenizer or ${ENV_VAR} at a folder with the GPT-2 tokenizer files"
+            raise TokenizerError(unreachable_message(name, "folder", reason, how))
+    return _load_pretrained(name)
+
+
+def _load_pretrained(location: str, local_files_only: bool = False):
     from transformers import GPT2TokenizerFast
 
     try:
         # GPT2TokenizerFast (not AutoTokenizer): on a folder holding only tokenizer.json, the
         # auto class loads it with no EOS token set.
-        return GPT2TokenizerFast.from_pretrained(location)
+        tok = GPT2TokenizerFast.from_pretrained(location, local_files_only=local_files_only)
     except Exception as e:
         raise TokenizerError(
             f"cannot load a tokenizer from {location!r} ({type(e).__name__}: {e}); "
             f"point --tokenizer or ${ENV_VAR} at a folder with the GPT-2 tokenizer files"
         ) from e
+    if tok.vocab_size == 0:  # transformers 5 builds an empty tokenizer when it finds no vocabulary files
+        raise TokenizerError(
+            f"no tokenizer files for {location!r}; "
+            f"point --tokenizer or ${ENV_VAR} at a folder with the GPT-2 tokenizer files"
+        )
+    return tok
 
 
 def _with_eos(tok, location: str):

@@ -53,6 +53,8 @@ class SFT(Method):
         loaded = load_examples(cfg.data, tokenizer)
         if rank == 0:
             print(f"data: {loaded.report.summary()}", file=sys.stderr)
+            for line in loaded.report.messages():
+                print(line, file=sys.stderr)
         return cls(loaded.examples, loaded.template.to_dict(), meta={"data_report": loaded.report.to_dict()})
 
     @classmethod

@@ -1,0 +1,91 @@
+"""Models and tokenizers: a name that looks like a local path never reaches the hub, and a hub name
+without network fails in seconds with one line saying how to point at a local folder. The hub
+boundary (huggingface_hub, the socket) is faked: no test touches the network."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import huggingface_hub
+import pytest
+
+from qatune.cli import main
+from qatune.model.checkpoint import CheckpointError, from_pretrained
+from qatune.model.tokenizer import TokenizerError, load_tokenizer
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    def called(*args, **kwargs):
+        raise AssertionError(f"the hub was asked for {args} {kwargs}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", called)
+    monkeypatch.setattr(socket, "create_connection", called)
+
+
+@pytest.fixture
+def offline_network(monkeypatch):
+    """No HF_HUB_OFFLINE, and no route to any host (as on a machine without network)."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def unreachable(address, timeout=None, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def download(*args, local_files_only=False, **kwargs):
+        if not local_files_only:
+            raise AssertionError("a download was attempted although the hub is unreachable")
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
+@pytest.mark.parametrize("name", ["/nonexistent", "./runs/nope", "../nope", "~/nope", "runs/a/export"])
+def test_a_missing_model_path_is_an_error_at_once(no_hub, name):
+    with pytest.raises(CheckpointError, match=r": no such folder"):
+        from_pretrained(name)
+
+
+def test_a_missing_tokenizer_path_is_an_error_at_once(no_hub):
+    with pytest.raises(TokenizerError, match=r"is not a folder with tokenizer files"):
+        load_tokenizer("runs/a/export")
+
+
+def test_eval_of_a_missing_model_is_one_line_in_a_second(no_hub, tmp_path, capsys):
+    data = tmp_path / "x.jsonl"
+    data.write_text('{"question": "q", "answer": "a"}\n')
+    t0 = time.perf_counter()
+    assert main(["eval", "/nonexistent", str(data)]) == 2
+    assert time.perf_counter() - t0 < 5
+    err = capsys.readouterr().err
+    assert err == "qatune eval: error: /nonexistent: no such folder\n"
+
+
+def test_a_hub_model_without_network_fails_fast(offline_network):
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as e:
+        from_pretrained("gpt2-large")
+    assert time.perf_counter() - t0 < 5
+    message = str(e.value)
+    assert message.startswith("'gpt2-large' is not a local folder, and the Hugging Face hub")
+    assert "cannot be reached" in message and "--local-dir" in message and "\n" not in message
+
+
+def test_a_hub_tokenizer_without_network_fails_fast(offline_network, monkeypatch):
+    monkeypatch.delenv("QATUNE_TOKENIZER", raising=False)
+    t0 = time.perf_counter()
+    with pytest.raises(TokenizerError, match=r"^'gpt2' is not a local folder, and the Hugging Face hub .* cannot"):
+        load_tokenizer("gpt2")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_offline_mode_names_the_cache(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def download(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(CheckpointError, match=r"^'org/model' is not a local folder and not in the local cache"):
+        from_pretrained("org/model")
