@@ -121,3 +121,18 @@ def test_stops_cleanly_at_eos(tiny_model, gpt2_tokenizer):
     gen = session.reply("hi", pieces.append)
     assert gen.stopped_at_eos and gen.ids == [] and pieces == []
     assert session.history == [Message("user", "hi"), Message("assistant", "")]
+
+
+@pytest.mark.parametrize("template", ["raw", "plain", "chat"])
+def test_history_is_tokenized_segment_by_segment_as_in_training(tiny_model, gpt2_tokenizer, template):
+    """`raw` joins a prompt and its answer with no separator: "Count to 3" + "45" read as one text
+    merges across the boundary (" 345" is one token); training tokenizes each segment apart."""
+    from qatune.data.encode import encode_records
+    from qatune.data.records import Record
+
+    msgs = [Message("user", "Count to 3"), Message("assistant", "45")]
+    msgs += [Message("user", "Again"), Message("assistant", "x")]
+    tpl = get_template(template)
+    trained = encode_records([Record("s", "s:1", messages=msgs)], tpl, gpt2_tokenizer)[0]
+    session = ChatSession(tiny_model, gpt2_tokenizer, tpl, SamplingConfig(max_new_tokens=5))
+    assert session.encode(msgs[:3]) == trained.input_ids[: trained.response_start]

@@ -23,16 +23,26 @@ def label_ids(example):
     return [t for t in example.labels if t != IGNORE]
 
 
-def test_answer_boundary_prompt_ending_in_space_masks_exactly(gpt2_tokenizer):
+def test_plain_answer_is_the_token_sequence_pretrained_gpt2_produces(gpt2_tokenizer):
     tok = gpt2_tokenizer
     enc = encode_one(tok, "What is the capital of France?", "Paris")
-    prompt_ids = tok("Question: What is the capital of France?\nAnswer: ")["input_ids"]
+    prompt_ids = tok("Question: What is the capital of France?\nAnswer:")["input_ids"]
+    assert enc.input_ids == prompt_ids + tok(" Paris")["input_ids"] + [EOS]
+    assert enc.labels == [IGNORE] * len(prompt_ids) + tok(" Paris")["input_ids"] + [EOS]
+    # Prompt and answer tokenized apart give exactly what the joined text gives: no lone " " token
+    # that GPT-2 never produces before a word.
+    assert enc.input_ids[:-1] == tok("Question: What is the capital of France?\nAnswer: Paris")["input_ids"]
+
+
+def test_a_prompt_ending_in_a_space_is_why_pieces_are_tokenized_apart(gpt2_tokenizer):
+    tok = gpt2_tokenizer
+    enc = encode_one(tok, "What is the capital of France?", "Paris", template={"prompt": "Q: {prompt}\nA: "})
+    prompt_ids = tok("Q: What is the capital of France?\nA: ")["input_ids"]
     assert prompt_ids[-1] == tok(" ")["input_ids"][0]  # GPT-2's lone space token ends the prompt
-    assert enc.input_ids == prompt_ids + tok("Paris")["input_ids"] + [EOS]
     assert enc.labels == [IGNORE] * len(prompt_ids) + tok("Paris")["input_ids"] + [EOS]
     # The joined text tokenizes differently (" Paris" is one token): searching for the prompt's
-    # tokens in it would misplace the boundary, which is why the pieces are tokenized apart.
-    joined = tok("Question: What is the capital of France?\nAnswer: Paris")["input_ids"]
+    # tokens in it would misplace the boundary.
+    joined = tok("Q: What is the capital of France?\nA: Paris")["input_ids"]
     assert joined[: len(prompt_ids)] != prompt_ids
 
 
@@ -69,7 +79,7 @@ def test_conversation_trains_every_or_last_assistant_turn(gpt2_tokenizer):
 
 def make(tok, p_len, r_len):
     """An encoding with a prompt of p_len tokens and a response of r_len tokens (EOS included)."""
-    return encode_one(tok, " a" * (p_len - 7), " b" * (r_len - 1), template="plain")
+    return encode_one(tok, " a" * (p_len - 6), " b" * (r_len - 1), template="plain")
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -119,7 +129,7 @@ TEXT = st.lists(st.sampled_from(PIECES) | st.text(max_size=3), min_size=1, max_s
 def test_labels_decode_to_response_plus_eos(gpt2_tokenizer, prompt, response, template):
     tok = gpt2_tokenizer
     enc = encode_one(tok, prompt, response, template=template)
-    assert tok.decode(label_ids(enc)) == response + "<|endoftext|>"
+    assert tok.decode(label_ids(enc)) == get_template(template).render_response(response) + "<|endoftext|>"
     rendered = get_template(template).render_prompt(prompt)
     assert enc.labels[: enc.response_start] == [IGNORE] * enc.response_start  # no prompt token in the loss
     assert tok.decode(enc.input_ids[: enc.response_start]) == rendered
@@ -135,7 +145,7 @@ def test_cut_response_on_a_conversation_keeps_earlier_answers(gpt2_tokenizer):
     msgs = [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "word " * 40)]
     msgs.append(Message("assistant", "ok"))
     enc = encode_records([Record("s", "s:1", messages=msgs)], get_template("plain"), tok)[0]
-    first_answer = tok("Hello")["input_ids"] + [EOS]
+    first_answer = tok(" Hello")["input_ids"] + [EOS]  # plain: the answer's own leading space
     ex, o = truncate(enc, "cut_response", enc.response_start - 5)  # the last prompt alone overflows
     assert ex is not None and o.truncated and o.eos_lost and not o.no_loss
     assert label_ids(ex) == first_answer  # the first answer is still trained on

@@ -11,8 +11,12 @@ from qatune.data.templates import TEMPLATES, Template, get_template
 
 
 def test_named_templates_render_exactly():
-    assert get_template("plain").render_prompt("2+2?") == "Question: 2+2?\nAnswer: "
-    assert get_template("plain").render_prompt("Translate", "Hola") == "Question: Translate\nHola\nAnswer: "
+    # The prompt ends in "Answer:" and the response carries GPT-2's natural leading space.
+    assert get_template("plain").render_prompt("2+2?") == "Question: 2+2?\nAnswer:"
+    assert get_template("plain").render_prompt("Translate", "Hola") == "Question: Translate\nHola\nAnswer:"
+    assert get_template("plain").render_response("4") == " 4"
+    assert get_template("plain").render_response("\n1. a\n2. b") == "\n1. a\n2. b"  # already spaced
+    assert get_template("alpaca").render_response("4") == "4"
     assert get_template("raw").render_prompt("as is\n") == "as is\n"
     alpaca = get_template("alpaca")
     assert alpaca.render_prompt("Name a colour.").endswith("### Instruction:\nName a colour.\n\n### Response:\n")
@@ -59,10 +63,11 @@ def test_conversation_segments_and_generation_prompt():
     msgs = [Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
     tpl = get_template("plain")
     assert tpl.render_conversation(msgs) == [
-        ("Question: Hi\nAnswer: ", False),
-        ("Hello", True),
-        ("Question: Bye\nAnswer: ", False),
+        ("Question: Hi\nAnswer:", False),
+        (" Hello", True),
+        ("Question: Bye\nAnswer:", False),
     ]
-    assert tpl.generation_prompt(msgs) == "Question: Hi\nAnswer: Hello<|endoftext|>Question: Bye\nAnswer: "
+    assert tpl.generation_pieces(msgs) == ["Question: Hi\nAnswer:", " Hello<|endoftext|>", "Question: Bye\nAnswer:"]
+    assert tpl.generation_prompt(msgs) == "Question: Hi\nAnswer: Hello<|endoftext|>Question: Bye\nAnswer:"
     with pytest.raises(ValueError, match="ends with a user turn"):
         tpl.generation_prompt(msgs[:2])

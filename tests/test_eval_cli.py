@@ -55,7 +55,8 @@ def plain_response_loss(model_dir, tokenizer, rows) -> float:
     total, count = 0.0, 0
     for r in rows:
         prompt = tokenizer(get_template("plain").render_prompt(r["question"])).input_ids
-        answer = tokenizer(r["answer"]).input_ids + [tokenizer.eos_token_id]
+        answer = get_template("plain").render_response(r["answer"])  # " Paris": the answer's own space
+        answer = tokenizer(answer).input_ids + [tokenizer.eos_token_id]
         ids = torch.tensor([prompt + answer])
         with torch.no_grad():
             logits = ref(ids).logits[0]

@@ -55,6 +55,8 @@ def test_run_folder(config, tmp_path, capsys):
     assert meta["template"]["name"] == "alpaca" and meta["max_len"] == 64 and meta["steps"] == 6
     assert meta["truncation"] == "cut_response"  # eval reuses the training policy
     assert meta["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+    tok_config = json.loads((run / "export" / "tokenizer_config.json").read_text())
+    assert tok_config["model_max_length"] == 64 and "qatune template alpaca" in tok_config["chat_template"]
 
 
 def test_export_loads_in_transformers_with_the_same_logits(config, tmp_path):

@@ -46,7 +46,8 @@ def segments(record: Record, template: Template, train_on_turns: str = "all") ->
     """(text, is_answer, trainable) for one record. Answers get EOS appended whether trained or not,
     so a conversation reads the same as at generation time."""
     if not record.is_conversation:
-        return [(template.render_prompt(record.prompt, record.context), False, False), (record.response, True, True)]
+        prompt = template.render_prompt(record.prompt, record.context)
+        return [(prompt, False, False), (template.render_response(record.response), True, True)]
     parts = template.render_conversation(record.messages)
     last_answer = max(i for i, (_, answer) in enumerate(parts) if answer)
     trained = lambda i, answer: answer and (train_on_turns == "all" or i == last_answer)
@@ -92,6 +93,12 @@ def encode_records(
         if progress:
             progress(len(chunk))
     return out
+
+
+def encode_pieces(pieces: list[str], tokenizer) -> list[int]:
+    """Ids of text segments tokenized apart and concatenated, as training encodes a conversation:
+    what a chat history or an exported chat template must reproduce."""
+    return [i for ids in tokenize_with_eos(pieces, tokenizer) for i in ids]
 
 
 def tokenize_with_eos(texts: list[str], tokenizer) -> list[list[int]]:

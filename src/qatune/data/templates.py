@@ -6,10 +6,14 @@ is always prompted exactly as it was trained.
 
     tpl = get_template("alpaca")
     tpl.render_prompt("Name a colour.")                  # the prompt text, response follows directly
+    tpl.render_response("Blue")                           # the response text as trained ("plain": " Blue")
     tpl.render_conversation(messages)                     # [(text, trainable), ...] for training
-    tpl.generation_prompt(history_ending_in_user_turn)    # the text to continue for `qatune chat`
+    tpl.generation_pieces(history_ending_in_user_turn)    # the segments to continue, for `qatune chat`
 
 The response is never part of a template string: it is tokenized separately and EOS is appended.
+A template whose prompt ends in a word or punctuation mark ("Answer:") sets `response_prefix`
+" ": GPT-2 writes a space before the next word as part of that word's token (" Paris"), so the
+answer is trained as the token sequence the pretrained model itself would produce there.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Template:
     prompt_with_context: str  # with {prompt} and {context}, for records that carry an input/context
     system: str = "{system}\n\n"  # how a system message is written, once, before the first user turn
     system_prompt: str | None = None  # system text used when a record brings none
+    response_prefix: str = ""  # put before a response that does not already start with whitespace
 
     def render_prompt(self, prompt: str, context: str = "", system_prompt: str | None = None) -> str:
         """System part (if any) + the prompt part; the response starts right after this text."""
@@ -38,6 +43,11 @@ class Template:
         head = self.system.format(system=system) if system else ""
         body = self.prompt_with_context.format(prompt=prompt, context=context) if context else None
         return head + (body if body is not None else self.prompt.format(prompt=prompt))
+
+    def render_response(self, response: str) -> str:
+        if not self.response_prefix or response[:1].isspace():
+            return response
+        return self.response_prefix + response
 
     def render_conversation(self, messages: list[Message]) -> list[tuple[str, bool]]:
         """(text, trainable) segments: system and user turns masked, assistant turns trainable.
@@ -50,18 +60,23 @@ class Template:
                 pending += self.prompt.format(prompt=m.content)
             elif m.role == "assistant":
                 segments.append((pending, False))
-                segments.append((m.content, True))
+                segments.append((self.render_response(m.content), True))
                 pending = ""
         if pending:
             segments.append((pending, False))
         return segments
 
-    def generation_prompt(self, messages: list[Message]) -> str:
-        """The text to continue for a history that ends in a user turn. Earlier answers are followed
-        by the literal EOS text, which the GPT-2 tokenizer maps to the EOS id, as in training."""
+    def generation_pieces(self, messages: list[Message]) -> list[str]:
+        """The segments to continue for a history that ends in a user turn, each to be tokenized on
+        its own as training does (`encode.encode_pieces`). Earlier answers end with the literal EOS
+        text, which the GPT-2 tokenizer maps to the EOS id, as in training."""
         if not messages or messages[-1].role != "user":
             raise ValueError("a generation prompt needs a conversation that ends with a user turn")
-        return "".join(text + (EOS_TEXT if trainable else "") for text, trainable in self.render_conversation(messages))
+        return [text + (EOS_TEXT if trainable else "") for text, trainable in self.render_conversation(messages)]
+
+    def generation_prompt(self, messages: list[Message]) -> str:
+        """`generation_pieces` as one text (to show it; tokenize the pieces)."""
+        return "".join(self.generation_pieces(messages))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +102,8 @@ class Template:
         check_fields("prompt", self.prompt, {"prompt"}, {"prompt"})
         check_fields("prompt_with_context", self.prompt_with_context, {"prompt", "context"}, {"prompt", "context"})
         check_fields("system", self.system, {"system"}, {"system"})
+        if not isinstance(self.response_prefix, str):
+            raise DataError("template: field 'response_prefix' must be a string")
 
 
 def check_fields(key: str, fmt: str, allowed: set[str], required: set[str]) -> None:
@@ -104,9 +121,11 @@ def check_fields(key: str, fmt: str, allowed: set[str], required: set[str]) -> N
 
 
 TEMPLATES: dict[str, Template] = {
-    # Question/answer. The prompt ends in a space: GPT-2 tokenizes it as a lone " " token, which is
-    # why prompt and response are tokenized separately (see encode.py).
-    "plain": Template("plain", "Question: {prompt}\nAnswer: ", "Question: {prompt}\n{context}\nAnswer: "),
+    # Question/answer. The space after "Answer:" belongs to the answer's first token (" Paris"), as
+    # GPT-2 tokenizes running text; a prompt ending in "Answer: " would end in a lone " " token.
+    "plain": Template(
+        "plain", "Question: {prompt}\nAnswer:", "Question: {prompt}\n{context}\nAnswer:", response_prefix=" "
+    ),
     # The data's prompt as it is: for sets like t0 whose prompts are already written out in full.
     "raw": Template("raw", "{prompt}", "{prompt}\n{context}"),
     "alpaca": Template(

@@ -118,7 +118,7 @@ def run_demo(s: DemoSettings, log=print) -> DemoResult:
     t0 = time.perf_counter()
     train_qs, test_qs = make_task(s.seed)
     template = get_template("plain")
-    corpus = [template.render_prompt(q.question) + q.answer for q in train_qs + test_qs]
+    corpus = [template.render_prompt(q.question) + template.render_response(q.answer) for q in train_qs + test_qs]
     tokenizer, source = demo_tokenizer(s.tokenizer, corpus)
     log(f"task: {len(train_qs)} training questions, {len(test_qs)} held-out (facts seen, phrasing not)")
     log(f"tokenizer: {source} ({len(tokenizer)} tokens)")

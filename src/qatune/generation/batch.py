@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qatune.data.encode import tokenize_with_eos
+from qatune.data.encode import encode_pieces
 from qatune.generation.metrics import score
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.model.gpt2 import GPT2
@@ -33,6 +33,7 @@ class PromptItem:
     text: str
     reference: str | None = None
     references: list[str] | None = None  # all accepted answers when there are several (the first is `reference`)
+    pieces: list[str] | None = None  # a conversation's segments, tokenized apart as in training; joined: `text`
 
 
 def meta_path(out: Path) -> Path:
@@ -94,7 +95,7 @@ def prompt_ids(tokenizer, item: PromptItem, budget: int) -> tuple[list[int], boo
     """Token ids of the prompt, cut from the left to `budget` tokens when too long: the end holds
     the question and the answer cue, which the model needs most. A literal EOS text in the prompt
     (a chat history's earlier answers end with one) becomes the EOS id, as in training."""
-    [ids] = tokenize_with_eos([item.text], tokenizer)
+    ids = encode_pieces(item.pieces or [item.text], tokenizer)
     return (ids[-budget:], True) if len(ids) > budget else (ids, False)
 
 

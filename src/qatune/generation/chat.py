@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qatune.data.encode import tokenize_with_eos
+from qatune.data.encode import encode_pieces
 from qatune.data.records import Message
 from qatune.data.templates import Template
 from qatune.generation.sampling import Generation, SamplingConfig, generate_ids
@@ -60,8 +60,8 @@ class ChatSession:
         self.history = []
 
     def encode(self, messages: list[Message]) -> list[int]:
-        [ids] = tokenize_with_eos([self.template.generation_prompt(messages)], self.tokenizer)
-        return ids
+        """Segment by segment, exactly as training tokenizes the same conversation."""
+        return encode_pieces(self.template.generation_pieces(messages), self.tokenizer)
 
     def prompt_ids(self) -> list[int]:
         """The generation prompt of the history, dropping the oldest user/assistant exchanges until

@@ -51,7 +51,8 @@ def prompt_item(record: Record, template: Template) -> PromptItem:
     history = record.messages[:last]
     if not history or history[-1].role != "user":
         raise ValueError(f"{record.where}: the last assistant turn does not answer a user turn")
-    return PromptItem(record.where, record.source, history[-1].content, template.generation_prompt(history), reference)
+    pieces = template.generation_pieces(history)
+    return PromptItem(record.where, record.source, history[-1].content, "".join(pieces), reference, pieces=pieces)
 
 
 def _loss_entry(total: float, count: int, examples: int) -> dict:

@@ -223,10 +223,34 @@ def build_model(name_or_path: str, random_init: bool = False, **overrides) -> GP
     return from_pretrained(name_or_path)
 
 
+def _tokenizer_settings(folder: Path, template: dict | None, max_len: int) -> None:
+    """Put the chat template and the context size into the saved tokenizer_config.json (a separate
+    chat_template.jinja from the source tokenizer would take precedence, so it is removed)."""
+    from qatune.data.chat_template import to_jinja
+    from qatune.data.templates import Template
+
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+    config["model_max_length"] = max_len
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    if template is not None:
+        config["chat_template"] = to_jinja(Template.from_dict(template))
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def export_hf(
-    model: GPT2, out_dir: str | os.PathLike, tokenizer=None, extra_files: dict[str, str] | None = None
+    model: GPT2,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+    template: dict | None = None,
+    max_len: int | None = None,
 ) -> Path:
-    """Write a transformers GPT-2 folder atomically: config.json, model.safetensors, tokenizer."""
+    """Write a transformers GPT-2 folder atomically: config.json, model.safetensors, tokenizer.
+
+    template: the run's prompt template (`Template.to_dict()`), written into the tokenizer config
+    as a Jinja `chat_template`, so `tokenizer.apply_chat_template` prompts the model as qatune does.
+    max_len: the context the model was trained for, as the tokenizer's `model_max_length`."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         eos_id = tokenizer.eos_token_id if tokenizer is not None else None
@@ -238,6 +262,7 @@ def export_hf(
         save_file(qatune_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            _tokenizer_settings(tmp, template, max_len or model.config.n_positions)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

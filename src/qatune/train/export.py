@@ -26,14 +26,16 @@ def meta_text(info: dict) -> str:
 
 
 def export_lm(model, run, info: dict) -> Path:
-    """`<run>/export`: the GPT-2 as a transformers GPT2LMHeadModel folder, tokenizer, qatune.json.
-    Under LoRA the adapter goes to `<run>/adapter` (peft's format) and the export is the merged model."""
+    """`<run>/export`: the GPT-2 as a transformers GPT2LMHeadModel folder, tokenizer (with the
+    template as its Jinja chat_template and max_len as model_max_length), qatune.json. Under LoRA
+    the adapter goes to `<run>/adapter` (peft's format) and the export is the merged model."""
     target = run.run_dir / EXPORT_DIR
     lm = backbone(model)
     if has_lora(lm):
         save_adapter(lm, run.run_dir / ADAPTER_DIR, run.cfg.model.lora, base_model=base_model_name(run.cfg.model))
         lm = merge_lora(lm)
-    return export_hf(lm, target, run.tokenizer, extra_files={META_FILE: meta_text(info)})
+    extra = {META_FILE: meta_text(info)}
+    return export_hf(lm, target, run.tokenizer, extra, info.get("template"), info.get("max_len"))
 
 
 def base_model_name(model_cfg) -> str | None:

@@ -1,0 +1,106 @@
+"""A training checkpoint (`<run>/checkpoints/step_*/`, single-process or sharded) as a plain model
+plus what an export needs: the run's template, max_len and the step.
+
+    model, meta = load_checkpoint_model(Path("runs/x/checkpoints/step_00000400"))
+    export_hf(model, out, tokenizer, {"qatune.json": ...}, meta["template"], meta["max_len"])
+
+The model's shape is read from the saved tensors (no base model download); only the number of
+heads is not in a tensor's shape: it comes from the run's config (a shape override or the named
+size) or the base model folder's config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
+from qatune.train.state import STATE_FILE
+
+STEP_NAME = re.compile(r"^step_(\d{8})$")
+DCP_DIR = "dcp"  # as in dist_checkpoint (imported lazily there: it pulls torch.distributed.checkpoint)
+
+
+class CheckpointFolderError(ValueError):
+    pass
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    """A folder written as a training checkpoint (or named like one)."""
+    return path.is_dir() and (bool(STEP_NAME.match(path.name)) or (path / STATE_FILE).is_file())
+
+
+def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
+    """The model weights of checkpoint `path`, and {template, max_len, steps, truncation, tokenizer}."""
+    from qatune.config import load_config
+    from qatune.train.config import TrainConfig
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
+        raise CheckpointFolderError(f"{path}: not a complete checkpoint (no {STATE_FILE} and config.yaml)")
+    cfg = load_config(TrainConfig, path / "config.yaml")
+    sharded = (path / DCP_DIR).is_dir()
+    shapes = _dcp_shapes(path) if sharded else None
+    state = None
+    if not sharded:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+    with torch.device("meta"):
+        model = GPT2(_config_from_shapes(shapes, cfg, path))
+    model = model.to_empty(device="cpu")
+    if sharded:
+        from qatune.train.dist_checkpoint import load_sharded
+
+        step = load_sharded(path, model)["step"]
+    else:
+        model.load_state_dict(state["model"])
+        step = state["step"]
+    template = cfg.data.get_template()
+    meta = {
+        "template": template.to_dict(),
+        "max_len": min(cfg.data.max_len, model.config.n_positions),
+        "steps": step,
+        "truncation": cfg.data.truncation,
+        "tokenizer": cfg.tokenizer,
+    }
+    return model, meta
+
+
+def _dcp_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
+    prefix = "model."
+    return {k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix) and hasattr(v, "size")}
+
+
+def _config_from_shapes(shapes: dict[str, tuple[int, ...]], cfg, path: Path) -> GPT2Config:
+    if "wte.weight" not in shapes or "wpe.weight" not in shapes:
+        raise CheckpointFolderError(f"{path}: the saved model has no wte/wpe weights; not a qatune GPT-2 checkpoint")
+    vocab_size, n_embd = shapes["wte.weight"]
+    n_layer = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("h.")), default=-1)
+    base = _base_config(cfg.model.name)
+    n_head = cfg.model.n_head or (base or {}).get("n_head")
+    if n_head is None:
+        raise CheckpointFolderError(
+            f"{path}: cannot tell the number of heads: model.name {cfg.model.name!r} is neither a GPT-2 size "
+            "nor a local folder with config.json"
+        )
+    return GPT2Config(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_positions=shapes["wpe.weight"][0],
+        vocab_size=vocab_size,
+        layer_norm_epsilon=(base or {}).get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _base_config(name: str) -> dict | None:
+    if name in SIZES:
+        return SIZES[name].to_dict()
+    config = Path(name) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
