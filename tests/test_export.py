@@ -111,3 +111,18 @@ def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "step_00000002").mkdir()
     assert main(["export", str(tmp_path / "step_00000002"), str(tmp_path / "out")]) == 2
     assert "step_00000002" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_sharded_checkpoint_exports_too(tiny_model, tokenizer_dir, tmp_path):
+    from qatune.config import dump_yaml
+    from qatune.train.config import ModelConfig, TrainConfig
+    from qatune.train.dist_checkpoint import save_sharded
+
+    cfg = TrainConfig(model=ModelConfig(init="random", n_layer=2, n_embd=64, n_head=4, n_positions=128))
+    optimizer = torch.optim.AdamW(tiny_model.parameters())
+    folder = save_sharded(tmp_path / "checkpoints", 3, tiny_model, optimizer, None, None, dump_yaml(cfg), {}, 1, 0, 1)
+    assert (folder / "dcp").is_dir()
+    assert main(["export", str(folder), str(tmp_path / "out"), "--tokenizer", str(tokenizer_dir)]) == 0
+    exported = from_pretrained(tmp_path / "out")
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
+    assert json.loads((tmp_path / "out" / "qatune.json").read_text())["steps"] == 3
