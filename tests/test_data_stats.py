@@ -65,6 +65,28 @@ def test_padding_fractions_exact():
     assert pad["pad_to_longest_random"] in (pytest.approx(0.0), pytest.approx(1 - 24 / 40))
 
 
+def test_packing_padding_is_what_training_computes():
+    """Training packs each micro-batch of `batch_size` examples into rows of at most max_len and
+    pads every row to the longest row of its micro-batch; the report measures exactly that, not an
+    ideal packing of the whole set into full rows."""
+    import random
+
+    from qatune.data.example import EncodedExample
+    from qatune.train.data import BatchConfig, epoch_micro_batches, make_batch
+
+    lengths = [random.Random(1).randint(3, 60) for _ in range(97)]
+    pad = padding_stats(lengths, max_len=64, batch_size=8, seed=0)
+    examples = [EncodedExample([1] * n, [1] * n) for n in lengths]
+    batches = [
+        make_batch([examples[i] for i in micro], "packed", 64, 0)
+        for micro in epoch_micro_batches(lengths, BatchConfig(strategy="packed", size=8), seed=0)
+    ]
+    computed = sum(b.input_ids.numel() for b in batches)
+    assert pad["packing"] == pytest.approx(1 - sum(lengths) / computed)
+    assert pad["packing_rows"] == sum(b.input_ids.shape[0] for b in batches)
+    assert pad["packing"] > 0.05  # per micro-batch rows are shorter and less full than max_len rows
+
+
 def run_cli(*args) -> int:
     return main(["stats", *map(str, args)])
 
@@ -91,7 +113,7 @@ def test_cli_writes_report_json_and_plots(tmp_path, tokenizer_dir, capsys):
     md = (out / "stats.md").read_text()
     assert "| cut_response |" in md and "## Per source" in md and "![CDF](lengths_cdf.png)" in md
     shown = capsys.readouterr().out
-    assert "E[A] / E[Q]" in shown and "packing into" in shown
+    assert "E[A] / E[Q]" in shown and "(training: packed)" in shown
 
 
 def test_cli_bad_data_fails_with_one_line_and_writes_nothing(tmp_path, tokenizer_dir, capsys):

@@ -71,6 +71,62 @@ def test_export_loads_in_transformers_with_the_same_logits(config, tmp_path):
         assert torch.allclose(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4)
 
 
+def fp16_matches_fp32(model, batch, precision) -> None:
+    """fp16 with loss scaling must train like fp32: the backward pass really ran on the scaled loss
+    (the stored gradients are scale x the fp32 ones), and the update `optimizer_step` makes after
+    unscaling equals fp32's (SGD with lr 1: the update is minus the gradient)."""
+    import copy
+
+    from qatune.train.step import optimizer_step
+
+    cpu = torch.device("cpu")
+    ref = copy.deepcopy(model)
+    train_step(ref, [batch], Precision("fp32", cpu))
+    ref_grads = [p.grad.clone() for p in ref.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    train_step(model, [batch], precision)
+    scale = precision.scaler.get_scale()
+    assert scale > 1
+    for p, g in zip(model.parameters(), ref_grads):
+        assert torch.linalg.vector_norm(p.grad / scale - g) <= 2e-2 * torch.linalg.vector_norm(g) + 1e-8
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    update = optimizer_step(model, optimizer, None, precision, grad_clip=0.0)
+    assert not update.skipped
+    for p, p0, g in zip(model.parameters(), start, ref_grads):
+        assert torch.linalg.vector_norm((p0 - p.detach()) - g) <= 2e-2 * torch.linalg.vector_norm(g) + 1e-8
+
+
+def packed_batch():
+    from qatune.data.example import IGNORE, EncodedExample
+    from qatune.train.data import make_batch
+
+    exs = [EncodedExample(list(range(100, 140)), [IGNORE] * 20 + list(range(120, 140))) for _ in range(3)]
+    return make_batch(exs, "packed", 128, 0)
+
+
+def test_fp16_gradients_unscaled_equal_fp32(tiny_model):
+    fp16_matches_fp32(tiny_model, packed_batch(), Precision("fp16", torch.device("cpu")))
+
+
+def test_the_fp16_check_catches_a_scaler_that_does_not_scale(tiny_model):
+    """The mutant of the fp16 path: the loss goes into backward unscaled (an identity `scale`), the
+    update is unscaled anyway. The loss, finite gradients and a scale above 1 all look right; the
+    comparison with fp32 does not."""
+
+    class IdentityScaler(torch.amp.GradScaler):
+        def scale(self, outputs):
+            return outputs
+
+    precision = Precision("fp16", torch.device("cpu"))
+    precision.scaler = IdentityScaler("cpu")
+    batch = packed_batch()
+    loss = train_step(tiny_model, [batch], precision).loss
+    assert torch.isfinite(torch.tensor(loss)) and precision.scaler.get_scale() > 1  # the old checks pass
+    tiny_model.zero_grad()
+    with pytest.raises(AssertionError):
+        fp16_matches_fp32(tiny_model, batch, precision)
+
+
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_mixed_precision_step_close_to_fp32(name, tiny_model):
     from qatune.data.example import IGNORE, EncodedExample

@@ -78,3 +78,18 @@ def test_packed_batch_rows_hold_several_examples_and_no_padding_beyond_the_longe
     assert batch.n_tokens == 120 and batch.n_examples == 4
     assert batch.doc_ids is not None and int(batch.doc_ids.max()) == 2
     assert torch.equal(batch.position_ids[1, 30:50], torch.arange(20))
+
+
+def test_a_packed_micro_batch_never_needs_more_rows_than_planned():
+    """A token budget of 8 rows x 100 tokens: 15 examples of 51 tokens fit the budget (765 tokens)
+    but need 15 rows, since no two share a row. The plan must close the micro-batch at 8 rows."""
+    from qatune.data.batching import pack_bins
+
+    lengths = [51] * 30 + [20] * 30 + [97] * 5
+    cfg = BatchConfig(strategy="packed", size=800, unit="tokens")
+    plan = plan_run(lengths, cfg, seed=0, epochs=1, row_capacity=100)
+    micros = [m for step in plan.steps for m in step]
+    assert sorted(i for m in micros for i in m) == list(range(len(lengths)))
+    assert max(len(pack_bins([lengths[i] for i in m], 100)) for m in micros) == 8
+    examples = [EncodedExample([1] * n, [1] * n) for n in lengths]
+    assert all(make_batch([examples[i] for i in m], "packed", 100, 0).input_ids.shape[0] <= 8 for m in micros)

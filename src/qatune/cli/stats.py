@@ -27,7 +27,12 @@ def add_parser(sub) -> None:
     p.add_argument("--train-on-turns", choices=["all", "last"], default="all")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of failing")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size for the padding study (default 8)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="micro-batch size for the padding study, as batch.size (default 8)"
+    )
+    p.add_argument(
+        "--batch-unit", choices=["examples", "tokens"], default="examples", help="unit of --batch-size, as batch.unit"
+    )
     p.add_argument("--out", help="folder for stats.md, stats.json, lengths_hist.png, lengths_cdf.png")
     p.add_argument("--json", help="write the JSON here ('-' for stdout)")
     p.set_defaults(func=run)
@@ -160,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         encodings = encode_records(
             read.records, template, tokenizer, cfg.train_on_turns, progress=lambda n: bar.advance(task, n)
         )
-    stats = compute_stats(encodings, cfg.max_len, args.batch_size, source_groups(args.data, encodings))
+    groups = source_groups(args.data, encodings)
+    stats = compute_stats(encodings, cfg.max_len, args.batch_size, groups, args.batch_unit)
     meta = {
         "sources": list(args.data),
         "layouts": read.layouts,

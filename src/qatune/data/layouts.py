@@ -104,7 +104,7 @@ def answer_list(row: dict, name: str, where: str) -> list[str]:
         value = value.get("text")
     if not isinstance(value, list):
         raise DataError(
-            f"{where}: field {name!r} must be a list of strings or {{\"text\": [...], \"answer_start\": [...]}}"
+            f'{where}: field {name!r} must be a list of strings or {{"text": [...], "answer_start": [...]}}'
         )
     if not value:
         raise DataError(f"{where}: field {name!r} is empty (an unanswerable question? it has nothing to train on)")

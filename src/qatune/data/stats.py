@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qatune.data.batching import length_grouped_batches, pack_bins, padding_fraction
+from qatune.data.batching import pack_bins, padding_fraction
 from qatune.data.encode import Encoding
 from qatune.data.example import IGNORE
 from qatune.data.report import TruncationCounts
@@ -81,14 +81,45 @@ def truncation_stats(encodings: Sequence[Encoding], max_len: int) -> tuple[dict,
     return out, kept_lengths
 
 
-def padding_stats(lengths: Sequence[int], max_len: int, batch_size: int, seed: int = 0) -> dict:
-    """Share of computed positions that are padding, per batching strategy, for these example lengths."""
+def training_rows(
+    lengths: Sequence[int], max_len: int, strategy: str, size: int, unit: str, seed: int
+) -> tuple[int, int]:
+    """(rows, computed positions) of one epoch batched as training batches it (`train.data`'s
+    planner: batch.strategy / size / unit): packed micro-batches are packed into rows of at most
+    max_len by `pack_bins`, grouped ones hold one example a row; every micro-batch is padded to
+    its longest row."""
+    from qatune.train.data import BatchConfig, epoch_micro_batches
+
+    rows = positions = 0
+    cfg = BatchConfig(strategy=strategy, size=size, unit=unit)
+    for micro in epoch_micro_batches(lengths, cfg, seed, row_capacity=max_len):
+        if strategy == "packed":
+            bins = pack_bins([lengths[i] for i in micro], max_len)
+            row_lengths = [sum(lengths[micro[j]] for j in b) for b in bins]
+        else:
+            row_lengths = [lengths[i] for i in micro]
+        rows += len(row_lengths)
+        positions += len(row_lengths) * max(row_lengths)
+    return rows, positions
+
+
+def padding_stats(
+    lengths: Sequence[int], max_len: int, batch_size: int, seed: int = 0, unit: str = "examples"
+) -> dict:
+    """Share of computed positions that are padding, for these example lengths. `length_grouped`
+    and `packing` are what training computes with batch.size = `batch_size` (in `unit`s) and
+    strategy grouped / packed; padding to max_len and random batches are the baselines."""
     n = len(lengths)
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    random_batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
-    grouped = length_grouped_batches(lengths, batch_size, seed=seed)
-    bins = pack_bins(lengths, max_len)
+    if unit == "examples":
+        random_batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    else:
+        from qatune.train.data import _fill_by_tokens
+
+        random_batches = _fill_by_tokens(order, lengths, batch_size, padded=True)
+    grouped_rows, grouped_positions = training_rows(lengths, max_len, "grouped", batch_size, unit, seed)
+    rows, positions = training_rows(lengths, max_len, "packed", batch_size, unit, seed)
 
     def batched(batches):
         rows = [lengths[i] for b in batches for i in b]
@@ -97,23 +128,28 @@ def padding_stats(lengths: Sequence[int], max_len: int, batch_size: int, seed: i
 
     return {
         "batch_size": batch_size,
+        "batch_unit": unit,
         "pad_to_max_len": padding_fraction(list(lengths), [max_len] * n),
         "pad_to_longest_random": batched(random_batches),
-        "length_grouped": batched(grouped),
-        "packing": padding_fraction(list(lengths), [max_len] * len(bins)),
-        "packing_rows": len(bins),
+        "length_grouped": 1.0 - sum(lengths) / grouped_positions if grouped_positions else 0.0,
+        "packing": 1.0 - sum(lengths) / positions if positions else 0.0,
+        "packing_rows": rows,
     }
 
 
 def compute_stats(
-    encodings: Sequence[Encoding], max_len: int, batch_size: int = 8, groups: dict[str, list[int]] | None = None
+    encodings: Sequence[Encoding],
+    max_len: int,
+    batch_size: int = 8,
+    groups: dict[str, list[int]] | None = None,
+    batch_unit: str = "examples",
 ) -> dict:
     """Everything `qatune stats` reports; `groups` maps a source name to the indices of its examples
     for the per-source breakdown."""
     stats = length_stats(encodings, max_len)
     stats["max_len"] = max_len
     stats["truncation"], kept = truncation_stats(encodings, max_len)
-    stats["padding"] = padding_stats(kept, max_len, batch_size)
+    stats["padding"] = padding_stats(kept, max_len, batch_size, unit=batch_unit)
     if groups and len(groups) > 1:
         stats["per_source"] = {name: length_stats([encodings[i] for i in idx], max_len) for name, idx in groups.items()}
     return stats

@@ -52,11 +52,12 @@ def tables(stats: dict) -> list[Table]:
         for policy, t in stats["truncation"].items()
     ]
     pad = stats["padding"]
+    size = f"{pad['batch_size']:,} tokens" if pad.get("batch_unit") == "tokens" else f"{pad['batch_size']}"
     padding = [
         ["pad every example to max_len", pct(pad["pad_to_max_len"])],
-        [f"pad to longest, random batches of {pad['batch_size']}", pct(pad["pad_to_longest_random"])],
-        [f"length-grouped batches of {pad['batch_size']}", pct(pad["length_grouped"])],
-        [f"packing into {pad['packing_rows']:,} rows of {stats['max_len']}", pct(pad["packing"])],
+        [f"pad to longest, random batches of {size}", pct(pad["pad_to_longest_random"])],
+        [f"length-grouped batches of {size} (training: grouped)", pct(pad["length_grouped"])],
+        [f"packed micro-batches of {size}, {pad['packing_rows']:,} rows (training: packed)", pct(pad["packing"])],
     ]
     out: list[Table] = [
         ("Token lengths (before truncation)", ["tokens", *keys], lengths),

@@ -61,8 +61,36 @@ def _fill_by_tokens(order: Sequence[int], lengths: Sequence[int], budget: int, p
     return groups
 
 
-def epoch_micro_batches(lengths: Sequence[int], cfg: BatchConfig, seed: int) -> list[list[int]]:
-    """One epoch as micro-batches of example indices (into `lengths`)."""
+def _fill_packed(order: Sequence[int], lengths: Sequence[int], budget: int, capacity: int) -> list[list[int]]:
+    """Consecutive groups within the token budget whose packing (`pack_bins`, as `make_batch` packs
+    them) needs at most budget // capacity rows: a token budget alone does not bound the rows, since
+    examples that cannot share a row (two of 51 tokens in rows of 100) leave rows part empty."""
+    rows = max(1, budget // capacity)
+    fits = lambda group: len(pack_bins([lengths[i] for i in group], capacity)) <= rows
+    groups: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        end, used = start, 0
+        while end < len(order) and (end == start or used + lengths[order[end]] <= budget):
+            used += lengths[order[end]]
+            end += 1
+        if not fits(order[start:end]):  # the longest prefix that packs into `rows` rows
+            lo, hi = start + 1, end - 1  # one example always fits one row
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(order[start:mid]) else (lo, mid - 1)
+            end = lo
+        groups.append(list(order[start:end]))
+        start = end
+    return groups
+
+
+def epoch_micro_batches(
+    lengths: Sequence[int], cfg: BatchConfig, seed: int, row_capacity: int | None = None
+) -> list[list[int]]:
+    """One epoch as micro-batches of example indices (into `lengths`). row_capacity: the packed
+    row length (max_len); with a token budget, packed micro-batches then never need more than
+    size // row_capacity rows, the rows the memory plan counts on."""
     if cfg.strategy == "grouped" and cfg.unit == "examples":
         return length_grouped_batches(lengths, cfg.size, seed=seed)
     order = list(range(len(lengths)))
@@ -71,6 +99,8 @@ def epoch_micro_batches(lengths: Sequence[int], cfg: BatchConfig, seed: int) -> 
     if cfg.unit == "examples":
         return [order[s : s + cfg.size] for s in range(0, len(order), cfg.size)]
     if cfg.strategy == "packed":
+        if row_capacity:
+            return _fill_packed(order, lengths, cfg.size, row_capacity)
         return _fill_by_tokens(order, lengths, cfg.size, padded=False)
     # grouped by tokens: sort windows by length so rows in a batch are alike, then shuffle batches
     span = 64 * max(1, cfg.size // max(1, max(lengths, default=1)))
@@ -117,6 +147,7 @@ def plan_run(
     epochs: int,
     max_steps: int | None = None,
     world_size: int = 1,
+    row_capacity: int | None = None,
 ) -> RunPlan:
     """Every optimizer step of the run: `epochs` epochs, or — when `max_steps` is set — exactly
     `max_steps` steps, cycling through as many epochs as that takes (each reshuffled)."""
@@ -124,7 +155,8 @@ def plan_run(
     epoch_of: list[int] = []
     epoch = 0
     while (epoch < epochs) if max_steps is None else (len(steps) < max_steps):
-        epoch_steps = plan_steps(epoch_micro_batches(lengths, cfg, seed + epoch), cfg.accumulation, world_size)
+        micro_batches = epoch_micro_batches(lengths, cfg, seed + epoch, row_capacity)
+        epoch_steps = plan_steps(micro_batches, cfg.accumulation, world_size)
         if not epoch_steps:
             raise ValueError(f"{len(lengths)} training examples make no optimizer step for {world_size} rank(s)")
         steps += epoch_steps
@@ -147,10 +179,21 @@ class ExamplePlan:
     prefetch: bool = True
 
     @classmethod
-    def build(cls, items: Sequence, cfg: BatchConfig, seed: int, epochs: int, max_steps: int | None, run, make_batch):
+    def build(
+        cls,
+        items: Sequence,
+        cfg: BatchConfig,
+        seed: int,
+        epochs: int,
+        max_steps: int | None,
+        run,
+        make_batch,
+        row_capacity: int | None = None,
+    ):
         """The plan for `run` (a RunContext): set for the ranks the global batch was first set
-        for (`run.plan_world`), checked to deal out evenly over the ranks launched."""
-        plan = plan_run([len(x) for x in items], cfg, seed, epochs, max_steps, run.plan_world)
+        for (`run.plan_world`), checked to deal out evenly over the ranks launched. row_capacity:
+        the packed row length, which bounds the rows of a token-budget micro-batch."""
+        plan = plan_run([len(x) for x in items], cfg, seed, epochs, max_steps, run.plan_world, row_capacity)
         check_plan_split(plan, run.world_size, run.plan_world, cfg.accumulation)
         return cls(plan, items, make_batch)
 

@@ -85,7 +85,8 @@ class SFT(Method):
         cfg = run.cfg
         strategy, max_len, pad_id = cfg.batch.strategy, self.max_len, self.pad_id
         collate = lambda items: make_batch(items, strategy, max_len, pad_id)
-        return ExamplePlan.build(self.train_set, cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, run, collate)
+        args = (self.train_set, cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, run, collate)
+        return ExamplePlan.build(*args, row_capacity=max_len)
 
     def step(self, model, batch: Batch, monitor: bool = False) -> StepOutput:
         hidden = model(**model_inputs(batch))
