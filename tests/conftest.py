@@ -1,7 +1,11 @@
-"""Shared fixtures: where ../shared is, the real GPT-2 tokenizer, tiny random models.
+"""Shared fixtures: where the shared data is, the real GPT-2 tokenizer, tiny random models.
 
-Tests that need ../shared (the tokenizer files, the real data sets) skip with a reason when it is
-absent — except in CI, where QATUNE_REQUIRE_SHARED=1 turns that skip into a failure.
+The shared folder is $QATUNE_SHARED, else ../shared beside the checkout (CI, this project's
+machines); when neither exists (a fresh clone) it is tests/fixtures/shared, which ships the GPT-2
+tokenizer files and small samples of every data set, so the whole suite runs with nothing skipped
+(no test needs the full sets; the tests that count over them check their counts against the files
+they are given). QATUNE_REQUIRE_SHARED=1 (CI) makes the full shared folder a requirement: a run
+that would fall back to the samples fails instead.
 """
 
 from __future__ import annotations
@@ -19,23 +23,32 @@ import torch  # noqa: E402
 from qatune.model.gpt2 import GPT2, GPT2Config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+FIXTURE_SHARED = REPO / "tests" / "fixtures" / "shared"
+
+
+def find_shared() -> Path:
+    for candidate in (os.environ.get("QATUNE_SHARED"), REPO.parent / "shared"):
+        if candidate and (Path(candidate) / "data").is_dir():
+            return Path(candidate)
+    return FIXTURE_SHARED
+
+
+SHARED = find_shared()
 TOKENIZER_DIR = SHARED / "tokenizer" / "gpt2"
 DATA_DIR = SHARED / "data"
+# Code that finds the tokenizer through the setting (and the `qatune` subprocesses tests start).
+os.environ.setdefault("QATUNE_TOKENIZER", str(TOKENIZER_DIR))
 
 
-def need_shared(path: Path) -> Path:
-    if not path.exists():
-        reason = f"{path} is absent (set QATUNE_SHARED to the shared/ folder)"
-        if os.environ.get("QATUNE_REQUIRE_SHARED"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return path
+def check_required() -> None:
+    if SHARED == FIXTURE_SHARED and os.environ.get("QATUNE_REQUIRE_SHARED"):
+        pytest.fail("QATUNE_REQUIRE_SHARED is set but no shared folder was found ($QATUNE_SHARED, ../shared)")
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    return need_shared(TOKENIZER_DIR)
+    check_required()
+    return TOKENIZER_DIR
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +60,9 @@ def gpt2_tokenizer(tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    return need_shared(DATA_DIR)
+    """The shared data sets: the full ones, or the samples in tests/fixtures/shared."""
+    check_required()
+    return DATA_DIR
 
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
