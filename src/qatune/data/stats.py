@@ -103,9 +103,7 @@ def training_rows(
     return rows, positions
 
 
-def padding_stats(
-    lengths: Sequence[int], max_len: int, batch_size: int, seed: int = 0, unit: str = "examples"
-) -> dict:
+def padding_stats(lengths: Sequence[int], max_len: int, batch_size: int, seed: int = 0, unit: str = "examples") -> dict:
     """Share of computed positions that are padding, for these example lengths. `length_grouped`
     and `packing` are what training computes with batch.size = `batch_size` (in `unit`s) and
     strategy grouped / packed; padding to max_len and random batches are the baselines."""

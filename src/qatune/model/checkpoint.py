@@ -11,6 +11,7 @@ no missing or unexpected weights, plus the tokenizer files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -197,13 +198,18 @@ def qatune_to_hf(model: GPT2) -> dict[str, torch.Tensor]:
     return sd
 
 
-def from_pretrained(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> GPT2:
-    """Load GPT-2 weights from a hub name or a local transformers-layout folder."""
+def from_pretrained(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, dropout: float | None = None
+) -> GPT2:
+    """Load GPT-2 weights from a hub name or a local transformers-layout folder; `dropout` sets the
+    rate for fine-tuning (the checkpoint's own pdrop values are not read: qatune has one rate)."""
     folder = resolve_checkpoint_dir(name_or_path)
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
     config = config_from_hf(json.loads(config_file.read_text()))
+    if dropout is not None:
+        config = dataclasses.replace(config, dropout=dropout)
     with torch.device("meta"):
         model = GPT2(config)
     sd = hf_to_qatune(read_hf_state_dict(folder), model, source=str(folder))
@@ -220,7 +226,10 @@ def build_model(name_or_path: str, random_init: bool = False, **overrides) -> GP
         if overrides:
             config = GPT2Config(**{**config.to_dict(), **overrides})
         return GPT2(config)
-    return from_pretrained(name_or_path)
+    shape = sorted(set(overrides) - {"dropout"})
+    if shape:
+        raise ValueError(f"{shape[0]} only applies to a randomly initialised model")
+    return from_pretrained(name_or_path, dropout=overrides.get("dropout"))
 
 
 def _tokenizer_settings(folder: Path, template: dict | None, max_len: int) -> None:

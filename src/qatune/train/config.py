@@ -60,7 +60,8 @@ class TrainConfig:
     method: str = "sft"  # the training method: sft (more in qatune.train.methods)
     out_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
-    tokenizer: str | None = None  # default: $QATUNE_TOKENIZER, else the model's, else "gpt2"
+    # default: the model folder's own tokenizer files, else $QATUNE_TOKENIZER, else the hub's "gpt2"
+    tokenizer: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

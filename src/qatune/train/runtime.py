@@ -77,10 +77,27 @@ def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
         return build_model(cfg.name, random_init=True, vocab_size=vocab_size, dropout=cfg.dropout, **shape)
     if cfg.shape_overrides():
         raise ValueError(f"model.{next(iter(cfg.shape_overrides()))} only applies to model.init=random")
-    model = build_model(cfg.name)
+    model = build_model(cfg.name, dropout=cfg.dropout)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but {cfg.name} only {model.config.vocab_size}")
     return model
+
+
+def model_tokenizer(cfg: ModelConfig) -> str | None:
+    """The tokenizer saved beside pretrained weights in a local folder, the default when the config
+    names none (then $QATUNE_TOKENIZER, then the hub's "gpt2": `load_tokenizer(None)`)."""
+    folder = Path(cfg.name)
+    if cfg.init == "pretrained" and any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+        return str(folder)
+    return None
+
+
+def dropout_seed(seed: int, rank: int) -> int:
+    """The seed of `rank`'s random stream once the weights exist (dropout masks, sampling). The
+    weights are initialised from `seed` on every rank alike; the masks must differ per rank, or
+    data parallelism applies one mask to every rank's examples. seed + 1 + rank: never the init
+    seed itself."""
+    return seed + 1 + rank
 
 
 def train(
@@ -96,7 +113,7 @@ def train(
 
     if resume and latest_checkpoint(Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR) is None:
         raise ValueError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR}")
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = load_tokenizer(cfg.tokenizer or model_tokenizer(cfg.model))
     method = build_method(cfg, tokenizer, rank)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, len(tokenizer))
@@ -180,6 +197,7 @@ class _Run:
                 file=sys.stderr,
             )
         self.trainable = self._wrap(method.wrap(model))
+        torch.manual_seed(dropout_seed(cfg.seed, rank))  # after every weight exists; a resume restores its own
         self.optimizer = build_optimizer(self.trainable, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.plan))
         self.sharded = cfg.strategy != "none"  # DDP/FSDP: every rank writes its part of each checkpoint
