@@ -37,9 +37,10 @@ def test_explicit_pairs_tokenize_prompt_and_responses_apart_with_one_eos(tmp_pat
     result = load_pairs(DataConfig(sources=[src], template="plain"), tok)
     assert result.layouts == {src: "explicit"}
     (pair,) = result.pairs
-    assert pair.prompt_ids == ids(tok, "Question: Capital of France?\nAnswer: ")
-    assert pair.chosen_ids == ids(tok, "Paris") + [tok.eos_token_id]  # the literal EOS is not doubled
-    assert pair.rejected_ids == ids(tok, "Rome") + [tok.eos_token_id]
+    assert pair.prompt_ids == ids(tok, "Question: Capital of France?\nAnswer:")
+    # plain: the answer carries its own leading space (" Paris"), as in SFT; the literal EOS is not doubled
+    assert pair.chosen_ids == ids(tok, " Paris") + [tok.eos_token_id]
+    assert pair.rejected_ids == ids(tok, " Rome") + [tok.eos_token_id]
     assert pair.where == f"{src}:1"
     chosen_seq, rejected_seq = pair.sequences()
     assert chosen_seq.input_ids == pair.prompt_ids + pair.chosen_ids
@@ -92,9 +93,11 @@ def test_real_hh_rlhf_bad_lines_name_line_and_field(data_dir):
     with pytest.raises(DataError, match=r"test\.jsonl:87: field 'chosen' has an empty response"):
         read_pairs(path)
     result = read_pairs(path, skip_bad=True)
-    assert len(result) + result.skipped == 2312 and result.skipped == 9
+    full = "fixtures" not in Path(path).parts  # the full set, or the first 100 lines of a fresh clone
+    assert (len(result) + result.skipped, result.skipped) == ((2312, 9) if full else (100, 1))
     with_prefix = [r for r in result.skip_reasons if "differ before their last assistant turn" in r]
-    assert with_prefix and all(":" in r.split(" ")[0] for r in with_prefix)
+    assert all(":" in r.split(" ")[0] for r in with_prefix)
+    assert with_prefix or not full  # the first such line is 1255: in the full set only
 
 
 def test_implicit_conversational_and_mapping(tmp_path):

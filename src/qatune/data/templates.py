@@ -143,7 +143,14 @@ TEMPLATES: dict[str, Template] = {
         system="### System:\n{system}\n\n",
     ),
     # Anthropic HH-RLHF's dialogue format; the prompt ends in a space, like "plain".
-    "hh": Template("hh", "\n\nHuman: {prompt}\n\nAssistant: ", "\n\nHuman: {prompt}\n\n{context}\n\nAssistant: "),
+    # Anthropic HH-RLHF's dialogue format; like `plain`, the space after "Assistant:" is the
+    # answer's own (" No, sorry!"), as the data's text tokenizes.
+    "hh": Template(
+        "hh",
+        "\n\nHuman: {prompt}\n\nAssistant:",
+        "\n\nHuman: {prompt}\n\n{context}\n\nAssistant:",
+        response_prefix=" ",
+    ),
 }
 
 

@@ -55,7 +55,8 @@ def encode_pairs(
         chunk = records[start : start + chunk_size]
         texts = []
         for r in chunk:
-            texts += [r.prompt_text(template), strip_final_eos(r.chosen), strip_final_eos(r.rejected)]
+            responses = [template.render_response(strip_final_eos(x)) for x in (r.chosen, r.rejected)]
+            texts += [r.prompt_text(template), *responses]
         ids = tokenize_with_eos(texts, tokenizer)
         for k, r in enumerate(chunk):
             prompt, chosen, rejected = ids[3 * k : 3 * k + 3]
