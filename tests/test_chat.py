@@ -136,3 +136,11 @@ def test_history_is_tokenized_segment_by_segment_as_in_training(tiny_model, gpt2
     trained = encode_records([Record("s", "s:1", messages=msgs)], tpl, gpt2_tokenizer)[0]
     session = ChatSession(tiny_model, gpt2_tokenizer, tpl, SamplingConfig(max_new_tokens=5))
     assert session.encode(msgs[:3]) == trained.input_ids[: trained.response_start]
+    from types import SimpleNamespace
+
+    from qatune.serve import protocol as api
+    from qatune.serve.app import chat_prompt_ids
+
+    served = SimpleNamespace(template=tpl, tokenizer=gpt2_tokenizer)
+    chat = [api.ChatMessage(role=m.role, content=m.content) for m in msgs[:3]]
+    assert chat_prompt_ids(chat, served) == trained.input_ids[: trained.response_start]  # qatune serve too

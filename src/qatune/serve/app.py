@@ -19,7 +19,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from qatune.data.encode import tokenize_with_eos
+from qatune.data.encode import encode_pieces, tokenize_with_eos
 from qatune.data.records import Message
 from qatune.data.templates import Template
 from qatune.generation.continuous import QueueFull
@@ -125,9 +125,8 @@ def chat_prompt_ids(messages: list[api.ChatMessage], served: ServedModel) -> lis
     as `qatune chat` and training render it."""
     if messages[-1].role != "user":
         raise api.APIError(400, "The last message must have role 'user': the model answers a user turn.", "messages")
-    text = served.template.generation_prompt([Message(m.role, m.content) for m in messages])
-    [ids] = tokenize_with_eos([text], served.tokenizer)
-    return ids
+    pieces = served.template.generation_pieces([Message(m.role, m.content) for m in messages])
+    return encode_pieces(pieces, served.tokenizer)  # segment by segment, as training tokenizes
 
 
 def completion_prompt_ids(prompt: str | list[int], served: ServedModel) -> list[int]:
