@@ -202,9 +202,9 @@ BAD = [
     ),
     (
         CHAT,
-        {"messages": USER, "max_tokens": 122},
+        {"messages": USER, "max_tokens": 123},  # plain renders "hi" in 6 tokens: "Question: hi\nAnswer:"
         400,
-        "you requested 129 tokens (7 in the messages, 122 in the completion)",
+        "you requested 129 tokens (6 in the messages, 123 in the completion)",
         "max_tokens",
     ),
     (CHAT, {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop strings", "stop"),
