@@ -54,6 +54,8 @@ def main() -> None:
     print((run / "eval" / "report.md").read_text())
     g, b = report["generation"], report["base"]["generation"]
     summary = {
+        "steps": settings.steps,
+        "template": report["template"],
         "n": g["n"],
         "exact_match": g["exact_match"],
         "exact_match_init": b["exact_match"],
