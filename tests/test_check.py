@@ -52,9 +52,8 @@ def test_a_template_whose_prompt_leaks_into_the_loss_fails_the_mask_audit(data_d
     rc = main(["check", str(leak), *overrides, "--sample", "12"])
     out = capsys.readouterr().out
     assert rc == 1
-    mask_row = next(line for line in out.splitlines() if "mask audit" in line)
-    assert "FAIL" in mask_row and "the loss reads 'Answer:" in out.replace("\n", " ")
-    assert "failed: mask audit" in out
+    assert "FAIL mask audit: 12 of 12 records put other text in the loss" in out
+    assert ": the loss reads 'Answer: " in out and "failed: mask audit" in out
 
 
 def test_a_raw_template_whose_history_merges_across_answers_fails_the_chat_template_check(

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     print_table(console, report)
     for note in report.notes:
         print(note, file=sys.stderr)
-    failed = [r.name for r in report.results if not r.ok]
-    print(f"failed: {', '.join(failed)}" if failed else f"all {len(report.results)} checks passed")
+    failed = [r for r in report.results if not r.ok]
+    for r in failed:  # unwrapped, to copy or grep
+        print(f"FAIL {r.name}: {r.detail}")
+    print(f"failed: {', '.join(r.name for r in failed)}" if failed else f"all {len(report.results)} checks passed")
     return 1 if failed else 0
