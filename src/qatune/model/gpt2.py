@@ -83,19 +83,115 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, mask, layer: int = 0, kv_cache: KVCache | None = None):
+    def forward(self, x, attention: Attention, layer: int = 0, kv_cache: KVCache | None = None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in self.c_attn(x).split(C, dim=2))
+        y = attention(q, k, v, self.dropout if self.training else 0.0, layer, kv_cache)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
+
+
+# ---------------------------------------------------------------- attention kernels
+# One forward picks one kernel for all layers (`GPT2.attention_for`). Each takes q, k, v as
+# (B, T, heads, head_dim) and returns the same shape. Packed rows (doc_ids) have three exact ways
+# to attend within each document; they agree in values and gradients (tests/test_attention.py).
+
+
+class DenseAttention:
+    """SDPA with a boolean (B, 1, T, keys) mask, or plain causal when the mask is None.
+
+    The reference for the packed kernels, and the only kernel for left padding and the KV cache.
+    With a mask SDPA computes every (query, key) block, masked or not."""
+
+    def __init__(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+
+    def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
-        p = self.dropout if self.training else 0.0
-        if mask is None:  # plain causal: lets SDPA pick its flash kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if self.mask is None:  # plain causal: lets SDPA pick its flash kernel
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout_p)
+        return y.transpose(1, 2)
+
+
+class DocumentAttention:
+    """Packed rows cut at document boundaries, plain causal SDPA on each document.
+
+    Costs sum(n_doc^2) per row instead of T^2 and never touches a masked block; on CPU it was
+    measured faster than the dense mask (benchmarks/attention.py). The boundaries are read on the
+    host, so on a GPU this syncs once per forward: there FlexAttention is the default.
+    Padding (doc id < 0) gets zeros: no real token attends to it, so nothing downstream changes."""
+
+    def __init__(self, doc_ids: torch.Tensor) -> None:
+        self.lengths, self.padding = document_segments(doc_ids)
+
+    def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
+        B, T, H, D = q.shape
+        pieces = (t.reshape(B * T, H, D).split(self.lengths) for t in (q, k, v))
+        out = []
+        for qd, kd, vd, pad in zip(*pieces, self.padding):
+            if pad:
+                out.append(torch.zeros_like(qd))
+                continue
+            # (n, H, D) -> (1, H, n, D): SDPA's CPU flash kernel wants 4-d inputs (3-d runs the
+            # slower math path)
+            qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
+            y = F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=True)
+            out.append(y[0].transpose(0, 1))
+        return torch.cat(out).view(B, T, H, D)
+
+
+def document_segments(doc_ids: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Lengths of the runs of equal doc ids in the flattened (B*T) rows, a run never crossing a
+    row, and whether each run is padding (doc id < 0)."""
+    B, T = doc_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = starts.flatten().nonzero().flatten()
+    bounds = first.tolist() + [B * T]
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    return lengths, (doc_ids.flatten()[first] < 0).tolist()
+
+
+class FlexDocumentAttention:
+    """FlexAttention with a block mask of "same document, not in the future": blocks with no
+    allowed pair are skipped. Built on the device from doc_ids (no host sync); compiled on GPU.
+    Forward only on CPU in torch 2.13 (no FlexAttention backward there)."""
+
+    def __init__(self, doc_ids: torch.Tensor) -> None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (doc_ids[b, q_idx] == doc_ids[b, kv_idx]) & (kv_idx <= q_idx)
+
+        B, T = doc_ids.shape
+        compiled = doc_ids.device.type == "cuda"
+        self.block_mask = create_block_mask(same_document_causal, B, None, T, T, doc_ids.device, _compile=compiled)
+
+    def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
+        if dropout_p:
+            raise ValueError("FlexAttention has no attention dropout; use attention='documents' or 'dense'")
+        y = _flex_attention(q.device.type)(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=self.block_mask)
+        return y.transpose(1, 2)
+
+
+def _flex_attention(device_type: str):
+    """flex_attention, compiled into one fused kernel on GPU (eager is a slow reference)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if device_type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention)
+    return _COMPILED_FLEX
+
+
+_COMPILED_FLEX = None
+Attention = DenseAttention | DocumentAttention | FlexDocumentAttention
+ATTENTION_KERNELS = ("auto", "dense", "documents", "flex")
 
 
 class MLP(nn.Module):
@@ -117,8 +213,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, mask, layer: int = 0, kv_cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), mask, layer, kv_cache)
+    def forward(self, x, attention: Attention, layer: int = 0, kv_cache: KVCache | None = None):
+        x = x + self.attn(self.ln_1(x), attention, layer, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -132,6 +228,8 @@ class GPT2(nn.Module):
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.activation_checkpointing = False
+        # How packed rows attend: auto = FlexAttention on GPU, per-document SDPA on CPU.
+        self.attention_kernel = "auto"
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
@@ -173,16 +271,39 @@ class GPT2(nn.Module):
         # every forward (training batches are checked when they are built).
         if position_ids.device.type == "cpu" and position_ids.max() >= self.config.n_positions:
             raise ValueError(f"position {int(position_ids.max())} exceeds the context of {self.config.n_positions}")
-        mask = self._attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
+        attention = self.attention_for(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
             if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, attention, use_reentrant=False)
             else:
-                x = block(x, mask, i, kv_cache)
+                x = block(x, attention, i, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
         return self.ln_f(x)
+
+    def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
+        """The attention kernel of one forward pass: a packed kernel for packed rows, else the
+        dense mask (plain causal when there is nothing to mask)."""
+        packed = doc_ids is not None and attention_mask is None and kv_cache is None
+        kernel = self._packed_kernel(device) if packed else "dense"
+        if kernel == "documents":
+            return DocumentAttention(doc_ids)
+        if kernel == "flex":
+            return FlexDocumentAttention(doc_ids)
+        return DenseAttention(self._attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, device))
+
+    def _packed_kernel(self, device: torch.device) -> str:
+        kernel = self.attention_kernel
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {kernel!r} is not one of {', '.join(ATTENTION_KERNELS)}")
+        if kernel != "auto":
+            return kernel
+        if torch.compiler.is_compiling():
+            return "dense"  # per-document lengths would recompile the graph for every batch
+        if device.type == "cuda" and not (self.training and self.config.dropout):
+            return "flex"
+        return "documents"
 
     @staticmethod
     def _attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, device):

@@ -28,37 +28,78 @@ class _LinearCrossEntropySum(torch.autograd.Function):
     def forward(ctx, h, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
+        n = h.shape[0]
         loss = torch.zeros((), dtype=acc, device=h.device)
         grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grad_w = None  # written by the first chunk's matmul: no full-size zero fill
         w = weight.to(compute_dtype)
-        for start in range(0, h.shape[0], chunk_size):
+        # One logits buffer for every chunk of this call (the last chunk uses its first rows).
+        buf = torch.empty(min(chunk_size, n), w.shape[0], dtype=acc, device=h.device)
+        for start in range(0, n, chunk_size):
             hc = h[start : start + chunk_size].to(compute_dtype)
             tc = targets[start : start + chunk_size]
-            logits = (hc @ w.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if want_h or want_w:
-                # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the logits.
-                dlogits = logits.sub_(lse[:, None]).exp_()
-                dlogits[torch.arange(tc.shape[0], device=tc.device), tc] -= 1.0
-                dlogits = dlogits.to(compute_dtype)
-                if want_h:
-                    grad_h[start : start + chunk_size] = (dlogits @ w).to(h.dtype)
-                if want_w:
-                    grad_w += (dlogits.t() @ hc).to(acc)
-                del dlogits  # free it before the next chunk's logits are allocated
-            del logits
+            logp = head_log_softmax(hc, w, buf[: hc.shape[0]])
+            loss -= logp.gather(1, tc[:, None]).sum()
+            if not (want_h or want_w):
+                continue
+            dlogits = softmax_minus_onehot_(logp, tc).to(compute_dtype)
+            if want_h:
+                _mm_into(grad_h[start : start + chunk_size], dlogits, w)
+            if want_w:
+                grad_w = _addmm_acc(grad_w, dlogits.t(), hc, acc)
+            del dlogits
+        if grad_w is None and want_w:  # no labelled rows at all
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The gradients were computed in forward; scale them in place (no second full-size
+        # buffer). A second backward through the same graph fails on the saved tensors' version
+        # check instead of silently scaling twice.
         grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        gh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
+
+
+def head_log_softmax(hc: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """log_softmax(hc @ w^T) over the vocabulary, written into `out` (fp32 at least).
+
+    The matmul writes straight into `out` when the dtypes agree, and the softmax runs in place:
+    one pass over each row while it is in cache, instead of a max, a sum and two full-size temps.
+    """
+    if out.dtype == hc.dtype:
+        torch.mm(hc, w.t(), out=out)
+    else:
+        out.copy_(hc @ w.t())  # bf16/fp16 matmul, softmax in fp32
+    return torch.log_softmax(out, dim=-1, out=out)
+
+
+def softmax_minus_onehot_(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d(sum CE)/d(logits) = softmax - one_hot(targets), computed in place over log-probs."""
+    probs = logp.exp_()
+    probs.view(-1)[torch.arange(targets.shape[0], device=targets.device) * probs.shape[1] + targets] -= 1.0
+    return probs
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def _addmm_acc(acc_tensor: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """acc_tensor + a @ b, accumulated in `acc` precision; the first call allocates."""
+    if acc_tensor is None:
+        part = a @ b
+        return part if part.dtype == acc else part.to(acc)
+    if a.dtype == acc:
+        return acc_tensor.addmm_(a, b)
+    return acc_tensor.add_(a @ b)
 
 
 def select_labelled(

@@ -1,0 +1,91 @@
+"""The packed-row attention kernels against the dense boolean mask (the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qatune.model.gpt2 import DenseAttention, DocumentAttention, FlexDocumentAttention, document_segments
+
+# Two packed rows: three documents and right padding (doc id -1), then two documents that fill
+# the row, the second one starting with the same doc id the first row ended its documents with.
+DOCS = [[0] * 7 + [1] * 5 + [2] * 9 + [-1] * 3, [0] * 13 + [1] * 11]
+
+
+def packed_batch():
+    doc_ids = torch.tensor(DOCS)
+    positions = torch.zeros_like(doc_ids)
+    for r, row in enumerate(DOCS):
+        start = 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                positions[r, start:i] = torch.arange(i - start) if row[start] >= 0 else 0
+                start = i
+    torch.manual_seed(1)
+    return torch.randint(0, 50257, doc_ids.shape), positions, doc_ids
+
+
+def run(model, kernel, ids, positions, doc_ids):
+    """Hidden states at real tokens, and the parameter gradients of a loss on real tokens only."""
+    model.attention_kernel = kernel
+    model.zero_grad(set_to_none=True)
+    hidden = model(ids, position_ids=positions, doc_ids=doc_ids)
+    real = doc_ids >= 0
+    weights = torch.linspace(-1, 1, hidden.shape[-1])
+    (hidden[real] * weights).sum().backward()
+    return hidden[real].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_document_segments_split_rows_and_mark_padding():
+    lengths, padding = document_segments(torch.tensor(DOCS))
+    assert lengths == [7, 5, 9, 3, 13, 11]
+    assert padding == [False, False, False, True, False, False]
+
+
+def test_per_document_attention_equals_dense_mask_in_values_and_gradients(tiny_model):
+    model = tiny_model.train()
+    batch = packed_batch()
+    dense_h, dense_g = run(model, "dense", *batch)
+    doc_h, doc_g = run(model, "documents", *batch)
+    torch.testing.assert_close(doc_h, dense_h, atol=1e-5, rtol=1e-5)
+    for name, grad in dense_g.items():  # fp32 summation order differs: tolerance relative to the scale
+        torch.testing.assert_close(doc_g[name], grad, atol=1e-6 * grad.abs().max().item(), rtol=0, msg=name)
+
+
+def test_flex_attention_forward_equals_dense_mask(tiny_model):
+    """FlexAttention has no backward on CPU in torch 2.13: its forward values are what runs here."""
+    model = tiny_model.eval()
+    ids, positions, doc_ids = packed_batch()
+    real = doc_ids >= 0
+    out = {}
+    with torch.no_grad():
+        for kernel in ("dense", "flex"):
+            model.attention_kernel = kernel
+            out[kernel] = model(ids, position_ids=positions, doc_ids=doc_ids)[real]
+    torch.testing.assert_close(out["flex"], out["dense"], atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_dispatch(tiny_model):
+    model = tiny_model.train()
+    _, _, doc_ids = packed_batch()
+    B, T = doc_ids.shape
+    cpu = torch.device("cpu")
+    assert isinstance(model.attention_for(B, T, 0, doc_ids, None, None, cpu), DocumentAttention)
+    assert model._packed_kernel(torch.device("cuda")) == "flex"  # the GPU default
+    # plain rows, left padding and the KV cache take the dense path
+    assert isinstance(model.attention_for(B, T, 0, None, None, None, cpu), DenseAttention)
+    pad = torch.ones(B, T, dtype=torch.long)
+    assert isinstance(model.attention_for(B, T, 0, doc_ids, pad, None, cpu), DenseAttention)
+    model.attention_kernel = "flex"
+    assert isinstance(model.attention_for(B, T, 0, doc_ids, None, None, cpu), FlexDocumentAttention)
+    model.attention_kernel = "sparse"
+    with pytest.raises(ValueError, match="attention kernel 'sparse'"):
+        model.attention_for(B, T, 0, doc_ids, None, None, cpu)
+
+
+def test_dropout_in_training_keeps_gpu_off_flex(tiny_model):
+    from qatune.model.gpt2 import GPT2, GPT2Config
+
+    model = GPT2(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, dropout=0.1)).train()
+    assert model._packed_kernel(torch.device("cuda")) == "documents"
+    assert model.eval()._packed_kernel(torch.device("cuda")) == "flex"
