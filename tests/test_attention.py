@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qatune.model.gpt2 import DenseAttention, DocumentAttention, FlexDocumentAttention, document_segments
+from qatune.model.gpt2 import DenseAttention, DocumentAttention, FlexDocumentAttention, document_lengths
 
 # Two packed rows: three documents and right padding (doc id -1), then two documents that fill
 # the row, the second one starting with the same doc id the first row ended its documents with.
@@ -36,10 +36,8 @@ def run(model, kernel, ids, positions, doc_ids):
     return hidden[real].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_document_segments_split_rows_and_mark_padding():
-    lengths, padding = document_segments(torch.tensor(DOCS))
-    assert lengths == [7, 5, 9, 3, 13, 11]
-    assert padding == [False, False, False, True, False, False]
+def test_document_lengths_split_rows_and_leave_out_padding():
+    assert document_lengths(torch.tensor(DOCS)) == [7, 5, 9, 13, 11]
 
 
 def test_per_document_attention_equals_dense_mask_in_values_and_gradients(tiny_model):

@@ -105,6 +105,12 @@ class DenseAttention:
     def __init__(self, mask: torch.Tensor | None) -> None:
         self.mask = mask
 
+    def drop_padding(self, t: torch.Tensor) -> torch.Tensor:
+        return t  # runs on the rows as given
+
+    def restore_padding(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
@@ -117,42 +123,53 @@ class DenseAttention:
 
 
 class DocumentAttention:
-    """Packed rows cut at document boundaries, plain causal SDPA on each document.
+    """Packed rows as one sequence of their real tokens, plain causal SDPA on each document.
 
-    Costs sum(n_doc^2) per row instead of T^2 and never touches a masked block; on CPU it was
-    measured faster than the dense mask (benchmarks/attention.py). The boundaries are read on the
-    host, so on a GPU this syncs once per forward: there FlexAttention is the default.
-    Padding (doc id < 0) gets zeros: no real token attends to it, so nothing downstream changes."""
+    Padding (doc id < 0) is dropped before the first block and restored as zeros after the last,
+    so no compute goes to it; attention costs sum(n_doc^2) instead of T^2 per row and never
+    touches a masked block. On CPU it was measured faster than the dense mask
+    (benchmarks/attention.py). The boundaries are read on the host, so on a GPU this syncs once
+    per forward: there FlexAttention is the default."""
 
     def __init__(self, doc_ids: torch.Tensor) -> None:
-        self.lengths, self.padding = document_segments(doc_ids)
+        self.rows = doc_ids.shape
+        real = doc_ids.flatten() >= 0
+        self.keep = None if bool(real.all()) else real.nonzero().flatten()
+        self.lengths = document_lengths(doc_ids)
+
+    def drop_padding(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (1, real tokens, ...)."""
+        flat = t.flatten(0, 1)
+        return (flat if self.keep is None else flat.index_select(0, self.keep))[None]
+
+    def restore_padding(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, real tokens, C) -> (B, T, C), zeros at the padding."""
+        B, T = self.rows
+        if self.keep is None:
+            return x.view(B, T, -1)
+        return x.new_zeros(B * T, x.shape[-1]).index_copy(0, self.keep, x[0]).view(B, T, -1)
 
     def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
-        B, T, H, D = q.shape
-        pieces = (t.reshape(B * T, H, D).split(self.lengths) for t in (q, k, v))
         out = []
-        for qd, kd, vd, pad in zip(*pieces, self.padding):
-            if pad:
-                out.append(torch.zeros_like(qd))
-                continue
+        for qd, kd, vd in zip(*(t[0].split(self.lengths) for t in (q, k, v))):
             # (n, H, D) -> (1, H, n, D): SDPA's CPU flash kernel wants 4-d inputs (3-d runs the
             # slower math path)
             qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
             y = F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=True)
             out.append(y[0].transpose(0, 1))
-        return torch.cat(out).view(B, T, H, D)
+        return torch.cat(out)[None]
 
 
-def document_segments(doc_ids: torch.Tensor) -> tuple[list[int], list[bool]]:
-    """Lengths of the runs of equal doc ids in the flattened (B*T) rows, a run never crossing a
-    row, and whether each run is padding (doc id < 0)."""
+def document_lengths(doc_ids: torch.Tensor) -> list[int]:
+    """Lengths of the documents of packed rows in reading order: runs of one doc id, a run never
+    crossing a row, padding runs (doc id < 0) left out."""
     B, T = doc_ids.shape
     starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = starts.flatten().nonzero().flatten()
     bounds = first.tolist() + [B * T]
-    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
-    return lengths, (doc_ids.flatten()[first] < 0).tolist()
+    ids = doc_ids.flatten()[first].tolist()
+    return [end - start for start, end, doc in zip(bounds, bounds[1:], ids) if doc >= 0]
 
 
 class FlexDocumentAttention:
@@ -169,6 +186,12 @@ class FlexDocumentAttention:
         B, T = doc_ids.shape
         compiled = doc_ids.device.type == "cuda"
         self.block_mask = create_block_mask(same_document_causal, B, None, T, T, doc_ids.device, _compile=compiled)
+
+    def drop_padding(self, t: torch.Tensor) -> torch.Tensor:
+        return t  # runs on the rows as given: removing padding would need a host sync
+
+    def restore_padding(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
         if dropout_p:
@@ -272,6 +295,7 @@ class GPT2(nn.Module):
         if position_ids.device.type == "cpu" and position_ids.max() >= self.config.n_positions:
             raise ValueError(f"position {int(position_ids.max())} exceeds the context of {self.config.n_positions}")
         attention = self.attention_for(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
+        input_ids, position_ids = attention.drop_padding(input_ids), attention.drop_padding(position_ids)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for i, block in enumerate(self.h):
             if self.activation_checkpointing and self.training and kv_cache is None:
@@ -280,7 +304,7 @@ class GPT2(nn.Module):
                 x = block(x, attention, i, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.ln_f(x)
+        return attention.restore_padding(self.ln_f(x))
 
     def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
         """The attention kernel of one forward pass: a packed kernel for packed rows, else the
