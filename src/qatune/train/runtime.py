@@ -48,6 +48,7 @@ from qatune.train.state import latest_checkpoint, load_checkpoint, save_checkpoi
 from qatune.train.step import Precision, accumulate, backbone, global_sum, model_device, optimizer_step
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic
+from qatune.utils.malloc import keep_freed_memory
 
 
 @dataclass
@@ -176,6 +177,7 @@ class _Run:
         precision = Precision(pick_precision(cfg.precision, device), device)
         if device.type == "cpu":
             warn_slow_cpu_precision(precision.name)
+            keep_freed_memory()  # no page faults on the step's large tensors (qatune.utils.malloc)
         self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
         if resume and self.ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
