@@ -11,7 +11,14 @@ Both trained models are scored by the same code: qatune's held-out response-toke
 
 MFU = the FLOPs the work needs (real tokens only: 6 x 12 L d^2 per token for the blocks,
 attention scores over each example's own causal prefix, the LM head only where there is a label)
-over the matmul throughput this script measures on the same threads, in the same precision.
+over the matmul throughput this script measures on the same threads, in the same precision. It is
+given twice: on wall time (what a user waits for) and on the process's CPU time against a CPU-time
+matmul peak (what the step itself costs: other processes sharing the cores inflate wall time, not
+CPU time).
+
+The qatune side then trains once more under torch.profiler and sums the runtime's named spans
+(`qatune.train.step.phase`): data, forward, loss, backward, optimizer, monitor, logging,
+checkpoint; with the FLOPs of each phase, the rate each one reaches.
 
     python benchmarks/sft_vs_trl.py                     # 1,000 examples, all four sides
     python benchmarks/sft_vs_trl.py --n-train 200 --sides qatune trl-default
@@ -52,6 +59,7 @@ def parse_args(argv=None):
     # step was measured 4-5x slower than a 1-thread one (OpenMP threads wait on each other).
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    p.add_argument("--op-profile", type=int, default=0, metavar="N", help="also print torch.profiler's N costliest ops")
     p.add_argument("--workdir", default=None, help="keep data/models here (default: a temp folder)")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # child mode
     return p.parse_args(argv)
@@ -99,30 +107,44 @@ def prepare(args, work: Path) -> dict:
     }
 
 
+def forward_flops(lengths: list[int], labels: list[int], vocab: int) -> dict[str, float]:
+    """Forward FLOPs the work needs, real tokens only, by part; training is 3x (forward + backward)."""
+    L, d = MODEL["n_layer"], MODEL["n_embd"]
+    parts = {"blocks": 0.0, "attention": 0.0, "head": 0.0}
+    for T, n_lab in zip(lengths, labels):
+        parts["blocks"] += 2 * 12 * L * d * d * T  # qkv, proj, mlp matmuls
+        parts["attention"] += 2 * 2 * L * d * T * (T + 1) / 2  # QK^T and AV over each token's causal prefix
+        parts["head"] += 2 * d * vocab * n_lab  # LM head only where a label is
+    return parts
+
+
 def work_flops(lengths: list[int], labels: list[int], vocab: int) -> float:
     """Training FLOPs the work needs: 3x the forward (forward + backward), real tokens only."""
-    L, d = MODEL["n_layer"], MODEL["n_embd"]
-    total = 0.0
-    for T, n_lab in zip(lengths, labels):
-        dense = 2 * 12 * L * d * d * T  # qkv, proj, mlp matmuls
-        attention = 2 * 2 * L * d * T * (T + 1) / 2  # QK^T and AV over each token's causal prefix
-        head = 2 * d * vocab * n_lab  # LM head only where a label is
-        total += 3 * (dense + attention + head)
-    return total
+    return 3 * sum(forward_flops(lengths, labels, vocab).values())
 
 
-def matmul_peak(precision: str, seconds: float = 2.0) -> float:
-    """FLOP/s of a large square matmul, measured here with the current thread count."""
+def phase_flops(lengths: list[int], labels: list[int], vocab: int) -> dict[str, float]:
+    """The same FLOPs by phase of qatune's step: the loss phase runs the head's forward and both
+    of its gradient matmuls (they are formed in the forward pass)."""
+    f = forward_flops(lengths, labels, vocab)
+    body = f["blocks"] + f["attention"]
+    return {"forward": body, "loss": 3 * f["head"], "backward": 2 * body}
+
+
+def matmul_peak(precision: str, seconds: float = 2.0) -> tuple[float, float]:
+    """FLOP/s of a large square matmul, measured here with the current thread count: per second of
+    wall time, and per second of this process's CPU time."""
     import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     a @ b
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         a @ b
         n += 1
-    return n * 2 * 1024**3 / (time.perf_counter() - t0)
+    flop = n * 2 * 1024**3
+    return flop / (time.perf_counter() - t0), flop / (time.process_time() - c0)
 
 
 # ---------------------------------------------------------------- the sides (children)
@@ -142,7 +164,7 @@ def heldout_loss(model, work: Path, max_len: int) -> float:
     return evaluate(model, batches, Precision("fp32", torch.device("cpu")))["eval_loss"]
 
 
-def run_qatune(args, work: Path) -> dict:
+def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = None) -> dict:
     from qatune.config import from_dict
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.model.checkpoint import from_pretrained
@@ -157,7 +179,8 @@ def run_qatune(args, work: Path) -> dict:
     cfg = from_dict(
         TrainConfig,
         {
-            "name": "qatune",
+            "name": name,
+            "max_steps": max_steps,
             "data": {"sources": data.sources, "template": "raw", "max_len": args.max_len},
             "out_dir": str(work / "runs"),
             "batch": {"strategy": "packed", "size": args.batch, "unit": "examples"},
@@ -172,12 +195,13 @@ def run_qatune(args, work: Path) -> dict:
             "export": False,
         },
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = fit(model, tok, examples, cfg, progress=False)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     h = result.history
     return {
         "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
         "total_s": time.perf_counter() - t_start,
         "steps": result.steps,
         "examples": sum(r["examples"] for r in h),
@@ -231,12 +255,13 @@ def run_trl(args, work: Path, side: str) -> dict:
         disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = trainer.train()
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     model.save_pretrained(work / side / "final")
     return {
         "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
         "total_s": time.perf_counter() - t_start,
         "steps": out.global_step,
         "examples": args.n_train,
@@ -248,19 +273,43 @@ def run_trl(args, work: Path, side: str) -> dict:
     }
 
 
+PHASES = ("data", "forward", "loss", "backward", "optimizer", "monitor", "logging", "checkpoint")
+
+
+def profile_phases(args, work: Path) -> dict:
+    """The qatune run once more, timed by phase (`qatune.train.step.PhaseClock`: the runtime's
+    named spans, wall and CPU seconds of the training thread), and with `--op-profile N` once
+    more under torch.profiler for the N costliest operators."""
+    from qatune.train.step import PhaseClock
+
+    with PhaseClock() as clock:
+        stats = run_qatune(args, work, name="qatune-phases")
+    out = {"train_s": stats["train_s"], "train_cpu_s": stats["train_cpu_s"], "wall": clock.wall, "cpu": clock.cpu}
+    if args.op_profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            run_qatune(args, work, name="qatune-profiled")
+        ops = prof.key_averages(group_by_input_shape=True)
+        out["op_table"] = ops.table(sort_by="self_cpu_time_total", row_limit=args.op_profile)
+    return out
+
+
 def child(args) -> None:
     work = Path(args.workdir)
     load_before = os.getloadavg()[0]
-    peak = matmul_peak(args.precision)  # under the same conditions as this side's training
+    peak, peak_cpu = matmul_peak(args.precision)  # under the same conditions as this side's training
     stats = run_qatune(args, work) if args.side == "qatune" else run_trl(args, work, args.side)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak_rss_mb = usage.ru_maxrss / 1024  # training's high-water mark
     stats["cpu_s"] = usage.ru_utime + usage.ru_stime  # CPU time of the whole child, setup included
     stats["load_avg"] = [load_before, os.getloadavg()[0]]  # 1-minute load: other processes on the cores
-    stats["matmul_peak"] = peak
+    stats["matmul_peak"], stats["matmul_peak_cpu"] = peak, peak_cpu
     model = stats.pop("model")
     stats["heldout_loss"] = heldout_loss(model, work, args.max_len)
     stats["peak_rss_mb"] = peak_rss_mb
+    if args.side == "qatune":  # after the peak RSS was read: the profiler's records are not training's
+        stats["phases"] = profile_phases(args, work)
     print("RESULT " + json.dumps(stats), flush=True)
 
 
@@ -269,6 +318,7 @@ def child(args) -> None:
 
 def child_argv(args) -> list[str]:
     keys = ("n_train", "n_heldout", "max_len", "batch", "lr", "lr_min", "warmup", "precision", "seed", "threads")
+    keys += ("op_profile",)
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
@@ -279,6 +329,35 @@ def run_side(side: str, args, work: Path) -> dict:
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def info_work(info: dict) -> tuple[list[int], list[int], int]:
+    return info["lengths"], info["labels"], 50257
+
+
+def print_phases(phases: dict, flops: dict[str, float], peak: float, peak_cpu: float) -> dict:
+    """The phase-timed qatune run: wall and CPU seconds per phase, and for the phases that do the
+    model's matmuls the FLOP rate reached per CPU second, against the CPU-time matmul peak."""
+    total, total_cpu = phases["train_s"], phases["train_cpu_s"]
+    if "op_table" in phases:
+        print("\nqatune's costliest operators (torch.profiler, one more run)\n" + phases.pop("op_table"))
+    print(f"\nqatune by phase (the same run again, timed by phase: {total:.1f} s wall, {total_cpu:.1f} s CPU)")
+    print(f"{'phase':<12}{'wall s':>8}{'CPU s':>8}{'CPU share':>10}{'GFLOP':>8}{'GFLOP/CPU s':>12}{'of peak':>9}")
+    out = {}
+    for name in (*PHASES, "other"):
+        if name == "other":  # the loop's own code, run setup and teardown outside any phase
+            wall, cpu = total - sum(phases["wall"].values()), total_cpu - sum(phases["cpu"].values())
+        else:
+            wall, cpu = phases["wall"].get(name, 0.0), phases["cpu"].get(name, 0.0)
+        row = {"wall_s": wall, "cpu_s": cpu, "cpu_share": cpu / total_cpu}
+        line = f"{name:<12}{wall:>8.2f}{cpu:>8.2f}{100 * row['cpu_share']:>9.1f}%"
+        if name in flops and cpu > 0:
+            row["gflop"], row["gflop_per_cpu_s"] = flops[name] / 1e9, flops[name] / cpu / 1e9
+            row["of_peak_cpu"] = flops[name] / cpu / peak_cpu
+            line += f"{row['gflop']:>8.1f}{row['gflop_per_cpu_s']:>12.1f}{100 * row['of_peak_cpu']:>8.1f}%"
+        out[name] = row
+        print(line)
+    return out
 
 
 def main(argv=None) -> None:
@@ -294,27 +373,29 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     info = prepare(args, work)
     flops = work_flops(info["lengths"], info["labels"], 50257)
-    peak = matmul_peak(args.precision)
+    peak, peak_cpu = matmul_peak(args.precision)
     results = {}
     for side in args.sides:
         results[side] = run_side(side, args, work)
         print(f"  {side}: {results[side]['train_s']:.1f} s", file=sys.stderr, flush=True)
     # The machine's matmul throughput: the best of the measurements (others may share the cores).
     peak = max([peak] + [r["matmul_peak"] for r in results.values()])
+    peak_cpu = max([peak_cpu] + [r["matmul_peak_cpu"] for r in results.values()])
     base = results.get("qatune")
     header = f"{'side':<13}{'train s':>9}{'ex/s':>8}{'tok/s':>9}{'label tok/s':>12}{'peak RSS MB':>12}"
-    header += f"{'held-out loss':>14}{'MFU':>7}{'load':>6}{'speed-up':>9}{'RSS x':>7}{'loss x':>8}"
+    header += f"{'held-out loss':>14}{'MFU':>7}{'CPU MFU':>8}{'load':>6}{'speed-up':>9}{'RSS x':>7}{'loss x':>8}"
     print(
         f"\n{args.n_train} t0 examples (<= {args.max_len} tokens), batch {args.batch}, 1 epoch, {args.precision}, "
         f"GPT-2 L={MODEL['n_layer']} d={MODEL['n_embd']}; torch {torch.__version__}, {torch.get_num_threads()} "
-        f"threads; matmul peak {peak / 1e9:.0f} GFLOP/s (best measured)"
+        f"threads; matmul peak {peak / 1e9:.0f} GFLOP/s per wall second, {peak_cpu / 1e9:.0f} per CPU second "
+        "(best measured)"
     )
     print(header)
     summary = {}
     for side, r in results.items():
         if r["tokens"] is None:
             r["tokens"], r["label_tokens"] = sum(info["lengths"]), sum(info["labels"])
-        mfu = flops / r["train_s"] / peak
+        mfu, mfu_cpu = flops / r["train_s"] / peak, flops / r["train_cpu_s"] / peak_cpu
         row = {
             "train_s": r["train_s"],
             "examples_per_s": r["examples"] / r["train_s"],
@@ -323,6 +404,8 @@ def main(argv=None) -> None:
             "peak_rss_mb": r["peak_rss_mb"],
             "heldout_loss": r["heldout_loss"],
             "mfu": mfu,
+            "train_cpu_s": r["train_cpu_s"],
+            "mfu_cpu": mfu_cpu,
             "steps": r["steps"],
             "load_avg": r["load_avg"],
         }
@@ -339,8 +422,10 @@ def main(argv=None) -> None:
         print(
             f"{side:<13}{row['train_s']:>9.1f}{row['examples_per_s']:>8.2f}{row['tokens_per_s']:>9.0f}"
             f"{row['label_tokens_per_s']:>12.0f}{row['peak_rss_mb']:>12.0f}{row['heldout_loss']:>14.4f}"
-            f"{100 * mfu:>6.1f}%{max(r['load_avg']):>6.1f}{ratios}"
+            f"{100 * mfu:>6.1f}%{100 * mfu_cpu:>7.1f}%{max(r['load_avg']):>6.1f}{ratios}"
         )
+    if base and "phases" in base:
+        summary["qatune"]["phases"] = print_phases(base["phases"], phase_flops(*info_work(info)), peak, peak_cpu)
     print(json.dumps({"benchmark": "sft_vs_trl", "args": vars(args) | {"workdir": str(work)}, "results": summary}))
 
 

@@ -66,3 +66,21 @@ def test_fit_logs_layer_norms_clip_rate_and_prompt_loss(tmp_path):
             assert math.sqrt(sum(v * v for v in layers.values())) == pytest.approx(r["grad_norm"], rel=1e-5)
             assert r["prompt_loss"] > 0
     assert (tmp_path / "mon" / "plots" / "grad_norm_layers.png").exists()
+
+
+def test_prompt_loss_samples_at_most_the_label_count():
+    """Long prompts, short answers: the monitor scores a systematic sample of the prompt positions,
+    no more of them than the batch has labels, so a monitored step stays cheap."""
+    from qatune.data.example import EncodedExample
+    from qatune.train.step import sample_targets
+
+    t = torch.tensor([[IGNORE, 5, 6, IGNORE, 7], [8, IGNORE, 9, 10, 11]])
+    assert sample_targets(t, 2).tolist() == [[IGNORE, 5, IGNORE, IGNORE, 7], [IGNORE, IGNORE, 9, IGNORE, 11]]
+    assert torch.equal(sample_targets(t, 1), t)
+
+    exs = [EncodedExample(list(range(1, 61)), [IGNORE] * 57 + [7, 8, 9], f"ex{i}") for i in range(4)]
+    batch = collate([exs[:2], exs[2:]], pad_id=0)
+    torch.manual_seed(0)
+    stats = train_step(GPT2(SMALL), [batch], Precision("fp32", torch.device("cpu")), measure_prompt_loss=True)
+    assert 0 < stats.prompt_tokens <= stats.label_tokens == 12
+    assert math.isfinite(stats.prompt_loss)

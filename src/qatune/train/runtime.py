@@ -45,7 +45,7 @@ from qatune.train.plots import write_plots
 from qatune.train.progress import Progress
 from qatune.train.run_dir import RunLock, check_resume, prepare_fresh
 from qatune.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
-from qatune.train.step import Precision, accumulate, backbone, global_sum, model_device, optimizer_step
+from qatune.train.step import Precision, accumulate, backbone, global_sum, model_device, optimizer_step, phase
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic
 from qatune.utils.malloc import keep_freed_memory
@@ -283,23 +283,28 @@ class _Run:
         try:
             with _StopSignals() as stop:
                 for step in range(self.start, len(plan)):
-                    record = self._train_step(step, batches.get(step))
+                    with phase("data"):  # waits only when the prefetch has not finished
+                        micro = batches.get(step)
+                    record = self._train_step(step, micro)
                     done, last = step + 1, step + 1 == len(plan)
                     if last or (cfg.eval.every and done % cfg.eval.every == 0):
-                        evaluated = self.method.evaluate(self.trainable)
+                        with phase("eval"):
+                            evaluated = self.method.evaluate(self.trainable)
                         record.update(evaluated)
                         final_eval = evaluated or final_eval
-                    if logger and (done % cfg.log_every == 0 or last or "eval_loss" in record):
-                        logger.log(record)
-                    history.append(record)
-                    bar.update(record)
+                    with phase("logging"):
+                        if logger and (done % cfg.log_every == 0 or last or "eval_loss" in record):
+                            logger.log(record)
+                        history.append(record)
+                        bar.update(record)
                     if on_step:
                         on_step(record)
                     signum = stop.agreed(model_device(self.trainable))
                     if signum and not last:
                         self._stop(done, record["elapsed"], signum)
                     if cfg.save_every and done % cfg.save_every == 0 and not last:
-                        self._checkpoint(done, record["elapsed"])
+                        with phase("checkpoint"):
+                            self._checkpoint(done, record["elapsed"])
             return self._finish(final_eval, history)
         finally:
             batches.close()
@@ -316,7 +321,10 @@ class _Run:
         except (torch.OutOfMemoryError, RuntimeError) as e:
             _raise_if_out_of_memory(e, step, micro)
             raise
-        layer_norms = layer_grad_norms(self.trainable, precision, cfg.strategy == "fsdp") if watch else None
+        layer_norms = None
+        if watch:
+            with phase("monitor"):
+                layer_norms = layer_grad_norms(self.trainable, precision, cfg.strategy == "fsdp")
         update = optimizer_step(self.trainable, self.optimizer, self.scheduler, precision, cfg.optim.grad_clip)
         self.clip_history.append(update.clipped)
         record = {
@@ -358,7 +366,8 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         steps = len(self.plan)
         if ctx.is_main or self.sharded:
-            self.save(steps, time.perf_counter() - self.t_start)
+            with phase("checkpoint"):
+                self.save(steps, time.perf_counter() - self.t_start)
         model = self.trainable
         if cfg.export and cfg.strategy == "fsdp":  # collective; rank 0 gets a plain model with the full weights
             model = gathered(model, ctx.rank, lambda: self.method.wrap(self._plain_model()))

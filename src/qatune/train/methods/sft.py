@@ -4,11 +4,13 @@ of the whole optimizer step.
 Data: encoded (prompt, response) examples (`qatune.data.pipeline.load_examples`), a seeded
 held-out split, packed or length-grouped micro-batches (`ExamplePlan`). Step: the model's hidden
 states, then the chunked LM head only at labelled positions (`qatune.train.loss`). With
-`monitor`, the same forward also measures the loss on prompt tokens, without gradient.
+`monitor`, the same forward also measures the loss on prompt tokens, without gradient, on a
+sample of at most as many prompt positions as the batch has labels.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -19,7 +21,7 @@ from qatune.data.example import EncodedExample
 from qatune.train.data import ExamplePlan, eval_batches, make_batch, split_holdout
 from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum
 from qatune.train.methods.base import Method, RunContext, StepOutput
-from qatune.train.step import evaluate_sums, lm_weight, perplexity, prompt_targets
+from qatune.train.step import evaluate_sums, lm_weight, perplexity, phase, prompt_targets, sample_targets
 
 
 def lm_eval_metrics(loss_sum: float, count: int) -> dict:
@@ -89,13 +91,19 @@ class SFT(Method):
         return ExamplePlan.build(*args, row_capacity=max_len)
 
     def step(self, model, batch: Batch, monitor: bool = False) -> StepOutput:
-        hidden = model(**model_inputs(batch))
+        with phase("forward"):
+            hidden = model(**model_inputs(batch))
         weight = lm_weight(model)
-        loss_sum, _ = response_loss_sum(hidden, weight, batch.targets, self.chunk_size, index=batch.label_index)
+        with phase("loss"):
+            loss_sum, _ = response_loss_sum(hidden, weight, batch.targets, self.chunk_size, index=batch.label_index)
         metrics = {}
         if monitor:  # before backward: FSDP reshards the root's weights after it
-            with torch.no_grad():
-                prompt_sum, n_prompt = response_loss_sum(hidden, weight, prompt_targets(batch), self.chunk_size)
+            # At most as many prompt positions as the batch has labels (a systematic sample): the
+            # measurement costs at most one more head forward over the labels' worth of rows.
+            every = math.ceil((batch.n_tokens - batch.count) / max(batch.count, 1))
+            targets = sample_targets(prompt_targets(batch), every)
+            with torch.no_grad(), phase("monitor"):
+                prompt_sum, n_prompt = response_loss_sum(hidden, weight, targets, self.chunk_size)
             metrics = {"prompt_loss_sum": prompt_sum, "prompt_tokens": n_prompt}
         return StepOutput(loss_sum, batch.count, metrics)
 
