@@ -8,9 +8,10 @@ The general primitive behind every method that needs log pi(token) rather than a
 sum: DPO (sequence log-probs of chosen and rejected responses), reward-model evaluation, PPO/GRPO
 (per-token ratios, KL to the reference, entropy bonus).
 
-No `rows x vocab` tensor outlives one chunk. The forward keeps only the rows' log-sum-exp (and
-entropy); the backward recomputes each chunk's logits z = h W^T and applies the upstream gradient
-per token:
+No `rows x vocab` tensor outlives one chunk (one buffer serves every chunk), and the chunk body
+is the one of `qatune.train.loss` (log-softmax in place, gradients summed without a zero-filled
+vocab x d buffer). The forward keeps only the rows' log-probs (and entropy); the backward
+recomputes each chunk's log-softmax of z = h W^T and applies the upstream gradient per token:
 
     d log p_t / d z_j = 1[j = t] - p_j
     d H / d z_j       = -p_j (log p_j + H)           (H = -sum_j p_j log p_j)
@@ -32,6 +33,13 @@ from __future__ import annotations
 import torch
 
 from qatune.data.example import IGNORE
+from qatune.train.loss import (
+    HeadGradients,
+    head_log_softmax,
+    logits_buffer,
+    scale_head_gradients,
+    softmax_minus_onehot_,
+)
 
 DEFAULT_CHUNK = 2048
 
@@ -45,39 +53,33 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums: fp32 at least
         n = h.shape[0]
         logp = torch.empty(n, dtype=acc, device=h.device)
-        lse = torch.empty(n, dtype=acc, device=h.device)
         entropy = torch.empty(n, dtype=acc, device=h.device) if with_entropy else None
         w = weight.to(compute_dtype)
+        buf = logits_buffer(n, chunk_size, w, acc)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = (h[start:end].to(compute_dtype) @ w.t()).to(acc)
-            lse_c = torch.logsumexp(logits, dim=-1)
-            lse[start:end] = lse_c
-            logp[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - lse_c
-            if with_entropy:
-                # H = lse - sum_j p_j z_j, with p computed in place over the logits.
-                z_dot_p = logits.sub(lse_c[:, None]).exp_().mul_(logits).sum(-1)
-                entropy[start:end] = lse_c - z_dot_p
-            del logits
-        ctx.save_for_backward(h, weight, targets, lse, entropy if with_entropy else lse)
+            log_p = head_log_softmax(h[start:end].to(compute_dtype), w, buf[: end - start])
+            logp[start:end] = log_p.gather(1, targets[start:end, None]).squeeze(1)
+            if with_entropy:  # H = -sum_j p_j log p_j
+                entropy[start:end] = -log_p.exp().mul_(log_p).sum(-1)
+        ctx.save_for_backward(h, weight, targets, entropy if with_entropy else logp)
         ctx.chunk_size, ctx.compute_dtype, ctx.acc = chunk_size, compute_dtype, acc
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        h, weight, targets, lse, entropy = ctx.saved_tensors
+        h, weight, targets, entropy = ctx.saved_tensors
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (grad_logp is None and grad_entropy is None) or not (want_h or want_w):
             return None, None, None, None, None, None
         acc, cdt = ctx.acc, ctx.compute_dtype
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grads = HeadGradients(h, weight, want_h, want_w, acc)
         w = weight.to(cdt)
+        buf = logits_buffer(h.shape[0], ctx.chunk_size, w, acc)
         for start in range(0, h.shape[0], ctx.chunk_size):
             end = min(start + ctx.chunk_size, h.shape[0])
             hc = h[start:end].to(cdt)
-            logits = (hc @ w.t()).to(acc)
-            log_p = logits.sub_(lse[start:end, None])  # in place: the chunk now holds log p
+            log_p = head_log_softmax(hc, w, buf[: end - start])  # recomputed, in the reused buffer
             g = grad_logp[start:end].to(acc)[:, None] if grad_logp is not None else 0.0
             if grad_entropy is None:
                 dz = log_p.exp_().mul_(-g)  # -g p, in place
@@ -89,14 +91,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 del p
             if grad_logp is not None:
                 dz[torch.arange(end - start, device=dz.device), targets[start:end]] += g.squeeze(1)
-            del log_p, logits
-            dz = dz.to(cdt)
-            if want_h:
-                grad_h[start:end] = (dz @ w).to(h.dtype)
-            if want_w:
-                grad_w += (dz.t() @ hc).to(acc)
-            del dz  # free it before the next chunk's logits are allocated
-        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None, None
+            grads.add(start, dz, hc, w)
+        grad_h, grad_w = grads.result()
+        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None
 
 
 def token_logprobs(
@@ -132,19 +129,17 @@ class _FusedLogprobLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunks, loss_fn, compute_dtype):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         acc = torch.promote_types(compute_dtype, torch.float32)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        grads = HeadGradients(h, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1], acc)
         w = weight.to(compute_dtype)
+        buf = logits_buffer(h.shape[0], max((end - start for start, end in chunks), default=0), w, acc)
         for start, end in chunks:
             hc = h[start:end].to(compute_dtype)
-            logits = (hc @ w.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            rows = torch.arange(end - start, device=h.device)
-            tok = logits[rows, targets[start:end]] - lse
-            if not (want_h or want_w):
+            log_p = head_log_softmax(hc, w, buf[: end - start])
+            tok = log_p.gather(1, targets[start:end, None]).squeeze(1)
+            if not want_grad:
                 loss += loss_fn(tok, start, end).detach()
                 continue
             with torch.enable_grad():  # a small graph over this chunk's log-probs only
@@ -152,24 +147,15 @@ class _FusedLogprobLoss(torch.autograd.Function):
                 part = loss_fn(tok, start, end)
                 (g,) = torch.autograd.grad(part, tok)
             loss += part.detach()
-            dz = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # -g p, in place over the logits
-            dz[rows, targets[start:end]] += g
-            dz = dz.to(compute_dtype)
-            if want_h:
-                grad_h[start:end] = (dz @ w).to(h.dtype)
-            if want_w:
-                grad_w += (dz.t() @ hc).to(acc)
-            del logits, dz  # free them before the next chunk's logits are allocated
-        ctx.save_for_backward(grad_h, grad_w)
+            # dL/dz = g (onehot - p) = -g (p - onehot), in place over the chunk's log-probs
+            grads.add(start, softmax_minus_onehot_(log_p, targets[start:end]).mul_(-g[:, None]), hc, w)
+        ctx.save_for_backward(*grads.result())
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return (*scale_head_gradients(*ctx.saved_tensors, grad_loss, ctx.weight_dtype), None, None, None, None)
 
 
 def group_chunks(bounds: list[int], chunk_size: int) -> list[tuple[int, int]]:
