@@ -164,7 +164,7 @@ def heldout_loss(model, work: Path, max_len: int) -> float:
     return evaluate(model, batches, Precision("fp32", torch.device("cpu")))["eval_loss"]
 
 
-def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = None) -> dict:
+def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = None, overrides=None) -> dict:
     from qatune.config import from_dict
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.model.checkpoint import from_pretrained
@@ -193,7 +193,8 @@ def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = N
             "tensorboard": False,
             "plots": False,
             "export": False,
-        },
+        }
+        | (overrides or {}),
     )
     t0, c0 = time.perf_counter(), time.process_time()
     result = fit(model, tok, examples, cfg, progress=False)

@@ -68,9 +68,9 @@ def test_fit_logs_layer_norms_clip_rate_and_prompt_loss(tmp_path):
     assert (tmp_path / "mon" / "plots" / "grad_norm_layers.png").exists()
 
 
-def test_prompt_loss_samples_at_most_the_label_count():
+def test_prompt_loss_samples_at_most_half_the_label_count():
     """Long prompts, short answers: the monitor scores a systematic sample of the prompt positions,
-    no more of them than the batch has labels, so a monitored step stays cheap."""
+    at most half as many as the batch has labels, so a monitored step stays cheap."""
     from qatune.data.example import EncodedExample
     from qatune.train.step import sample_targets
 
@@ -82,5 +82,5 @@ def test_prompt_loss_samples_at_most_the_label_count():
     batch = collate([exs[:2], exs[2:]], pad_id=0)
     torch.manual_seed(0)
     stats = train_step(GPT2(SMALL), [batch], Precision("fp32", torch.device("cpu")), measure_prompt_loss=True)
-    assert 0 < stats.prompt_tokens <= stats.label_tokens == 12
+    assert stats.label_tokens == 12 and 0 < stats.prompt_tokens <= 6
     assert math.isfinite(stats.prompt_loss)

@@ -18,12 +18,11 @@ SDPA backends (what differs):
 - flash (CPU's `_scaled_dot_product_flash_attention_for_cpu`; CUDA flash for bf16/fp16): saves q, k,
   v, the output (laid out (B, T, h, hd), so the transpose before c_proj is free) and an fp32
   logsumexp (B, h, T). No T x T tensor.
-- packed rows (`doc_ids`): the model builds a (B, 1, T, T) bool mask. On CPU the flash kernel
-  converts it to an additive mask in the query dtype and saves that per layer: B*T*T*a. On CUDA
-  flash takes no arbitrary mask, so SDPA runs the memory-efficient kernel, which saves the mask
-  padded to a multiple of 16 keys and a logsumexp padded to a multiple of 32 queries (assumed
-  from the kernel's source, not measured here: no GPU). With checkpointing the bool mask is an
-  input of every checkpointed block: saved once, B*T*T bytes.
+- packed rows (`doc_ids`): no T x T mask. On CPU the model drops the rows' padding and runs
+  causal SDPA per document, then joins the documents' outputs: c_proj reads that joined tensor,
+  one more E*d*a (the kernel saves per document what it saves per row). On GPU it runs
+  FlexAttention with a block mask of a few ints per 128 x 128 tile; its output made contiguous is
+  again one more E*d*a (assumed from the source, not measured here: no GPU).
 - math (CPU fallback, e.g. dropout > 0): saves copies of q, k, v, the softmax probabilities
   B*h*T*T and a copy of the output: this is the O(T^2) activation the seeds worry about. On CPU
   it upcasts 16-bit q, k, v to fp32 first, so q, k, v and the probabilities are fp32 there.
@@ -55,6 +54,7 @@ import math
 from dataclasses import dataclass
 
 from qatune.analysis.setup import LORA_TARGETS, PlanSetup
+from qatune.model.gpt2 import packed_attention_kernel
 
 INDEX_BYTES = 8  # int64 token and position ids, saved by the two embedding lookups
 
@@ -68,7 +68,6 @@ class ActivationPlan:
     recompute: int  # checkpointing: one block's saved set, re-created during backward
     loss_transient: int  # extra bytes alive only during the loss forward (one chunk of logits …)
     loss_backward: int  # extra bytes the loss's backward creates (the logits' gradient for full logits)
-    transient_mask: int  # the bool (B, 1, T, T) mask while the forward runs (packed rows)
 
     @property
     def total(self) -> int:
@@ -85,24 +84,38 @@ def _round_up(n: int, k: int) -> int:
 
 
 def attention_saved(s: PlanSetup) -> dict[str, int]:
+    if s.packed:
+        return _packed_attention_saved(s)
     B, T, c = s.micro_batch, s.seq_len, s.config
     E, d, h, a = B * T, c.n_embd, c.n_head, s.prec.act
-    kernel = s.attention
-    if kernel == "flash" and s.packed and s.device == "cuda":
-        kernel = "efficient"  # CUDA flash has no arbitrary mask
-    if kernel == "math":
+    if s.attention == "math":
         up = 4 if s.device == "cpu" else a  # CPU's math kernel upcasts 16-bit q, k, v to fp32
         return {"q, k, v": 3 * E * d * up, "softmax probabilities": B * h * T * T * up, "attention output": E * d * a}
-    out = {"q, k, v": 3 * E * d * a, "attention output": E * d * a}
-    if kernel == "flash":
-        out["logsumexp"] = B * h * T * 4
-        if s.packed:  # CPU flash: additive mask in the query dtype
-            out["attention mask"] = B * T * T * a
-    else:
-        out["logsumexp"] = B * h * _round_up(T, 32) * 4
-        if s.packed:
-            out["attention mask"] = B * T * _round_up(T, 16) * a
-    return out
+    lse_rows = T if s.attention == "flash" else _round_up(T, 32)  # memory-efficient: padded to 32 queries
+    return {"q, k, v": 3 * E * d * a, "attention output": E * d * a, "logsumexp": B * h * lse_rows * 4}
+
+
+def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
+    """Packed rows attend within each document without a T x T mask (`packed_attention_kernel`):
+    per-document SDPA on CPU, FlexAttention on GPU. Either way c_proj reads a new tensor (the
+    documents' outputs joined / FlexAttention's output made contiguous): one more E x d. The
+    plan's rows hold two documents of T/2 (as `measure`'s synthetic batch), which only the math
+    kernel's probabilities depend on."""
+    B, T, c = s.micro_batch, s.seq_len, s.config
+    E, d, h, a = B * T, c.n_embd, c.n_head, s.prec.act
+    joined = {"attention output, joined (c_proj input)": E * d * a}
+    if packed_attention_kernel(s.device) == "documents" and s.attention == "math":
+        up = 4 if s.device == "cpu" else a
+        squares = B * ((T // 2) ** 2 + (T - T // 2) ** 2)
+        return {
+            "q, k, v": 3 * E * d * up,
+            "softmax probabilities": h * squares * up,
+            "attention output": E * d * a,
+            "math kernel on document views: one more E x d (measured)": E * d * up,
+            **joined,
+        }
+    # CPU flash per document, or FlexAttention (assumed to save what flash does; no GPU measured it)
+    return {"q, k, v": 3 * E * d * a, "attention output": E * d * a, "logsumexp": B * h * T * 4, **joined}
 
 
 def block_saved(s: PlanSetup) -> dict[str, int]:
@@ -173,17 +186,16 @@ def loss_transients(s: PlanSetup) -> tuple[int, int]:
         upcast = E * V * 4 if a != 4 else 0  # logits.float() before the softmax
         return upcast, E * V * 4 + E * V * a
     rows = min(s.chunk_size, s.label_tokens)
-    # Inside one chunk, at its two fullest moments: the fp32 logits plus logsumexp's exp() temp;
-    # then the logits (turned into dlogits in place, + a 16-bit copy under mixed precision) while
-    # dlogits^T @ h makes a V x d product (16-bit, then fp32) before it is added into grad_w.
+    # One fp32 logits buffer serves every chunk: log-softmax, then dlogits, in place in it. Under
+    # mixed precision the 16-bit matmul output is copied into it, dlogits gets a 16-bit copy for
+    # the gradient matmuls, and (head trained) the 16-bit V x d product of a chunk is added into
+    # the fp32 grad_w. The first chunk's matmul writes grad_w itself (counted as saved), and the
+    # backward scales the saved gradients in place: no extra bytes.
     low = a if a != 4 else 0
-    # (The loss frees each chunk's dlogits before the next chunk's logits are allocated.)
-    softmax = 8 * rows * V
     head_trained = not s.lora_r
-    grad_w_update = rows * V * (4 + low) + (V * d * (4 + low) if head_trained else rows * d * 4)
+    chunk = rows * V * 4 + (rows * V * low + (V * d * low if head_trained else 0) if low else 0)
     weight_cast = V * d * a if s.prec.autocast else 0
-    backward = V * d * 4 if head_trained else 0  # the scaled grad_w
-    return max(softmax, grad_w_update) + weight_cast, backward
+    return chunk + weight_cast, 0
 
 
 def _weight_copies(s: PlanSetup) -> int:
@@ -219,14 +231,12 @@ _LORA_FANS = {
 
 def plan_activations(s: PlanSetup) -> ActivationPlan:
     c = s.config
-    B, T, E, d, L = s.micro_batch, s.seq_len, s.tokens, c.n_embd, c.n_layer
+    E, d, L = s.tokens, c.n_embd, c.n_layer
     per_block = block_saved(s)
     # With LoRA the embeddings are frozen: the lookups save no ids (and see first_block_saved).
     saved = {"embedding ids": 0 if s.lora_r else 2 * E * INDEX_BYTES}
     if s.checkpointing:
         saved["block inputs (checkpointed)"] = L * E * d * s.prec.residual
-        if s.packed:
-            saved["packed-row bool mask (checkpoint input)"] = B * T * T
     else:
         saved["transformer blocks"] = (L - 1) * sum(per_block.values()) + sum(first_block_saved(s).values())
     saved["final LayerNorm"] = E * d * s.prec.residual + 2 * E * _stat_bytes(s)
@@ -248,5 +258,4 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
         recompute=one_block if s.checkpointing else 0,
         loss_transient=loss_fwd,
         loss_backward=loss_bwd,
-        transient_mask=B * T * T if s.packed else 0,
     )

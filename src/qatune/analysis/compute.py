@@ -8,7 +8,9 @@ adds and elementwise work (LayerNorm, GELU, softmax) not counted. Per token, for
   forward, twice that in backward. This counts the full T x T square, as the counter does for
   the math kernel; a causal flash kernel skips the masked half of the tiles, so the work the GPU
   really does is about 6*L*T*d, while CUDA flash backward also recomputes QK^T (the counter's
-  CUDA formula: 14*L*T*d). The T in it is the row width: packed rows pay for the whole row.
+  CUDA formula: 14*L*T*d). The T in it is the row width; packed rows attend per document
+  (per-document SDPA on CPU, FlexAttention skipping masked tiles on GPU), so for them it is an
+  upper bound: their work is the sum of n_doc^2 over each row's documents, not T^2.
 - LM head: 6 * V * d per *labelled* token with our chunked loss (2 forward + 4 backward, all
   done in the loss's forward), per token with full logits.
 LoRA (frozen base, checked exactly against the counter): a frozen matmul needs no weight

@@ -326,5 +326,7 @@ def layer_sq_norms(model: torch.nn.Module) -> dict[str, float]:
         g = p.grad
         if g is not None and hasattr(g, "to_local"):
             g = g.to_local()
-        sq[key] = sq.get(key, 0.0) + (float(g.detach().float().pow(2).sum()) if g is not None else 0.0)
+        # one pass in fp32, no squared copy of the gradient (the embedding's is vocab x d)
+        norm = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float32)) if g is not None else 0.0
+        sq[key] = sq.get(key, 0.0) + norm * norm
     return sq

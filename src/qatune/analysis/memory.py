@@ -195,7 +195,7 @@ def _transients(s: PlanSetup, st: ModelState) -> dict[str, int]:
 def _phases(s, dev, acts: ActivationPlan, tr, first: bool) -> dict[str, int]:
     state = dev["parameters"] + dev["master weights"] + (0 if first else dev["optimizer state"])
     gather = tr["gathered parameters"]
-    forward_end = acts.total + acts.weight_copies + max(acts.loss_transient, acts.transient_mask)
+    forward_end = acts.total + acts.weight_copies + acts.loss_transient
     backward_start = acts.total + acts.weight_copies_saved + acts.loss_backward + acts.recompute
     return {
         "end of forward": state + forward_end + gather,

@@ -212,6 +212,12 @@ def _flex_attention(device_type: str):
     return _COMPILED_FLEX
 
 
+def packed_attention_kernel(device_type: str, attention_dropout: bool = False) -> str:
+    """The kernel `attention_kernel="auto"` picks for packed rows: FlexAttention on GPU (it has no
+    attention dropout), per-document SDPA elsewhere."""
+    return "flex" if device_type == "cuda" and not attention_dropout else "documents"
+
+
 _COMPILED_FLEX = None
 Attention = DenseAttention | DocumentAttention | FlexDocumentAttention
 ATTENTION_KERNELS = ("auto", "dense", "documents", "flex")
@@ -325,9 +331,7 @@ class GPT2(nn.Module):
             return kernel
         if torch.compiler.is_compiling():
             return "dense"  # per-document lengths would recompile the graph for every batch
-        if device.type == "cuda" and not (self.training and self.config.dropout):
-            return "flex"
-        return "documents"
+        return packed_attention_kernel(device.type, attention_dropout=self.training and self.config.dropout > 0)
 
     @staticmethod
     def _attention_mask(B, T, past, doc_ids, attention_mask, kv_cache, device):
