@@ -281,8 +281,10 @@ def profile_phases(args, work: Path) -> dict:
     """The qatune run once more, timed by phase (`qatune.train.step.PhaseClock`: the runtime's
     named spans, wall and CPU seconds of the training thread), and with `--op-profile N` once
     more under torch.profiler for the N costliest operators."""
-    from qatune.train.step import PhaseClock
-
+    try:
+        from qatune.train.step import PhaseClock
+    except ImportError:  # a qatune older than the named phases (comparing against an old checkout)
+        return None
     with PhaseClock() as clock:
         stats = run_qatune(args, work, name="qatune-phases")
     out = {"train_s": stats["train_s"], "train_cpu_s": stats["train_cpu_s"], "wall": clock.wall, "cpu": clock.cpu}
@@ -310,7 +312,9 @@ def child(args) -> None:
     stats["heldout_loss"] = heldout_loss(model, work, args.max_len)
     stats["peak_rss_mb"] = peak_rss_mb
     if args.side == "qatune":  # after the peak RSS was read: the profiler's records are not training's
-        stats["phases"] = profile_phases(args, work)
+        phases = profile_phases(args, work)
+        if phases is not None:
+            stats["phases"] = phases
     print("RESULT " + json.dumps(stats), flush=True)
 
 

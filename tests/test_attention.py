@@ -87,3 +87,23 @@ def test_dropout_in_training_keeps_gpu_off_flex(tiny_model):
     model = GPT2(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, dropout=0.1)).train()
     assert model._packed_kernel(torch.device("cuda")) == "documents"
     assert model.eval()._packed_kernel(torch.device("cuda")) == "flex"
+
+
+def test_config_attention_reaches_the_model_and_trains_alike(tmp_path):
+    """`attention:` in the run config picks the kernel; dense and per-document train the same."""
+    from tests.test_train_step import SMALL, examples_of_varied_lengths
+
+    from qatune.model.gpt2 import GPT2
+    from qatune.train.config import TrainConfig
+    from qatune.train.runtime import fit
+
+    losses = {}
+    for kernel in ("dense", "documents"):
+        torch.manual_seed(0)
+        model = GPT2(SMALL)
+        cfg = TrainConfig(name=kernel, out_dir=str(tmp_path), max_steps=3, attention=kernel, export=False)
+        cfg.batch.size, cfg.eval.fraction, cfg.tracking, cfg.plots = 4, 0.0, [], False
+        result = fit(model, None, examples_of_varied_lengths(12), cfg, progress=False)
+        losses[kernel] = [r["loss"] for r in result.history]
+        assert model.attention_kernel == kernel
+    assert losses["documents"] == pytest.approx(losses["dense"], rel=1e-5)

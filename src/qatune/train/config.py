@@ -71,7 +71,10 @@ class TrainConfig:
     max_steps: int | None = None  # the run's length in optimizer steps, past one epoch if need be (overrides epochs)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile the model (measured slower on CPU: docs/performance.md)
+    # How packed rows attend: auto = FlexAttention on GPU, per-document SDPA on CPU; dense = the
+    # boolean-mask reference; documents / flex force one (docs/performance.md).
+    attention: Literal["auto", "dense", "documents", "flex"] = "auto"
     # Data parallelism under torchrun: none (one process), ddp (replicas), fsdp (ZeRO-3 shards).
     strategy: Literal["none", "ddp", "fsdp"] = "none"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # used when strategy is fsdp

@@ -221,6 +221,7 @@ class _Run:
     def _wrap(self, trainable: torch.nn.Module) -> torch.nn.Module:
         trainable.to(self.ctx.device)
         backbone(trainable).activation_checkpointing = self.cfg.activation_checkpointing
+        backbone(trainable).attention_kernel = self.cfg.attention
         if self.cfg.strategy == "fsdp":
             check_precision(self.cfg.strategy, self.ctx.precision.name)
             trainable = wrap_fsdp(trainable, self.cfg.fsdp)  # in place: the optimizer is built over the shards
