@@ -29,17 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+from peer import SHARED, matmul_peak, measure_side, run_side, tokenizer
+
 SIDES = ("qatune", "trl-default", "trl-packing", "trl-chunked")
 MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
 
@@ -66,12 +63,6 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- shared preparation (parent)
-
-
-def tokenizer():
-    from qatune.model.tokenizer import load_tokenizer
-
-    return load_tokenizer(SHARED / "tokenizer" / "gpt2")
 
 
 def prepare(args, work: Path) -> dict:
@@ -129,22 +120,6 @@ def phase_flops(lengths: list[int], labels: list[int], vocab: int) -> dict[str, 
     f = forward_flops(lengths, labels, vocab)
     body = f["blocks"] + f["attention"]
     return {"forward": body, "loss": 3 * f["head"], "backward": 2 * body}
-
-
-def matmul_peak(precision: str, seconds: float = 2.0) -> tuple[float, float]:
-    """FLOP/s of a large square matmul, measured here with the current thread count: per second of
-    wall time, and per second of this process's CPU time."""
-    import torch
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-    a @ b
-    n, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    flop = n * 2 * 1024**3
-    return flop / (time.perf_counter() - t0), flop / (time.process_time() - c0)
 
 
 # ---------------------------------------------------------------- the sides (children)
@@ -300,22 +275,16 @@ def profile_phases(args, work: Path) -> dict:
 
 def child(args) -> None:
     work = Path(args.workdir)
-    load_before = os.getloadavg()[0]
-    peak, peak_cpu = matmul_peak(args.precision)  # under the same conditions as this side's training
-    stats = run_qatune(args, work) if args.side == "qatune" else run_trl(args, work, args.side)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    peak_rss_mb = usage.ru_maxrss / 1024  # training's high-water mark
-    stats["cpu_s"] = usage.ru_utime + usage.ru_stime  # CPU time of the whole child, setup included
-    stats["load_avg"] = [load_before, os.getloadavg()[0]]  # 1-minute load: other processes on the cores
-    stats["matmul_peak"], stats["matmul_peak_cpu"] = peak, peak_cpu
-    model = stats.pop("model")
-    stats["heldout_loss"] = heldout_loss(model, work, args.max_len)
-    stats["peak_rss_mb"] = peak_rss_mb
-    if args.side == "qatune":  # after the peak RSS was read: the profiler's records are not training's
-        phases = profile_phases(args, work)
-        if phases is not None:
-            stats["phases"] = phases
-    print("RESULT " + json.dumps(stats), flush=True)
+    side = lambda: run_qatune(args, work) if args.side == "qatune" else run_trl(args, work, args.side)
+
+    def score(stats: dict) -> None:
+        stats["heldout_loss"] = heldout_loss(stats.pop("model"), work, args.max_len)
+        if args.side == "qatune":  # after the peak RSS was read: the profiler's records are not training's
+            phases = profile_phases(args, work)
+            if phases is not None:
+                stats["phases"] = phases
+
+    measure_side(side, args.precision, finish=score)
 
 
 # ---------------------------------------------------------------- report (parent)
@@ -327,13 +296,8 @@ def child_argv(args) -> list[str]:
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
-def run_side(side: str, args, work: Path) -> dict:
-    cmd = [sys.executable, __file__, *child_argv(args), "--side", side, "--workdir", str(work)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+def run_one(side: str, args, work: Path) -> dict:
+    return run_side(__file__, side, child_argv(args), work)
 
 
 def info_work(info: dict) -> tuple[list[int], list[int], int]:
@@ -381,7 +345,7 @@ def main(argv=None) -> None:
     peak, peak_cpu = matmul_peak(args.precision)
     results = {}
     for side in args.sides:
-        results[side] = run_side(side, args, work)
+        results[side] = run_one(side, args, work)
         print(f"  {side}: {results[side]['train_s']:.1f} s", file=sys.stderr, flush=True)
     # The machine's matmul throughput: the best of the measurements (others may share the cores).
     peak = max([peak] + [r["matmul_peak"] for r in results.values()])

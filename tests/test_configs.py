@@ -20,6 +20,7 @@ def test_configs_are_shipped():
         "gpt2-medium-sft.yaml",
         "gpt2-sft.yaml",
         "tiny-cpu.yaml",
+        "gpt2-dpo.yaml",
     } <= names
 
 
@@ -75,3 +76,11 @@ def test_overrides_and_unknown_keys():
         load_config(TrainConfig, path, ["optim.learning_rate=1e-4"])
     with pytest.raises(ConfigError, match="precision"):
         load_config(TrainConfig, path, ["precision=fp8"])
+
+
+def test_gpt2_dpo_config():
+    cfg = load_config(TrainConfig, CONFIGS[0].with_name("gpt2-dpo.yaml"))
+    assert cfg.method == "dpo" and cfg.dpo.beta == 0.1 and cfg.dpo.precompute_reference
+    assert cfg.data.template == "hh" and cfg.data.truncation == "cut_pair"
+    with pytest.raises(ValueError, match="dpo.beta"):
+        load_config(TrainConfig, CONFIGS[0].with_name("gpt2-dpo.yaml"), ["dpo.beta=0"])

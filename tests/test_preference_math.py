@@ -167,7 +167,7 @@ def test_dpo_config_rejects_bad_settings():
 
 def plain_score(rm: RewardModel, prompt, response) -> torch.Tensor:
     ids = prompt + response[:-1] if response[-1] == EOS else prompt + response
-    return rm.score(rm.transformer(torch.tensor([ids]))[0, -1]).squeeze()
+    return rm.score(rm.backbone(torch.tensor([ids]))[0, -1]).squeeze()
 
 
 @pytest.mark.parametrize("center", [0.0, 0.05])

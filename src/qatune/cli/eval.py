@@ -1,6 +1,7 @@
 """`qatune eval MODEL_OR_RUN DATA... [--compare BASE_MODEL]`: held-out response loss and perplexity,
 and generation metrics (exact match, token F1, ROUGE-L, answer length, EOS rate), overall and per
-source, written as report.json + report.md + generations.jsonl (resumable)."""
+source, written as report.json + report.md + generations.jsonl (resumable).
+On a reward model and preference pairs: pair accuracy and score statistics (report.json + .md)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
     settings = EvalSettings(sampling_from_args(args), args.batch_size, args.examples)
     context = _context_of(model_path)
     data = data_config(args, meta, context, model_path)
+    from qatune.model.reward import is_reward_model
+
+    if is_reward_model(model_path):
+        return run_reward(args, model_path, data, tokenizer, out, device)
     report = evaluate_one(args.model, tokenizer, data, out / GENERATIONS, settings, device)
     base = None
     if args.compare:
@@ -133,6 +138,38 @@ def run(args: argparse.Namespace) -> int:
     for w in report["warnings"] + ([f"base: {w}" for w in base["warnings"]] if base else []):
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {out / 'report.md'}, {out / 'report.json'} and {out / GENERATIONS}")
+    return 0
+
+
+def run_reward(args, model_path: str, data, tokenizer, out: Path, device) -> int:
+    """A reward model on preference pairs: accuracy and score statistics."""
+    from qatune.data.preference.encode import encode_pairs
+    from qatune.data.preference.pipeline import read_distinct
+    from qatune.generation.reward_scores import pair_report, report_lines, score_pairs
+    from qatune.model.reward import load_reward_model
+
+    if args.compare:
+        raise ValueError("--compare applies to language models; evaluate each reward model on the same pairs")
+    read, distinct, identical = read_distinct(data)
+    template = data.get_template()
+    pairs = encode_pairs(distinct, template, tokenizer)
+    rm = load_reward_model(model_path).to(device).eval()
+    chosen, rejected = score_pairs(rm, pairs, tokenizer.eos_token_id, data.max_len, args.batch_size)
+    report = {
+        "model": args.model,
+        "data": list(args.data),
+        "template": template.to_dict(),
+        "max_len": data.max_len,
+        "records": len(read.pairs),
+        "skipped": read.skipped,
+        "identical_dropped": len(identical),
+        **pair_report(chosen, rejected),
+    }
+    lines = report_lines(report)
+    write_text_atomic(out / "report.json", json.dumps(finite(report), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "report.md", "\n".join([f"# Reward model {args.model}", "", *lines, ""]))
+    print("\n".join(lines))
+    print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0
 
 

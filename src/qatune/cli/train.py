@@ -30,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ev = result.final_eval
     summary = f"trained {result.steps} steps -> {result.run_dir}"
-    if ev:
+    if "eval_ppl" in ev:
         summary += f"; held-out response loss {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f})"
+    elif "eval_loss" in ev:  # preference methods: the loss and their accuracy on held-out pairs
+        accuracy = ev.get("eval_reward_accuracy", ev.get("eval_accuracy"))
+        summary += f"; held-out loss {ev['eval_loss']:.4f}"
+        summary += f", pair accuracy {accuracy:.3f}" if accuracy is not None else ""
     if result.export_dir:
         summary += f"; export: {result.export_dir}"
     print(summary, file=sys.stdout)

@@ -207,12 +207,16 @@ def from_pretrained(
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
-    config = config_from_hf(json.loads(config_file.read_text()))
+    hf = json.loads(config_file.read_text())
+    config = config_from_hf(hf)
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
     with torch.device("meta"):
         model = GPT2(config)
-    sd = hf_to_qatune(read_hf_state_dict(folder), model, source=str(folder))
+    state = read_hf_state_dict(folder)
+    if "GPT2ForSequenceClassification" in (hf.get("architectures") or []):
+        state.pop("score.weight", None)  # a reward model's backbone; its head: qatune.model.reward
+    sd = hf_to_qatune(state, model, source=str(folder))
     model.load_state_dict(sd, assign=True)
     return model.to(dtype)
 

@@ -37,18 +37,18 @@ SCORE_KEY = "score.weight"
 class RewardModel(nn.Module):
     def __init__(self, backbone: GPT2) -> None:
         super().__init__()
-        self.transformer = backbone
+        self.backbone = backbone  # the name the runtime looks for (qatune.train.step.backbone)
         self.score = nn.Linear(backbone.config.n_embd, 1, bias=False)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)  # transformers' initializer_range
 
     @property
     def config(self):
-        return self.transformer.config
+        return self.backbone.config
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, last_token=None):
         """Scores (N,) of the positions `last_token` (flat indices into B*T); without it, the
         score of every position (B, T)."""
-        hidden = self.transformer(input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask)
+        hidden = self.backbone(input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask)
         if last_token is None:
             return self.score(hidden).squeeze(-1)
         return self.score(hidden.reshape(-1, hidden.shape[-1])[last_token]).squeeze(-1)
@@ -85,7 +85,7 @@ def export_reward_hf(model: RewardModel, out_dir: str | os.PathLike, tokenizer=N
         hf.update(architectures=["GPT2ForSequenceClassification"], pad_token_id=hf["eos_token_id"])
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        state = qatune_to_hf(model.transformer)
+        state = qatune_to_hf(model.backbone)
         state[SCORE_KEY] = model.score.weight.detach().cpu().contiguous()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -108,8 +108,8 @@ def load_reward_model(name_or_path: str | os.PathLike) -> RewardModel:
     score = state.pop(SCORE_KEY)
     with torch.device("meta"):
         model = RewardModel(GPT2(config_from_hf(hf)))
-    backbone = hf_to_qatune(state, model.transformer, source=str(folder))
-    model.load_state_dict({**{f"transformer.{k}": v for k, v in backbone.items()}, SCORE_KEY: score}, assign=True)
+    backbone = hf_to_qatune(state, model.backbone, source=str(folder))
+    model.load_state_dict({**{f"backbone.{k}": v for k, v in backbone.items()}, SCORE_KEY: score}, assign=True)
     return model.float()
 
 

@@ -1,4 +1,6 @@
-"""PNG plots of a run from its metrics.jsonl: loss (with eval loss), lr, grad norm, tokens/s."""
+"""PNG plots of a run from its metrics.jsonl: loss (with eval loss), lr, grad norm, tokens/s, and
+the plots a method declares (`Method.plots`: name -> (metric keys, y label); each key's training
+curve, with its held-out `eval_<key>` values as markers where logged)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def write_plots(run_dir: Path) -> list[Path]:
-    """One PNG per metric under run_dir/plots/; returns the files written."""
+def write_plots(run_dir: Path, method_plots: dict | None = None) -> list[Path]:
+    """One PNG per metric under run_dir/plots/, then the method's; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,8 +62,38 @@ def write_plots(run_dir: Path) -> list[Path]:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
         written.append(path)
+    for name, (keys, label) in (method_plots or {}).items():
+        path = _metrics_plot(records, keys, label, out / f"{name}.png", plt)
+        if path:
+            written.append(path)
     layers = _layer_plot(records, out, plt)
     return written + ([layers] if layers else [])
+
+
+def _metrics_plot(records: list[dict], keys, label: str, path: Path, plt) -> Path | None:
+    """Training curves of `keys` on one axis, held-out values (eval_<key>) as markers."""
+    drawn = False
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, key in enumerate(keys):
+        color = f"C{i}"
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, lw=1, color=color, label=key)
+        ev_steps, ev = _series(records, f"eval_{key}")
+        if ev_steps:
+            ax.plot(ev_steps, ev, "o--", ms=3, lw=1, color=color, label=f"held-out {key}")
+        drawn = drawn or bool(steps or ev_steps)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="optimizer step", ylabel=label)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _layer_plot(records: list[dict], out: Path, plt) -> Path | None:

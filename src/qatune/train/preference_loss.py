@@ -56,6 +56,11 @@ class DPOConfig:
 @dataclass
 class RewardConfig:
     center_coefficient: float = 0.0  # c in c (s_w + s_l)^2; TRL recommends 0.01 when used
+    use_margin: bool = True  # subtract the data's per-pair `margin` field (0 where a pair has none)
+
+    def __post_init__(self) -> None:
+        if self.center_coefficient < 0:
+            raise ValueError(f"reward.center_coefficient must be >= 0, got {self.center_coefficient}")
 
 
 def dpo_losses(

@@ -352,7 +352,7 @@ class _Run:
         if self.ctx.is_main or self.sharded:
             self.save(step, elapsed)
             if self.cfg.plots and self.ctx.is_main:
-                write_plots(self.run_dir)
+                write_plots(self.run_dir, self.method.plots)
 
     def _stop(self, step: int, elapsed: float, signum: int) -> None:
         self._checkpoint(step, elapsed)
@@ -375,7 +375,7 @@ class _Run:
         export_dir = None
         if ctx.is_main:
             if cfg.plots:
-                write_plots(self.run_dir)
+                write_plots(self.run_dir, self.method.plots)
             if cfg.export:
                 info = {**self.method.export_info(), "steps": steps, **final_eval}
                 export_dir = self.method.export(model, ctx, info)

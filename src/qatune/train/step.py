@@ -196,6 +196,8 @@ def evaluate_sums(model, method, batches: Sequence, precision: Precision) -> tup
             loss_sum += out.loss_sum.detach()
             count += out.count
             _add(sums, out.metrics)
+        else:  # zeros, so that every rank all-reduces the same metric names
+            _add(sums, {k: torch.zeros_like(v) if torch.is_tensor(v) else 0.0 for k, v in out.metrics.items()})
     model.train(was_training)
     names = sorted(sums)
     reduced = _reduce([loss_sum, count, *[sums[n] for n in names]], device)

@@ -67,8 +67,7 @@ def plan_pair(pair: EncodedPair, policy: str, max_len: int, raise_errors: bool =
         return PairOutcome(dropped=True)
     if policy != "cut_pair":
         raise DataError(f"unknown pair truncation policy {policy!r}; one of {', '.join(PAIR_POLICIES)}")
-    room = max(max_len - P, min(L, max_len // 2))
-    keep_prompt = min(P, max_len - room)
+    keep_prompt, room = cut_lengths(P, L, max_len)
     chosen, rejected = pair.chosen_ids[:room], pair.rejected_ids[:room]
     outcome = PairOutcome(
         keep_prompt=keep_prompt,
@@ -80,6 +79,13 @@ def plan_pair(pair: EncodedPair, policy: str, max_len: int, raise_errors: bool =
     if chosen == rejected:
         outcome.dropped = outcome.identical = True
     return outcome
+
+
+def cut_lengths(prompt: int, response: int, max_len: int) -> tuple[int, int]:
+    """cut_pair's rule for a prompt of `prompt` tokens before responses of at most `response`:
+    (tokens kept from the prompt's end, tokens kept from each response's start)."""
+    room = max(max_len - prompt, min(response, max_len // 2))
+    return min(prompt, max_len - room), room
 
 
 def apply_pair(pair: EncodedPair, outcome: PairOutcome) -> EncodedPair | None:

@@ -12,6 +12,8 @@ from qatune.train.methods.base import Method
 
 METHODS: dict[str, str] = {
     "sft": "qatune.train.methods.sft:SFT",
+    "dpo": "qatune.train.methods.dpo:DPO",
+    "reward": "qatune.train.methods.reward:Reward",
 }
 
 

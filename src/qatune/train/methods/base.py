@@ -87,6 +87,7 @@ class Method:
 
     name = "method"
     needs_reference = False  # the runtime keeps a frozen copy of the initial model (run.reference)
+    plots: dict = {}  # extra plots of this method's metrics: name -> ((metric keys), y label)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, rank: int = 0) -> Method:

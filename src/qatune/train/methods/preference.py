@@ -1,0 +1,86 @@
+"""What DPO and the reward model share: preference pairs as the runtime's items.
+
+Data: encoded pairs (`qatune.data.preference.pipeline.load_pairs`), a seeded held-out split of
+pairs, micro-batches of pairs through the runtime's `ExamplePlan` (`batch.size` counts pairs, or
+tokens of both sequences with `batch.unit: tokens`). A micro-batch packs its pairs into rows of
+up to 2 x max_len tokens (a pair is two sequences of at most max_len each), block-causal; with
+`batch.strategy: grouped`, one pair per row. The loss is a mean over the pairs of the whole step.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qatune.data.preference.batching import PairBatch, collate_pairs
+from qatune.data.preference.encode import EncodedPair
+from qatune.train.data import ExamplePlan, split_holdout
+from qatune.train.methods.base import Method, RunContext
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """A pair with its index in the data set (what caches such as reference log-probs key on)."""
+
+    index: int
+    pair: EncodedPair
+
+    def __len__(self) -> int:
+        return self.pair.n_tokens
+
+
+class PairMethod(Method):
+    def __init__(self, pairs: Sequence[EncodedPair], template: dict | None = None, meta: dict | None = None) -> None:
+        self.pairs, self.template, self.meta = list(pairs), template, meta or {}
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer, rank: int = 0):
+        from qatune.data.preference.pipeline import load_pairs
+
+        loaded = load_pairs(cfg.data, tokenizer)
+        if rank == 0:
+            print(f"data: {loaded.report.summary()}", file=sys.stderr)
+        return cls(loaded.pairs, loaded.template.to_dict(), meta={"data_report": loaded.report.to_dict()})
+
+    def setup(self, run: RunContext) -> None:
+        super().setup(run)
+        cfg = run.cfg
+        self.chunk_size = cfg.loss_chunk
+        self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
+        too_long = next((p for p in self.pairs if p.longest > self.max_len), None)
+        if too_long is not None:
+            raise ValueError(
+                f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}"
+            )
+        tok = run.tokenizer
+        self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        self.eos_id = tok.eos_token_id if tok is not None else run.model.config.vocab_size - 1
+        self.capacity = 2 * self.max_len if cfg.batch.strategy == "packed" else 1
+        train_idx, eval_idx = split_holdout(len(self.pairs), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+        self.train_items = [PairItem(i, self.pairs[i]) for i in train_idx]
+        held_out = [PairItem(i, self.pairs[i]) for i in eval_idx]
+        size = cfg.eval.batch_size
+        self.held_out = [self.collate(held_out[s : s + size]) for s in range(0, len(held_out), size)]
+
+    def collate(self, items: Sequence[PairItem]) -> PairBatch:
+        return collate_pairs([x.pair for x in items], [x.index for x in items], self.pad_id, self.capacity, self.eos_id)
+
+    def plan(self, run: RunContext) -> ExamplePlan:
+        cfg = run.cfg
+        return ExamplePlan.build(self.train_items, cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, run, self.collate)
+
+    def eval_batches(self) -> Sequence[PairBatch]:
+        return self.held_out
+
+    def export_info(self) -> dict:
+        from qatune.data.preference.truncation import pair_policy
+
+        policy = pair_policy(self.run.cfg.data.truncation)
+        return {
+            "method": self.name,
+            "template": self.template,
+            "max_len": self.max_len,
+            "truncation": policy,
+            **self.meta,
+        }

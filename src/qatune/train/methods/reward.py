@@ -1,0 +1,65 @@
+"""A reward model on the shared runtime: GPT-2 + a scalar head, Bradley-Terry on preference pairs.
+
+Step: one forward of a packed batch of pairs; the head reads each response's last token (before
+its EOS); loss -log sigma(s_chosen - s_rejected - margin) (+ optional centering), a mean over the
+pairs of the step. Metrics: loss, accuracy (chosen scores higher), margin, mean scores and their
+spread; `eval_` the same on the held-out pairs. Export: a transformers
+GPT2ForSequenceClassification (num_labels=1) that gives the same scores.
+
+`model.name` may be a reward model folder (a GPT2ForSequenceClassification, e.g. one exported
+here): its head is loaded too, so training continues from it; otherwise the head starts random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qatune.data.preference.batching import PairBatch
+from qatune.model.reward import SCORE_KEY, RewardModel, is_reward_model
+from qatune.runs import EXPORT_DIR, META_FILE
+from qatune.train.export import meta_text
+from qatune.train.methods.base import RunContext, StepOutput
+from qatune.train.methods.preference import PairMethod
+from qatune.train.preference_loss import reward_summary
+from qatune.train.preference_step import model_inputs, reward_loss_sum
+
+
+class Reward(PairMethod):
+    name = "reward"
+    plots = {
+        "accuracy": (("accuracy",), "pair accuracy (chosen scores higher)"),
+        "scores": (("score_chosen", "score_rejected", "margin"), "reward model score"),
+    }
+
+    def setup(self, run: RunContext) -> None:
+        super().setup(run)
+        self.head = None
+        name = run.cfg.model.name
+        if Path(name).is_dir() and is_reward_model(name):
+            from qatune.model.checkpoint import read_hf_state_dict
+
+            self.head = read_hf_state_dict(Path(name))[SCORE_KEY]
+
+    def wrap(self, model) -> RewardModel:
+        rm = RewardModel(model).to(next(model.parameters()).device)
+        if self.head is not None and not rm.score.weight.is_meta:
+            with torch.no_grad():
+                rm.score.weight.copy_(self.head)
+        return rm
+
+    def step(self, model, batch: PairBatch, monitor: bool = False) -> StepOutput:
+        scores = model(**model_inputs(batch), last_token=batch.last_token)
+        cfg = self.run.cfg.reward
+        loss_sum, sums = reward_loss_sum(scores, batch, cfg, cfg.use_margin)
+        return StepOutput(loss_sum, batch.count, sums)
+
+    def summarize(self, totals: dict[str, float], count: int) -> dict:
+        return {"pairs": count, **reward_summary(totals, count)} if count else {}
+
+    def export(self, model, run: RunContext, info: dict) -> Path:
+        from qatune.model.reward import export_reward_hf
+
+        model = getattr(model, "module", model)
+        return export_reward_hf(model, run.run_dir / EXPORT_DIR, run.tokenizer, {META_FILE: meta_text(info)})
