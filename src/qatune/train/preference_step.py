@@ -15,7 +15,7 @@ import bisect
 import torch
 
 from qatune.data.preference.batching import PairBatch
-from qatune.train.logprobs import DEFAULT_CHUNK, fused_logprob_loss, labelled_rows, segment_sum, token_logprobs
+from qatune.train.logprobs import DEFAULT_CHUNK, fused_logprob_loss, segment_sum, token_logprobs
 from qatune.train.preference_loss import (
     DPOConfig,
     RewardConfig,
@@ -30,10 +30,16 @@ def model_inputs(batch: PairBatch) -> dict:
     return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
 
 
+def scored_rows(hidden: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hidden rows (N, d) and targets (N,) of the response positions, in row-major order."""
+    index = batch.label_index
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), batch.targets.reshape(-1).index_select(0, index)
+
+
 @torch.no_grad()
 def sequence_logps(hidden, lm_weight, batch: PairBatch, chunk_size=DEFAULT_CHUNK, head_dtype=None) -> torch.Tensor:
     """log pi(response | prompt) per sequence (2P,), interleaved chosen/rejected; no gradient."""
-    rows, targets = labelled_rows(hidden, batch.targets)
+    rows, targets = scored_rows(hidden, batch)
     logp = token_logprobs(rows, lm_weight, targets, chunk_size, head_dtype)
     return segment_sum(logp, batch.row_seq, 2 * batch.n_pairs)
 
@@ -48,7 +54,7 @@ def dpo_loss_sum(
     head_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of the per-pair DPO losses, metric sums) for the policy's hidden states of `batch`."""
-    rows, targets = labelled_rows(hidden, batch.targets)
+    rows, targets = scored_rows(hidden, batch)
     n_seq = 2 * batch.n_pairs
     acc = torch.promote_types(hidden.dtype, torch.float32)  # the log-probs' dtype (fp32 under autocast)
     ref_logps = ref_logps.to(device=hidden.device, dtype=acc)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from qatune.data.batching import collate, pack_bins
+from qatune.data.batching import collate, labelled_positions, pack_bins
 from qatune.data.preference.encode import EncodedPair
 
 
@@ -26,7 +26,8 @@ class PairBatch:
     targets: torch.Tensor  # (B, T) shifted; IGNORE except where a response token is predicted
     position_ids: torch.Tensor  # (B, T)
     doc_ids: torch.Tensor | None  # (B, T); block-causal attention
-    row_seq: torch.Tensor  # (N,) sequence of each scored row, row-major order
+    label_index: torch.Tensor  # (N,) flat positions (into B*T) of the scored rows, row-major order
+    row_seq: torch.Tensor  # (N,) sequence of each scored row
     seq_tokens: torch.Tensor  # (2P,) scored tokens per sequence (response + EOS)
     last_token: torch.Tensor  # (2P,) flat index into (B*T) of each response's last token before EOS
     margins: torch.Tensor  # (P,) the data's margin per pair (0 where none)
@@ -47,12 +48,16 @@ class PairBatch:
     def n_examples(self) -> int:
         return self.n_pairs
 
+    def _map(self, fn) -> PairBatch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PairBatch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
     def to(self, device) -> PairBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        return PairBatch(**moved)
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> PairBatch:
+        """Page-locked host copies, so that `to(cuda)` runs asynchronously."""
+        return self._map(lambda t: t.pin_memory())
 
 
 def pack_pairs(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -93,6 +98,9 @@ def collate_pairs(
         targets=base.targets,
         position_ids=base.position_ids,
         doc_ids=base.doc_ids,  # every row holds at least the two documents of a pair
+        # Indices built here, on the host: gathering with them never waits for the device (a
+        # boolean mask would: the size of its result is only known there).
+        label_index=labelled_positions(base.targets),
         row_seq=torch.repeat_interleave(torch.arange(len(seq_tokens)), seq_tokens_t),
         seq_tokens=seq_tokens_t,
         last_token=torch.tensor(last_token),
