@@ -56,6 +56,7 @@ def plain_dpo(policy, reference, pairs, cfg: DPOConfig) -> torch.Tensor:
             plain_logp(policy, p.prompt_ids, r) - plain_logp(reference, p.prompt_ids, r)
             for r in (p.chosen_ids, p.rejected_ids)
         )
+        total = total - cfg.nll_weight * plain_logp(policy, p.prompt_ids, p.chosen_ids) / len(p.chosen_ids)
         if cfg.loss == "ipo":
             delta = rc / len(p.chosen_ids) - rr / len(p.rejected_ids)
             total = total + (delta - 1 / (2 * cfg.beta)) ** 2
@@ -79,7 +80,13 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "cfg", [DPOConfig(beta=0.5), DPOConfig(beta=0.2, label_smoothing=0.1), DPOConfig(beta=0.3, loss="ipo")]
+    "cfg",
+    [
+        DPOConfig(beta=0.5),
+        DPOConfig(beta=0.2, label_smoothing=0.1),
+        DPOConfig(beta=0.3, loss="ipo"),
+        DPOConfig(beta=0.5, nll_weight=0.7),
+    ],
 )
 def test_dpo_loss_and_gradients_equal_the_plain_reference(cfg):
     policy, reference = models()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,15 +65,17 @@ def dpo_runs(setup):
     train(cfg, "dpo", "method=dpo")
     train(cfg, "dpo_accumulated", "method=dpo", "batch.size=2", "batch.accumulation=2")
     train(cfg, "dpo_precomputed", "method=dpo", "dpo.precompute_reference=true")
+    train(cfg, "dpo_lora", "method=dpo", "model.lora={r: 4, alpha: 8}")  # reference: the base, adapters off
     return root / "runs"
 
 
-def test_first_dpo_step_is_log2_with_zero_reward_accuracy(dpo_runs):
-    first = read_metrics(dpo_runs / "dpo")[0]
+@pytest.mark.parametrize("name", ["dpo", "dpo_lora"])
+def test_first_dpo_step_is_log2_with_zero_reward_accuracy(dpo_runs, name):
+    first = read_metrics(dpo_runs / name)[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # pi == pi_ref: sigma(0) for every pair
     assert first["reward_accuracy"] == 0.0 and first["margin"] == 0.0 and first["kl"] == 0.0
     assert first["pairs"] == 4 and first["logp_chosen"] < 0
-    last = read_metrics(dpo_runs / "dpo")[-1]
+    last = read_metrics(dpo_runs / name)[-1]
     assert last["eval_pairs"] == 6 and 0.0 <= last["eval_reward_accuracy"] <= 1.0
     assert last["reward_chosen"] != 0.0  # the policy moved away from its reference
 
@@ -182,31 +183,3 @@ def test_eval_and_score_cli_on_a_reward_model(reward_run, gpt2_tokenizer, tmp_pa
     rc = main(["score", str(root / "runs" / "rm"), str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])
     assert rc == 2 and not (tmp_path / "x.jsonl").exists()
     assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_lora_reference_is_the_base_with_adapters_disabled():
-    from qatune.data.preference.batching import collate_pairs
-    from qatune.data.preference.encode import EncodedPair
-    from qatune.model.gpt2 import GPT2, GPT2Config
-    from qatune.model.lora import LoRAConfig, apply_lora
-    from qatune.train.methods.dpo import DPO
-    from qatune.train.preference_step import model_inputs, sequence_logps
-
-    torch.manual_seed(0)
-    model = GPT2(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=32, vocab_size=50))
-    pairs = [EncodedPair([1, 2, 3], [4, 5, 49], [6, 49]), EncodedPair([7], [8, 9, 49], [10, 11, 12, 49])]
-    batch = collate_pairs(pairs, [0, 1], pad_id=0, capacity=64)
-    with torch.no_grad():
-        base = sequence_logps(model(**model_inputs(batch)), model.wte.weight, batch)
-    apply_lora(model, LoRAConfig(r=4))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # the adapted model now differs from its base
-        adapted = sequence_logps(model(**model_inputs(batch)), model.wte.weight, batch)
-    assert not torch.allclose(adapted, base)
-    method = DPO(pairs)
-    method.run, method.ref_cache, method.chunk_size = SimpleNamespace(reference=None), None, 16
-    torch.testing.assert_close(method.reference_logps(model, batch), base)
-    after = sequence_logps(model(**model_inputs(batch)), model.wte.weight, batch)
-    torch.testing.assert_close(after, adapted)  # the adapters are back on

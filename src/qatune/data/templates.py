@@ -142,7 +142,6 @@ TEMPLATES: dict[str, Template] = {
         "### User:\n{prompt}\n\n{context}\n\n### Assistant:\n",
         system="### System:\n{system}\n\n",
     ),
-    # Anthropic HH-RLHF's dialogue format; the prompt ends in a space, like "plain".
     # Anthropic HH-RLHF's dialogue format; like `plain`, the space after "Assistant:" is the
     # answer's own (" No, sorry!"), as the data's text tokenizes.
     "hh": Template(

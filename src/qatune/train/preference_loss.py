@@ -8,6 +8,10 @@ and rejected (l) responses and delta = rho_w - rho_l:
   probability eps): -(1 - eps) log sigma(beta delta) - eps log sigma(-beta delta)
 - ipo (Azar et al. 2023): (delta' - 1 / (2 beta))^2 with delta' the log-ratios divided by each
   response's token count, as TRL computes it (confirmed there with the IPO authors)
+- plus, with nll_weight alpha (RPO, Pang et al. 2024): alpha * -log pi(y_w|x) / |y_w|, the chosen
+  response's per-token NLL. DPO alone only orders chosen above rejected; it can lower both and
+  move probability onto neither (measured in docs/preferences.md), the NLL term holds chosen up.
+  (TRL's "sft" loss term averages over the batch's tokens instead of per pair.)
 
 Metrics as TRL defines them: rewards beta * rho for chosen and rejected, reward accuracy = share of
 pairs with chosen reward > rejected reward (strictly: a tie counts as wrong, so a policy equal to
@@ -38,6 +42,7 @@ class DPOConfig:
     beta: float = 0.1  # strength of the KL anchor; IPO's tau
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = 0.0  # conservative DPO's eps (sigmoid loss only), in [0, 0.5)
+    nll_weight: float = 0.0  # RPO's alpha: + alpha x the chosen response's per-token NLL
     # Reference log-probs: computed once for the whole data set before training (cached in the
     # run folder, reused on resume) instead of a reference forward in every step.
     precompute_reference: bool = False
@@ -51,6 +56,8 @@ class DPOConfig:
             raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "sigmoid":
             raise ValueError("dpo.label_smoothing applies to the sigmoid loss only")
+        if self.nll_weight < 0:
+            raise ValueError(f"dpo.nll_weight must be >= 0, got {self.nll_weight}")
 
 
 @dataclass
@@ -69,17 +76,25 @@ def dpo_losses(
     cfg: DPOConfig,
     chosen_tokens: torch.Tensor | None = None,
     rejected_tokens: torch.Tensor | None = None,
+    chosen_logps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pair DPO losses (P,) from the log-ratios (P,) of chosen and rejected responses."""
+    """Per-pair DPO losses (P,) from the log-ratios (P,) of chosen and rejected responses (and,
+    for IPO and the NLL term, their token counts and the chosen log-probs)."""
     if cfg.loss == "ipo":
         if chosen_tokens is None or rejected_tokens is None:
             raise ValueError("the IPO loss needs the token count of each response")
         delta = chosen_logratio / chosen_tokens.clamp(min=1) - rejected_logratio / rejected_tokens.clamp(min=1)
-        return (delta - 1 / (2 * cfg.beta)) ** 2
-    z = cfg.beta * (chosen_logratio - rejected_logratio)
-    if cfg.label_smoothing:
-        return -(1 - cfg.label_smoothing) * F.logsigmoid(z) - cfg.label_smoothing * F.logsigmoid(-z)
-    return -F.logsigmoid(z)
+        loss = (delta - 1 / (2 * cfg.beta)) ** 2
+    else:
+        z = cfg.beta * (chosen_logratio - rejected_logratio)
+        loss = -F.logsigmoid(z)
+        if cfg.label_smoothing:
+            loss = (1 - cfg.label_smoothing) * loss - cfg.label_smoothing * F.logsigmoid(-z)
+    if cfg.nll_weight:
+        if chosen_logps is None or chosen_tokens is None:
+            raise ValueError("the NLL term needs the chosen responses' log-probs and token counts")
+        loss = loss - cfg.nll_weight * chosen_logps / chosen_tokens.clamp(min=1)
+    return loss
 
 
 def dpo_metric_sums(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ def dpo_loss_sum(
         policy[first : first + n] = seq.detach()
         ratio = seq - ref_logps[first : first + n]
         t = tokens[first : first + n]
-        return dpo_losses(ratio[0::2], ratio[1::2], cfg, t[0::2], t[1::2]).sum()
+        return dpo_losses(ratio[0::2], ratio[1::2], cfg, t[0::2], t[1::2], seq[0::2]).sum()
 
     loss = fused_logprob_loss(rows, lm_weight, targets, batch.bounds, pair_losses, chunk_size, head_dtype)
     return loss, dpo_metric_sums(policy, ref_logps, cfg.beta)

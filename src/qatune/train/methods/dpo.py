@@ -15,7 +15,6 @@ on the held-out pairs at eval steps. Export: the policy as a transformers GPT-2 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from qatune.train.methods.base import RunContext, StepOutput
 from qatune.train.methods.preference import PairItem, PairMethod
 from qatune.train.preference_loss import dpo_summary
 from qatune.train.preference_step import dpo_loss_sum, model_inputs, sequence_logps
-from qatune.train.step import backbone, lm_weight
+from qatune.train.step import lm_weight
 from qatune.utils.files import atomic_write
 
 REFERENCE_CACHE = "reference_logps.pt"
@@ -57,29 +56,19 @@ class DPO(PairMethod):
         if self.ref_cache is not None:
             ids = torch.tensor(batch.pair_ids)
             return self.ref_cache[ids].reshape(-1).to(batch.input_ids.device)
-        reference, context = self._reference(model)
-        with torch.no_grad(), context:
+        reference = self.run.reference  # the frozen copy, or under LoRA the base with adapters off
+        with torch.no_grad():
             hidden = reference(**model_inputs(batch))
             return sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
-
-    def _reference(self, model):
-        """(module, context) computing pi_ref: the frozen copy, or the model with adapters off."""
-        if self.run.reference is not None:
-            return self.run.reference, contextlib.nullcontext()
-        from qatune.model.lora import adapters_disabled, has_lora
-
-        plain = backbone(model)
-        if not has_lora(plain):
-            raise ValueError("DPO needs a reference: the runtime's frozen copy, or LoRA adapters to disable")
-        return plain, adapters_disabled(plain)
 
     def _cached_reference(self, run: RunContext) -> torch.Tensor:
         """Every pair's reference log-probs, from the run folder if this data's are there, else
         computed once (rank 0, the others wait) and written there."""
         path = Path(run.run_dir) / REFERENCE_CACHE
-        key = fingerprint(self.pairs)
+        pairs = self.all_pairs()
+        key = fingerprint(pairs)
         if run.is_main and not _matches(path, key):
-            items = [PairItem(i, p) for i, p in enumerate(self.pairs)]
+            items = [PairItem(i, p) for i, p in enumerate(pairs)]
             size = run.cfg.eval.batch_size
             out = torch.empty(len(items), 2, dtype=torch.float64)
             reference = run.reference.to(run.device)

@@ -31,8 +31,16 @@ class PairItem:
 
 
 class PairMethod(Method):
-    def __init__(self, pairs: Sequence[EncodedPair], template: dict | None = None, meta: dict | None = None) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[EncodedPair],
+        template: dict | None = None,
+        meta: dict | None = None,
+        eval_pairs: Sequence[EncodedPair] | None = None,
+    ) -> None:
+        """eval_pairs: a caller's own held-out pairs (no split of `pairs` then)."""
         self.pairs, self.template, self.meta = list(pairs), template, meta or {}
+        self.eval_pairs = list(eval_pairs) if eval_pairs is not None else None
 
     @classmethod
     def from_config(cls, cfg, tokenizer, rank: int = 0):
@@ -48,7 +56,7 @@ class PairMethod(Method):
         cfg = run.cfg
         self.chunk_size = cfg.loss_chunk
         self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
-        too_long = next((p for p in self.pairs if p.longest > self.max_len), None)
+        too_long = next((p for p in self.all_pairs() if p.longest > self.max_len), None)
         if too_long is not None:
             raise ValueError(
                 f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}"
@@ -57,11 +65,19 @@ class PairMethod(Method):
         self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.eos_id = tok.eos_token_id if tok is not None else run.model.config.vocab_size - 1
         self.capacity = 2 * self.max_len if cfg.batch.strategy == "packed" else 1
-        train_idx, eval_idx = split_holdout(len(self.pairs), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
-        self.train_items = [PairItem(i, self.pairs[i]) for i in train_idx]
-        held_out = [PairItem(i, self.pairs[i]) for i in eval_idx]
+        if self.eval_pairs is not None:  # indices after the training pairs': one index space for caches
+            self.train_items = [PairItem(i, p) for i, p in enumerate(self.pairs)]
+            held_out = [PairItem(len(self.pairs) + i, p) for i, p in enumerate(self.eval_pairs)]
+        else:
+            train_idx, eval_idx = split_holdout(len(self.pairs), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+            self.train_items = [PairItem(i, self.pairs[i]) for i in train_idx]
+            held_out = [PairItem(i, self.pairs[i]) for i in eval_idx]
         size = cfg.eval.batch_size
         self.held_out = [self.collate(held_out[s : s + size]) for s in range(0, len(held_out), size)]
+
+    def all_pairs(self) -> list[EncodedPair]:
+        """Training pairs, then the caller's held-out pairs if any: the index space of PairItem."""
+        return self.pairs + (self.eval_pairs or [])
 
     def collate(self, items: Sequence[PairItem]) -> PairBatch:
         return collate_pairs([x.pair for x in items], [x.index for x in items], self.pad_id, self.capacity, self.eos_id)
