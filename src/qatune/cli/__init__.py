@@ -15,7 +15,10 @@ from qatune import __version__
 from qatune.errors import RunError
 
 # Order is the order shown in --help: the pipeline, data -> plan -> train -> analyse -> use.
-COMMANDS = ["info", "export", "demo", "stats", "plan", "check", "train", "generate", "eval", "score", "chat", "serve", "grads"]
+COMMANDS = [
+    *("info", "export", "demo", "stats", "plan", "check", "train"),
+    *("generate", "eval", "score", "chat", "serve", "grads"),
+]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
