@@ -338,3 +338,10 @@ def test_lora_sharded_checkpoint_holds_the_adapters_and_resumes_identically(runs
         a = load_file(runs / "runs" / "fsdp_lora" / folder / file)
         b = load_file(runs / "runs" / "fsdp_lora_resumed" / folder / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The last sharded checkpoint exports (seeded base rebuilt + adapters merged) as the run did.
+    from qatune.model.checkpoint import from_pretrained
+    from qatune.train.checkpoint_export import load_checkpoint_model
+
+    model, meta = load_checkpoint_model(runs / "runs" / "fsdp_lora" / "checkpoints" / "step_00000004")
+    exported = from_pretrained(runs / "runs" / "fsdp_lora" / "export").state_dict()
+    assert meta["steps"] == 4 and all(torch.equal(t, exported[k]) for k, t in model.state_dict().items())

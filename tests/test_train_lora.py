@@ -99,3 +99,13 @@ def test_sigkill_then_resume_with_lora_is_bit_identical(runs):
     assert [m["step"] for m in metrics[1]] == list(range(1, 11))
     for ma, mb in zip(*metrics):
         assert (ma["loss"], ma["grad_norm"], ma.get("eval_loss")) == (mb["loss"], mb["grad_norm"], mb.get("eval_loss"))
+
+
+def test_a_lora_checkpoint_exports_as_the_merged_model(runs, tmp_path):
+    """`qatune export <run>/checkpoints/step_*`: the base rebuilt, the adapters loaded and merged."""
+    from qatune.cli import main
+
+    assert main(["export", str(runs / "straight" / "checkpoints" / "step_00000010"), str(tmp_path / "out")]) == 0
+    a = load_file(runs / "straight" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "out" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

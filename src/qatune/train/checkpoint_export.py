@@ -6,7 +6,9 @@ plus what an export needs: the run's template, max_len and the step.
 
 The model's shape is read from the saved tensors (no base model download); only the number of
 heads is not in a tensor's shape: it comes from the run's config (a shape override or the named
-size) or the base model folder's config.json.
+size) or the base model folder's config.json. A LoRA run's checkpoint holds the adapters only: the
+base is rebuilt as training built it (`model.name`, or the seed for random init), the adapters are
+loaded onto it and merged.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
     if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
         raise CheckpointFolderError(f"{path}: not a complete checkpoint (no {STATE_FILE} and config.yaml)")
     cfg = load_config(TrainConfig, path / "config.yaml")
+    if cfg.model.lora is not None:
+        model, step = _lora_checkpoint_model(path, cfg)
+        return model, _meta(cfg, model, step)
     sharded = (path / DCP_DIR).is_dir()
     shapes = _dcp_shapes(path) if sharded else None
     state = None
@@ -58,15 +63,40 @@ def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
     else:
         model.load_state_dict(state["model"])
         step = state["step"]
-    template = cfg.data.get_template()
-    meta = {
-        "template": template.to_dict(),
+    return model, _meta(cfg, model, step)
+
+
+def _meta(cfg, model: GPT2, step: int) -> dict:
+    return {
+        "template": cfg.data.get_template().to_dict(),
         "max_len": min(cfg.data.max_len, model.config.n_positions),
         "steps": step,
         "truncation": cfg.data.truncation,
         "tokenizer": cfg.tokenizer,
     }
-    return model, meta
+
+
+def _lora_checkpoint_model(path: Path, cfg) -> tuple[GPT2, int]:
+    """The base built as `train` builds it (seeded, so a random init is the same), the checkpoint's
+    adapters loaded onto it, merged."""
+    from qatune.model.lora import apply_lora, merge_lora
+    from qatune.model.tokenizer import load_tokenizer
+    from qatune.train.runtime import make_model
+    from qatune.train.state import load_trainable_state_dict
+
+    vocab = len(load_tokenizer(cfg.tokenizer)) if cfg.model.init == "random" else 0
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg.model, vocab)
+    apply_lora(model, cfg.model.lora)
+    if (path / DCP_DIR).is_dir():
+        from qatune.train.dist_checkpoint import load_sharded
+
+        step = load_sharded(path, model)["step"]
+    else:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+        load_trainable_state_dict(model, state["model"], path)
+        step = state["step"]
+    return merge_lora(model), step
 
 
 def _dcp_shapes(path: Path) -> dict[str, tuple[int, ...]]:
