@@ -10,11 +10,13 @@ labelled), identical on both sides.
 
 - Memory: one process per side with glibc's mmap threshold fixed, as `qatune plan --measure` runs
   (freed tensors leave RSS, so the peak RSS tracks live tensors).
-- Time: `--rounds` processes per side with the default allocator (the fixed threshold costs every
-  large allocation a fresh mmap and its page faults: measured +11% CPU time per full step, +23%
-  per LoRA step), alternating full, LoRA, full, LoRA so that a change in the load of a shared
-  machine hits both. Wall time and the process's CPU time per step (1 thread: CPU time is the
-  compute itself, wall time adds the waiting for a core); medians over the steps after the first.
+- Time: `--rounds` processes per side with the allocator setting CPU training uses
+  (`qatune.utils.malloc.keep_freed_memory`: no mmap, no trim; the fixed threshold above would cost
+  every large allocation a fresh mmap and its page faults: measured +11% CPU time per full step,
+  +23% per LoRA step, against glibc's default), alternating full, LoRA, full, LoRA so that a
+  change in the load of a shared machine hits both. Wall time and the process's CPU time per
+  step (1 thread: CPU time is the compute itself, wall time adds the waiting for a core); medians
+  over the steps after the first.
   The planner's estimate is for a FIRST step (its AdamW rate is calibrated on a first step, which
   creates the moments), so it is compared with the measured first step.
 
@@ -51,7 +53,7 @@ from qatune.analysis.setup import PlanSetup
 from qatune.model.gpt2 import SIZES
 
 
-def run_side(s: PlanSetup, steps: int, alpha: float) -> dict:
+def run_side(s: PlanSetup, steps: int, alpha: float, memory: bool) -> dict:
     """In the child process: `steps` real training steps of setup `s`, measured."""
     from qatune.analysis.measure import _as_batch, _reset_peak_rss, _rss_kb, measure_step, synthetic_batch
     from qatune.model.gpt2 import GPT2
@@ -60,7 +62,10 @@ def run_side(s: PlanSetup, steps: int, alpha: float) -> dict:
     from qatune.train.optim import OptimConfig, build_optimizer
     from qatune.train.state import trainable_state_dict
     from qatune.train.step import Precision, accumulate, optimizer_step
+    from qatune.utils.malloc import keep_freed_memory
 
+    if not memory:
+        keep_freed_memory()  # as the runtime does on CPU
     measure_step(warm_up_setup(s), count_flops=False)
     device = torch.device("cpu")
     batch = _as_batch(synthetic_batch(s), s)
@@ -93,7 +98,7 @@ def run_side(s: PlanSetup, steps: int, alpha: float) -> dict:
 
 
 def child(s: PlanSetup, steps: int, alpha: float, threads: int, memory: bool) -> dict:
-    payload = json.dumps({"setup": setup_to_json(s), "steps": steps, "alpha": alpha})
+    payload = json.dumps({"setup": setup_to_json(s), "steps": steps, "alpha": alpha, "memory": memory})
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if memory:
@@ -184,7 +189,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(run_side(setup_from_json(job["setup"]), job["steps"], job["alpha"])))
+        print(json.dumps(run_side(setup_from_json(job["setup"]), job["steps"], job["alpha"], job["memory"])))
         return 0
 
     full = PlanSetup(
