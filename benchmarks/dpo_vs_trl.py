@@ -1,0 +1,362 @@
+"""qatune's DPO and reward-model training against TRL's DPOTrainer and RewardTrainer, same work.
+
+Same real pairs (a fixed seeded sample of ../shared/data/hh_rlhf_harmless whose responses both
+have at least --min-response tokens and whose longer sequence fits max_len, so neither side
+truncates), written once as explicit {prompt, chosen, rejected} JSONL: the prompt is the dialogue
+up to and including its last "\\n\\nAssistant:", the responses keep their leading space, so both
+sides tokenize exactly the same ids (qatune with the "raw" template; TRL splits prompt and
+completion where their tokenizations diverge, which is the same place here). EOS after each
+response on both sides. Same initial weights (a random 4-layer d=256 GPT-2, saved once: an LM for
+DPO, the same backbone plus a score head for the reward model), loaded by both; same beta, lr,
+warmup + cosine to lr_min, AdamW (betas 0.9/0.95, no weight decay), clipping 1.0, batch of pairs,
+fp32, one epoch, the same thread count (1). TRL's gradient checkpointing (its default) is off, as
+qatune's: the same work. Each side runs in its own subprocess (`peer.py`), so its peak RSS is its
+own.
+
+Held-out reward accuracy is measured by the same code for every side (qatune's scorer on each
+side's exported weights): DPO, the share of held-out pairs whose implicit reward
+beta * (log pi/pi_ref) is higher for the chosen response (pi_ref = the initial weights), as TRL
+defines reward accuracy; reward model, the share whose chosen response scores higher. The same is
+reported on the training pairs (what the models memorised).
+
+    python benchmarks/dpo_vs_trl.py                       # 96 pairs, all four sides (~25 min here)
+    python benchmarks/dpo_vs_trl.py --n-train 16 --sides qatune-dpo trl-dpo
+Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from peer import SHARED, matmul_peak, measure_side, run_side, tokenizer
+
+SIDES = ("qatune-dpo", "trl-dpo", "qatune-reward", "trl-reward")
+MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
+ASSISTANT = "\n\nAssistant:"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=96)
+    p.add_argument("--n-heldout", type=int, default=400)
+    p.add_argument("--min-response", type=int, default=32, help="tokens each response has at least")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr-min", type=float, default=5e-5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    p.add_argument("--workdir", default=None, help="keep data/models here (default: a temp folder)")
+    p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # child mode
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- shared preparation (parent)
+
+
+def split_dialogue(text: str) -> tuple[str, str]:
+    cut = text.rfind(ASSISTANT) + len(ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def prepare(args, work: Path) -> dict:
+    """Pick the pairs, write them as explicit JSONL, save the initial LM and reward model."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    tok = tokenizer()
+    eos = tok.eos_token_id
+    usable = []
+    for line in (SHARED / "data" / "hh_rlhf_harmless" / "test.jsonl").read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        (prompt, chosen), (other, rejected) = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
+        if prompt != other or not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
+            continue  # no shared prompt, an empty or identical response: not a usable pair
+        n_prompt = len(tok(prompt)["input_ids"])
+        n_c, n_r = (len(tok(r)["input_ids"]) + 1 for r in (chosen, rejected))  # + EOS
+        if min(n_c, n_r) >= args.min_response and n_prompt + max(n_c, n_r) <= args.max_len:
+            usable.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "tokens": [n_prompt, n_c, n_r]})
+    rng = random.Random(args.seed)
+    picked = rng.sample(usable, args.n_train + args.n_heldout)
+    for name, rows in (("train", picked[: args.n_train]), ("heldout", picked[args.n_train :])):
+        with open(work / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+    torch.manual_seed(args.seed)
+    hf = GPT2Config(
+        vocab_size=len(tok), n_positions=args.max_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **MODEL
+    )
+    GPT2LMHeadModel(hf).save_pretrained(work / "init")
+    # The reward model starts from the same backbone, with one random score head saved for both.
+    rm = GPT2ForSequenceClassification.from_pretrained(work / "init", num_labels=1, pad_token_id=eos)
+    rm.save_pretrained(work / "init_rm")
+    train = [r["tokens"] for r in picked[: args.n_train]]
+    return {
+        "usable": len(usable),
+        "tokens": sum(p + c + p + r for p, c, r in train),  # both sequences of every pair
+        "response_tokens": sum(c + r for _, c, r in train),
+    }
+
+
+# ---------------------------------------------------------------- scoring (children, same code for every side)
+
+
+def load_pairs(path: Path, max_len: int):
+    from qatune.data.pipeline import DataConfig
+    from qatune.data.preference.pipeline import load_pairs as load
+
+    loaded = load(DataConfig(sources=[str(path)], template="raw", max_len=max_len, truncation="error"), tokenizer())
+    return loaded.pairs
+
+
+def dpo_accuracy(policy_dir: Path, work: Path, args, name: str) -> float:
+    """Share of pairs whose implicit reward is higher for chosen (pi_ref = the initial weights)."""
+    from qatune.model.checkpoint import from_pretrained
+
+    policy, reference = from_pretrained(policy_dir).eval(), from_pretrained(work / "init").eval()
+    wins = 0
+    pairs = load_pairs(work / f"{name}.jsonl", args.max_len)
+    for start in range(0, len(pairs), 16):
+        chunk = pairs[start : start + 16]
+        ratio = sequence_logps(policy, chunk, args) - sequence_logps(reference, chunk, args)
+        wins += int((ratio[0::2] > ratio[1::2]).sum())  # beta > 0 does not change the order
+    return wins / len(pairs)
+
+
+def sequence_logps(model, pairs, args):
+    import torch
+
+    from qatune.data.preference.batching import collate_pairs
+    from qatune.train.preference_step import model_inputs
+    from qatune.train.preference_step import sequence_logps as logps
+
+    batch = collate_pairs(pairs, list(range(len(pairs))), tokenizer().eos_token_id, 2 * args.max_len)
+    with torch.no_grad():
+        return logps(model(**model_inputs(batch)), model.wte.weight, batch).double()
+
+
+def reward_accuracy(rm_dir: Path, work: Path, args, name: str) -> float:
+    from qatune.model.reward import load_reward_model
+
+    rm = load_reward_model(rm_dir).eval()
+    eos = tokenizer().eos_token_id
+    pairs = load_pairs(work / f"{name}.jsonl", args.max_len)
+    chosen = rm.score_ids([p.prompt_ids + p.chosen_ids for p in pairs], eos)
+    rejected = rm.score_ids([p.prompt_ids + p.rejected_ids for p in pairs], eos)
+    return float((chosen > rejected).double().mean())
+
+
+# ---------------------------------------------------------------- the sides (children)
+
+
+def qatune_config(args, work: Path, method: str) -> dict:
+    return {
+        "name": method,
+        "method": method,
+        "out_dir": str(work / "runs"),
+        "model": {"name": str(work / ("init_rm" if method == "reward" else "init"))},
+        "data": {"sources": [str(work / "train.jsonl")], "template": "raw", "max_len": args.max_len},
+        "batch": {"size": args.batch, "unit": "examples"},
+        "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
+        "eval": {"fraction": 0.0},
+        "dpo": {"beta": args.beta},
+        "precision": "fp32",
+        "seed": args.seed,
+        "device": "cpu",
+        "threads": args.threads,
+        "save_every": 0,
+        "monitor": {"every": 0},
+        "tensorboard": False,
+        "plots": False,
+    }
+
+
+def run_qatune(args, work: Path, method: str) -> dict:
+    from qatune.config import from_dict
+    from qatune.train.config import TrainConfig
+    from qatune.train.runtime import train
+
+    t_start = time.perf_counter()
+    cfg = from_dict(TrainConfig, qatune_config(args, work, method))
+    result = train(cfg, progress=False)
+    h = result.history
+    return {
+        "train_s": h[-1]["elapsed"],  # the runtime's own clock: data loading and export excluded
+        "total_s": time.perf_counter() - t_start,
+        "steps": result.steps,
+        "pairs": sum(r["examples"] for r in h),
+        "final_train_loss": h[-1]["loss"],
+        "export": str(result.export_dir),
+    }
+
+
+def trl_common(args, work: Path, side: str) -> dict:
+    return {
+        "output_dir": str(work / side),
+        "per_device_train_batch_size": args.batch,
+        "gradient_accumulation_steps": 1,
+        "num_train_epochs": 1,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr": args.lr_min},
+        "warmup_steps": args.warmup,
+        "weight_decay": 0.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.95,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 1.0,
+        "max_length": args.max_len,
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": args.seed,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def run_trl(args, work: Path, side: str) -> dict:
+    import warnings
+
+    from datasets import load_dataset
+
+    warnings.filterwarnings("ignore")
+    t_start = time.perf_counter()
+    tok = tokenizer()
+    tok.padding_side = "right"
+    dataset = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    if side == "trl-dpo":
+        from transformers import GPT2LMHeadModel
+        from trl import DPOConfig, DPOTrainer
+
+        model = GPT2LMHeadModel.from_pretrained(work / "init", attn_implementation="sdpa")
+        ref = GPT2LMHeadModel.from_pretrained(work / "init", attn_implementation="sdpa")
+        config = DPOConfig(**trl_common(args, work, side), beta=args.beta, loss_type=["sigmoid"])
+        trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=dataset, processing_class=tok)
+    else:
+        from transformers import GPT2ForSequenceClassification
+        from trl import RewardConfig, RewardTrainer
+
+        model = GPT2ForSequenceClassification.from_pretrained(work / "init_rm", attn_implementation="sdpa")
+        config = RewardConfig(**trl_common(args, work, side))
+        trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
+    t0 = time.perf_counter()
+    out = trainer.train()
+    train_s = time.perf_counter() - t0
+    model.save_pretrained(work / side / "final")
+    tok.save_pretrained(work / side / "final")
+    return {
+        "train_s": train_s,
+        "total_s": time.perf_counter() - t_start,
+        "steps": out.global_step,
+        "pairs": len(dataset),
+        "final_train_loss": out.training_loss,
+        "export": str(work / side / "final"),
+    }
+
+
+def child(args) -> None:
+    work = Path(args.workdir)
+    method = "reward" if args.side.endswith("reward") else "dpo"
+    side = lambda: run_qatune(args, work, method) if args.side.startswith("qatune") else run_trl(args, work, args.side)
+
+    def score(stats: dict) -> None:
+        accuracy = dpo_accuracy if method == "dpo" else reward_accuracy
+        for name in ("heldout", "train"):
+            stats[f"{name}_accuracy"] = accuracy(Path(stats["export"]), work, args, name)
+
+    measure_side(side, "fp32", finish=score)
+
+
+# ---------------------------------------------------------------- report (parent)
+
+
+def child_argv(args) -> list[str]:
+    keys = ("n_train", "n_heldout", "min_response", "max_len", "batch", "beta", "lr", "lr_min", "warmup", "seed")
+    return [x for k in (*keys, "threads") for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+
+
+def main(argv=None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.side:
+        return child(args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo_vs_trl."))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    info = prepare(args, work)
+    peak, _ = matmul_peak("fp32")
+    results = {}
+    for side in args.sides:
+        results[side] = run_side(__file__, side, child_argv(args), work)
+        print(f"  {side}: {results[side]['train_s']:.1f} s", file=sys.stderr, flush=True)
+    peak = max([peak] + [r["matmul_peak"] for r in results.values()])
+    print(
+        f"\n{args.n_train} HH-RLHF pairs (responses >= {args.min_response} tokens, <= {args.max_len} per sequence; "
+        f"{info['tokens']:,} tokens, {info['response_tokens']:,} in responses), batch {args.batch} pairs, 1 epoch, "
+        f"fp32, beta {args.beta}, lr {args.lr}; GPT-2 L={MODEL['n_layer']} d={MODEL['n_embd']} random init; "
+        f"torch {torch.__version__}, {args.threads} thread(s); matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        f"held-out {args.n_heldout} pairs"
+    )
+    header = f"{'side':<15}{'train s':>9}{'pairs/s':>9}{'peak RSS MB':>12}{'held-out acc':>13}{'train acc':>10}"
+    print(header + f"{'load':>6}{'speed-up':>9}{'RSS x':>7}{'acc diff':>9}")
+    summary = {}
+    for side, r in results.items():
+        row = {
+            "train_s": r["train_s"],
+            "pairs_per_s": r["pairs"] / r["train_s"],
+            "steps": r["steps"],
+            "peak_rss_mb": r["peak_rss_mb"],
+            "heldout_accuracy": r["heldout_accuracy"],
+            "train_accuracy": r["train_accuracy"],
+            "final_train_loss": r["final_train_loss"],
+            "load_avg": r["load_avg"],
+        }
+        peer = results.get(side.replace("trl-", "qatune-")) if side.startswith("trl-") else None
+        ratios = f"{'':>9}{'':>7}{'':>9}"
+        if peer:
+            row["qatune_speedup"] = r["train_s"] / peer["train_s"]
+            row["qatune_rss_ratio"] = peer["peak_rss_mb"] / r["peak_rss_mb"]
+            row["qatune_accuracy_diff"] = peer["heldout_accuracy"] - r["heldout_accuracy"]
+            diff = 100 * row["qatune_accuracy_diff"]
+            ratios = f"{row['qatune_speedup']:>8.1f}x{row['qatune_rss_ratio']:>7.2f}{diff:>+8.1f}p"
+        summary[side] = row
+        print(
+            f"{side:<15}{row['train_s']:>9.1f}{row['pairs_per_s']:>9.2f}{row['peak_rss_mb']:>12.0f}"
+            f"{row['heldout_accuracy']:>13.3f}{row['train_accuracy']:>10.3f}{r['load_avg'][1]:>6.1f}" + ratios
+        )
+    line = {
+        "bench": "dpo_vs_trl",
+        "n_train": args.n_train,
+        "n_heldout": args.n_heldout,
+        "min_response": args.min_response,
+        "max_len": args.max_len,
+        "batch": args.batch,
+        "beta": args.beta,
+        "lr": args.lr,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "script_s": round(time.perf_counter() - t0, 1),
+        **info,
+        "sides": summary,
+    }
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
