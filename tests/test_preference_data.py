@@ -249,3 +249,35 @@ def test_encode_pairs_batched_equals_one_by_one(gpt2_tokenizer):
     records = [PreferenceRecord("s", f"s:{i}", f"yes {i}", f"no {i}", prompt=f"q{i}") for i in range(5)]
     tpl = get_template("plain")
     assert encode_pairs(records, tpl, gpt2_tokenizer, chunk_size=2) == encode_pairs(records, tpl, gpt2_tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("method", "row", "message"),
+    [
+        ("dpo", {"prompt": "Q", "chosen": "A", "rejected": ""}, "field 'rejected' is empty"),
+        (
+            "reward",
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
+            "fields 'chosen' and 'rejected' differ before their last assistant turn",
+        ),
+    ],
+)
+def test_train_on_a_bad_pair_exits_2_naming_the_line_and_writes_nothing(
+    tmp_path, tokenizer_dir, capsys, method, row, message
+):
+    good = (
+        {"prompt": "Q", "chosen": "A", "rejected": "B"}
+        if "prompt" in row
+        else {**row, "rejected": row["chosen"][:-1] + "d"}
+    )
+    src = write_jsonl(tmp_path / "pairs.jsonl", [good, row])
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"out_dir: {tmp_path / 'runs'}\ntokenizer: {tokenizer_dir}\nmethod: {method}\n"
+        "model: {name: gpt2, init: random, n_layer: 1, n_embd: 16, n_head: 2, n_positions: 32}\n"
+        f"data: {{sources: [{src}], max_len: 32}}\nthreads: 1\n"
+    )
+    rc = main(["train", str(cfg), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"qatune train: error: {src}:2: ") and message in err[0]
+    assert not (tmp_path / "runs").exists()

@@ -183,3 +183,9 @@ def test_eval_and_score_cli_on_a_reward_model(reward_run, gpt2_tokenizer, tmp_pa
     rc = main(["score", str(root / "runs" / "rm"), str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x.jsonl")])
     assert rc == 2 and not (tmp_path / "x.jsonl").exists()
     assert capsys.readouterr().err.count("\n") == 1
+    bad = tmp_path / "bad.jsonl"  # a malformed pair: one line naming file, line and field; nothing written
+    bad.write_text(lines[held[0]] + "\n" + json.dumps({"prompt": "Q", "chosen": "A"}) + "\n")
+    rc = main(["score", str(root / "runs" / "rm"), str(bad), "--out", str(tmp_path / "y.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and f"{bad}:2: field 'rejected' is missing" in err
+    assert not (tmp_path / "y.jsonl").exists()
