@@ -77,3 +77,13 @@ def test_generate_cli_names_a_generation_length_the_context_cannot_hold(hf_tiny_
     assert "max_new_tokens=128 leaves no prompt room in the model's 128-token context" in capsys.readouterr().err
     assert main([*args, "--max-new-tokens", "3", "--no-stop-at-eos"]) == 0
     assert capsys.readouterr().out.startswith("Hi")
+
+
+def test_sampling_draws_from_the_distribution():
+    from qatune.generation.sampling import sample_from
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]]).expand(20000, 5)  # zero-probability tokens never come up
+    drawn = sample_from(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=5) / 20000
+    assert counts[0] == 0 and counts[2] == 0
+    torch.testing.assert_close(counts, torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2]), atol=0.015, rtol=0)

@@ -18,3 +18,9 @@ class TrainingStopped(RunError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message, 128 + signum)
         self.signum = signum
+
+
+class MethodStop(RunError):
+    """A method ended the run for a reason it states (an RL rollout whose KL to the reference left
+    its band). The runtime writes a checkpoint of the steps completed before it, then ends with the
+    message (exit 1)."""

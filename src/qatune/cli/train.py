@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         accuracy = ev.get("eval_reward_accuracy", ev.get("eval_accuracy"))
         summary += f"; held-out loss {ev['eval_loss']:.4f}"
         summary += f", pair accuracy {accuracy:.3f}" if accuracy is not None else ""
+    elif "eval_reward" in ev:  # RL methods: the reward of greedy answers, and how far the policy moved
+        summary += f"; held-out reward {ev['eval_reward']:.4f}, KL to the start {ev['eval_kl']:.3f} nats/response"
     if result.export_dir:
         summary += f"; export: {result.export_dir}"
     print(summary, file=sys.stdout)

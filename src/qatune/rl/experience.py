@@ -48,6 +48,8 @@ class RLBatch:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     old_values: torch.Tensor | None
+    rollout_stats: dict | None = None  # on the first micro-batch of the step that sampled the rollout
+    order: list[int] | None = None  # the experiences' indices (into make_batch's list) in label order
 
     @property
     def count(self) -> int:  # the loss normalizer: response tokens
@@ -63,20 +65,20 @@ class RLBatch:
 
     def to(self, device) -> RLBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved = {k: v if v is None else v.to(device, non_blocking=True) for k, v in moved.items()}
-        return RLBatch(**moved)
+        move = lambda v: v.to(device) if isinstance(v, (torch.Tensor, Batch)) else v
+        return RLBatch(**{k: move(v) for k, v in moved.items()})
 
 
 def make_batch(experiences: Sequence[Experience], row_capacity: int, pad_id: int) -> RLBatch:
     """Pack experiences into rows of at most `row_capacity` tokens (best fit) and line up their
     per-token tensors with the labelled positions."""
     bins = pack_bins([len(e) for e in experiences], row_capacity)
-    rows = [[experiences[i] for i in b] for b in bins]
-    batch = collate([[e.example() for e in row] for row in rows], pad_id)
-    ordered = [e for row in rows for e in row]
+    order = [i for b in bins for i in b]
+    batch = collate([[experiences[i].example() for i in b] for b in bins], pad_id)
+    ordered = [experiences[i] for i in order]
     flat = {}
     for name in PER_TOKEN:
         parts = [getattr(e, name) for e in ordered]
         flat[name] = None if parts[0] is None else torch.cat(parts).float()
     assert flat["old_logprobs"].numel() == batch.n_label_tokens  # one entry per labelled position
-    return RLBatch(batch, **flat)
+    return RLBatch(batch, **flat, order=order)

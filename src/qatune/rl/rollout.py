@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for
+from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for, sample_from
 from qatune.model.gpt2 import GPT2
 
 
@@ -62,12 +62,23 @@ class Rollout:
         return [len(r) for r in self.response_ids]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of `tokens`, entropy) under softmax(logits / temperature), fp32. logits: (B, V)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    return chosen, entropy
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log-prob of `tokens` under softmax(logits / temperature), fp32. logits: (B, V)."""
+    scaled = logits.float() / temperature
+    return scaled.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
+
+
+def sample_step(
+    logits: torch.Tensor, cfg: RolloutConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sampled token, its log-prob, the distribution's entropy) per row, from one log-softmax:
+    over a 50,257-token vocabulary these full-width passes are most of a small model's decode step."""
+    logp = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)
+    probs = logp.exp()
+    filtered = cfg.top_k or cfg.top_p < 1.0
+    tok = sample_from(filter_logits(logp, cfg.top_k, cfg.top_p).softmax(-1) if filtered else probs, generator)
+    entropy = -(probs * logp).sum(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1), entropy
 
 
 @torch.no_grad()
@@ -110,13 +121,11 @@ def sample_rollout(
             logits = policy.lm_head(hidden).float()
             ref_logits = reference.lm_head(decoders[1].hidden()).float() if reference is not None else None
             value = value_head(hidden).float() if value_head is not None else None
-        scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-        tok = torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
+        tok, logprobs[:, n], entropy[:, n] = sample_step(logits, cfg, generator)
         tok = torch.where(alive, tok, torch.full_like(tok, eos_id))
         tokens[:, n], live[:, n] = tok, alive
-        logprobs[:, n], entropy[:, n] = token_logprobs(logits, tok, cfg.temperature)
         if ref_logits is not None:
-            ref_logprobs[:, n] = token_logprobs(ref_logits, tok, cfg.temperature)[0]
+            ref_logprobs[:, n] = token_logprobs(ref_logits, tok, cfg.temperature)
         if value is not None:
             values[:, n] = value
         alive &= tok != eos_id

@@ -13,6 +13,7 @@ from typing import Literal
 
 from qatune.data.pipeline import DataConfig
 from qatune.model.lora import LoRAConfig
+from qatune.rl.config import RLConfig
 from qatune.train.data import BatchConfig
 from qatune.train.distributed import FSDPConfig
 from qatune.train.optim import OptimConfig
@@ -58,7 +59,7 @@ class MonitorConfig:
 @dataclass
 class TrainConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
-    method: str = "sft"  # the training method: sft, dpo, reward (qatune.train.methods)
+    method: str = "sft"  # the training method: sft, dpo, reward, grpo, ppo (qatune.train.methods)
     out_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     # default: the model folder's own tokenizer files, else $QATUNE_TOKENIZER, else the hub's "gpt2"
@@ -70,6 +71,7 @@ class TrainConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # method dpo: beta, loss, label smoothing, reference
     reward: RewardConfig = field(default_factory=RewardConfig)  # method reward: Bradley-Terry options
+    rl: RLConfig = field(default_factory=RLConfig)  # method ppo / grpo: rollouts, rewards, KL (qatune.rl.config)
     epochs: int = 1
     max_steps: int | None = None  # the run's length in optimizer steps, past one epoch if need be (overrides epochs)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32

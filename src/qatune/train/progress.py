@@ -31,13 +31,20 @@ class Progress:
         if not self.enabled:
             return
         info = f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s"
+        if "reward_mean" in r:  # an RL step that sampled a rollout
+            info += f"  reward {r['reward_mean']:.3f}  KL {r['kl']:.3f}"
         if "eval_loss" in r:
             info += f"  eval {r['eval_loss']:.4f}"
+        if "eval_reward" in r:
+            info += f"  eval reward {r['eval_reward']:.3f}"
         if self._bar is not None:
             self._bar.update(self._task, completed=r["step"], info=info)
-        elif "eval_loss" in r or r["step"] == self.total or time.perf_counter() - self._last_line > 10:
+        elif "eval_loss" in r or "eval_reward" in r or r["step"] == self.total or self._due():
             self._last_line = time.perf_counter()
             print(f"step {r['step']}/{self.total}  {info}", file=sys.stderr, flush=True)
+
+    def _due(self) -> bool:
+        return time.perf_counter() - self._last_line > 10
 
     def close(self) -> None:
         if self._bar is not None:

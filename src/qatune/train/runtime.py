@@ -28,7 +28,7 @@ import torch
 
 from qatune.config import dump_yaml, to_dict
 from qatune.data.example import EncodedExample
-from qatune.errors import RunError, TrainingStopped
+from qatune.errors import MethodStop, RunError, TrainingStopped
 from qatune.model.checkpoint import build_model
 from qatune.model.gpt2 import GPT2, SIZES
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
@@ -284,9 +284,13 @@ class _Run:
         try:
             with _StopSignals() as stop:
                 for step in range(self.start, len(plan)):
-                    with phase("data"):  # waits only when the prefetch has not finished
-                        micro = batches.get(step)
-                    record = self._train_step(step, micro)
+                    try:
+                        with phase("data"):  # waits for the prefetch; an online method samples its rollouts here
+                            micro = batches.get(step)
+                        record = self._train_step(step, micro)
+                    except MethodStop:
+                        self._checkpoint(step, time.perf_counter() - self.t_start)  # the steps done
+                        raise
                     done, last = step + 1, step + 1 == len(plan)
                     if last or (cfg.eval.every and done % cfg.eval.every == 0):
                         with phase("eval"):

@@ -14,6 +14,8 @@ METHODS: dict[str, str] = {
     "sft": "qatune.train.methods.sft:SFT",
     "dpo": "qatune.train.methods.dpo:DPO",
     "reward": "qatune.train.methods.reward:Reward",
+    "grpo": "qatune.train.methods.grpo:GRPO",
+    "ppo": "qatune.train.methods.ppo:PPO",
 }
 
 

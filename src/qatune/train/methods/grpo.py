@@ -1,0 +1,75 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): PPO's clipped objective without a value model.
+
+Each prompt gets `rl.group_size` responses; a response's advantage is its reward minus its
+group's mean, divided by the group's standard deviation (`rl.scale_rewards`), the same for every
+one of its tokens. The loss per response token is
+
+    -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL_k3(pi || pi_ref)
+
+with ratio = pi / pi_old (pi_old: the log-probs recorded while sampling), summed over the response
+tokens of the step and divided by their count over the whole optimizer step (all micro-batches,
+all ranks): every token weighs the same, whatever its response's length (DAPO's token-level
+normalization, TRL's default `loss_type`). The cheap choice for checkable rewards: no critic to
+train, and a group whose responses all score the same adds no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qatune.rl.advantages import group_advantages
+from qatune.rl.experience import Experience, RLBatch
+from qatune.rl.kl import kl_k3
+from qatune.rl.losses import clipped_surrogate
+from qatune.rl.online import OnlineRL
+from qatune.rl.rollout import Rollout
+from qatune.train.logprobs import labelled_rows, token_logprobs
+from qatune.train.methods.base import RunContext, StepOutput
+from qatune.train.methods.sft import model_inputs
+from qatune.train.step import lm_weight
+
+
+class GRPO(OnlineRL):
+    name = "grpo"
+
+    def setup(self, run: RunContext) -> None:
+        super().setup(run)
+        if self.rl.group_size < 2:
+            n = self.rl.group_size
+            raise ValueError(f"method grpo needs rl.group_size >= 2 (advantages are relative to the group), got {n}")
+
+    def experiences(self, sampled: Rollout, scores: torch.Tensor) -> tuple[list[Experience], dict]:
+        adv = group_advantages(scores, self.rl.group_size, self.rl.scale_rewards)
+        groups = scores.view(-1, self.rl.group_size)
+        flat = (groups.max(-1).values == groups.min(-1).values).sum()  # groups with no signal
+        out = []
+        for i, (prompt, response) in enumerate(zip(sampled.prompt_ids, sampled.response_ids)):
+            n = len(response)
+            lp, ref = sampled.logprobs[i, :n].cpu(), sampled.ref_logprobs[i, :n].cpu()
+            out.append(Experience(prompt, response, lp, ref, torch.full((n,), float(adv[i]))))
+        return out, {"groups": float(groups.shape[0]), "flat_groups": float(flat)}
+
+    def step(self, model, batch: RLBatch, monitor: bool = False) -> StepOutput:
+        b = batch.batch
+        hidden = model(**model_inputs(b))
+        rows, targets = labelled_rows(hidden, b.targets)
+        logp = token_logprobs(rows / self.rl.rollout.temperature, lm_weight(model), targets, self.run.cfg.loss_chunk)
+        policy_loss, clipped = clipped_surrogate(logp, batch.old_logprobs, batch.advantages, self.rl.clip)
+        kl = kl_k3(logp, batch.ref_logprobs)
+        loss = policy_loss + self.kl.value * kl
+        metrics = {
+            "policy_loss_sum": policy_loss.detach().sum(),
+            "clipped_tokens": clipped.sum(),
+            "kl_k3_sum": kl.detach().sum(),
+        }
+        if batch.rollout_stats:
+            metrics.update(batch.rollout_stats)
+        return StepOutput(loss.sum(), batch.count, metrics)
+
+    def summarize(self, totals: dict[str, float], count: int) -> dict:
+        out = super().summarize(totals, count)
+        if count:
+            out["kl_loss"] = totals.get("kl_k3_sum", 0.0) / count
+        if totals.get("groups"):
+            out["flat_group_rate"] = totals["flat_groups"] / totals["groups"]
+        return out

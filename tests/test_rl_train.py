@@ -1,0 +1,282 @@
+"""PPO and GRPO as methods of the training runtime, end to end on the demo's facts task.
+
+One SFT model (the demo's recipe, stopped early: about half the held-out questions right) is the
+starting point of every run here: GRPO must raise its held-out exact match while the KL stays in
+its band; a KL that leaves the band stops the run with a checkpoint; a run killed with SIGKILL
+resumes bit-identically (PPO killed between the steps of one rollout: the rollout buffer comes
+back from the checkpoint); two gloo ranks train what one process does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from qatune.config import load_config
+from qatune.train.config import TrainConfig
+from qatune.train.metrics import read_metrics
+from qatune.train.state import list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+SFT_STEPS = 110  # the demo's recipe stopped early: ~55% held-out exact match, room for RL
+
+CONFIG = """
+out_dir: {out}
+tokenizer: {tok}
+model: {{name: {model}}}
+data: {{sources: [{data}], template: plain, max_len: 64}}
+batch: {{size: 32}}
+optim: {{lr: 3e-4, lr_min: 3e-4, warmup_steps: 0, betas: [0.9, 0.98], weight_decay: 0.0}}
+eval: {{fraction: 0.05, every: 0}}
+rl:
+  prompts_per_rollout: 4
+  group_size: 4
+  rollout: {{max_new_tokens: 6, temperature: 0.5}}
+  kl_coef: 0.04
+max_steps: 6
+save_every: 3
+precision: fp32
+device: cpu
+threads: 1
+tensorboard: false
+plots: false
+"""
+
+
+def items(questions, template):
+    from qatune.generation.batch import PromptItem
+
+    return [
+        PromptItem(f"facts:{i}", "facts", q.question, template.render_prompt(q.question), q.answer)
+        for i, q in enumerate(questions)
+    ]
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory, tokenizer_dir):
+    """The SFT starting point (exported), the task, and the config file of the CLI runs."""
+    from qatune.data.templates import get_template
+    from qatune.demo.run import DemoSettings, encode, train_config
+    from qatune.demo.task import make_task
+    from qatune.model.tokenizer import load_tokenizer
+    from qatune.train.runtime import fit, make_model
+
+    root = tmp_path_factory.mktemp("rl")
+    tok = load_tokenizer(tokenizer_dir)
+    template = get_template("plain")
+    train_qs, test_qs = make_task(0)
+    cfg = train_config(DemoSettings(steps=SFT_STEPS, out_dir=str(root), name="sft"))
+    cfg = replace(cfg, precision="fp32", plots=False, tensorboard=False)
+    torch.manual_seed(0)
+    model = make_model(cfg.model, len(tok))
+    result = fit(model, tok, encode(train_qs, tok, template), cfg, template.to_dict(), progress=False)
+    data = root / "facts.jsonl"
+    data.write_text("".join(json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in train_qs))
+    config = root / "rl.yaml"
+    config.write_text(CONFIG.format(out=root / "runs", tok=tokenizer_dir, model=result.export_dir, data=data))
+    return {"root": root, "tok": tok, "template": template, "train": train_qs, "test": test_qs, "config": config}
+
+
+def _config(facts, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, facts["config"], list(overrides))
+
+
+def _sft_model(facts):
+    from qatune.model.checkpoint import from_pretrained
+
+    return from_pretrained(Path(facts["root"]) / "sft" / "export")
+
+
+def _greedy_exact_match(model, facts) -> float:
+    from qatune.demo.run import answer, exact_match
+
+    return exact_match(answer(model, facts["tok"], facts["template"], facts["test"], 6), facts["test"])
+
+
+def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
+    from qatune.train.methods.grpo import GRPO
+    from qatune.train.runtime import run
+
+    start = _greedy_exact_match(_sft_model(facts), facts)
+    cfg = _config(
+        facts, "name=grpo", "method=grpo", "max_steps=10", "eval.every=5", "save_every=0", "plots=true",
+        "batch.size=64", "rl.prompts_per_rollout=16", "rl.group_size=8", "rl.rollout.max_new_tokens=8",
+        "rl.kl_band=[-0.5,5.0]",
+    )  # fmt: skip
+    method = GRPO(items(facts["train"], facts["template"]), items(facts["test"], facts["template"]))
+    result = run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
+    history = result.history
+    assert 0.3 <= start <= 0.7  # the starting point has room to improve (and to get worse)
+    assert result.final_eval["eval_exact_match"] >= start + 0.05, (start, result.final_eval)
+    assert _greedy_exact_match(_sft_model(facts), facts) == start  # the reference never moved
+    kls = [r["kl"] for r in history]
+    assert abs(kls[0]) < 1e-4  # the first rollout is sampled by the reference's own weights
+    assert all(-0.5 <= k <= 5.0 for k in kls) and 0 < result.final_eval["eval_kl"] <= 5.0
+    for r in history:  # every step samples its own rollout and logs what it saw
+        assert {"reward_mean", "reward_std", "entropy", "response_length", "eos_rate", "gen_tokens_per_s"} <= set(r)
+        assert 0 <= r["reward_mean"] <= 1 and r["eos_rate"] > 0.9 and r["tokens_per_s"] > 0
+    logged = read_metrics(result.run_dir)
+    assert [r["step"] for r in logged] == list(range(1, 11)) and "eval_exact_match" in logged[4]
+    plots = {p.name for p in (result.run_dir / "plots").iterdir()}
+    assert {"reward.png", "kl.png", "entropy.png", "response_length.png", "gen_tokens_per_s.png"} <= plots
+
+
+def test_kl_leaving_its_band_stops_the_run_with_a_checkpoint(facts):
+    from qatune.errors import MethodStop
+    from qatune.train.methods.grpo import GRPO
+    from qatune.train.runtime import run
+
+    cfg = _config(facts, "name=kl_stop", "method=grpo", "optim.lr=3e-2", "rl.kl_band=[-1.0,0.05]", "save_every=0")
+    method = GRPO(items(facts["train"], facts["template"]), items(facts["test"][:8], facts["template"]))
+    with pytest.raises(
+        MethodStop,
+        match=r"KL to the reference is [-0-9.]+ nats per response at step \d, outside rl.kl_band \[-1.0, 0.05\]",
+    ) as stop:
+        run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
+    step = int(str(stop.value).split(" at step ")[1].split(",")[0])
+    assert step >= 2  # the first rollout is sampled by the reference itself: KL 0
+    ckpts = list_checkpoints(Path(cfg.out_dir) / "kl_stop" / "checkpoints")
+    assert [s for s, _ in ckpts] == [step - 1]  # the steps done before the drifted rollout
+    assert len(read_metrics(Path(cfg.out_dir) / "kl_stop")) == step - 1
+
+
+def run_cli(*args: str, killer: str = "") -> subprocess.CompletedProcess:
+    code = textwrap.dedent(killer) + "\nimport sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+KILL_AT_STEP_5 = """
+import os, signal
+import qatune.train.runtime as runtime
+_real = runtime.optimizer_step
+_count = [0]
+def optimizer_step(*a, **k):
+    _count[0] += 1
+    if _count[0] == 5:  # after the step-3 checkpoint, in step 5's update
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(*a, **k)
+runtime.optimizer_step = optimizer_step
+"""
+
+# PPO: 2 optimizer steps per rollout, so the step-3 checkpoint falls between the two steps of the
+# second rollout, and the resumed run trains on the rollout buffer the checkpoint kept.
+METHODS = {"ppo": ["rl.epochs=2", "rl.group_size=1", "rl.prompts_per_rollout=8"], "grpo": []}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_then_resume_is_bit_identical(facts, method):
+    cfg = str(facts["config"])
+    common = [f"method={method}", *METHODS[method], "--no-progress"]
+    straight = run_cli("train", cfg, f"name={method}_straight", *common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "held-out reward" in straight.stdout
+    killed = run_cli("train", cfg, f"name={method}_killed", *common, killer=KILL_AT_STEP_5)
+    assert killed.returncode == -signal.SIGKILL
+    runs = Path(facts["root"]) / "runs"
+    assert [s for s, _ in list_checkpoints(runs / f"{method}_killed" / "checkpoints")] == [3]
+    resumed = run_cli("train", cfg, f"name={method}_killed", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(runs / f"{method}_straight" / "export" / "model.safetensors"))
+    b = load_file(str(runs / f"{method}_killed" / "export" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = read_metrics(runs / f"{method}_straight"), read_metrics(runs / f"{method}_killed")
+    assert [r["step"] for r in mb] == list(range(1, 7))
+    keys = ("loss", "grad_norm", "kl_coef", "reward_mean", "kl", "clip_frac", "eval_reward", "eval_kl")
+    for ra, rb in zip(ma, mb):
+        assert {k: ra.get(k) for k in keys} == {k: rb.get(k) for k in keys}
+    kl = [r["kl"] for r in ma if "kl" in r]  # logged at the steps that sampled a rollout
+    assert len(kl) == {"ppo": 3, "grpo": 6}[method] and abs(kl[0]) < 1e-4 < abs(kl[-1])
+    assert all(r["grad_norm"] > 0 for r in ma)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_RUN = ["name=ddp", "strategy=ddp", "rl.generation_batch=8", "max_steps=4", "save_every=2", "eval.every=2"]
+
+
+def _ddp_worker(rank: int, config: str, port: int) -> None:
+    from qatune.train.distributed import run_training
+
+    env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    cfg = load_config(TrainConfig, config, ["method=grpo", *DDP_RUN])
+    run_training(cfg, progress=False)
+
+
+def test_two_gloo_ranks_train_what_one_process_does(facts):
+    """Each rank samples its half of every rollout with the generators one process would use for
+    those responses, so the 2-rank run sees the same samples, rewards and KL, and ends with the
+    same weights (to float summation order) as one process with the same global batch."""
+    from qatune.train.distributed import run_training
+
+    config = str(facts["config"])
+    single = load_config(TrainConfig, config, ["method=grpo", *DDP_RUN, "name=one_process", "strategy=none"])
+    run_training(single, progress=False)
+    mp.spawn(_ddp_worker, args=(config, _free_port()), nprocs=2, join=True)
+    runs = Path(facts["root"]) / "runs"
+    one, two = read_metrics(runs / "one_process"), read_metrics(runs / "ddp")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["reward_mean"] == a["reward_mean"] and b["response_length"] == a["response_length"]
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["grad_norm"] == pytest.approx(
+            a["grad_norm"], rel=1e-3
+        )
+        # Adam turns float-summation noise in near-zero gradients into lr-sized steps, so the
+        # weights (and the log-probs they give) agree to ~1e-4, not to rounding
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-3)
+    start = load_file(str(Path(facts["root"]) / "sft" / "export" / "model.safetensors"))
+    wa = load_file(str(runs / "one_process" / "export" / "model.safetensors"))
+    wb = load_file(str(runs / "ddp" / "export" / "model.safetensors"))
+    # The embedding rows of tokens the policy almost never samples get gradients near rounding
+    # level, which Adam scales up to lr-sized steps: those differ; every other weight agrees.
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k != "transformer.wte.weight") <= 1e-4
+    update_a = torch.cat([(wa[k] - start[k]).flatten() for k in wa])
+    update_b = torch.cat([(wb[k] - start[k]).flatten() for k in wa])
+    assert float((update_a - update_b).norm() / update_a.norm()) <= 0.01
+    step2 = runs / "ddp" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in (step2 / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_path):
+    """rl.value_model: a critic GPT-2 scores the sampled responses in one packed forward; each
+    response gets the values of its own positions (those that predict its tokens)."""
+    from qatune.train.methods.base import RunContext
+    from qatune.train.methods.ppo import PPO
+    from qatune.train.step import Precision
+
+    critic_dir = Path(facts["root"]) / "sft" / "export"
+    cfg = _config(facts, "method=ppo", f"rl.value_model={critic_dir}", "rl.rollout.max_new_tokens=6")
+    cpu = torch.device("cpu")
+    model, reference = _sft_model(facts), _sft_model(facts)
+    ctx = RunContext(cfg, facts["tok"], cpu, Precision("fp32", cpu), 0, 1, 1, tmp_path, model, reference)
+    ppo = PPO(items(facts["train"][:7], facts["template"]), items(facts["test"][:2], facts["template"]))
+    ppo.setup(ctx)
+    wrapped = ppo.wrap(model)
+    assert wrapped.critic is not None and wrapped.critic is not model
+    with torch.no_grad():
+        wrapped.value_head.weight.normal_(0, 0.1)  # values that differ from position to position
+    sampled, _ = ppo.sample(ppo.train_prompts[:7], rollout=0)
+    values = ppo.critic_values(sampled)
+    with torch.no_grad():
+        for i, (prompt, response) in enumerate(zip(sampled.prompt_ids, sampled.response_ids)):
+            hidden = wrapped.critic(torch.tensor([prompt + response]))[0, len(prompt) - 1 : -1]
+            expected = wrapped.value_head(hidden).squeeze(-1)
+            torch.testing.assert_close(values[i, : len(response)], expected, atol=1e-5, rtol=0)
+            assert (values[i, len(response) :] == 0).all()
