@@ -34,13 +34,17 @@ from qatune.errors import MethodStop
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.rl.config import RLConfig
 from qatune.rl.experience import PER_TOKEN, Experience, RLBatch, make_batch
-from qatune.rl.kl import KLController, kl_k1
+from qatune.rl.kl import KLController, kl_k1, kl_k3
+from qatune.rl.losses import clipped_surrogate
 from qatune.rl.prompts import Prompt, encode_prompts
 from qatune.rl.rewards import RewardFn, Sample, model_reward, programmatic_reward, score
 from qatune.rl.rollout import Rollout, sample_rollout
 from qatune.train.data import split_holdout
+from qatune.train.logprobs import fused_logprob_loss
+from qatune.train.loss import select_labelled
 from qatune.train.methods.base import Method, RunContext
-from qatune.train.step import backbone, global_sum
+from qatune.train.methods.sft import model_inputs
+from qatune.train.step import backbone, global_sum, lm_weight
 
 
 class KLOutOfBand(MethodStop):
@@ -381,6 +385,37 @@ def _exact(prediction: str, reference: str) -> bool:
     from qatune.generation.metrics import exact_match
 
     return bool(exact_match(prediction, reference))
+
+
+def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef: float, chunk: int):
+    """(sum over the micro-batch's response tokens of the clipped surrogate + kl_coef * KL_k3, the
+    policy's hidden states, summed metrics). Through the fused LM head: each chunk's log-probs
+    give its tokens' losses and gradients while its logits exist (3 head matmuls per token)."""
+    b = batch.batch
+    out = model(**model_inputs(b))
+    hidden = out[0] if isinstance(out, tuple) else out
+    rows, targets = select_labelled(hidden, b.targets, b.label_index)
+    old, adv, ref = batch.old_logprobs, batch.advantages, batch.ref_logprobs
+    sums: dict = {}
+
+    def loss_fn(logp: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        surrogate, clipped = clipped_surrogate(logp, old[start:end], adv[start:end], clip)
+        kl = kl_k3(logp, ref[start:end])
+        log_ratio = (logp - old[start:end]).detach()
+        parts = {
+            "policy_loss_sum": surrogate.detach().sum(),
+            "clipped_tokens": clipped.sum(),
+            "kl_k3_sum": kl.detach().sum(),
+            "approx_kl_sum": (0.5 * log_ratio**2).sum(),  # KL(pi_old || pi) to second order
+        }
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        return (surrogate + kl_coef * kl).sum() if kl_coef else surrogate.sum()
+
+    n = rows.shape[0]
+    bounds = [*range(0, n, chunk), n]  # the loss couples no two tokens: any split into chunks will do
+    loss = fused_logprob_loss(rows / temperature, lm_weight(model), targets, bounds, loss_fn, chunk)
+    return loss, out, sums
 
 
 def experience_state(e: Experience) -> dict:

@@ -19,14 +19,9 @@ import torch
 
 from qatune.rl.advantages import group_advantages
 from qatune.rl.experience import Experience, RLBatch
-from qatune.rl.kl import kl_k3
-from qatune.rl.losses import clipped_surrogate
-from qatune.rl.online import OnlineRL
+from qatune.rl.online import OnlineRL, policy_loss
 from qatune.rl.rollout import Rollout
-from qatune.train.logprobs import labelled_rows, token_logprobs
 from qatune.train.methods.base import RunContext, StepOutput
-from qatune.train.methods.sft import model_inputs
-from qatune.train.step import lm_weight
 
 
 class GRPO(OnlineRL):
@@ -50,21 +45,12 @@ class GRPO(OnlineRL):
         return out, {"groups": float(groups.shape[0]), "flat_groups": float(flat)}
 
     def step(self, model, batch: RLBatch, monitor: bool = False) -> StepOutput:
-        b = batch.batch
-        hidden = model(**model_inputs(b))
-        rows, targets = labelled_rows(hidden, b.targets)
-        logp = token_logprobs(rows / self.rl.rollout.temperature, lm_weight(model), targets, self.run.cfg.loss_chunk)
-        policy_loss, clipped = clipped_surrogate(logp, batch.old_logprobs, batch.advantages, self.rl.clip)
-        kl = kl_k3(logp, batch.ref_logprobs)
-        loss = policy_loss + self.kl.value * kl
-        metrics = {
-            "policy_loss_sum": policy_loss.detach().sum(),
-            "clipped_tokens": clipped.sum(),
-            "kl_k3_sum": kl.detach().sum(),
-        }
+        rl = self.rl
+        chunk = self.run.cfg.loss_chunk
+        loss, _, metrics = policy_loss(model, batch, rl.clip, rl.rollout.temperature, self.kl.value, chunk)
         if batch.rollout_stats:
             metrics.update(batch.rollout_stats)
-        return StepOutput(loss.sum(), batch.count, metrics)
+        return StepOutput(loss, batch.count, metrics)
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:
         out = super().summarize(totals, count)

@@ -26,13 +26,12 @@ from qatune.data.example import IGNORE
 from qatune.rl.advantages import gae, masked_whiten
 from qatune.rl.experience import Experience, RLBatch, make_batch
 from qatune.rl.kl import penalized_rewards
-from qatune.rl.losses import clipped_surrogate, clipped_value_loss
-from qatune.rl.online import OnlineRL
+from qatune.rl.losses import clipped_value_loss
+from qatune.rl.online import OnlineRL, policy_loss
 from qatune.rl.rollout import Rollout
-from qatune.train.logprobs import token_logprobs
+from qatune.train.loss import select_labelled
 from qatune.train.methods.base import StepOutput
-from qatune.train.methods.sft import model_inputs
-from qatune.train.step import global_sum, lm_weight
+from qatune.train.step import global_sum
 
 
 class PolicyWithValue(nn.Module):
@@ -130,25 +129,18 @@ class PPO(OnlineRL):
         return out, {"value_sum": value_sum, "return_sum": float((returns * mask).sum())}
 
     def step(self, model, batch: RLBatch, monitor: bool = False) -> StepOutput:
-        b = batch.batch
-        hidden, values = model(**model_inputs(b))
-        keep = b.targets != IGNORE
-        rl, chunk = self.rl, self.run.cfg.loss_chunk
-        logp = token_logprobs(hidden[keep] / rl.rollout.temperature, lm_weight(model), b.targets[keep], chunk)
-        policy_loss, clipped = clipped_surrogate(logp, batch.old_logprobs, batch.advantages, rl.clip)
-        value_loss, value_clipped = clipped_value_loss(values[keep], batch.old_values, batch.returns, rl.value_clip)
-        loss = policy_loss + rl.value_coef * value_loss
-        log_ratio = (logp - batch.old_logprobs).detach()
-        metrics = {
-            "policy_loss_sum": policy_loss.detach().sum(),
-            "value_loss_sum": value_loss.detach().sum(),
-            "clipped_tokens": clipped.sum(),
-            "value_clipped_tokens": value_clipped.sum(),
-            "approx_kl_sum": (0.5 * log_ratio**2).sum(),  # KL(pi_old || pi) to second order
-        }
+        rl, b = self.rl, batch.batch
+        # The KL is in the rewards (and so in the advantages), not in the loss: kl_coef 0 here.
+        loss, (_, values), metrics = policy_loss(
+            model, batch, rl.clip, rl.rollout.temperature, 0.0, self.run.cfg.loss_chunk
+        )
+        values = select_labelled(values[..., None], b.targets, b.label_index)[0].squeeze(-1)
+        value_loss, value_clipped = clipped_value_loss(values, batch.old_values, batch.returns, rl.value_clip)
+        metrics["value_loss_sum"] = value_loss.detach().sum()
+        metrics["value_clipped_tokens"] = value_clipped.sum()
         if batch.rollout_stats:
             metrics.update(batch.rollout_stats)
-        return StepOutput(loss.sum(), batch.count, metrics)
+        return StepOutput(loss + rl.value_coef * value_loss.sum(), batch.count, metrics)
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:
         out = super().summarize(totals, count)
