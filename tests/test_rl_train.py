@@ -66,18 +66,21 @@ def items(questions, template):
 
 
 @pytest.fixture(scope="module")
-def facts(tmp_path_factory, tokenizer_dir):
+def facts(tmp_path_factory):
     """The SFT starting point (exported), the task, and the config file of the CLI runs."""
     from qatune.data.templates import get_template
     from qatune.demo.run import DemoSettings, encode, train_config
     from qatune.demo.task import make_task
-    from qatune.model.tokenizer import load_tokenizer
+    from qatune.demo.tokenizer import demo_tokenizer
     from qatune.train.runtime import fit, make_model
 
     root = tmp_path_factory.mktemp("rl")
-    tok = load_tokenizer(tokenizer_dir)
     template = get_template("plain")
     train_qs, test_qs = make_task(0)
+    # The demo's own 512-token byte-level BPE: the LM head over GPT-2's 50,257 tokens would be most
+    # of every rollout and step here, for no difference to what is tested.
+    corpus = [template.render_prompt(q.question) + template.render_response(q.answer) for q in train_qs + test_qs]
+    tok, _ = demo_tokenizer("builtin", corpus)
     cfg = train_config(DemoSettings(steps=SFT_STEPS, out_dir=str(root), name="sft"))
     cfg = replace(cfg, precision="fp32", plots=False, tensorboard=False)
     torch.manual_seed(0)
@@ -86,7 +89,7 @@ def facts(tmp_path_factory, tokenizer_dir):
     data = root / "facts.jsonl"
     data.write_text("".join(json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in train_qs))
     config = root / "rl.yaml"
-    config.write_text(CONFIG.format(out=root / "runs", tok=tokenizer_dir, model=result.export_dir, data=data))
+    config.write_text(CONFIG.format(out=root / "runs", tok=result.export_dir, model=result.export_dir, data=data))
     return {"root": root, "tok": tok, "template": template, "train": train_qs, "test": test_qs, "config": config}
 
 
@@ -100,36 +103,35 @@ def _sft_model(facts):
     return from_pretrained(Path(facts["root"]) / "sft" / "export")
 
 
-def _greedy_exact_match(model, facts) -> float:
-    from qatune.demo.run import answer, exact_match
-
-    return exact_match(answer(model, facts["tok"], facts["template"], facts["test"], 6), facts["test"])
-
-
 def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
+    """Held-out exact match of greedy answers rises, and more so that of answers sampled as in
+    training (8 per held-out question, the same random draws before and after): measured over 3
+    seeds, greedy 0.425 -> 0.50-0.55, sampled 0.14-0.16 -> 0.34-0.37, KL to the start ~1 nat."""
     from qatune.train.methods.grpo import GRPO
     from qatune.train.runtime import run
 
-    start = _greedy_exact_match(_sft_model(facts), facts)
     cfg = _config(
-        facts, "name=grpo", "method=grpo", "max_steps=10", "eval.every=5", "save_every=0", "plots=true",
-        "batch.size=64", "rl.prompts_per_rollout=16", "rl.group_size=8", "rl.rollout.max_new_tokens=8",
+        facts, "name=grpo", "method=grpo", "max_steps=20", "eval.every=0", "save_every=0", "plots=true",
+        "optim.lr=1e-3", "optim.lr_min=1e-3", "batch.size=128", "rl.prompts_per_rollout=64", "rl.group_size=8",
+        "rl.generation_batch=256", "rl.rollout.max_new_tokens=8", "rl.rollout.temperature=1.0",
         "rl.kl_band=[-0.5,5.0]",
     )  # fmt: skip
     method = GRPO(items(facts["train"], facts["template"]), items(facts["test"], facts["template"]))
     result = run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
+    start, end = method.evaluate(_sft_model(facts)), result.final_eval
+    assert 0.3 <= start["eval_exact_match"] <= 0.7  # the starting point has room to improve
+    assert end["eval_exact_match"] >= start["eval_exact_match"] + 0.05, (start, end)
+    assert end["eval_sampled_exact_match"] >= start["eval_sampled_exact_match"] + 0.1, (start, end)
+    assert abs(start["eval_kl"]) < 1e-4 < end["eval_kl"] <= 5.0
     history = result.history
-    assert 0.3 <= start <= 0.7  # the starting point has room to improve (and to get worse)
-    assert result.final_eval["eval_exact_match"] >= start + 0.05, (start, result.final_eval)
-    assert _greedy_exact_match(_sft_model(facts), facts) == start  # the reference never moved
-    kls = [r["kl"] for r in history]
-    assert abs(kls[0]) < 1e-4  # the first rollout is sampled by the reference's own weights
-    assert all(-0.5 <= k <= 5.0 for k in kls) and 0 < result.final_eval["eval_kl"] <= 5.0
+    assert abs(history[0]["kl"]) < 1e-4  # the first rollout is sampled by the reference's own weights
+    assert all(-0.5 <= r["kl"] <= 5.0 for r in history)
     for r in history:  # every step samples its own rollout and logs what it saw
         assert {"reward_mean", "reward_std", "entropy", "response_length", "eos_rate", "gen_tokens_per_s"} <= set(r)
         assert 0 <= r["reward_mean"] <= 1 and r["eos_rate"] > 0.9 and r["tokens_per_s"] > 0
+    assert history[-1]["reward_mean"] > history[0]["reward_mean"]
     logged = read_metrics(result.run_dir)
-    assert [r["step"] for r in logged] == list(range(1, 11)) and "eval_exact_match" in logged[4]
+    assert [r["step"] for r in logged] == list(range(1, 21)) and "eval_exact_match" in logged[-1]
     plots = {p.name for p in (result.run_dir / "plots").iterdir()}
     assert {"reward.png", "kl.png", "entropy.png", "response_length.png", "gen_tokens_per_s.png"} <= plots
 

@@ -325,9 +325,10 @@ class OnlineRL(Method):
         return out
 
     def evaluate(self, model) -> dict:
-        """On this rank's share of the held-out prompts: the reward of greedy answers (and their exact
-        match when the prompts have references), their length and EOS rate; and the KL to the
-        reference of responses sampled as in training (fixed seed), in nats per response."""
+        """On the held-out prompts (each rank a block): the reward and exact match of greedy answers,
+        their length and EOS rate; the mean reward and exact match of `rl.group_size` answers per
+        prompt sampled as in training (fixed seed: the policy's expected reward, which RL maximizes),
+        and their KL to the reference in nats per response."""
         if not self.eval_prompts:
             return {}
         run, rl = self.run, self.rl
@@ -336,32 +337,39 @@ class OnlineRL(Method):
         per_rank = math.ceil(len(self.eval_prompts) / run.world_size)
         first = run.rank * per_rank  # a contiguous block per rank, chunked as one process would
         mine = self.eval_prompts[first : first + per_rank]
-        sums = torch.zeros(6, dtype=torch.float64)
+        sums = torch.zeros(8, dtype=torch.float64)
         greedy = SamplingConfig(max_new_tokens=rl.rollout.max_new_tokens)
         for start in range(0, len(mine), rl.generation_batch):
             chunk = mine[start : start + rl.generation_batch]
-            generator = self.generator(-1, first + start)
+            ids = [p.ids for p in chunk]
+            group = [p for p in chunk for _ in range(rl.group_size)]  # rl.group_size samples per prompt
             with run.precision.autocast():
-                gens = generate_ids(policy, [p.ids for p in chunk], self.eos_id, greedy)
-                ids = [p.ids for p in chunk]
-                sampled = sample_rollout(policy, ids, self.eos_id, rl.rollout, generator, run.reference)
-            samples = [
+                gens = generate_ids(policy, ids, self.eos_id, greedy)
+                generator = self.generator(-1, (first + start) * rl.group_size)
+                sampled = sample_rollout(
+                    policy, [p.ids for p in group], self.eos_id, rl.rollout, generator, run.reference
+                )
+            answers = [
                 Sample(p.where, p.text, run.tokenizer.decode(g.ids), p.reference, p.ids, g.ids, g.stopped_at_eos)
                 for p, g in zip(chunk, gens)
             ]
-            rewards = score(self.reward_fn, samples)
-            exact = [float(s.reference is not None and _exact(s.response, s.reference)) for s in samples]
-            kl = (kl_k1(sampled.logprobs, sampled.ref_logprobs) * sampled.mask).sum(-1)
-            part = [len(chunk), float(rewards.sum()), sum(exact), sum(len(g.ids) for g in gens)]
-            part += [sum(g.stopped_at_eos for g in gens), float(kl.sum())]
+            kl = (kl_k1(sampled.logprobs, sampled.ref_logprobs) * sampled.mask).sum(-1) / rl.group_size
+            graded = [x / rl.group_size for x in self._graded(self.samples(sampled, group))]
+            part = [len(chunk), *self._graded(answers), *graded]
+            part += [sum(len(g.ids) for g in gens), sum(g.stopped_at_eos for g in gens), float(kl.sum())]
             sums += torch.tensor(part, dtype=torch.float64)
         policy.train(was_training)
-        n, reward, exact, length, eos, kl = global_sum(sums.to(run.device)).tolist()
-        out = {"eval_reward": reward / n, "eval_kl": kl / n}
+        n, reward, exact, s_reward, s_exact, length, eos, kl = global_sum(sums.to(run.device)).tolist()
+        out = {"eval_reward": reward / n, "eval_sampled_reward": s_reward / n, "eval_kl": kl / n}
         out.update(eval_response_length=length / n, eval_eos_rate=eos / n)
         if any(p.reference is not None for p in self.eval_prompts):
-            out["eval_exact_match"] = exact / n
+            out.update(eval_exact_match=exact / n, eval_sampled_exact_match=s_exact / n)
         return out
+
+    def _graded(self, samples: list[Sample]) -> tuple[float, float]:
+        """(sum of rewards, sum of exact matches against the references) of some answers."""
+        exact = sum(s.reference is not None and _exact(s.response, s.reference) for s in samples)
+        return float(score(self.reward_fn, samples).sum()), float(exact)
 
     def state_dict(self) -> dict:
         return {
