@@ -127,9 +127,9 @@ def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
     assert abs(history[0]["kl"]) < 1e-4  # the first rollout is sampled by the reference's own weights
     assert all(-0.5 <= r["kl"] <= 5.0 for r in history)
     for r in history:  # every step samples its own rollout and logs what it saw
-        assert {"reward_mean", "reward_std", "entropy", "response_length", "eos_rate", "gen_tokens_per_s"} <= set(r)
-        assert 0 <= r["reward_mean"] <= 1 and r["eos_rate"] > 0.9 and r["tokens_per_s"] > 0
-    assert history[-1]["reward_mean"] > history[0]["reward_mean"]
+        assert {"reward", "reward_std", "entropy", "response_length", "eos_rate", "gen_tokens_per_s"} <= set(r)
+        assert 0 <= r["reward"] <= 1 and r["eos_rate"] > 0.9 and r["tokens_per_s"] > 0
+    assert history[-1]["reward"] > history[0]["reward"]
     logged = read_metrics(result.run_dir)
     assert [r["step"] for r in logged] == list(range(1, 21)) and "eval_exact_match" in logged[-1]
     plots = {p.name for p in (result.run_dir / "plots").iterdir()}
@@ -196,7 +196,7 @@ def test_sigkill_then_resume_is_bit_identical(facts, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = read_metrics(runs / f"{method}_straight"), read_metrics(runs / f"{method}_killed")
     assert [r["step"] for r in mb] == list(range(1, 7))
-    keys = ("loss", "grad_norm", "kl_coef", "reward_mean", "kl", "clip_frac", "eval_reward", "eval_kl")
+    keys = ("loss", "grad_norm", "kl_coef", "reward", "kl", "clip_frac", "eval_reward", "eval_kl")
     for ra, rb in zip(ma, mb):
         assert {k: ra.get(k) for k in keys} == {k: rb.get(k) for k in keys}
     kl = [r["kl"] for r in ma if "kl" in r]  # logged at the steps that sampled a rollout
@@ -236,7 +236,7 @@ def test_two_gloo_ranks_train_what_one_process_does(facts):
     one, two = read_metrics(runs / "one_process"), read_metrics(runs / "ddp")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
-        assert b["reward_mean"] == a["reward_mean"] and b["response_length"] == a["response_length"]
+        assert b["reward"] == a["reward"] and b["response_length"] == a["response_length"]
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["grad_norm"] == pytest.approx(
             a["grad_norm"], rel=1e-3
         )

@@ -93,6 +93,17 @@ class OnlineRL(Method):
     per-token advantages) and `step` (the loss of a micro-batch)."""
 
     needs_reference = True
+    # name -> (metric keys, y label): each key's curve, its held-out `eval_<key>` as markers
+    plots = {
+        "reward": (("reward", "sampled_reward"), "reward (held-out: greedy, sampled)"),
+        "exact_match": (("exact_match", "sampled_exact_match"), "held-out exact match"),
+        "kl": (("kl",), "KL to the reference (nats / response)"),
+        "entropy": (("entropy",), "policy entropy while sampling (nats / token)"),
+        "response_length": (("response_length",), "response tokens (EOS included)"),
+        "eos_rate": (("eos_rate",), "share of responses that end with EOS"),
+        "clip_frac": (("clip_frac",), "share of response tokens with a clipped ratio"),
+        "gen_tokens_per_s": (("gen_tokens_per_s", "tokens_per_s"), "tokens / s (generation, training)"),
+    }
 
     def __init__(self, items, eval_items=None, template: dict | None = None, reward_fn: RewardFn | None = None):
         """items / eval_items: `PromptItem`s (prompt text through the template, reference answer);
@@ -312,7 +323,7 @@ class OnlineRL(Method):
             mean = totals["reward_sum"] / n
             tokens = max(totals["response_tokens"], 1.0)
             out.update(
-                reward_mean=mean,
+                reward=mean,
                 reward_std=math.sqrt(max(totals["reward_sq_sum"] / n - mean * mean, 0.0)),
                 kl=totals["kl_sum"] / n,
                 entropy=totals["entropy_sum"] / tokens,

@@ -15,16 +15,7 @@ PLOTS = {
     "grad_norm": ("grad_norm", "global grad norm (pre-clip)"),
     "tokens_per_s": ("tokens_per_s", "tokens / s"),
     "clip_rate": ("clip_rate", "share of recent steps clipped"),
-    # RL runs (method ppo / grpo); a plot is drawn only when its metric was logged
-    "reward": ("reward_mean", "mean reward of the step's rollout"),
-    "kl": ("kl", "KL to the reference (nats / response)"),
-    "entropy": ("entropy", "policy entropy while sampling (nats / token)"),
-    "response_length": ("response_length", "response tokens (EOS included)"),
-    "clip_frac": ("clip_frac", "share of response tokens with a clipped ratio"),
-    "value_loss": ("value_loss", "value loss"),
-    "gen_tokens_per_s": ("gen_tokens_per_s", "generated tokens / s"),
 }
-HELD_OUT = {"loss": "eval_loss", "reward": "eval_reward", "kl": "eval_kl"}  # drawn over the training curve
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -47,12 +38,12 @@ def write_plots(run_dir: Path, method_plots: dict | None = None) -> list[Path]:
         if not steps:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, values, label="train" if name in HELD_OUT else None, lw=1)
-        if name in HELD_OUT:
-            ev_steps, ev = _series(records, HELD_OUT[name])
+        ax.plot(steps, values, label="train" if name == "loss" else None, lw=1)
+        if name == "loss":
+            ev_steps, ev = _series(records, "eval_loss")
             if ev_steps:
                 ax.plot(ev_steps, ev, "o-", label="held-out", ms=3)
-            pr_steps, pr = _series(records, "prompt_loss") if name == "loss" else ([], [])
+            pr_steps, pr = _series(records, "prompt_loss")
             if pr_steps:
                 ax.plot(pr_steps, pr, "s--", label="prompt tokens (measured, not trained)", ms=3, lw=1)
             ax.legend()

@@ -31,8 +31,8 @@ class Progress:
         if not self.enabled:
             return
         info = f"loss {r['loss']:.4f}  lr {r['lr']:.2e}  {r['tokens_per_s']:,.0f} tok/s"
-        if "reward_mean" in r:  # an RL step that sampled a rollout
-            info += f"  reward {r['reward_mean']:.3f}  KL {r['kl']:.3f}"
+        if "kl" in r:  # an RL step that sampled a rollout
+            info += f"  reward {r['reward']:.3f}  KL {r['kl']:.3f}"
         if "eval_loss" in r:
             info += f"  eval {r['eval_loss']:.4f}"
         if "eval_reward" in r:

@@ -71,6 +71,7 @@ def load_critic(name: str) -> tuple[nn.Module, torch.Tensor | None]:
 
 class PPO(OnlineRL):
     name = "ppo"
+    plots = {**OnlineRL.plots, "value_loss": (("value_loss",), "value loss")}
 
     def wrap(self, model: nn.Module) -> nn.Module:
         critic, score = (None, None) if self.rl.value_model == "policy" else load_critic(self.rl.value_model)
