@@ -146,6 +146,7 @@ def main(argv=None) -> None:
         "cpu_s": times,
         "max_diff": worst,
         "documents_speedup": times["dense"] / times["documents"],
+        "load_avg": os.getloadavg(),  # 1, 5, 15-minute load: other processes on the cores
     }
     print(json.dumps(record))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -189,7 +190,8 @@ def main(argv=None) -> None:
         )
     for r in (eager, compiled):
         r.pop("losses")
-    print(json.dumps({"benchmark": "compile_cpu", "args": vars(args), "max_loss_diff": loss_diff, **results}))
+    record = {"benchmark": "compile_cpu", "args": vars(args), "max_loss_diff": loss_diff, **results}
+    print(json.dumps(record | {"load_avg": os.getloadavg()}))
 
 
 if __name__ == "__main__":

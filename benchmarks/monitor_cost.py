@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
             f"{r['every']:<15}{r['train_cpu_s']:>10.2f}{r['monitor_cpu_s']:>15.3f}{100 * r['monitor_share']:>14.1f}%"
             f"{r['run_vs_off']:>11.3f}x"
         )
-    print(json.dumps({"benchmark": "monitor_cost", "args": vars(args), "results": rows}))
+    print(json.dumps({"benchmark": "monitor_cost", "args": vars(args), "results": rows, "load_avg": os.getloadavg()}))
 
 
 if __name__ == "__main__":
