@@ -282,3 +282,19 @@ def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_pat
             expected = wrapped.value_head(hidden).squeeze(-1)
             torch.testing.assert_close(values[i, : len(response)], expected, atol=1e-5, rtol=0)
             assert (values[i, len(response) :] == 0).all()
+
+
+def test_a_reward_model_folder_as_critic_gives_its_trunk_and_score_head(tmp_path):
+    """rl.value_model=<reward model export>: the critic is the reward model's GPT-2 and the value
+    head starts from its score head (PPO's value initialized from the reward, as in InstructGPT)."""
+    from qatune.model.gpt2 import GPT2, GPT2Config
+    from qatune.model.reward import RewardModel, export_reward_hf
+    from qatune.train.methods.ppo import load_critic
+
+    torch.manual_seed(0)
+    rm = RewardModel(GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)))
+    critic, score = load_critic(str(export_reward_hf(rm, tmp_path / "rm")))
+    assert torch.equal(score, rm.score.weight)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(critic(ids), rm.backbone(ids), rtol=0, atol=1e-6)

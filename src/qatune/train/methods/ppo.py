@@ -65,7 +65,7 @@ def load_critic(name: str) -> tuple[nn.Module, torch.Tensor | None]:
         from qatune.model.reward import load_reward_model
 
         reward = load_reward_model(name)
-        return reward.transformer, reward.score.weight.detach().clone()
+        return reward.backbone, reward.score.weight.detach().clone()
     return from_pretrained(name), None
 
 
