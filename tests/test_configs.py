@@ -21,6 +21,7 @@ def test_configs_are_shipped():
         "gpt2-sft.yaml",
         "tiny-cpu.yaml",
         "gpt2-dpo.yaml",
+        "gpt2-grpo.yaml",
     } <= names
 
 
