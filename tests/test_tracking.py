@@ -6,6 +6,7 @@ logs: tests/test_distributed.py checks that its 2-rank DDP run made one MLflow r
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -70,11 +71,25 @@ def wandb_records(path: Path):
             yield record
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a run file once its `exit` record is there: `run.finish()` returns before
+    W&B's service process has written the file out (seen under load: the last step missing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = list(wandb_records(path))
+        except Exception:  # a record still being written
+            records = []
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def wandb_run(run_dir: Path, run_id: str) -> dict:
     """History by step, config and artifacts of every offline run file of `run_id`."""
     history, config, artifacts = {}, {}, []
     for f in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for r in wandb_records(f):
+        for r in finished_records(f):
             kind = r.WhichOneof("record_type")
             if kind == "history":
                 items = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}

@@ -161,7 +161,9 @@ class WandB:
             state.set("wandb", self.run.id)
 
     def log(self, record: dict, prefix: str) -> None:
-        self.run.log(scalars(record), step=record["step"])
+        # commit=True writes the step's row now: with an explicit step W&B otherwise holds the row
+        # open until a later step or finish(), and a resumed run's last row was seen missing.
+        self.run.log(scalars(record), step=record["step"], commit=True)
 
     def close(self, plots: Path) -> None:
         if plots.is_dir() and any(plots.iterdir()):
