@@ -2,9 +2,9 @@
 
 Decay goes on the weight matrices of the linear layers only. Biases and LayerNorm gains/shifts are
 not decayed (pulling a gain toward 0 is not regularization), and neither are the token and
-position embeddings: the SPEC says so, following GPT-2/nanoGPT practice for tied embeddings. The
-issue's "decay only on matrices" would include the embedding (it is a 2-D matrix); we follow the
-SPEC and exclude it by name.
+position embeddings, following GPT-2/nanoGPT practice for tied embeddings: the embedding is a
+2-D matrix, but decaying it pulls rare tokens' vectors toward 0 (they get few gradient updates to
+push back), so it is excluded by name.
 """
 
 from __future__ import annotations
