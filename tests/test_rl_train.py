@@ -298,3 +298,26 @@ def test_a_reward_model_folder_as_critic_gives_its_trunk_and_score_head(tmp_path
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         torch.testing.assert_close(critic(ids), rm.backbone(ids), rtol=0, atol=1e-6)
+
+
+def test_grpo_with_lora_trains_the_adapters_against_the_base_with_adapters_off(facts):
+    """model.lora: only adapter weights are trained and checkpointed; the KL anchor is the same
+    model with its adapters off (no second copy), so the first rollout's KL is 0 and later ones not."""
+    from qatune.train.methods.grpo import GRPO
+    from qatune.train.runtime import run
+
+    cfg = _config(
+        facts, "name=grpo_lora", "method=grpo", "max_steps=3", "save_every=0", "optim.lr=1e-2",
+        "model.lora={r: 4, alpha: 8}",
+    )  # fmt: skip
+    method = GRPO(items(facts["train"], facts["template"]), items(facts["test"][:8], facts["template"]))
+    result = run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
+    kl = [r["kl"] for r in result.history]
+    assert abs(kl[0]) < 1e-4 < abs(kl[-1])
+    (_, last), *_ = reversed(list_checkpoints(result.run_dir / "checkpoints"))
+    state = torch.load(last / "state.pt", map_location="cpu", weights_only=False)["model"]
+    assert state and all(".lora_" in k for k in state)
+    assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    start = load_file(str(Path(facts["root"]) / "sft" / "export" / "model.safetensors"))
+    merged = load_file(str(result.export_dir / "model.safetensors"))
+    assert any(not torch.equal(start[k], merged[k]) for k in start)  # the adapters merged into the export
