@@ -73,11 +73,12 @@ def wandb_records(path: Path):
 
 def finished_records(path: Path, timeout: float = 60.0) -> list:
     """The records of a run file once its `exit` record is there: `run.finish()` returns before
-    W&B's service process has written the file out (seen under load: the last step missing)."""
+    W&B's service process has written the file out (seen under load: the file of a resumed run's
+    second part not there yet, or its last step missing)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            records = list(wandb_records(path))
+            records = list(wandb_records(path)) if path.exists() else []
         except Exception:  # a record still being written
             records = []
         if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > deadline:
@@ -88,8 +89,8 @@ def finished_records(path: Path, timeout: float = 60.0) -> list:
 def wandb_run(run_dir: Path, run_id: str) -> dict:
     """History by step, config and artifacts of every offline run file of `run_id`."""
     history, config, artifacts = {}, {}, []
-    for f in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for r in finished_records(f):
+    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):  # one per part of a resumed run
+        for r in finished_records(folder / f"run-{run_id}.wandb"):
             kind = r.WhichOneof("record_type")
             if kind == "history":
                 items = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
