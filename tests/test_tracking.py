@@ -86,10 +86,16 @@ def finished_records(path: Path, timeout: float = 60.0) -> list:
         time.sleep(0.2)
 
 
-def wandb_run(run_dir: Path, run_id: str) -> dict:
-    """History by step, config and artifacts of every offline run file of `run_id`."""
+def wandb_run(run_dir: Path, run_id: str, parts: int = 1) -> dict:
+    """History by step, config and artifacts of every offline run file of `run_id` (one folder per
+    part of a resumed run: wait until `parts` of them are there)."""
     history, config, artifacts = {}, {}, []
-    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):  # one per part of a resumed run
+    deadline = time.monotonic() + 60
+    while len(folders := sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) < parts:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for folder in folders:
         for r in finished_records(folder / f"run-{run_id}.wandb"):
             kind = r.WhichOneof("record_type")
             if kind == "history":
@@ -152,7 +158,7 @@ def test_a_resumed_run_goes_on_in_the_same_tracker_runs(tmp_path, offline):
     assert run.info.run_id == ids["mlflow"] and run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
     assert steps == [1, 2, 3, 3, 4]  # step 3 was done twice: before the crash and after the resume
-    logged = wandb_run(run_dir, ids["wandb"])  # the same W&B run id, both parts
+    logged = wandb_run(run_dir, ids["wandb"], parts=2)  # the same W&B run id, both parts
     assert sorted(logged["history"]) == [1, 2, 3, 4]
     final = {r["step"]: r["loss"] for r in read_metrics(run_dir)}
     assert logged["history"][4]["loss"] == final[4]
