@@ -87,11 +87,12 @@ def finished_records(path: Path, timeout: float = 60.0) -> list:
 
 
 def wandb_run(run_dir: Path, run_id: str, parts: int = 1) -> dict:
-    """History by step, config and artifacts of every offline run file of `run_id` (one folder per
-    part of a resumed run: wait until `parts` of them are there)."""
+    """History by step, config and artifacts of every offline run file of `run_id`: one folder
+    per part of a resumed run, `offline-run-<time>-<id>`, with `-1`, `-2`… appended when two
+    parts start in the same second. Waits until `parts` of them are there."""
     history, config, artifacts = {}, {}, []
     deadline = time.monotonic() + 60
-    while len(folders := sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) < parts:
+    while len(folders := sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}*"))) < parts:
         if time.monotonic() > deadline:
             break
         time.sleep(0.2)
