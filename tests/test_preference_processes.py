@@ -8,15 +8,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tests.processes import kill_in_optimizer_step, run_cli
 
 from qatune.config import load_config
 from qatune.train.config import TrainConfig
@@ -40,18 +38,8 @@ tensorboard: false
 plots: false
 """
 
-KILL_AT_STEP_3 = """
-import os, signal
-import qatune.train.runtime as runtime
-_real = runtime.optimizer_step
-_count = [0]
-def optimizer_step(*a, **k):
-    _count[0] += 1
-    if _count[0] == 3:  # after the step-2 checkpoint, in the middle of step 3's update
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _real(*a, **k)
-runtime.optimizer_step = optimizer_step
-"""
+# after the step-2 checkpoint, in the middle of step 3's update
+KILL_AT_STEP_3 = kill_in_optimizer_step(3)
 
 
 def write_config(root: Path, tok: Path, dropout: float) -> Path:
@@ -69,11 +57,6 @@ def train_here(cfg_path: Path, name: str, *overrides: str) -> None:
     from qatune.train.distributed import run_training
 
     run_training(load_config(TrainConfig, cfg_path, [f"name={name}", *overrides]), progress=False)
-
-
-def run_cli(*args: str, killer: str = "") -> subprocess.CompletedProcess:
-    code = textwrap.dedent(killer) + "\nimport sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=180)
 
 
 def assert_same_weights(a: Path, b: Path, exact: bool = True) -> None:

@@ -13,9 +13,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
+from tests.processes import kill_in_optimizer_step, run_cli
 
 from qatune.config import load_config
 from qatune.train.config import TrainConfig
@@ -155,23 +153,8 @@ def test_kl_leaving_its_band_stops_the_run_with_a_checkpoint(facts):
     assert len(read_metrics(Path(cfg.out_dir) / "kl_stop")) == step - 1
 
 
-def run_cli(*args: str, killer: str = "") -> subprocess.CompletedProcess:
-    code = textwrap.dedent(killer) + "\nimport sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
-
-
-KILL_AT_STEP_5 = """
-import os, signal
-import qatune.train.runtime as runtime
-_real = runtime.optimizer_step
-_count = [0]
-def optimizer_step(*a, **k):
-    _count[0] += 1
-    if _count[0] == 5:  # after the step-3 checkpoint, in step 5's update
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _real(*a, **k)
-runtime.optimizer_step = optimizer_step
-"""
+# after the step-3 checkpoint, in step 5's update
+KILL_AT_STEP_5 = kill_in_optimizer_step(5)
 
 # PPO: 2 optimizer steps per rollout, so the step-3 checkpoint falls between the two steps of the
 # second rollout, and the resumed run trains on the rollout buffer the checkpoint kept.

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.processes import kill_in_optimizer_step, run_cli
 
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.train.state import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -47,24 +45,8 @@ def config(tmp_path, tokenizer_dir) -> Path:
     return cfg
 
 
-def run_cli(*args: str, killer: str = "") -> subprocess.CompletedProcess:
-    """`qatune ...` in a fresh interpreter; `killer` is code run first that patches in a SIGKILL."""
-    code = textwrap.dedent(killer) + "\nimport sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
-
-
-KILL_AT_STEP_8 = """
-import os, signal
-import qatune.train.runtime as loop
-_real = loop.optimizer_step
-_count = [0]
-def optimizer_step(*a, **k):
-    _count[0] += 1
-    if _count[0] == 8:  # after the step-5 checkpoint, in the middle of step 8's update
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _real(*a, **k)
-loop.optimizer_step = optimizer_step
-"""
+# after the step-5 checkpoint, in the middle of step 8's update
+KILL_AT_STEP_8 = kill_in_optimizer_step(8)
 
 KILL_IN_SECOND_CHECKPOINT_WRITE = """
 import os, signal
