@@ -156,6 +156,9 @@ def test_kl_leaving_its_band_stops_the_run_with_a_checkpoint(facts):
 # after the step-3 checkpoint, in step 5's update
 KILL_AT_STEP_5 = kill_in_optimizer_step(5)
 
+# A short PPO run: one epoch over single-sample rollouts of 8 prompts.
+METHODS_ARGS = {"ppo": ["rl.group_size=1", "rl.prompts_per_rollout=8"], "grpo": []}
+
 # PPO: 2 optimizer steps per rollout, so the step-3 checkpoint falls between the two steps of the
 # second rollout, and the resumed run trains on the rollout buffer the checkpoint kept.
 METHODS = {"ppo": ["rl.epochs=2", "rl.group_size=1", "rl.prompts_per_rollout=8"], "grpo": []}
@@ -289,23 +292,26 @@ def test_a_reward_model_folder_as_critic_gives_its_trunk_and_score_head(tmp_path
         torch.testing.assert_close(critic(ids), rm.backbone(ids), rtol=0, atol=1e-6)
 
 
-def test_grpo_with_lora_trains_the_adapters_against_the_base_with_adapters_off(facts):
-    """model.lora: only adapter weights are trained and checkpointed; the KL anchor is the same
-    model with its adapters off (no second copy), so the first rollout's KL is 0 and later ones not."""
-    from qatune.train.methods.grpo import GRPO
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_rl_with_lora_trains_the_adapters_against_the_base_with_adapters_off(facts, method):
+    """model.lora: only adapter weights (and PPO's value head) are trained and checkpointed; the KL
+    anchor is the same model with its adapters off (no second copy), so the first rollout's KL is
+    0 and later ones not."""
+    from qatune.train.methods import method_class
     from qatune.train.runtime import run
 
     cfg = _config(
-        facts, "name=grpo_lora", "method=grpo", "max_steps=3", "save_every=0", "optim.lr=1e-2",
-        "model.lora={r: 4, alpha: 8}",
+        facts, f"name={method}_lora", f"method={method}", "max_steps=3", "save_every=0", "optim.lr=1e-2",
+        "model.lora={r: 4, alpha: 8}", *METHODS_ARGS[method],
     )  # fmt: skip
-    method = GRPO(items(facts["train"], facts["template"]), items(facts["test"][:8], facts["template"]))
-    result = run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
+    rl = method_class(method)(items(facts["train"], facts["template"]), items(facts["test"][:8], facts["template"]))
+    result = run(rl, _sft_model(facts), facts["tok"], cfg, progress=False)
     kl = [r["kl"] for r in result.history]
     assert abs(kl[0]) < 1e-4 < abs(kl[-1])
     (_, last), *_ = reversed(list_checkpoints(result.run_dir / "checkpoints"))
     state = torch.load(last / "state.pt", map_location="cpu", weights_only=False)["model"]
-    assert state and all(".lora_" in k for k in state)
+    assert state and all(".lora_" in k or k.startswith("value_head.") for k in state)
+    assert any(".lora_" in k for k in state) and (method == "ppo") == any("value_head" in k for k in state)
     assert (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     start = load_file(str(Path(facts["root"]) / "sft" / "export" / "model.safetensors"))
     merged = load_file(str(result.export_dir / "model.safetensors"))
