@@ -162,7 +162,7 @@ class WandB:
 
     def log(self, record: dict, prefix: str) -> None:
         # commit=True writes the step's row now: with an explicit step W&B otherwise holds the row
-        # open until a later step or finish(), and a resumed run's last row was seen missing.
+        # open until a later step or finish(), which a killed process never reaches.
         self.run.log(scalars(record), step=record["step"], commit=True)
 
     def close(self, plots: Path) -> None:
