@@ -408,8 +408,9 @@ def _exact(prediction: str, reference: str) -> bool:
 
 def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef: float, chunk: int):
     """(sum over the micro-batch's response tokens of the clipped surrogate + kl_coef * KL_k3, the
-    policy's hidden states, summed metrics). Through the fused LM head: each chunk's log-probs
-    give its tokens' losses and gradients while its logits exist (3 head matmuls per token)."""
+    model's output, summed metrics with the batch's rollout statistics). Through the fused LM
+    head: each chunk's log-probs give its tokens' losses and gradients while its logits exist (3
+    head matmuls per token)."""
     b = batch.batch
     out = model(**model_inputs(b))
     hidden = out[0] if isinstance(out, tuple) else out
@@ -434,6 +435,7 @@ def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef:
     n = rows.shape[0]
     bounds = [*range(0, n, chunk), n]  # the loss couples no two tokens: any split into chunks will do
     loss = fused_logprob_loss(rows / temperature, lm_weight(model), targets, bounds, loss_fn, chunk)
+    sums.update(batch.rollout_stats or {})  # counted once per rollout, on the micro-batch that carries them
     return loss, out, sums
 
 

@@ -48,8 +48,6 @@ class GRPO(OnlineRL):
         rl = self.rl
         chunk = self.run.cfg.loss_chunk
         loss, _, metrics = policy_loss(model, batch, rl.clip, rl.rollout.temperature, self.kl.value, chunk)
-        if batch.rollout_stats:
-            metrics.update(batch.rollout_stats)
         return StepOutput(loss, batch.count, metrics)
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:

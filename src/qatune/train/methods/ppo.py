@@ -139,8 +139,6 @@ class PPO(OnlineRL):
         value_loss, value_clipped = clipped_value_loss(values, batch.old_values, batch.returns, rl.value_clip)
         metrics["value_loss_sum"] = value_loss.detach().sum()
         metrics["value_clipped_tokens"] = value_clipped.sum()
-        if batch.rollout_stats:
-            metrics.update(batch.rollout_stats)
         return StepOutput(loss + rl.value_coef * value_loss.sum(), batch.count, metrics)
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:
