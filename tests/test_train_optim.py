@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.train.optim import OptimConfig, build_optimizer, build_scheduler, clip_gradients, decay_split, lr_at
+from qatune.train.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    decay_split,
+    finish_clip,
+    lr_at,
+)
 
 CFG = OptimConfig(lr=1e-3, lr_min=1e-4, warmup_steps=4, weight_decay=0.1)
 
@@ -75,3 +83,32 @@ def test_clip_by_global_norm_reports_pre_clip_norm():
     result = clip_gradients([a, b], max_norm=1.0)
     assert result.grad_norm == pytest.approx(0.5) and not result.clipped
     assert a.grad.tolist() == pytest.approx([0.3, 0.4])
+
+
+@pytest.mark.parametrize("norm_scale", [100.0, 0.01])  # clipped, and under the limit
+def test_clip_folded_into_fused_adamw_matches_clipping_the_gradients(norm_scale):
+    """With a fused AdamW the clip factor rides in the optimizer's grad_scale (no pass over the
+    gradients): the update equals clipping the gradients first and stepping a plain AdamW."""
+    torch.manual_seed(0)
+    models = [GPT2(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=32)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    grads = [torch.randn_like(p) * norm_scale for p in models[0].parameters()]
+    fused = build_optimizer(models[0], OptimConfig(lr=1e-2, fused=True))
+    plain = build_optimizer(models[1], OptimConfig(lr=1e-2, fused=False))
+    assert fused.param_groups[0]["fused"] and not plain.param_groups[0].get("fused")
+    for _ in range(2):  # the second step checks the factor was removed after the first
+        for model in models:
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+        folded = clip_gradients(models[0].parameters(), 1.0, fused)
+        assert (getattr(fused, "grad_scale", None) is not None) == folded.clipped == (norm_scale > 1)
+        if folded.clipped:  # the gradients themselves are left as they were
+            assert torch.equal(next(models[0].parameters()).grad, grads[0])
+        fused.step()
+        finish_clip(fused)
+        assert getattr(fused, "grad_scale", None) is None
+        reference = torch.nn.utils.clip_grad_norm_(list(models[1].parameters()), 1.0)
+        plain.step()
+        assert folded.grad_norm == pytest.approx(float(reference), rel=1e-5)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -86,13 +86,38 @@ class ClipResult:
     clipped: bool
 
 
-def clip_gradients(parameters, max_norm: float) -> ClipResult:
+def clip_gradients(parameters, max_norm: float, optimizer: torch.optim.Optimizer | None = None) -> ClipResult:
     """Clip by global L2 norm; returns the pre-clip norm. A non-finite norm is reported as is
-    (the fp16 scaler then skips the step)."""
+    (the fp16 scaler then skips the step).
+
+    Gradients are only touched when the norm is over `max_norm` (torch's clip_grad_norm_ always
+    multiplies, by 1.0 when the norm is under: one read and write of every gradient for nothing).
+    With a fused Adam(W) the clip factor goes into the optimizer's own `grad_scale`, which its
+    kernel divides every gradient by while it reads them anyway: clipping then costs no pass at
+    all. `finish_clip(optimizer)` after `optimizer.step()` removes it again."""
     params = [p for p in parameters if p.grad is not None]
-    if max_norm and max_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=None)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    norm = float(norm)
-    return ClipResult(norm, bool(max_norm and max_norm > 0 and norm > max_norm))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    clip = bool(max_norm and max_norm > 0 and float(norm) > max_norm)
+    if clip:
+        # the factor clip_grad_norm_ uses: max_norm / (norm + 1e-6)
+        if _folds_grad_scale(optimizer, norm):
+            optimizer.grad_scale = (norm.detach() + 1e-6) / max_norm
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=None)
+    return ClipResult(float(norm), clip)
+
+
+def _folds_grad_scale(optimizer, norm) -> bool:
+    """Whether `optimizer` is a fused Adam(W) that takes a gradient divisor (`grad_scale`, the
+    attribute torch's GradScaler sets) and the norm a plain tensor on its device (not a DTensor
+    of FSDP, which the fused kernel cannot take)."""
+    if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or type(norm) is not torch.Tensor:
+        return False
+    group = optimizer.param_groups[0]
+    return bool(group.get("fused")) and getattr(optimizer, "grad_scale", None) is None
+
+
+def finish_clip(optimizer: torch.optim.Optimizer) -> None:
+    """Forget a clip factor folded into the optimizer (after its step)."""
+    if getattr(optimizer, "grad_scale", None) is not None:
+        optimizer.grad_scale = None

@@ -26,7 +26,7 @@ from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
 from qatune.train.distributed import deal_eval_batches, rank_and_world
 from qatune.train.loss import DEFAULT_CHUNK
-from qatune.train.optim import ClipResult, clip_gradients
+from qatune.train.optim import ClipResult, clip_gradients, finish_clip
 from qatune.utils.device import dtype_of
 
 
@@ -223,7 +223,9 @@ def _optimizer_step(model, optimizer, scheduler, precision: Precision, grad_clip
     scaler = precision.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)
-    clip: ClipResult = clip_gradients(model.parameters(), grad_clip)
+    # fp16: GradScaler sets the fused optimizer's grad_scale itself, so the clip factor is not
+    # folded into it there
+    clip: ClipResult = clip_gradients(model.parameters(), grad_clip, optimizer if scaler is None else None)
     skipped = False
     if scaler is not None:
         scale = scaler.get_scale()
@@ -232,6 +234,7 @@ def _optimizer_step(model, optimizer, scheduler, precision: Precision, grad_clip
         skipped = scaler.get_scale() < scale
     else:
         optimizer.step()
+        finish_clip(optimizer)
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
