@@ -89,6 +89,16 @@ class CausalSelfAttention(nn.Module):
         y = attention(q, k, v, self.dropout if self.training else 0.0, layer, kv_cache)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, C)))
 
+    def forward_rows(self, x, rows: LastBlockRows):
+        """The attention output at `rows` only: keys and values for every token (later rows
+        read them), queries, attention and c_proj only for the rows. x: (1, E, C) -> (R, C)."""
+        C = x.shape[2]
+        q, k, v = self.c_attn(x).squeeze(0).split(C, dim=1)
+        q = q.index_select(0, rows.index)
+        heads = lambda t: t.view(t.shape[0], self.n_head, C // self.n_head)  # noqa: E731
+        y = rows.attend(heads(q), heads(k), heads(v), self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.reshape(-1, C)))
+
 
 # ---------------------------------------------------------------- attention kernels
 # One forward picks one kernel for all layers (`GPT2.attention_for`). Each takes q, k, v as
@@ -172,6 +182,69 @@ def document_lengths(doc_ids: torch.Tensor) -> list[int]:
     return [end - start for start, end, doc in zip(bounds, bounds[1:], ids) if doc >= 0]
 
 
+class LastBlockRows:
+    """Which rows the last block computes when only some positions' hidden states are wanted.
+
+    Nothing after the last block's keys and values mixes positions, so a position no caller reads
+    needs no query, attention output, MLP or final LayerNorm there. Per document the rows run from
+    its first to its last wanted position (a contiguous span: one matmul per weight for all of
+    them), and each span's queries attend to the keys from the document's start up to themselves
+    (lower-right causal). For SFT the wanted positions are the answer tokens, so the last block's
+    MLP and attention run on the labels only; the earlier blocks still run on every token, since
+    later tokens' keys and values depend on them.
+
+    Built from per-document attention (padding dropped, documents in reading order): `outputs`
+    are flat positions into the (B, T) batch; rows are indices into the real tokens."""
+
+    def __init__(self, attention: DocumentAttention, outputs: torch.Tensor) -> None:
+        B, T = attention.rows
+        real = _compact_positions(outputs.cpu(), B * T, attention.keep)
+        bounds = torch.tensor([0, *attention.lengths]).cumsum(0)
+        doc = torch.searchsorted(bounds, real, right=True) - 1
+        wanted = doc.unique().tolist()
+        first = torch.full((len(attention.lengths),), B * T).scatter_reduce(0, doc, real, "amin")
+        last = torch.zeros(len(attention.lengths), dtype=torch.long).scatter_reduce(0, doc, real, "amax")
+        # per wanted document: (first row of its keys, first query row, rows after the last query)
+        self.spans = [(int(bounds[j]), int(first[j]), int(last[j]) + 1) for j in wanted]
+        index = torch.cat([torch.arange(a, b) for _, a, b in self.spans])
+        self.index = index.to(outputs.device)
+        # where each wanted position lies among the rows (None: the rows are exactly the outputs)
+        offsets = torch.zeros(len(attention.lengths), dtype=torch.long)
+        offsets[wanted] = torch.tensor([0, *[b - a for _, a, b in self.spans]]).cumsum(0)[:-1]
+        order = offsets[doc] + real - first[doc]
+        same = order.shape[0] == index.shape[0] and torch.equal(order, torch.arange(index.shape[0]))
+        self.order = None if same else order.to(outputs.device)
+
+    def attend(self, q, k, v, dropout_p: float) -> torch.Tensor:
+        """q: (R, H, D) at the rows, k and v: (E, H, D) for every token -> (R, H, D)."""
+        out, start = [], 0
+        for key_start, a, b in self.spans:
+            m, n = b - a, b - key_start
+            qd = q[start : start + m]
+            kd, vd = k[key_start:b], v[key_start:b]
+            start += m
+            qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
+            if m == n or m == 1:  # from the document's start: plain causal; one query: sees every key
+                y = F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=m == n)
+            else:  # query i (document position n - m + i) sees keys 0 .. n - m + i
+                mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m)
+                y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, dropout_p=dropout_p)
+            out.append(y[0].transpose(0, 1))
+        return torch.cat(out)
+
+
+def _compact_positions(outputs: torch.Tensor, n: int, keep: torch.Tensor | None) -> torch.Tensor:
+    """Flat (B*T) positions -> positions among the real tokens; padding positions are an error."""
+    if keep is None:
+        return outputs
+    compact = torch.full((n,), -1, dtype=torch.long)
+    compact[keep.cpu()] = torch.arange(keep.shape[0])
+    real = compact[outputs]
+    if bool((real < 0).any()):
+        raise ValueError("outputs include padding positions, which have no hidden state")
+    return real
+
+
 class FlexDocumentAttention:
     """FlexAttention with a block mask of "same document, not in the future": blocks with no
     allowed pair are skipped. Built on the device from doc_ids (no host sync); compiled on GPU.
@@ -246,6 +319,12 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), attention, layer, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_rows(self, x, rows: LastBlockRows):
+        """The block's output at `rows` only (see LastBlockRows). x: (1, E, d) -> (R, d)."""
+        # squeeze, not x[0]: select's backward zero-fills and copies a full-size gradient
+        x = x.squeeze(0).index_select(0, rows.index) + self.attn.forward_rows(self.ln_1(x), rows)
+        return x + self.mlp(self.ln_2(x))
+
 
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config) -> None:
@@ -283,17 +362,29 @@ class GPT2(nn.Module):
         doc_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        outputs: torch.Tensor | None = None,
+        sparse_embedding_grad: bool = False,
     ) -> torch.Tensor:
-        """Hidden states (B, T, d) after the final LayerNorm.
+        """Hidden states (B, T, d) after the final LayerNorm, or (len(outputs), d) at `outputs`.
 
         position_ids: (B, T); restarted per document in packed rows. Default 0..T-1 (offset by the
             cache length when decoding).
         doc_ids: (B, T) document id per token; tokens attend only to earlier tokens of the same
             document (block-causal attention for packed rows).
         attention_mask: (B, T) 1 for real tokens, 0 for padding (left padding in generation).
+        outputs: flat positions (into B*T) of the only hidden states wanted, in the order wanted
+            (e.g. `Batch.label_index`). With per-document attention the last block then runs its
+            queries, attention, MLP and the final LayerNorm only on spans covering them
+            (`LastBlockRows`); with the other kernels only the final LayerNorm is cut.
+        sparse_embedding_grad: the token embedding's gradient as a sparse tensor (one row per
+            input token) instead of a zero-filled vocab x d one. Only for a loss that also uses
+            the tied head, whose dense gradient it is then added to (alone, a sparse gradient
+            would reach the optimizer).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if outputs is not None and kv_cache is not None:
+            raise ValueError("outputs (selected positions) cannot be combined with a KV cache")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         # Checked on host tensors only: on a GPU, .max() would make the host wait for the device
@@ -302,15 +393,28 @@ class GPT2(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} exceeds the context of {self.config.n_positions}")
         attention = self.attention_for(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
         input_ids, position_ids = attention.drop_padding(input_ids), attention.drop_padding(position_ids)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
-        for i, block in enumerate(self.h):
-            if self.activation_checkpointing and self.training and kv_cache is None:
-                x = checkpoint(block, x, attention, use_reentrant=False)
-            else:
-                x = block(x, attention, i, kv_cache)
+        tokens = F.embedding(input_ids, self.wte.weight, sparse=True) if sparse_embedding_grad else self.wte(input_ids)
+        x = self.drop(tokens + self.wpe(position_ids))
+        # (not under torch.compile: the spans, read on the host, would recompile every batch)
+        cut = outputs is not None and isinstance(attention, DocumentAttention) and not torch.compiler.is_compiling()
+        for i, block in enumerate(self.h[:-1] if cut else self.h):
+            x = self._block(block, x, attention, i, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if cut:
+            rows = LastBlockRows(attention, outputs)
+            x = self.ln_f(self._block(self.h[-1], x, attention, len(self.h) - 1, None, rows))
+            return x if rows.order is None else x.index_select(0, rows.order)
+        if outputs is not None:  # the final LayerNorm only where read
+            return self.ln_f(x.flatten(0, -2).index_select(0, outputs))
         return attention.restore_padding(self.ln_f(x))
+
+    def _block(self, block: Block, x, attention, layer: int, kv_cache, rows: LastBlockRows | None = None):
+        """One block (at `rows` only, when given), under activation checkpointing when it is on."""
+        run, args = (block, (x, attention, layer, kv_cache)) if rows is None else (block.forward_rows, (x, rows))
+        if self.activation_checkpointing and self.training and kv_cache is None:
+            return checkpoint(run, *args, use_reentrant=False)
+        return run(*args)
 
     def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
         """The attention kernel of one forward pass: a packed kernel for packed rows, else the

@@ -1,0 +1,122 @@
+"""`GPT2.forward(outputs=...)`: only the hidden states a loss reads, the last block cut to them.
+
+Values and gradients must equal the full forward's rows whatever the kernel, the order of the
+positions, padding, spans that start mid-document, checkpointing, LoRA and the sparse embedding
+gradient; the SFT step through it must equal the plain full-logits cross-entropy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.test_train_step import SMALL, assert_same, examples_of_varied_lengths
+
+from qatune.data.batching import collate
+from qatune.data.example import IGNORE
+from qatune.model.gpt2 import GPT2, LastBlockRows
+from qatune.model.lora import LoRAConfig, apply_lora
+from qatune.train.loss import reference_loss_sum
+from qatune.train.step import Precision, monitor_targets, prompt_targets, scored_rows_only, train_step
+
+# Two rows: [doc 5 | doc 7 | 4 padding], [doc 9 | doc 7]
+DOCS = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 4, [0] * 9 + [1] * 7])
+POSITIONS = torch.tensor(
+    [[*range(5), *range(7), 0, 0, 0, 0], [*range(9), *range(7)]],
+)
+# unordered; doc 0 of row 0 from its 4th token (a span after the document's start), doc 1 of row
+# 1 whole (a span from the start), a document with no wanted position (row 0's second)
+OUTPUTS = torch.tensor([3, 4, 17, 18, 20, 31, 26, 25, 27, 28, 29, 30])
+
+
+@pytest.fixture
+def model() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(SMALL).double()
+
+
+def rows_and_grads(model, kernel: str, outputs, sparse: bool = False):
+    model.zero_grad(set_to_none=True)
+    model.attention_kernel = kernel
+    ids = torch.randint(1, SMALL.vocab_size, DOCS.shape, generator=torch.Generator().manual_seed(1))
+    if outputs is None:
+        hidden = model(ids, POSITIONS, DOCS).flatten(0, 1)[OUTPUTS]
+    else:
+        hidden = model(ids, POSITIONS, DOCS, outputs=outputs, sparse_embedding_grad=sparse)
+    weights = torch.linspace(-1, 1, hidden.numel(), dtype=hidden.dtype).view_as(hidden)
+    (hidden * weights).sum().backward()
+    grads = {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}
+    return hidden.detach(), grads
+
+
+@pytest.mark.parametrize("kernel", ["documents", "dense"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_outputs_equal_the_full_forwards_rows_in_values_and_gradients(model, kernel, sparse):
+    ref, ref_grads = rows_and_grads(model, "dense", None)
+    got, grads = rows_and_grads(model, kernel, OUTPUTS, sparse)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    assert_same(ref_grads, grads, rtol=1e-10)
+
+
+def test_checkpointing_and_lora_take_the_same_cut(model):
+    apply_lora(model, LoRAConfig(r=4, targets=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]))
+    for p in model.parameters():  # B starts at zero: give the adapters something to pass on
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    model.double()
+    ref, ref_grads = rows_and_grads(model, "dense", None)
+    model.activation_checkpointing = True
+    got, grads = rows_and_grads(model, "documents", OUTPUTS)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert_same(ref_grads, grads, rtol=1e-10)
+
+
+def test_rows_are_the_spans_from_each_documents_first_to_last_wanted_position(model):
+    from qatune.model.gpt2 import DocumentAttention
+
+    rows = LastBlockRows(DocumentAttention(DOCS), OUTPUTS)
+    # real tokens: row 0 doc 0 = 0..4, doc 1 = 5..11; row 1 doc 0 = 12..20, doc 1 = 21..27
+    # (flat 16..24 and 25..31); wanted: 3, 4 | 13, 14, 16 (row 1 positions 1, 2, 4) | 21..27
+    assert rows.spans == [(0, 3, 5), (12, 13, 17), (21, 21, 28)]
+    assert rows.index.tolist() == [3, 4, 13, 14, 15, 16, *range(21, 28)]
+    # the output order: 15 (flat 19) was not asked for, so the rows are gathered
+    assert rows.order.tolist() == [0, 1, 2, 3, 5, 12, 7, 6, 8, 9, 10, 11]
+
+
+def test_padding_positions_and_the_kv_cache_are_refused(model):
+    ids = torch.ones_like(DOCS)
+    with pytest.raises(ValueError, match="padding positions"):
+        model(ids, POSITIONS, DOCS, outputs=torch.tensor([3, 13]))
+    with pytest.raises(ValueError, match="KV cache"):
+        model(ids[:1, :4], outputs=torch.tensor([0]), kv_cache=model.new_kv_cache(1, 8))
+
+
+def test_sft_step_through_the_cut_equals_full_logits_cross_entropy(model):
+    exs = examples_of_varied_lengths(6)
+    batch = collate([exs[:3], exs[3:]], pad_id=0).to("cpu")
+    assert scored_rows_only(model, batch.label_index)["outputs"] is batch.label_index
+    model.zero_grad(set_to_none=True)
+    stats = train_step(model, [batch], Precision("fp32", torch.device("cpu")))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    hidden = model(batch.input_ids, batch.position_ids, batch.doc_ids)
+    ref = reference_loss_sum(hidden, model.wte.weight, batch.targets) / batch.count
+    ref.backward()
+    assert stats.loss == pytest.approx(float(ref.detach()), rel=1e-12)
+    assert_same({n: p.grad for n, p in model.named_parameters()}, grads, rtol=1e-10)
+
+
+def test_monitor_samples_whole_documents_then_positions_at_most_half_the_labels():
+    # 6 documents of 12 prompt tokens and 2 answer tokens each: 66 prompt positions, 12 labels
+    from qatune.data.example import EncodedExample
+
+    exs = [EncodedExample(list(range(1, 15)), [IGNORE] * 12 + [13, 14], f"ex{i}") for i in range(6)]
+    batch = collate([exs[:3], exs[3:]], pad_id=0)
+    index, targets = monitor_targets(batch)
+    assert len(index) <= batch.count // 2 == 6
+    every = prompt_targets(batch).flatten()
+    assert torch.equal(targets, every[index]) and bool((targets != IGNORE).all())
+    documents = {int(i) // 14 for i in index}  # 14 tokens per document, 3 per row of 42
+    assert len(documents) < 6  # whole documents left out, so the last block's spans stay short
+    assert torch.equal(monitor_targets(batch)[0], index)  # systematic: the same sample every time
+    short = collate([[EncodedExample([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4], "s")]], pad_id=0)
+    assert len(monitor_targets(short)[0]) == 1  # one prompt position, at most 2 // 2 = 1
