@@ -48,10 +48,11 @@ class RewardModel(nn.Module):
     def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, last_token=None):
         """Scores (N,) of the positions `last_token` (flat indices into B*T); without it, the
         score of every position (B, T)."""
-        hidden = self.backbone(input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask)
-        if last_token is None:
-            return self.score(hidden).squeeze(-1)
-        return self.score(hidden.reshape(-1, hidden.shape[-1])[last_token]).squeeze(-1)
+        # outputs=last_token: the backbone's last block and final LayerNorm run on those rows only
+        hidden = self.backbone(
+            input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, outputs=last_token
+        )
+        return self.score(hidden).squeeze(-1)
 
     @torch.no_grad()
     def score_ids(self, sequences: Sequence[Sequence[int]], eos_id: int, batch_size: int = 16) -> torch.Tensor:

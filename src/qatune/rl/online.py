@@ -44,7 +44,7 @@ from qatune.train.logprobs import fused_logprob_loss
 from qatune.train.loss import select_labelled
 from qatune.train.methods.base import Method, RunContext
 from qatune.train.methods.sft import model_inputs
-from qatune.train.step import backbone, global_sum, lm_weight
+from qatune.train.step import backbone, global_sum, lm_weight, scored_rows_only
 
 
 class KLOutOfBand(MethodStop):
@@ -412,7 +412,7 @@ def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef:
     head: each chunk's log-probs give its tokens' losses and gradients while its logits exist (3
     head matmuls per token)."""
     b = batch.batch
-    out = model(**model_inputs(b))
+    out = model(**model_inputs(b), **scored_rows_only(model, b.label_index))
     hidden = out[0] if isinstance(out, tuple) else out
     rows, targets = select_labelled(hidden, b.targets, b.label_index)
     old, adv, ref = batch.old_logprobs, batch.advantages, batch.ref_logprobs

@@ -133,9 +133,15 @@ def select_labelled(
     hidden: torch.Tensor, targets: torch.Tensor, index: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The hidden rows (N, d) and targets (N,) of positions that carry a label; `index` (their
-    flat positions, known when the batch was built) avoids a boolean mask's device sync."""
+    flat positions, known when the batch was built) avoids a boolean mask's device sync.
+
+    A 2-D `hidden` of N rows with an `index` of N is taken as those rows already: what a model
+    called with `outputs=index` returns. (A flat (B*T, d) of all positions with every position
+    labelled is the same tensor: the index is then 0 .. N-1.)"""
     if index is not None:
-        return hidden.flatten(0, -2).index_select(0, index), targets.flatten().index_select(0, index)
+        given = hidden.dim() == 2 and hidden.shape[0] == index.shape[0]
+        rows = hidden if given else hidden.flatten(0, -2).index_select(0, index)
+        return rows, targets.flatten().index_select(0, index)
     keep = targets != IGNORE
     return hidden[keep], targets[keep]
 
@@ -156,14 +162,25 @@ def response_loss_sum(
     index: flat positions of the labelled targets (`Batch.label_index`), when known.
     """
     h, t = select_labelled(hidden, targets, index)
+    return rows_loss_sum(h, lm_weight, t, chunk_size, compute_dtype), int(t.numel())
+
+
+def rows_loss_sum(
+    h: torch.Tensor,
+    lm_weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Sum of cross-entropy of the head at hidden rows `h` (N, d) against `targets` (N,), all
+    labelled (the rows a model returned for `outputs=`)."""
     if compute_dtype is None:
         compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
     if not torch.is_grad_enabled():
         # needs_input_grad ignores no_grad mode: detach so eval does not compute gradients.
         h, lm_weight = h.detach(), lm_weight.detach()
     with torch.autocast(h.device.type, enabled=False):
-        loss = _LinearCrossEntropySum.apply(h, lm_weight, t, chunk_size, compute_dtype)
-    return loss, int(t.numel())
+        return _LinearCrossEntropySum.apply(h, lm_weight, targets, chunk_size, compute_dtype)
 
 
 def reference_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

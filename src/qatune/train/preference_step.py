@@ -16,6 +16,7 @@ import torch
 
 from qatune.data.preference.batching import PairBatch
 from qatune.train.logprobs import DEFAULT_CHUNK, fused_logprob_loss, segment_sum, token_logprobs
+from qatune.train.loss import select_labelled
 from qatune.train.preference_loss import (
     DPOConfig,
     RewardConfig,
@@ -31,9 +32,9 @@ def model_inputs(batch: PairBatch) -> dict:
 
 
 def scored_rows(hidden: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden rows (N, d) and targets (N,) of the response positions, in row-major order."""
-    index = batch.label_index
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index), batch.targets.reshape(-1).index_select(0, index)
+    """The hidden rows (N, d) and targets (N,) of the response positions, in row-major order
+    (`hidden` may already be those rows: a forward with `outputs=batch.label_index`)."""
+    return select_labelled(hidden, batch.targets, batch.label_index)
 
 
 @torch.no_grad()

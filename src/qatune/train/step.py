@@ -308,5 +308,48 @@ def sample_targets(targets: torch.Tensor, every: int) -> torch.Tensor:
     return torch.where(scored & (rank % every == 0), targets, torch.full_like(targets, IGNORE))
 
 
+def monitor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt positions a monitored step scores (flat positions into B*T) and their targets:
+    all of them when there are at most half as many as the batch has labels, else a systematic
+    sample of at most that many: every m-th document that has prompt positions, then (if those
+    documents still hold too many) every j-th position in them.
+
+    Whole documents first because the model's last block computes only the spans it is asked
+    for (`qatune.model.gpt2.LastBlockRows`): positions spread over every document would stretch
+    each span to nearly the whole document. Drawing no random numbers keeps a resumed run's
+    sample, and its training RNG stream, the same."""
+    targets = prompt_targets(batch).flatten()
+    scored = targets != IGNORE
+    limit = max(batch.count // 2, 1)
+    n = int(scored.sum())
+    if n > limit:
+        doc = (batch.position_ids.flatten() == 0).cumsum(0)  # document number of each position
+        docs = doc[scored].unique()
+        scored &= torch.isin(doc, docs[:: math.ceil(n / limit)])
+        every = math.ceil(int(scored.sum()) / limit)
+        scored = sample_targets(torch.where(scored, targets, IGNORE), every) != IGNORE
+    index = scored.nonzero().flatten()
+    return index, targets.index_select(0, index)
+
+
+def compiled(model) -> bool:
+    """Whether `model`, or a module it wraps, runs under torch.compile."""
+    if hasattr(model, "_orig_mod"):
+        return True
+    inner = [getattr(model, a, None) for a in ("module", "backbone")]
+    return any(isinstance(m, torch.nn.Module) and compiled(m) for m in inner)
+
+
+def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) -> dict:
+    """The forward's keyword arguments for a step that reads the hidden states at `index` only
+    (flat positions): `outputs` (the model then returns just those rows, its last block cut to
+    them) and, when the loss also runs the tied LM head, a sparse token-embedding gradient
+    (added to the head's dense one without a zero-filled vocab x d buffer). Nothing under
+    torch.compile, whose graph would change with every batch's rows."""
+    if index is None or compiled(model):
+        return {}
+    return {"outputs": index, "sparse_embedding_grad": tied_head}
+
+
 def perplexity(loss: float) -> float:
     return math.inf if loss > 709 else math.exp(loss)  # exp overflows a double past ~709.78; nan stays nan

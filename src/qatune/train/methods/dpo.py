@@ -25,7 +25,7 @@ from qatune.train.methods.base import RunContext, StepOutput
 from qatune.train.methods.preference import PairItem, PairMethod
 from qatune.train.preference_loss import dpo_summary
 from qatune.train.preference_step import dpo_loss_sum, model_inputs, sequence_logps
-from qatune.train.step import lm_weight
+from qatune.train.step import lm_weight, scored_rows_only
 from qatune.utils.files import atomic_write
 
 REFERENCE_CACHE = "reference_logps.pt"
@@ -58,7 +58,8 @@ class DPO(PairMethod):
             return self.ref_cache[ids].reshape(-1).to(batch.input_ids.device)
         reference = self.run.reference  # the frozen copy, or under LoRA the base with adapters off
         with torch.no_grad():
-            hidden = reference(**model_inputs(batch))
+            rows = scored_rows_only(reference, batch.label_index, tied_head=False)
+            hidden = reference(**model_inputs(batch), **rows)
             return sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
 
     def _cached_reference(self, run: RunContext) -> torch.Tensor:
@@ -75,7 +76,7 @@ class DPO(PairMethod):
             for s in range(0, len(items), size):
                 batch = self.collate(items[s : s + size]).to(run.device)
                 with run.precision.autocast(), torch.no_grad():
-                    hidden = reference(**model_inputs(batch))
+                    hidden = reference(**model_inputs(batch), **scored_rows_only(reference, batch.label_index, False))
                     logps = sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
                 out[torch.tensor(batch.pair_ids)] = logps.double().cpu().view(-1, 2)  # rows reorder pairs
             with atomic_write(path, "wb", encoding=None) as f:
@@ -88,7 +89,7 @@ class DPO(PairMethod):
 
     def step(self, model, batch: PairBatch, monitor: bool = False) -> StepOutput:
         ref = self.reference_logps(model, batch)
-        hidden = model(**model_inputs(batch))
+        hidden = model(**model_inputs(batch), **scored_rows_only(model, batch.label_index))
         loss_sum, sums = dpo_loss_sum(hidden, lm_weight(model), batch, ref, self.dpo, self.chunk_size)
         return StepOutput(loss_sum, batch.count, sums)
 

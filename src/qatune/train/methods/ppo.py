@@ -46,9 +46,12 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)  # values start at 0: no made-up baseline
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None):
-        hidden = self.backbone(input_ids, position_ids=position_ids, doc_ids=doc_ids)
-        trunk = hidden if self.critic is None else self.critic(input_ids, position_ids=position_ids, doc_ids=doc_ids)
+    def forward(self, input_ids, position_ids=None, doc_ids=None, outputs=None, sparse_embedding_grad=False):
+        """outputs / sparse_embedding_grad: as `GPT2.forward` (hidden states and values at
+        `outputs` only); the separate critic runs no head, so its embedding gradient stays dense."""
+        inputs = {"position_ids": position_ids, "doc_ids": doc_ids, "outputs": outputs}
+        hidden = self.backbone(input_ids, **inputs, sparse_embedding_grad=sparse_embedding_grad)
+        trunk = hidden if self.critic is None else self.critic(input_ids, **inputs)
         return hidden, self.value_head(trunk).squeeze(-1).float()
 
 

@@ -10,7 +10,6 @@ sample of at most half as many prompt positions as the batch has labels.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 
@@ -19,9 +18,9 @@ import torch
 from qatune.data.batching import Batch
 from qatune.data.example import EncodedExample
 from qatune.train.data import ExamplePlan, eval_batches, make_batch, split_holdout
-from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum
+from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
 from qatune.train.methods.base import Method, RunContext, StepOutput
-from qatune.train.step import evaluate_sums, lm_weight, perplexity, phase, prompt_targets, sample_targets
+from qatune.train.step import evaluate_sums, lm_weight, monitor_targets, perplexity, phase, scored_rows_only
 
 
 def lm_eval_metrics(loss_sum: float, count: int) -> dict:
@@ -91,22 +90,39 @@ class SFT(Method):
         return ExamplePlan.build(*args, row_capacity=max_len)
 
     def step(self, model, batch: Batch, monitor: bool = False) -> StepOutput:
+        # With `monitor`, the prompt positions sampled for the prompt-token loss (at most half as
+        # many as the labels: the measured overhead of monitoring every step stays under 5%,
+        # benchmarks/monitor_cost.py) come out of the same forward as the labels.
+        prompt = monitor_targets(batch) if monitor else None
+        rows = batch.label_index
+        if prompt is not None and rows is not None:
+            rows = torch.cat([rows, prompt[0].to(rows.device)])
+        cut = scored_rows_only(model, rows)
         with phase("forward"):
-            hidden = model(**model_inputs(batch))
-        weight = lm_weight(model)
+            hidden = model(**model_inputs(batch), **cut)
+        if not cut:  # every position's hidden state: select the rows here
+            return self._step_full(hidden, lm_weight(model), batch, prompt)
+        weight, n = lm_weight(model), batch.count
+        targets = batch.targets.flatten().index_select(0, batch.label_index)
+        with phase("loss"):
+            loss_sum = rows_loss_sum(hidden[:n], weight, targets, self.chunk_size)
+        return StepOutput(loss_sum, n, self._prompt_metrics(hidden[n:], weight, prompt))
+
+    def _step_full(self, hidden, weight, batch: Batch, prompt) -> StepOutput:
         with phase("loss"):
             loss_sum, _ = response_loss_sum(hidden, weight, batch.targets, self.chunk_size, index=batch.label_index)
-        metrics = {}
-        if monitor:  # before backward: FSDP reshards the root's weights after it
-            # At most half as many prompt positions as the batch has labels (a systematic sample):
-            # one head forward over half the labels' rows, so that even monitoring every step costs
-            # under 5% (benchmarks/monitor_cost.py).
-            with torch.no_grad(), phase("monitor"):
-                every = math.ceil(2 * (batch.n_tokens - batch.count) / max(batch.count, 1))
-                targets = sample_targets(prompt_targets(batch), every)
-                prompt_sum, n_prompt = response_loss_sum(hidden, weight, targets, self.chunk_size)
-            metrics = {"prompt_loss_sum": prompt_sum, "prompt_tokens": n_prompt}
-        return StepOutput(loss_sum, batch.count, metrics)
+        if prompt is not None:
+            hidden = hidden.flatten(0, -2).index_select(0, prompt[0].to(hidden.device))
+        return StepOutput(loss_sum, batch.count, self._prompt_metrics(hidden, weight, prompt))
+
+    def _prompt_metrics(self, rows: torch.Tensor, weight, prompt) -> dict:
+        """The prompt-token loss at the sampled rows, without gradient (before backward: FSDP
+        reshards the root's weights after it)."""
+        if prompt is None:
+            return {}
+        with torch.no_grad(), phase("monitor"):
+            prompt_sum = rows_loss_sum(rows, weight, prompt[1].to(rows.device), self.chunk_size)
+        return {"prompt_loss_sum": prompt_sum, "prompt_tokens": int(prompt[1].numel())}
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:
         out = {"label_tokens": count}
