@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qatune.analysis.activations import plan_activations
+from qatune.analysis.activations import LOSS_CHUNKED, plan_activations
 from qatune.analysis.measure import SavedTensorLedger, compare, measure_step, synthetic_batch
 from qatune.analysis.memory import (
     GB,
@@ -24,7 +24,7 @@ from qatune.analysis.setup import PlanSetup
 from qatune.data.batching import labelled_positions
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.lora import LoRAConfig, apply_lora
-from qatune.train.loss import response_loss_sum
+from qatune.train.loss import rows_loss_sum
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 N_TENSORS = 2 + 12 * TINY.n_layer + 2  # wte, wpe; 12 per block; ln_f weight and bias
@@ -114,7 +114,9 @@ def test_full_logits_cost_the_vocabulary_per_position():
     E, V, d = 1024, 50257, 1280
     assert full.saved["loss: logits (held by the caller)"] == E * V * 2
     assert full.saved["loss: fp32 log-softmax"] == E * V * 4
-    assert chunked.saved["loss: label index, grad_h, grad_w"] == 512 * 8 + 512 * d * 4 + V * d * 4
+    assert chunked.saved[LOSS_CHUNKED] == 512 * d * 4 + V * d * 4
+    # the model returns the 512 label rows only: the final LayerNorm runs on those (+ their index)
+    assert chunked.saved["final LayerNorm (on the rows the loss reads)"] == 512 * (d * 4 + 2 * 4 + 8)
     # At micro-batch 1 the fused loss's V x d gradient buffer is as large as the logits; at 8 rows
     # of 1024 the full logits cost gigabytes more at the end of forward.
     eight = s.with_(micro_batch=8)
@@ -170,19 +172,19 @@ def test_lora_activations_within_5_percent(precision, targets):
     batch = synthetic_batch(s)
     ledger = SavedTensorLedger(model.parameters())
     dtype = torch.bfloat16 if precision == "bf16" else None
+    index = labelled_positions(batch["targets"])  # as training asks for its label rows
     with ledger.hooks():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
-            hidden = model(batch["input_ids"], batch["position_ids"])
+            hidden = model(batch["input_ids"], batch["position_ids"], outputs=index)
         ledger.phase = "loss"
-        index = labelled_positions(batch["targets"])  # as training gathers its label rows
-        response_loss_sum(hidden, model.wte.weight, batch["targets"], compute_dtype=dtype, index=index)
+        rows_loss_sum(hidden, model.wte.weight, batch["targets"].flatten()[index], compute_dtype=dtype)
     plan = plan_activations(s)
     # Frozen weights' 16-bit copies have no autograd history, so the ledger cannot tell them from
     # activations: compare everything the model saves.
     measured = ledger.total("model") + ledger.total("weight copies")
-    predicted = plan.total + plan.weight_copies_saved - plan.saved["loss: label index, grad_h, grad_w"]
+    predicted = plan.total + plan.weight_copies_saved - plan.saved[LOSS_CHUNKED]
     assert predicted == pytest.approx(measured, rel=0.05)
-    assert plan.saved["loss: label index, grad_h, grad_w"] == ledger.total("loss")  # no V x d grad_w: head frozen
+    assert plan.saved[LOSS_CHUNKED] == ledger.total("loss")  # no V x d grad_w: head frozen
 
 
 @pytest.mark.parametrize("precision, checkpointing", [("fp32", False), ("bf16", True)])
@@ -206,5 +208,24 @@ def test_lora_without_c_attn_block_0_saves_only_after_its_first_adapter(targets)
     s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision="fp32", lora_r=8, lora_targets=targets, device="cpu")
     m, acts = measure_step(s), plan_activations(s)
     assert acts.total == m.activations  # exact: which tensors need a gradient in block 0
+    flops = next(row for row in compare(s, m) if row["name"].startswith("FLOPs"))
+    assert flops["predicted"] == flops["measured"]
+
+
+@pytest.mark.parametrize(
+    "precision, label_fraction, lora_r",
+    [("fp32", 0.5, 0), ("bf16", 0.5, 0), ("fp32", 0.25, 0), ("fp32", 0.75, 0), ("fp32", 0.5, 8)],
+)
+def test_packed_step_with_the_last_block_cut_to_the_labels_is_exact(precision, label_fraction, lora_r):
+    """Packed rows on CPU: the last block computes queries, MLP and LayerNorms on the label spans
+    only (spans starting mid-document attend through a mask). The plan counts exactly what the
+    step saves, and the FLOPs the counter sees."""
+    s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision=precision, packed=True, device="cpu")
+    s = s.with_(label_fraction=label_fraction, lora_r=lora_r)
+    assert s.last_block_cut and s.last_block_rows == s.label_tokens
+    m, acts = measure_step(s), plan_activations(s)
+    assert acts.total - acts.saved[LOSS_CHUNKED] == m.activations_model
+    assert acts.saved[LOSS_CHUNKED] == m.activations_loss
+    assert acts.weight_copies_saved == m.weight_copies
     flops = next(row for row in compare(s, m) if row["name"].startswith("FLOPs"))
     assert flops["predicted"] == flops["measured"]

@@ -138,6 +138,39 @@ def block_saved(s: PlanSetup) -> dict[str, int]:
     return out
 
 
+def last_block_saved(s: PlanSetup) -> dict[str, int]:
+    """What the last block saves when it computes only the label spans (`s.last_block_cut`):
+    ln_1, c_attn and the keys/values for every token, everything after them on the R span rows
+    (measured exact in fp32 and bf16 against the saved-tensor ledger). Spans that start after
+    their document's first token attend through a lower-right causal mask, which SDPA turns into
+    an additive mask of the query dtype (m x n per span)."""
+    E, R, d, h = s.tokens, s.last_block_rows, s.config.n_embd, s.config.n_head
+    a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
+    needs = {t: (not s.lora_r) or t in s.lora_targets for t in LORA_TARGETS}
+    spans = s.label_spans()
+    out = {
+        "LayerNorm inputs (residual stream)": (E + R) * d * r,
+        "LayerNorm mean/rstd": 2 * (E + R) * st,
+        "LayerNorm outputs (matmul inputs)": needs["attn.c_attn"] * E * d * a + needs["mlp.c_fc"] * R * d * a,
+        "q, k, v (k, v of every token; q gathered at the rows)": 3 * E * d * a + R * d * a,
+        "attention output": R * d * a,
+    }
+    if s.attention == "math":
+        up = 4 if s.device == "cpu" else a
+        out["softmax probabilities"] = s.config.n_head * sum(m * n for m, n in spans) * up
+    else:
+        out["logsumexp"] = h * R * 4
+    out["attention output, joined (c_proj input)"] = R * d * a * needs["attn.c_proj"]
+    out["masks of spans after their document's start"] = sum(m * n for m, n in spans if 1 < m < n) * a
+    out["MLP: GELU input"] = 4 * R * d * a
+    out["MLP: GELU output"] = 4 * R * d * a * needs["mlp.c_proj"]
+    out["row index (int64)"] = R * INDEX_BYTES
+    if s.lora_r:
+        rows = sum(R for t in s.lora_targets if t != "attn.c_attn") + E * ("attn.c_attn" in s.lora_targets)
+        out["LoRA: A outputs (B's inputs)"] = rows * s.lora_r * a
+    return out
+
+
 def _input_needs_grad_in_block_0(s: PlanSetup) -> dict[str, bool]:
     """Under LoRA, block 0 reads the frozen embeddings: a tensor there needs a gradient only
     downstream of an adapter. Per matmul (in forward order): does its input depend on one?"""
@@ -166,12 +199,14 @@ def first_block_saved(s: PlanSetup) -> dict[str, int]:
     return out
 
 
+LOSS_CHUNKED = "loss: grad_h, grad_w"
+
+
 def loss_saved(s: PlanSetup) -> dict[str, int]:
     E, d, V = s.tokens, s.config.n_embd, s.config.vocab_size
     if s.loss == "chunked":
         grad_w = 0 if s.lora_r else V * d * 4  # a frozen (tied) head gets no gradient buffer
-        index = s.label_tokens * 8  # int64 positions of the labels (index_select saves them for backward)
-        return {"loss: label index, grad_h, grad_w": index + s.label_tokens * d * s.prec.residual + grad_w}
+        return {LOSS_CHUNKED: s.label_tokens * d * s.prec.residual + grad_w}
     return {
         "loss: head input": E * d * s.prec.act,
         "loss: logits (held by the caller)": E * V * s.prec.act,
@@ -229,6 +264,19 @@ _LORA_FANS = {
 }
 
 
+def _blocks_saved(s: PlanSetup, per_block: dict[str, int]) -> int:
+    """All blocks, no checkpointing: block 0 (see first_block_saved), the middle ones, and the
+    last one cut to the label spans where the model does that. One block under LoRA counts as
+    the cut last block (an approximation: block 0's frozen-input rules are not applied to it)."""
+    L = s.config.n_layer
+    if not s.last_block_cut:
+        return (L - 1) * sum(per_block.values()) + sum(first_block_saved(s).values())
+    last = sum(last_block_saved(s).values())
+    if L == 1:
+        return last
+    return (L - 2) * sum(per_block.values()) + sum(first_block_saved(s).values()) + last
+
+
 def plan_activations(s: PlanSetup) -> ActivationPlan:
     c = s.config
     E, d, L = s.tokens, c.n_embd, c.n_layer
@@ -238,8 +286,12 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     if s.checkpointing:
         saved["block inputs (checkpointed)"] = L * E * d * s.prec.residual
     else:
-        saved["transformer blocks"] = (L - 1) * sum(per_block.values()) + sum(first_block_saved(s).values())
-    saved["final LayerNorm"] = E * d * s.prec.residual + 2 * E * _stat_bytes(s)
+        saved["transformer blocks"] = _blocks_saved(s, per_block)
+    # The chunked loss reads the label rows only: the model gathers them before the final
+    # LayerNorm (saving the int64 positions), or its cut last block already returns them.
+    n = s.head_rows
+    gather = n * INDEX_BYTES if s.loss == "chunked" and not s.last_block_cut else 0
+    saved["final LayerNorm (on the rows the loss reads)"] = n * d * s.prec.residual + 2 * n * _stat_bytes(s) + gather
     saved.update(loss_saved(s))
     loss_fwd, loss_bwd = loss_transients(s)
     weight_copies = _weight_copies(s)

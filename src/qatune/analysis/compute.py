@@ -93,7 +93,35 @@ def plan_compute(s: PlanSetup) -> ComputePlan:
         dense, head = lora_dense_flops_per_token(s) * tokens, 4 * c.vocab_size * c.n_embd * head_tokens
         if s.checkpointing:
             recompute = (lora_recompute_flops_per_token(s) + 4 * c.n_layer * s.seq_len * c.n_embd) * tokens
-    return ComputePlan(s, dense, attention_flops_per_token(c, s.seq_len) * tokens, head, recompute)
+    attention = attention_flops_per_token(c, s.seq_len) * tokens
+    if s.last_block_cut:  # the positions outside the label spans skip most of the last block
+        skipped = tokens - s.last_block_rows
+        cut_dense, cut_recompute = last_block_cut_flops_per_row(s)
+        dense -= cut_dense * skipped
+        recompute -= cut_recompute * skipped if s.checkpointing else 0
+        attention -= attention_flops_per_token(c, s.seq_len) // c.n_layer * skipped  # no queries there
+    return ComputePlan(s, dense, attention, head, recompute)
+
+
+def last_block_cut_flops_per_row(s: PlanSetup) -> tuple[int, int]:
+    """(forward + backward, checkpointing's recompute) FLOPs of the last block at one position
+    outside the label spans, which `LastBlockRows` does not compute: attn.c_proj, mlp.c_fc and
+    mlp.c_proj and their adapters (c_attn still runs on every token: keys and values).
+    Trained matmuls cost 6 per weight, frozen ones 4 (no weight gradient); the recompute reruns
+    their forward (2) up to the last saved tensor (see plan_compute and the module docstring)."""
+    d, r = s.config.n_embd, s.lora_r
+    shapes = _matmul_shapes(d)
+    rows = ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    per_weight = 4 if s.lora_r else 6
+    dense = per_weight * sum(shapes[t][0] * shapes[t][1] for t in rows)
+    adapters = [t for t in rows if r and t in s.lora_targets]
+    dense += 6 * r * sum(sum(shapes[t]) for t in adapters)
+    recompute = 2 * (d * d + 4 * d * d)  # attn.c_proj and mlp.c_fc
+    if r:
+        recompute += 2 * r * sum(sum(shapes[t]) for t in adapters)
+        if "mlp.c_proj" in s.lora_targets:  # rerun through mlp.c_proj and its A, not B's product
+            recompute += 2 * 4 * d * d - 2 * r * d
+    return dense, recompute
 
 
 def _matmul_shapes(d: int) -> dict[str, tuple[int, int]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from qatune.model.gpt2 import GPT2Config
+from qatune.model.gpt2 import GPT2Config, packed_attention_kernel
 from qatune.model.lora import TARGETS
 
 
@@ -119,6 +119,32 @@ class PlanSetup:
     @property
     def label_tokens(self) -> int:
         return round(self.label_fraction * self.tokens)
+
+    @property
+    def head_rows(self) -> int:
+        """Positions whose final hidden state is computed: with the chunked loss the model returns
+        only the label rows (`outputs=`), so the final LayerNorm runs on those alone."""
+        return self.label_tokens if self.loss == "chunked" else self.tokens
+
+    @property
+    def last_block_cut(self) -> bool:
+        """Whether the last block runs its queries, MLP and LayerNorms on the label spans only:
+        the chunked loss on packed rows with per-document attention (`LastBlockRows`)."""
+        return self.loss == "chunked" and self.packed and packed_attention_kernel(self.device) == "documents"
+
+    @property
+    def last_block_rows(self) -> int:
+        """Rows the last block computes after its keys and values. The plan's rows carry their
+        labels at the end (as `measure`'s synthetic batch): the spans are exactly the labels."""
+        return self.label_tokens if self.last_block_cut else self.tokens
+
+    def label_spans(self) -> list[tuple[int, int]]:
+        """(queries m, keys n) of each document's span in the last block, for the plan's layout:
+        rows of two documents (T/2 each), labels at the end of each row."""
+        B, T = self.micro_batch, self.seq_len
+        per_row = [self.label_tokens // B + (r < self.label_tokens % B) for r in range(B)]
+        docs = [(0, T // 2), (T // 2, T)]
+        return [(end - max(start, T - k), end - start) for k in per_row if k for start, end in docs if T - k < end]
 
     def with_(self, **changes) -> PlanSetup:
         return replace(self, **changes)
