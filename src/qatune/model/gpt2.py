@@ -315,7 +315,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attention: Attention, layer: int = 0, kv_cache: KVCache | None = None):
+    def forward(self, x, attention: Attention, layer: int = 0, kv_cache: KVCache | None = None, rows=None):
+        if rows is not None:  # through forward, so that module hooks (FSDP's unshard) still run
+            return self.forward_rows(x, rows)
         x = x + self.attn(self.ln_1(x), attention, layer, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -411,10 +413,9 @@ class GPT2(nn.Module):
 
     def _block(self, block: Block, x, attention, layer: int, kv_cache, rows: LastBlockRows | None = None):
         """One block (at `rows` only, when given), under activation checkpointing when it is on."""
-        run, args = (block, (x, attention, layer, kv_cache)) if rows is None else (block.forward_rows, (x, rows))
         if self.activation_checkpointing and self.training and kv_cache is None:
-            return checkpoint(run, *args, use_reentrant=False)
-        return run(*args)
+            return checkpoint(block, x, attention, layer, kv_cache, rows, use_reentrant=False)
+        return block(x, attention, layer, kv_cache, rows)
 
     def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
         """The attention kernel of one forward pass: a packed kernel for packed rows, else the
