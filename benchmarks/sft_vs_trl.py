@@ -10,7 +10,8 @@ same warmup + cosine to lr_min, clipping at 1.0, the same precision. Loss on the
 Both trained models are scored by the same code: qatune's held-out response-token loss.
 
 MFU = the FLOPs the work needs (real tokens only: 6 x 12 L d^2 per token for the blocks,
-attention scores over each example's own causal prefix, the LM head only where there is a label)
+attention scores over each example's own causal prefix, the LM head and the last block past its
+keys and values only where there is a label)
 over the matmul throughput this script measures on the same threads, in the same precision. It is
 given twice: on wall time (what a user waits for) and on the process's CPU time against a CPU-time
 matmul peak (what the step itself costs: other processes sharing the cores inflate wall time, not
@@ -103,8 +104,12 @@ def forward_flops(lengths: list[int], labels: list[int], vocab: int) -> dict[str
     L, d = MODEL["n_layer"], MODEL["n_embd"]
     parts = {"blocks": 0.0, "attention": 0.0, "head": 0.0}
     for T, n_lab in zip(lengths, labels):
-        parts["blocks"] += 2 * 12 * L * d * d * T  # qkv, proj, mlp matmuls
-        parts["attention"] += 2 * 2 * L * d * T * (T + 1) / 2  # QK^T and AV over each token's causal prefix
+        # qkv, proj, mlp matmuls; the last block's output is read only where a label is, so
+        # elsewhere it needs only the keys and values (2 d^2 of its 12 d^2)
+        parts["blocks"] += 2 * d * d * (12 * L * T - 10 * (T - n_lab))
+        # QK^T and AV over each query's causal prefix; in the last block only the label rows'
+        # queries (the answer's rows T-n_lab-1 .. T-2 read T-n_lab .. T-1 keys)
+        parts["attention"] += 2 * 2 * d * ((L - 1) * T * (T + 1) / 2 + n_lab * (2 * T - n_lab - 1) / 2)
         parts["head"] += 2 * d * vocab * n_lab  # LM head only where a label is
     return parts
 
