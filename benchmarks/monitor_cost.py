@@ -4,9 +4,13 @@ The qatune side of `sft_vs_trl.py` (GPT-2 L=4 d=256, 200 t0 examples, batch 8 pa
 thread, 25 steps), trained in fresh processes with `monitor.every` = 0 (off), 50 (the default:
 step 1 and every 50th) and 1 (every step, the worst case). The runtime's `monitor` phase
 (`qatune.train.step.PhaseClock`) times exactly the monitoring work: the prompt-token loss (a
-systematic sample of at most the batch's label count of prompt positions, through the LM head
-without gradient) and the per-layer norms of the gradients. Reported: its CPU seconds against
-the run's, and the whole run against the run without monitoring.
+systematic sample of at most half the batch's label count of prompt positions, through the LM
+head without gradient) and the per-layer norms of the gradients. The sampled prompt rows also
+ride through the model's last block (which computes only the rows the step reads), and that
+extra work lands in the forward and backward phases, so the cost is also given as the step's
+CPU time (forward, loss, backward, optimizer and monitor phases) against the run without
+monitoring. The settings run interleaved `--repeats` times in fresh processes; the table gives
+medians, the JSON line every run.
 
     python benchmarks/monitor_cost.py
 Prints a table and one JSON line.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +48,7 @@ def run_side(args, work: Path, every: int) -> dict:
         "train_s": stats["train_s"],
         "train_cpu_s": stats["train_cpu_s"],
         "monitor_cpu_s": clock.cpu.get("monitor", 0.0),
-        "step_cpu_s": sum(clock.cpu.get(p, 0.0) for p in ("forward", "loss", "backward", "optimizer")),
+        "step_cpu_s": sum(clock.cpu.get(p, 0.0) for p in ("forward", "loss", "backward", "optimizer", "monitor")),
     }
 
 
@@ -51,6 +56,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each setting")
     p.add_argument("--workdir", default=None)
     p.add_argument("--every", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args(argv)
@@ -60,25 +66,45 @@ def main(argv=None) -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="monitor_cost."))
     work.mkdir(parents=True, exist_ok=True)
     sft_vs_trl.prepare(sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"]), work)
+    runs = []
+    for _ in range(args.repeats):  # interleaved, so that a change in the machine's load hits every setting
+        for every in EVERY:
+            runs.append(_run_child(args, work, every))
+    off = _median(runs, 0)
+    print(f"\n{args.n_train} t0 examples, GPT-2 L=4 d=256, batch 8 packed, fp32, {args.threads} thread(s)")
+    print(f"CPU seconds, median of {args.repeats} interleaved runs per setting")
+    print(
+        f"{'monitor.every':<15}{'run CPU s':>10}{'step CPU s':>12}{'monitor CPU s':>15}{'monitor share':>15}"
+        f"{'step vs off':>13}{'run vs off':>12}"
+    )
     rows = []
     for every in EVERY:
-        cmd = [sys.executable, __file__, "--n-train", str(args.n_train), "--threads", str(args.threads)]
-        proc = subprocess.run([*cmd, "--workdir", str(work), "--every", str(every)], capture_output=True, text=True)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise SystemExit(f"monitor.every={every} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(lines[-1][len("RESULT ") :]))
-    off = rows[0]
-    print(f"\n{args.n_train} t0 examples, GPT-2 L=4 d=256, batch 8 packed, fp32, {args.threads} thread(s), CPU seconds")
-    print(f"{'monitor.every':<15}{'run CPU s':>10}{'monitor CPU s':>15}{'monitor share':>15}{'run vs off':>12}")
-    for r in rows:
+        r = _median(runs, every)
         r["monitor_share"] = r["monitor_cpu_s"] / r["train_cpu_s"]
+        r["step_vs_off"] = r["step_cpu_s"] / off["step_cpu_s"]
         r["run_vs_off"] = r["train_cpu_s"] / off["train_cpu_s"]
+        rows.append(r)
         print(
-            f"{r['every']:<15}{r['train_cpu_s']:>10.2f}{r['monitor_cpu_s']:>15.3f}{100 * r['monitor_share']:>14.1f}%"
-            f"{r['run_vs_off']:>11.3f}x"
+            f"{every:<15}{r['train_cpu_s']:>10.2f}{r['step_cpu_s']:>12.2f}{r['monitor_cpu_s']:>15.3f}"
+            f"{100 * r['monitor_share']:>14.1f}%{r['step_vs_off']:>12.3f}x{r['run_vs_off']:>11.3f}x"
         )
-    print(json.dumps({"benchmark": "monitor_cost", "args": vars(args), "results": rows, "load_avg": os.getloadavg()}))
+    line = {"benchmark": "monitor_cost", "args": vars(args), "results": rows, "runs": runs, "load_avg": os.getloadavg()}
+    print(json.dumps(line))
+
+
+def _run_child(args, work: Path, every: int) -> dict:
+    cmd = [sys.executable, __file__, "--n-train", str(args.n_train), "--threads", str(args.threads)]
+    proc = subprocess.run([*cmd, "--workdir", str(work), "--every", str(every)], capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"monitor.every={every} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _median(runs: list[dict], every: int) -> dict:
+    mine = [r for r in runs if r["every"] == every]
+    keys = ("train_s", "train_cpu_s", "monitor_cpu_s", "step_cpu_s")
+    return {"every": every, "steps": mine[0]["steps"], **{k: statistics.median(r[k] for r in mine) for k in keys}}
 
 
 if __name__ == "__main__":
