@@ -41,7 +41,9 @@ def run_side(args, work: Path, every: int) -> dict:
     torch.set_num_threads(args.threads)
     bench = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     with PhaseClock() as clock:
-        stats = sft_vs_trl.run_qatune(bench, work, name=f"monitor-{every}", overrides={"monitor": {"every": every}})
+        stats = sft_vs_trl.run_qatune(
+            bench, work, name=f"monitor-{every}-{args.repeat}", overrides={"monitor": {"every": every}}
+        )
     return {
         "every": every,
         "steps": stats["steps"],
@@ -59,6 +61,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each setting")
     p.add_argument("--workdir", default=None)
     p.add_argument("--every", type=int, default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)  # child: its run folder
     args = p.parse_args(argv)
     if args.every is not None:
         print("RESULT " + json.dumps(run_side(args, Path(args.workdir), args.every)), flush=True)
@@ -67,9 +70,9 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     sft_vs_trl.prepare(sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"]), work)
     runs = []
-    for _ in range(args.repeats):  # interleaved, so that a change in the machine's load hits every setting
+    for i in range(args.repeats):  # interleaved, so that a change in the machine's load hits every setting
         for every in EVERY:
-            runs.append(_run_child(args, work, every))
+            runs.append(_run_child(args, work, every, i))
     off = _median(runs, 0)
     print(f"\n{args.n_train} t0 examples, GPT-2 L=4 d=256, batch 8 packed, fp32, {args.threads} thread(s)")
     print(f"CPU seconds, median of {args.repeats} interleaved runs per setting")
@@ -92,9 +95,10 @@ def main(argv=None) -> None:
     print(json.dumps(line))
 
 
-def _run_child(args, work: Path, every: int) -> dict:
+def _run_child(args, work: Path, every: int, repeat: int) -> dict:
     cmd = [sys.executable, __file__, "--n-train", str(args.n_train), "--threads", str(args.threads)]
-    proc = subprocess.run([*cmd, "--workdir", str(work), "--every", str(every)], capture_output=True, text=True)
+    cmd += ["--workdir", str(work), "--every", str(every), "--repeat", str(repeat)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"monitor.every={every} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

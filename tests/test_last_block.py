@@ -90,16 +90,25 @@ def test_padding_positions_and_the_kv_cache_are_refused(model):
         model(ids[:1, :4], outputs=torch.tensor([0]), kv_cache=model.new_kv_cache(1, 8))
 
 
-def test_sft_step_through_the_cut_equals_full_logits_cross_entropy(model):
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_sft_step_through_the_cut_equals_full_logits_cross_entropy(model, micro_batches):
+    # Two micro-batches: the head's weight gradient is added into `.grad` in place (where the
+    # first one put it) and the embedding's sparse rows land on top of both.
     exs = examples_of_varied_lengths(6)
-    batch = collate([exs[:3], exs[3:]], pad_id=0).to("cpu")
-    assert scored_rows_only(model, batch.label_index)["outputs"] is batch.label_index
+    halves = [exs[:3], exs[3:]]
+    rows = [halves] if micro_batches == 1 else [[h] for h in halves]
+    batches = [collate(r, pad_id=0).to("cpu") for r in rows]  # .to(): the label index is built there
+    assert scored_rows_only(model, batches[0].label_index)["outputs"] is batches[0].label_index
     model.zero_grad(set_to_none=True)
-    stats = train_step(model, [batch], Precision("fp32", torch.device("cpu")))
+    stats = train_step(model, batches, Precision("fp32", torch.device("cpu")))
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert model.wte.weight.grad.layout == torch.strided  # what the optimizer and clipping read
     model.zero_grad(set_to_none=True)
-    hidden = model(batch.input_ids, batch.position_ids, batch.doc_ids)
-    ref = reference_loss_sum(hidden, model.wte.weight, batch.targets) / batch.count
+    count = sum(b.count for b in batches)
+    ref = 0
+    for b in batches:
+        hidden = model(b.input_ids, b.position_ids, b.doc_ids)
+        ref = ref + reference_loss_sum(hidden, model.wte.weight, b.targets) / count
     ref.backward()
     assert stats.loss == pytest.approx(float(ref.detach()), rel=1e-12)
     assert_same({n: p.grad for n, p in model.named_parameters()}, grads, rtol=1e-10)

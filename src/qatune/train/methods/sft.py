@@ -105,7 +105,8 @@ class SFT(Method):
         weight, n = lm_weight(model), batch.count
         targets = batch.targets.flatten().index_select(0, batch.label_index)
         with phase("loss"):
-            loss_sum = rows_loss_sum(hidden[:n], weight, targets, self.chunk_size)
+            into_grad = cut["sparse_embedding_grad"]
+            loss_sum = rows_loss_sum(hidden[:n], weight, targets, self.chunk_size, weight_grad_into_grad=into_grad)
         return StepOutput(loss_sum, n, self._prompt_metrics(hidden[n:], weight, prompt))
 
     def _step_full(self, hidden, weight, batch: Batch, prompt) -> StepOutput:
