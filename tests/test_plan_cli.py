@@ -61,7 +61,7 @@ def test_measure_a_tiny_checkpoint_folder(capsys, hf_tiny_dir, lora):
         assert rows[name]["ratio"] == 1.0, name
     assert rows["FLOPs fwd+bwd"]["ratio"] == pytest.approx(1.0, abs=0.02)
     # The peak RSS of a fresh process (after a warm-up step: kernels' first use is not the model's).
-    # The warm-up does not page in everything: on an AMD EPYC (AVX2) both steps measured a steady
+    # The warm-up does not page in everything: on an AMD EPYC both steps measured a steady
     # 4-5 MB over the plan (58.3 MB vs 53.2 full, 31.6 vs 27.3 LoRA), which at these tiny sizes is
     # 10-16%: allowed as 6 MiB on top of 10%.
     peak = rows["peak, first step"]
