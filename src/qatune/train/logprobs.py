@@ -35,6 +35,7 @@ import torch
 from qatune.data.example import IGNORE
 from qatune.train.loss import (
     HeadGradients,
+    head_inputs,
     head_log_softmax,
     logits_buffer,
     scale_head_gradients,
@@ -114,12 +115,7 @@ def token_logprobs(
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         shapes = f"{tuple(hidden.shape)} and {tuple(targets.shape)}"
         raise ValueError(f"token_logprobs wants rows (N, d) and targets (N,), got {shapes}")
-    if compute_dtype is None:
-        device = hidden.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    if not torch.is_grad_enabled():
-        # needs_input_grad ignores no_grad mode: detach so nothing is saved for a backward.
-        hidden, lm_weight = hidden.detach(), lm_weight.detach()
+    hidden, lm_weight, compute_dtype = head_inputs(hidden, lm_weight, compute_dtype)
     with torch.autocast(hidden.device.type, enabled=False):
         return _ChunkedTokenLogprobs.apply(hidden, lm_weight, targets, chunk_size, compute_dtype, with_entropy)
 
@@ -188,11 +184,7 @@ def fused_logprob_loss(
     log-probs of rows start:end (whole groups) and returns their loss as a scalar built with torch
     ops (its gradient in logp is taken by autograd); it may record detached values for metrics.
     """
-    if compute_dtype is None:
-        device = hidden.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    if not torch.is_grad_enabled():
-        hidden, lm_weight = hidden.detach(), lm_weight.detach()
+    hidden, lm_weight, compute_dtype = head_inputs(hidden, lm_weight, compute_dtype)
     chunks = group_chunks(list(bounds), chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
         return _FusedLogprobLoss.apply(hidden, lm_weight, targets, chunks, loss_fn, compute_dtype)

@@ -199,13 +199,22 @@ def rows_loss_sum(
     weight_grad_into_grad: add dL/dW straight into `lm_weight.grad` (see `add_into_grad`). Only
     when the same weight also gets a gradient through autograd in this backward (the tied
     embedding's, `sparse_embedding_grad`): that is what runs its AccumulateGrad hooks."""
-    if compute_dtype is None:
-        compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-    if not torch.is_grad_enabled():
-        # needs_input_grad ignores no_grad mode: detach so eval does not compute gradients.
-        h, lm_weight = h.detach(), lm_weight.detach()
+    h, lm_weight, compute_dtype = head_inputs(h, lm_weight, compute_dtype)
     with torch.autocast(h.device.type, enabled=False):
         return _LinearCrossEntropySum.apply(h, lm_weight, targets, chunk_size, compute_dtype, weight_grad_into_grad)
+
+
+def head_inputs(h: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype | None):
+    """(h, weight, compute_dtype) as a chunked-head Function takes them (called outside autocast):
+    the matmul dtype defaults to the autocast dtype when autocast is on, else h's; under no_grad
+    both are detached, since needs_input_grad ignores no_grad mode and the Function would form
+    (or save for) gradients nobody asks for."""
+    if compute_dtype is None:
+        device = h.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    if not torch.is_grad_enabled():
+        h, weight = h.detach(), weight.detach()
+    return h, weight, compute_dtype
 
 
 def reference_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
