@@ -4,13 +4,20 @@ The qatune side of `sft_vs_trl.py` (GPT-2 L=4 d=256, 200 t0 examples, batch 8 pa
 thread, 25 steps), trained in fresh processes with `monitor.every` = 0 (off), 50 (the default:
 step 1 and every 50th) and 1 (every step, the worst case). The runtime's `monitor` phase
 (`qatune.train.step.PhaseClock`) times exactly the monitoring work: the prompt-token loss (a
-systematic sample of at most half the batch's label count of prompt positions, through the LM
-head without gradient) and the per-layer norms of the gradients. The sampled prompt rows also
-ride through the model's last block (which computes only the rows the step reads), and that
-extra work lands in the forward and backward phases, so the cost is also given as the step's
+systematic sample of at most one prompt position per 8 labels, through the LM head without
+gradient) and the per-layer norms of the gradients. The sampled prompt rows also ride through
+the model's last block (which computes only the rows the step reads), and that extra work lands
+in the forward and backward phases, so the cost is also given as the step's
 CPU time (forward, loss, backward, optimizer and monitor phases) against the run without
 monitoring. The settings run interleaved `--repeats` times in fresh processes; the table gives
 medians, the JSON line every run.
+
+Between processes the step time moves by a few percent on a shared machine, as much as the
+effect measured. So a second, paired measurement runs in one process: each of the run's
+micro-batches (the examples in order, 8 per packed batch) gets a step with monitoring (prompt
+loss and per-layer norms) and one without, back to back in alternating order, `--paired` times
+over; it gives the ratio of their CPU times. It leaves out the optimizer, checkpoint and data
+time, so it overstates the monitor's share of a run slightly.
 
     python benchmarks/monitor_cost.py
 Prints a table and one JSON line.
@@ -25,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,6 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs of each setting")
+    p.add_argument("--paired", type=int, default=6, help="passes of the in-process paired measurement")
     p.add_argument("--workdir", default=None)
     p.add_argument("--every", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)  # child: its run folder
@@ -91,8 +100,60 @@ def main(argv=None) -> None:
             f"{every:<15}{r['train_cpu_s']:>10.2f}{r['step_cpu_s']:>12.2f}{r['monitor_cpu_s']:>15.3f}"
             f"{100 * r['monitor_share']:>14.1f}%{r['step_vs_off']:>12.3f}x{r['run_vs_off']:>11.3f}x"
         )
-    line = {"benchmark": "monitor_cost", "args": vars(args), "results": rows, "runs": runs, "load_avg": os.getloadavg()}
+    paired = paired_steps(args, work)
+    print(f"\npaired in one process ({args.paired} passes over the {paired['batches']} micro-batches):")
+    print(f"{'pass':<6}{'off CPU s':>11}{'every step CPU s':>18}{'ratio':>8}")
+    for i, (a, b) in enumerate(zip(paired["off_cpu_s"], paired["on_cpu_s"])):
+        print(f"{i:<6}{a:>11.2f}{b:>18.2f}{b / a:>7.3f}x")
+    print(f"median ratio {paired['median_ratio']:.3f}x (forward, loss, backward + monitoring vs without)")
+    line = {
+        "benchmark": "monitor_cost",
+        "args": vars(args),
+        "results": rows,
+        "runs": runs,
+        "paired": paired,
+        "load_avg": os.getloadavg(),
+    }
     print(json.dumps(line))
+
+
+def paired_steps(args, work: Path) -> dict:
+    """CPU seconds of the run's micro-batches with and without monitoring, paired per batch."""
+    import torch
+
+    from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.model.checkpoint import from_pretrained
+    from qatune.train.data import make_batch
+    from qatune.train.runtime import layer_grad_norms
+    from qatune.train.step import Precision, train_step
+
+    torch.set_num_threads(args.threads)
+    bench = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
+    data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=bench.max_len)
+    examples = load_examples(data, sft_vs_trl.tokenizer()).examples
+    model = from_pretrained(work / "init")
+    size = bench.batch
+    batches = [make_batch(examples[i : i + size], "packed", bench.max_len, 0) for i in range(0, len(examples), size)]
+    precision = Precision("fp32", torch.device("cpu"))
+
+    def step(batch, monitor: bool) -> float:
+        model.zero_grad(set_to_none=True)
+        t = time.thread_time()
+        train_step(model, [batch], precision, measure_prompt_loss=monitor)
+        if monitor:
+            layer_grad_norms(model, precision, sharded=False)
+        return time.thread_time() - t
+
+    off, on = [], []
+    for i in range(args.paired):
+        sums = {False: 0.0, True: 0.0}
+        for batch in batches:
+            for monitor in (False, True) if i % 2 == 0 else (True, False):
+                sums[monitor] += step(batch, monitor)
+        off.append(sums[False])
+        on.append(sums[True])
+    ratio = statistics.median(b / a for a, b in zip(off, on))
+    return {"batches": len(batches), "off_cpu_s": off, "on_cpu_s": on, "median_ratio": ratio}
 
 
 def _run_child(args, work: Path, every: int, repeat: int) -> dict:

@@ -1,7 +1,7 @@
 """`GPT2.forward(outputs=...)`: only the hidden states a loss reads, the last block cut to them.
 
 Values and gradients must equal the full forward's rows whatever the kernel, the order of the
-positions, padding, spans that start mid-document, checkpointing, LoRA and the sparse embedding
+positions, padding, rows that start mid-document or skip positions, checkpointing, LoRA and the sparse embedding
 gradient; the SFT step through it must equal the plain full-logits cross-entropy."""
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ DOCS = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 4, [0] * 9 + [1] * 7])
 POSITIONS = torch.tensor(
     [[*range(5), *range(7), 0, 0, 0, 0], [*range(9), *range(7)]],
 )
-# unordered; doc 0 of row 0 from its 4th token (a span after the document's start), doc 1 of row
-# 1 whole (a span from the start), a document with no wanted position (row 0's second)
+# unordered; doc 0 of row 0 from its 4th token (rows after the document's start), doc 0 of row 1
+# with a gap (positions 1, 2, 4), doc 1 of row 1 whole (plain causal), a document with no wanted
+# position (row 0's second)
 OUTPUTS = torch.tensor([3, 4, 17, 18, 20, 31, 26, 25, 27, 28, 29, 30])
 
 
@@ -70,16 +71,16 @@ def test_checkpointing_and_lora_take_the_same_cut(model):
     assert_same(ref_grads, grads, rtol=1e-10)
 
 
-def test_rows_are_the_spans_from_each_documents_first_to_last_wanted_position(model):
+def test_rows_are_exactly_the_wanted_positions_grouped_by_document(model):
     from qatune.model.gpt2 import DocumentAttention
 
     rows = LastBlockRows(DocumentAttention(DOCS), OUTPUTS)
     # real tokens: row 0 doc 0 = 0..4, doc 1 = 5..11; row 1 doc 0 = 12..20, doc 1 = 21..27
     # (flat 16..24 and 25..31); wanted: 3, 4 | 13, 14, 16 (row 1 positions 1, 2, 4) | 21..27
-    assert rows.spans == [(0, 3, 5), (12, 13, 17), (21, 21, 28)]
-    assert rows.index.tolist() == [3, 4, 13, 14, 15, 16, *range(21, 28)]
-    # the output order: 15 (flat 19) was not asked for, so the rows are gathered
-    assert rows.order.tolist() == [0, 1, 2, 3, 5, 12, 7, 6, 8, 9, 10, 11]
+    assert rows.index.tolist() == [3, 4, 13, 14, 16, *range(21, 28)]  # 15 (flat 19): not asked for
+    assert [(start, p.tolist()) for start, p in rows.docs] == [(0, [3, 4]), (12, [1, 2, 4]), (21, list(range(7)))]
+    # the output order: the rows are gathered back into the order asked for
+    assert rows.order.tolist() == [0, 1, 2, 3, 4, 11, 6, 5, 7, 8, 9, 10]
 
 
 def test_padding_positions_and_the_kv_cache_are_refused(model):
@@ -114,18 +115,22 @@ def test_sft_step_through_the_cut_equals_full_logits_cross_entropy(model, micro_
     assert_same({n: p.grad for n, p in model.named_parameters()}, grads, rtol=1e-10)
 
 
-def test_monitor_samples_whole_documents_then_positions_at_most_half_the_labels():
-    # 6 documents of 12 prompt tokens and 2 answer tokens each: 66 prompt positions, 12 labels
+def test_monitor_samples_prompt_positions_across_documents_and_adds_only_their_rows():
+    # 6 documents of 12 prompt tokens and 8 answer tokens each: 66 prompt positions, 48 labels
     from qatune.data.example import EncodedExample
+    from qatune.model.gpt2 import DocumentAttention
 
-    exs = [EncodedExample(list(range(1, 15)), [IGNORE] * 12 + [13, 14], f"ex{i}") for i in range(6)]
-    batch = collate([exs[:3], exs[3:]], pad_id=0)
+    exs = [EncodedExample(list(range(1, 21)), [IGNORE] * 12 + list(range(13, 21)), f"ex{i}") for i in range(6)]
+    batch = collate([exs[:3], exs[3:]], pad_id=0).to("cpu")  # .to(): builds the label index
     index, targets = monitor_targets(batch)
-    assert len(index) <= batch.count // 2 == 6
+    assert 0 < len(index) <= batch.count // 8 == 6
     every = prompt_targets(batch).flatten()
     assert torch.equal(targets, every[index]) and bool((targets != IGNORE).all())
-    documents = {int(i) // 14 for i in index}  # 14 tokens per document, 3 per row of 42
-    assert len(documents) < 6  # whole documents left out, so the last block's spans stay short
+    assert len({int(i) // 20 for i in index}) == 6  # spread over every document (20 tokens each)
     assert torch.equal(monitor_targets(batch)[0], index)  # systematic: the same sample every time
+    # the last block computes the labels and the sampled positions, nothing in between
+    wanted = torch.cat([batch.label_index, index])
+    rows = LastBlockRows(DocumentAttention(batch.doc_ids), wanted)
+    assert rows.index.numel() == batch.count + len(index)
     short = collate([[EncodedExample([1, 2, 3, 4], [IGNORE, IGNORE, 3, 4], "s")]], pad_id=0)
-    assert len(monitor_targets(short)[0]) == 1  # one prompt position, at most 2 // 2 = 1
+    assert len(monitor_targets(short)[0]) == 1  # one prompt position, at most max(2 // 8, 1) = 1

@@ -186,12 +186,12 @@ class LastBlockRows:
     """Which rows the last block computes when only some positions' hidden states are wanted.
 
     Nothing after the last block's keys and values mixes positions, so a position no caller reads
-    needs no query, attention output, MLP or final LayerNorm there. Per document the rows run from
-    its first to its last wanted position (a contiguous span: one matmul per weight for all of
-    them), and each span's queries attend to the keys from the document's start up to themselves
-    (lower-right causal). For SFT the wanted positions are the answer tokens, so the last block's
-    MLP and attention run on the labels only; the earlier blocks still run on every token, since
-    later tokens' keys and values depend on them.
+    needs no query, attention output, MLP or final LayerNorm there. The rows are exactly the
+    wanted positions; each one's query attends to the keys from its document's start up to
+    itself. For SFT the wanted positions are the answer tokens (plus, when monitoring, a sample
+    of prompt positions spread anywhere in the documents), so the last block's MLP and attention
+    run on those alone; the earlier blocks still run on every token, since later tokens' keys and
+    values depend on them.
 
     Built from per-document attention (padding dropped, documents in reading order): `outputs`
     are flat positions into the (B, T) batch; rows are indices into the real tokens."""
@@ -199,35 +199,33 @@ class LastBlockRows:
     def __init__(self, attention: DocumentAttention, outputs: torch.Tensor) -> None:
         B, T = attention.rows
         real = _compact_positions(outputs.cpu(), B * T, attention.keep)
+        index = real.unique()  # sorted: each document's rows lie together, in position order
         bounds = torch.tensor([0, *attention.lengths]).cumsum(0)
-        doc = torch.searchsorted(bounds, real, right=True) - 1
-        wanted = doc.unique().tolist()
-        first = torch.full((len(attention.lengths),), B * T).scatter_reduce(0, doc, real, "amin")
-        last = torch.zeros(len(attention.lengths), dtype=torch.long).scatter_reduce(0, doc, real, "amax")
-        # per wanted document: (first row of its keys, first query row, rows after the last query)
-        self.spans = [(int(bounds[j]), int(first[j]), int(last[j]) + 1) for j in wanted]
-        index = torch.cat([torch.arange(a, b) for _, a, b in self.spans])
+        doc = torch.searchsorted(bounds, index, right=True) - 1
+        counts = torch.bincount(doc, minlength=len(attention.lengths))
+        # per wanted document: (first row of its keys, its rows' positions within the document)
+        self.docs = [
+            (int(bounds[j]), rows - bounds[j])
+            for j, rows in zip(counts.nonzero().flatten().tolist(), index.split(counts[counts > 0].tolist()))
+        ]
         self.index = index.to(outputs.device)
         # where each wanted position lies among the rows (None: the rows are exactly the outputs)
-        offsets = torch.zeros(len(attention.lengths), dtype=torch.long)
-        offsets[wanted] = torch.tensor([0, *[b - a for _, a, b in self.spans]]).cumsum(0)[:-1]
-        order = offsets[doc] + real - first[doc]
-        same = order.shape[0] == index.shape[0] and torch.equal(order, torch.arange(index.shape[0]))
-        self.order = None if same else order.to(outputs.device)
+        same = real.shape == index.shape and torch.equal(real, index)
+        self.order = None if same else torch.searchsorted(index, real).to(outputs.device)
 
     def attend(self, q, k, v, dropout_p: float) -> torch.Tensor:
         """q: (R, H, D) at the rows, k and v: (E, H, D) for every token -> (R, H, D)."""
         out, start = [], 0
-        for key_start, a, b in self.spans:
-            m, n = b - a, b - key_start
+        for key_start, positions in self.docs:
+            m, n = positions.shape[0], int(positions[-1]) + 1
             qd = q[start : start + m]
-            kd, vd = k[key_start:b], v[key_start:b]
+            kd, vd = k[key_start : key_start + n], v[key_start : key_start + n]
             start += m
             qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
-            if m == n or m == 1:  # from the document's start: plain causal; one query: sees every key
+            if m == n or m == 1:  # every position from the start: plain causal; one query: sees every key
                 y = F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=m == n)
-            else:  # query i (document position n - m + i) sees keys 0 .. n - m + i
-                mask = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m)
+            else:  # the query at document position p sees keys 0 .. p
+                mask = torch.arange(n, device=q.device) <= positions.to(q.device)[:, None]
                 y = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, dropout_p=dropout_p)
             out.append(y[0].transpose(0, 1))
         return torch.cat(out)
@@ -376,7 +374,7 @@ class GPT2(nn.Module):
         attention_mask: (B, T) 1 for real tokens, 0 for padding (left padding in generation).
         outputs: flat positions (into B*T) of the only hidden states wanted, in the order wanted
             (e.g. `Batch.label_index`). With per-document attention the last block then runs its
-            queries, attention, MLP and the final LayerNorm only on spans covering them
+            queries, attention, MLP and the final LayerNorm only at those positions
             (`LastBlockRows`); with the other kernels only the final LayerNorm is cut.
         sparse_embedding_grad: the token embedding's gradient as a sparse tensor (one row per
             input token) instead of a zero-filled vocab x d one. Only for a loss that also uses
@@ -397,7 +395,7 @@ class GPT2(nn.Module):
         input_ids, position_ids = attention.drop_padding(input_ids), attention.drop_padding(position_ids)
         tokens = F.embedding(input_ids, self.wte.weight, sparse=True) if sparse_embedding_grad else self.wte(input_ids)
         x = self.drop(tokens + self.wpe(position_ids))
-        # (not under torch.compile: the spans, read on the host, would recompile every batch)
+        # (not under torch.compile: the rows, read on the host, would recompile every batch)
         cut = outputs is not None and isinstance(attention, DocumentAttention) and not torch.compiler.is_compiling()
         for i, block in enumerate(self.h[:-1] if cut else self.h):
             x = self._block(block, x, attention, i, kv_cache)

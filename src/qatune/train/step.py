@@ -308,27 +308,27 @@ def sample_targets(targets: torch.Tensor, every: int) -> torch.Tensor:
     return torch.where(scored & (rank % every == 0), targets, torch.full_like(targets, IGNORE))
 
 
+# A monitored step scores at most one prompt position per this many labels. The prompt rows cost
+# forward only, but the LM head's full-vocabulary pass makes each one about a third of a label's
+# head cost, at a worse matmul efficiency (few rows). One per 4 labels measured ~4.9% of the
+# step's CPU time with the per-layer norms, one per 8 ~3.2% (benchmarks/monitor_cost.py).
+MONITOR_LABELS_PER_PROMPT = 8
+
+
 def monitor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt positions a monitored step scores (flat positions into B*T) and their targets:
-    all of them when there are at most half as many as the batch has labels, else a systematic
-    sample of at most that many: every m-th document that has prompt positions, then (if those
-    documents still hold too many) every j-th position in them.
+    all of them when there are at most an eighth as many as the batch has labels, else every m-th
+    one in reading order (a systematic sample spread over every document).
 
-    Whole documents first because the model's last block computes only the spans it is asked
-    for (`qatune.model.gpt2.LastBlockRows`): positions spread over every document would stretch
-    each span to nearly the whole document. Drawing no random numbers keeps a resumed run's
-    sample, and its training RNG stream, the same."""
+    The model's last block computes exactly the positions asked for
+    (`qatune.model.gpt2.LastBlockRows`), so the sample adds its own rows there and no more.
+    Drawing no random numbers keeps a resumed run's sample, and its training RNG stream, the
+    same."""
     targets = prompt_targets(batch).flatten()
-    scored = targets != IGNORE
-    limit = max(batch.count // 2, 1)
-    n = int(scored.sum())
-    if n > limit:
-        doc = (batch.position_ids.flatten() == 0).cumsum(0)  # document number of each position
-        docs = doc[scored].unique()
-        scored &= torch.isin(doc, docs[:: math.ceil(n / limit)])
-        every = math.ceil(int(scored.sum()) / limit)
-        scored = sample_targets(torch.where(scored, targets, IGNORE), every) != IGNORE
-    index = scored.nonzero().flatten()
+    limit = max(batch.count // MONITOR_LABELS_PER_PROMPT, 1)
+    n = int((targets != IGNORE).sum())
+    sampled = sample_targets(targets, math.ceil(n / limit)) if n > limit else targets
+    index = (sampled != IGNORE).nonzero().flatten()
     return index, targets.index_select(0, index)
 
 
@@ -344,8 +344,8 @@ def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) 
     """The forward's keyword arguments for a step that reads the hidden states at `index` only
     (flat positions): `outputs` (the model then returns just those rows, its last block cut to
     them) and, when the loss also runs the tied LM head, a sparse token-embedding gradient
-    (no zero-filled vocab x d buffer). It pays only where the head's loss writes its weight
-    gradient into `.grad` (`rows_loss_sum(weight_grad_into_grad=True)`, SFT): returned through
+    (no zero-filled vocab x d buffer). It pays only where the head's loss then writes its weight
+    gradient into `.grad` (`weight_grad_into_grad=True`: SFT, DPO, PPO/GRPO): returned through
     autograd, the dense + sparse sum is a fresh vocab x d copy, measured no faster than the dense
     embedding gradient (29.5 vs 27.8 ms per step, d=256). Nothing under torch.compile, whose
     graph would change with every batch's rows."""

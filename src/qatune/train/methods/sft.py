@@ -5,7 +5,7 @@ Data: encoded (prompt, response) examples (`qatune.data.pipeline.load_examples`)
 held-out split, packed or length-grouped micro-batches (`ExamplePlan`). Step: the model's hidden
 states, then the chunked LM head only at labelled positions (`qatune.train.loss`). With
 `monitor`, the same forward also measures the loss on prompt tokens, without gradient, on a
-sample of at most half as many prompt positions as the batch has labels.
+sample of at most one prompt position per 8 labels.
 """
 
 from __future__ import annotations
@@ -90,10 +90,9 @@ class SFT(Method):
         return ExamplePlan.build(*args, row_capacity=max_len)
 
     def step(self, model, batch: Batch, monitor: bool = False) -> StepOutput:
-        # With `monitor`, the prompt positions sampled for the prompt-token loss (at most half as
-        # many as the labels) come out of the same forward as the labels. Measured with
-        # benchmarks/monitor_cost.py: 0.2% of the run at the default cadence, ~8% when monitoring
-        # every step (the sampled documents' spans run through the last block whole).
+        # With `monitor`, the prompt positions sampled for the prompt-token loss (at most one per 8
+        # labels) come out of the same forward as the labels, the last block computing just those
+        # rows more. Cost: benchmarks/monitor_cost.py.
         prompt = monitor_targets(batch) if monitor else None
         rows = batch.label_index
         if prompt is not None and rows is not None:
