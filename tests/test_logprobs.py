@@ -157,3 +157,29 @@ def test_fused_loss_equals_the_general_primitive(chunk):
     (3.0 * general).backward()
     torch.testing.assert_close(h1.grad, h2.grad)
     torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_fused_loss_can_add_its_weight_gradient_into_grad():
+    """weight_grad_into_grad: dL/dW lands in `w.grad` (added to what is there) instead of coming
+    back through autograd, where a tied embedding's sparse gradient is then added in place."""
+    from qatune.train.logprobs import fused_logprob_loss
+
+    torch.manual_seed(5)
+    h, w = torch.randn(7, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)
+    t = torch.randint(0, 30, (7,))
+    ids = torch.tensor([3, 3, 11])
+    loss_fn = lambda logp, start, end: (logp * torch.linspace(-1, 1, end - start, dtype=logp.dtype)).sum()  # noqa: E731
+
+    def run(into_grad: bool):
+        h1, w1 = leaves(h, w)
+        w1.grad = torch.ones_like(w1)  # an earlier micro-batch's gradient
+        emb = torch.nn.functional.embedding(ids, w1, sparse=into_grad).sum()
+        (
+            2.0 * fused_logprob_loss(h1, w1, t, [0, 3, 7], loss_fn, chunk_size=4, weight_grad_into_grad=into_grad) + emb
+        ).backward()
+        return h1.grad, w1.grad
+
+    (gh, gw), (gh_ref, gw_ref) = run(True), run(False)
+    assert gw.layout == torch.strided
+    torch.testing.assert_close(gh, gh_ref)
+    torch.testing.assert_close(gw, gw_ref)

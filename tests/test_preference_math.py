@@ -137,6 +137,35 @@ def test_micro_batches_times_accumulation_equal_one_batch():
         torch.testing.assert_close(g_whole[name], g, msg=name)
 
 
+def test_the_policys_cut_forward_and_sparse_embedding_gradient_equal_the_plain_reference():
+    """The DPO step's fast path: the policy returns only the response rows (`outputs=`), its token
+    embedding's gradient is sparse and the head's weight gradient goes straight into `.grad`;
+    over two micro-batches the gradients still equal the plain reference's."""
+    from qatune.train.step import scored_rows_only
+
+    policy, reference = models(3)
+    pairs, cfg = random_pairs(6, seed=3), DPOConfig(beta=0.4, nll_weight=0.2)
+    total = 0.0
+    for part in (pairs[:3], pairs[3:]):
+        batch = collate_pairs(part, list(range(3)), pad_id=0, capacity=64)
+        ref = sequence_logps(reference(**model_inputs(batch)), reference.wte.weight, batch, 7)
+        cut = scored_rows_only(policy, batch.label_index)
+        assert cut["sparse_embedding_grad"]
+        hidden = policy(**model_inputs(batch), **cut)
+        loss, _ = dpo_loss_sum(hidden, policy.wte.weight, batch, ref, cfg, 7, weight_grad_into_grad=True)
+        loss.backward()
+        total += float(loss.detach())
+    assert policy.wte.weight.grad.layout == torch.strided  # what the optimizer and clipping read
+    got = grads(policy)
+    want_loss = plain_dpo(policy, reference, pairs, cfg)
+    want_loss.backward()
+    want = grads(policy)
+    assert total == pytest.approx(float(want_loss.detach()), rel=1e-10)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10, msg=name)
+
+
 def test_first_step_with_a_frozen_copy_is_log2_and_reward_accuracy_zero():
     policy, _ = models(3)
     reference = copy.deepcopy(policy).requires_grad_(False)

@@ -412,7 +412,8 @@ def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef:
     head: each chunk's log-probs give its tokens' losses and gradients while its logits exist (3
     head matmuls per token)."""
     b = batch.batch
-    out = model(**model_inputs(b), **scored_rows_only(model, b.label_index))
+    cut = scored_rows_only(model, b.label_index)
+    out = model(**model_inputs(b), **cut)
     hidden = out[0] if isinstance(out, tuple) else out
     rows, targets = select_labelled(hidden, b.targets, b.label_index)
     old, adv, ref = batch.old_logprobs, batch.advantages, batch.ref_logprobs
@@ -434,7 +435,9 @@ def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef:
 
     n = rows.shape[0]
     bounds = [*range(0, n, chunk), n]  # the loss couples no two tokens: any split into chunks will do
-    loss = fused_logprob_loss(rows / temperature, lm_weight(model), targets, bounds, loss_fn, chunk)
+    into_grad = cut.get("sparse_embedding_grad", False)
+    args = (rows / temperature, lm_weight(model), targets, bounds, loss_fn, chunk)
+    loss = fused_logprob_loss(*args, weight_grad_into_grad=into_grad)
     sums.update(batch.rollout_stats or {})  # counted once per rollout, on the micro-batch that carries them
     return loss, out, sums
 

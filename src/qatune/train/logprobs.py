@@ -35,10 +35,11 @@ import torch
 from qatune.data.example import IGNORE
 from qatune.train.loss import (
     HeadGradients,
+    head_backward,
     head_inputs,
     head_log_softmax,
     logits_buffer,
-    scale_head_gradients,
+    save_head_gradients,
     softmax_minus_onehot_,
 )
 
@@ -124,7 +125,7 @@ class _FusedLogprobLoss(torch.autograd.Function):
     """sum over chunks of loss_fn(log p of the chunk's rows), gradients formed during the forward."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunks, loss_fn, compute_dtype):
+    def forward(ctx, h, weight, targets, chunks, loss_fn, compute_dtype, into_grad: bool = False):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         acc = torch.promote_types(compute_dtype, torch.float32)
         loss = torch.zeros((), dtype=acc, device=h.device)
@@ -145,13 +146,12 @@ class _FusedLogprobLoss(torch.autograd.Function):
             loss += part.detach()
             # dL/dz = g (onehot - p) = -g (p - onehot), in place over the chunk's log-probs
             grads.add(start, softmax_minus_onehot_(log_p, targets[start:end]).mul_(-g[:, None]), hc, w)
-        ctx.save_for_backward(*grads.result())
-        ctx.weight_dtype = weight.dtype
+        save_head_gradients(ctx, grads, weight, into_grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*scale_head_gradients(*ctx.saved_tensors, grad_loss, ctx.weight_dtype), None, None, None, None)
+        return *head_backward(ctx, grad_loss), None, None, None, None, None
 
 
 def group_chunks(bounds: list[int], chunk_size: int) -> list[tuple[int, int]]:
@@ -176,6 +176,7 @@ def fused_logprob_loss(
     loss_fn,
     chunk_size: int = DEFAULT_CHUNK,
     compute_dtype: torch.dtype | None = None,
+    weight_grad_into_grad: bool = False,
 ) -> torch.Tensor:
     """sum_k loss_k(log p of group k's rows) as one scalar, differentiable in hidden and lm_weight.
 
@@ -183,11 +184,14 @@ def fused_logprob_loss(
     and a loss may only couple rows of the same group. `loss_fn(logp, start, end)` gets the
     log-probs of rows start:end (whole groups) and returns their loss as a scalar built with torch
     ops (its gradient in logp is taken by autograd); it may record detached values for metrics.
+    weight_grad_into_grad: as `qatune.train.loss.rows_loss_sum` (for a tied embedding with a
+    sparse gradient).
     """
     hidden, lm_weight, compute_dtype = head_inputs(hidden, lm_weight, compute_dtype)
     chunks = group_chunks(list(bounds), chunk_size)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLogprobLoss.apply(hidden, lm_weight, targets, chunks, loss_fn, compute_dtype)
+        args = (hidden, lm_weight, targets, chunks, loss_fn, compute_dtype, weight_grad_into_grad)
+        return _FusedLogprobLoss.apply(*args)
 
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int) -> torch.Tensor:

@@ -39,18 +39,12 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             loss -= logp.gather(1, tc[:, None]).sum()
             if want_grad:
                 grads.add(start, softmax_minus_onehot_(logp, tc), hc, w)
-        ctx.save_for_backward(*grads.result())
-        ctx.weight_dtype = weight.dtype
-        ctx.weight = weight if into_grad and ctx.needs_input_grad[1] and weight.is_leaf else None
+        save_head_gradients(ctx, grads, weight, into_grad)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        gh, gw = scale_head_gradients(*ctx.saved_tensors, grad_loss, ctx.weight_dtype)
-        if ctx.weight is not None:
-            add_into_grad(ctx.weight, gw)
-            gw = None
-        return gh, gw, None, None, None, None
+        return *head_backward(ctx, grad_loss), None, None, None, None
 
 
 def add_into_grad(weight: torch.Tensor, grad: torch.Tensor) -> None:
@@ -128,12 +122,25 @@ class HeadGradients:
         return self.grad_h, self.grad_w
 
 
-def scale_head_gradients(grad_h, grad_w, grad_loss: torch.Tensor, weight_dtype: torch.dtype):
-    """The backward of a head whose gradients were formed in forward: scaled by the upstream
-    gradient in place (no second full-size buffer). A second backward through the same graph
-    fails on the saved tensors' version check instead of silently scaling twice."""
+def save_head_gradients(ctx, grads: HeadGradients, weight: torch.Tensor, into_grad: bool) -> None:
+    """Keep a head Function's forward-formed gradients for its backward; with `into_grad`, the
+    weight's gradient goes into `weight.grad` there (`add_into_grad`) instead of through autograd."""
+    ctx.save_for_backward(*grads.result())
+    ctx.weight_dtype = weight.dtype
+    ctx.weight = weight if into_grad and ctx.needs_input_grad[1] and weight.is_leaf else None
+
+
+def head_backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dh, dL/dW) of a head whose gradients were formed in forward: scaled by the upstream
+    gradient in place (no second full-size buffer); dL/dW is None when it went into `.grad`. A
+    second backward through the same graph fails on the saved tensors' version check instead of
+    silently scaling twice."""
+    grad_h, grad_w = ctx.saved_tensors
     gh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
-    gw = grad_w.mul_(grad_loss).to(weight_dtype) if grad_w is not None else None
+    gw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+    if ctx.weight is not None:
+        add_into_grad(ctx.weight, gw)
+        gw = None
     return gh, gw
 
 

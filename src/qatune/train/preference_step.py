@@ -53,8 +53,10 @@ def dpo_loss_sum(
     cfg: DPOConfig,
     chunk_size: int = DEFAULT_CHUNK,
     head_dtype: torch.dtype | None = None,
+    weight_grad_into_grad: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(sum of the per-pair DPO losses, metric sums) for the policy's hidden states of `batch`."""
+    """(sum of the per-pair DPO losses, metric sums) for the policy's hidden states of `batch`.
+    weight_grad_into_grad: as `qatune.train.loss.rows_loss_sum`."""
     rows, targets = scored_rows(hidden, batch)
     n_seq = 2 * batch.n_pairs
     acc = torch.promote_types(hidden.dtype, torch.float32)  # the log-probs' dtype (fp32 under autocast)
@@ -72,7 +74,8 @@ def dpo_loss_sum(
         t = tokens[first : first + n]
         return dpo_losses(ratio[0::2], ratio[1::2], cfg, t[0::2], t[1::2], seq[0::2]).sum()
 
-    loss = fused_logprob_loss(rows, lm_weight, targets, batch.bounds, pair_losses, chunk_size, head_dtype)
+    args = (rows, lm_weight, targets, batch.bounds, pair_losses, chunk_size, head_dtype)
+    loss = fused_logprob_loss(*args, weight_grad_into_grad=weight_grad_into_grad)
     return loss, dpo_metric_sums(policy, ref_logps, cfg.beta)
 
 

@@ -89,8 +89,12 @@ class DPO(PairMethod):
 
     def step(self, model, batch: PairBatch, monitor: bool = False) -> StepOutput:
         ref = self.reference_logps(model, batch)
-        hidden = model(**model_inputs(batch), **scored_rows_only(model, batch.label_index))
-        loss_sum, sums = dpo_loss_sum(hidden, lm_weight(model), batch, ref, self.dpo, self.chunk_size)
+        cut = scored_rows_only(model, batch.label_index)
+        hidden = model(**model_inputs(batch), **cut)
+        into_grad = cut.get("sparse_embedding_grad", False)
+        loss_sum, sums = dpo_loss_sum(
+            hidden, lm_weight(model), batch, ref, self.dpo, self.chunk_size, weight_grad_into_grad=into_grad
+        )
         return StepOutput(loss_sum, batch.count, sums)
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:
