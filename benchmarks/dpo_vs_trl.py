@@ -191,7 +191,7 @@ def run_qatune(args, work: Path, method: str) -> dict:
 
     t_start, c_start = time.perf_counter(), time.process_time()
     cfg = from_dict(TrainConfig, qatune_config(args, work, method))
-    result = train(cfg, progress=False)
+    result = train(cfg, progress=False, overwrite=True)  # a kept --workdir: rerun in place
     train_cpu_s = time.process_time() - c_start  # data loading and export included
     h = result.history
     return {

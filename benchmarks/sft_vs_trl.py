@@ -177,7 +177,7 @@ def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = N
         | (overrides or {}),
     )
     t0, c0 = time.perf_counter(), time.process_time()
-    result = fit(model, tok, examples, cfg, progress=False)
+    result = fit(model, tok, examples, cfg, progress=False, overwrite=True)  # a kept --workdir: rerun in place
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     h = result.history
     return {
@@ -331,6 +331,17 @@ def print_phases(phases: dict, flops: dict[str, float], peak: float, peak_cpu: f
             line += f"{row['gflop']:>8.1f}{row['gflop_per_cpu_s']:>12.1f}{100 * row['of_peak_cpu']:>8.1f}%"
         out[name] = row
         print(line)
+    # The training step itself: what each optimizer step costs, without the run's one-off work
+    # (checkpoint, setup) or the loop's bookkeeping.
+    step = ("forward", "loss", "backward", "optimizer")
+    cpu = sum(out[n]["cpu_s"] for n in step)
+    gflop = sum(flops.get(n, 0.0) for n in step) / 1e9
+    of_peak = gflop * 1e9 / cpu / peak_cpu
+    out["step"] = {"cpu_s": cpu, "gflop": gflop, "gflop_per_cpu_s": gflop / cpu, "of_peak_cpu": of_peak}
+    print(
+        f"{'step':<12}{'':>8}{cpu:>8.2f}{100 * cpu / total_cpu:>9.1f}%{gflop:>8.1f}{gflop / cpu:>12.1f}"
+        f"{100 * of_peak:>8.1f}%   (forward + loss + backward + optimizer)"
+    )
     return out
 
 
