@@ -310,8 +310,9 @@ def sample_targets(targets: torch.Tensor, every: int) -> torch.Tensor:
 
 # A monitored step scores at most one prompt position per this many labels. The prompt rows cost
 # forward only, but the LM head's full-vocabulary pass makes each one about a third of a label's
-# head cost, at a worse matmul efficiency (few rows). One per 4 labels measured ~4.9% of the
-# step's CPU time with the per-layer norms, one per 8 ~3.2% (benchmarks/monitor_cost.py).
+# head cost, at a worse matmul efficiency (few rows). With the per-layer norms, monitoring every
+# step measured 1.033x the step's CPU time at one per 8 and ~1.05x at one per 4
+# (benchmarks/monitor_cost.py, paired).
 MONITOR_LABELS_PER_PROMPT = 8
 
 
