@@ -56,11 +56,14 @@ class DPO(PairMethod):
         if self.ref_cache is not None:
             ids = torch.tensor(batch.pair_ids)
             return self.ref_cache[ids].reshape(-1).to(batch.input_ids.device)
-        reference = self.run.reference  # the frozen copy, or under LoRA the base with adapters off
-        with torch.no_grad():
-            rows = scored_rows_only(reference, batch.label_index, tied_head=False)
-            hidden = reference(**model_inputs(batch), **rows)
-            return sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
+        return self._reference_pass(self.run.reference, batch)
+
+    @torch.no_grad()
+    def _reference_pass(self, reference, batch: PairBatch) -> torch.Tensor:
+        """log pi_ref per sequence from `reference` (the frozen copy, or under LoRA the base with
+        adapters off), its forward cut to the response rows."""
+        hidden = reference(**model_inputs(batch), **scored_rows_only(reference, batch.label_index, tied_head=False))
+        return sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
 
     def _cached_reference(self, run: RunContext) -> torch.Tensor:
         """Every pair's reference log-probs, from the run folder if this data's are there, else
@@ -75,9 +78,8 @@ class DPO(PairMethod):
             reference = run.reference.to(run.device)
             for s in range(0, len(items), size):
                 batch = self.collate(items[s : s + size]).to(run.device)
-                with run.precision.autocast(), torch.no_grad():
-                    hidden = reference(**model_inputs(batch), **scored_rows_only(reference, batch.label_index, False))
-                    logps = sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
+                with run.precision.autocast():
+                    logps = self._reference_pass(reference, batch)
                 out[torch.tensor(batch.pair_ids)] = logps.double().cpu().view(-1, 2)  # rows reorder pairs
             with atomic_write(path, "wb", encoding=None) as f:
                 torch.save({"fingerprint": key, "logps": out}, f)
