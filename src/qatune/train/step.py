@@ -328,7 +328,7 @@ def monitor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     targets = prompt_targets(batch).flatten()
     limit = max(batch.count // MONITOR_LABELS_PER_PROMPT, 1)
     n = int((targets != IGNORE).sum())
-    sampled = sample_targets(targets, math.ceil(n / limit)) if n > limit else targets
+    sampled = sample_targets(targets, math.ceil(n / limit))  # every <= 1 (n <= limit): all of them
     index = (sampled != IGNORE).nonzero().flatten()
     return index, targets.index_select(0, index)
 
