@@ -49,20 +49,12 @@ VARIANTS = {  # name: (sparse embedding gradient, head's dL/dW into .grad)
 
 def sft_steps(work: Path, n_train: int):
     """(model, a step function per micro-batch) for SFT on the t0 examples."""
-    from qatune.data.pipeline import DataConfig, load_examples
-    from qatune.model.checkpoint import from_pretrained
-    from qatune.train.data import make_batch
     from qatune.train.loss import rows_loss_sum
     from qatune.train.methods.sft import model_inputs
 
     bench = sft_vs_trl.parse_args(["--n-train", str(n_train), "--precision", "fp32"])
     sft_vs_trl.prepare(bench, work)
-    data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=bench.max_len)
-    examples = load_examples(data, sft_vs_trl.tokenizer()).examples
-    model = from_pretrained(work / "init")
-    size = bench.batch
-    batches = [make_batch(examples[i : i + size], "packed", bench.max_len, 0) for i in range(0, len(examples), size)]
-    batches = [b.to("cpu") for b in batches]  # builds the label index
+    model, batches = sft_vs_trl.micro_batches(bench, work)
 
     def step(batch, sparse: bool, into_grad: bool) -> None:
         hidden = model(**model_inputs(batch), outputs=batch.label_index, sparse_embedding_grad=sparse)

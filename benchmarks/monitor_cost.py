@@ -121,19 +121,12 @@ def paired_steps(args, work: Path) -> dict:
     """CPU seconds of the run's micro-batches with and without monitoring, paired per batch."""
     import torch
 
-    from qatune.data.pipeline import DataConfig, load_examples
-    from qatune.model.checkpoint import from_pretrained
-    from qatune.train.data import make_batch
     from qatune.train.runtime import layer_grad_norms
     from qatune.train.step import Precision, train_step
 
     torch.set_num_threads(args.threads)
     bench = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
-    data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=bench.max_len)
-    examples = load_examples(data, sft_vs_trl.tokenizer()).examples
-    model = from_pretrained(work / "init")
-    size = bench.batch
-    batches = [make_batch(examples[i : i + size], "packed", bench.max_len, 0) for i in range(0, len(examples), size)]
+    model, batches = sft_vs_trl.micro_batches(bench, work)
     precision = Precision("fp32", torch.device("cpu"))
 
     def step(batch, monitor: bool) -> float:

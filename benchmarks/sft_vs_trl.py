@@ -193,6 +193,20 @@ def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = N
     }
 
 
+def micro_batches(args, work: Path):
+    """(the initial model, the training examples as packed micro-batches of `args.batch`, in
+    order, on CPU) for measurements that step the model in one process."""
+    from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.model.checkpoint import from_pretrained
+    from qatune.train.data import make_batch
+
+    data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
+    examples = load_examples(data, tokenizer()).examples
+    size = args.batch
+    batches = [make_batch(examples[i : i + size], "packed", args.max_len, 0) for i in range(0, len(examples), size)]
+    return from_pretrained(work / "init"), [b.to("cpu") for b in batches]  # .to(): builds the label index
+
+
 def run_trl(args, work: Path, side: str) -> dict:
     import warnings
 
