@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from qatune.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 

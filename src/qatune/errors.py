@@ -1,6 +1,15 @@
-"""Errors that end a command with one line and a chosen exit status (the CLI prints them)."""
+"""Errors that end a command with one line and a chosen exit status (the CLI prints them).
+
+Any other exception reaching the CLI is a bug in qatune and is shown with its traceback.
+"""
 
 from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake the user can fix: a config key, a data record, a command-line option, a file or
+    folder they named. The message names the place and the fix; the CLI prints it as one line and
+    exits 2. A ValueError, so library callers (and tests) that catch ValueError keep working."""
 
 
 class RunError(Exception):

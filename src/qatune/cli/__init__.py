@@ -2,7 +2,9 @@
 
 A module registers itself with `add_parser(subparsers)` and runs through the `run(args)` it sets
 as the parser's default `func`. Errors a user can fix (bad file, bad key) are printed as one line
-and exit with status 2; anything else is a bug and keeps its traceback.
+and exit with status 2; anything else is a bug in qatune: its traceback is printed, and exit 1.
+A subcommand module imports torch, transformers and the modules that need them inside `run`, so
+that `qatune --help` and `qatune CMD --help` answer at once.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from qatune import __version__
-from qatune.errors import RunError
+from qatune.errors import RunError, UserError
 
 # Order is the order shown in --help: the pipeline, data -> plan -> train -> analyse -> use.
 COMMANDS = [
@@ -20,7 +23,10 @@ COMMANDS = [
     *("generate", "eval", "score", "chat", "serve", "grads"),
 ]
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
+# A missing or unreadable file is the user's to fix: every path qatune opens is one the user named
+# (a config, a data file, a model or run folder) or lies inside a folder they named, and Python's
+# error names the file. Wrapping every open() in a UserError would say the same thing at each site.
+FILE_ERRORS: tuple[type[OSError], ...] = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"qatune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except FILE_ERRORS as e:
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"qatune {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except RunError as e:
         print(f"qatune {args.command}: {e}", file=sys.stderr)
@@ -48,3 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qatune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"qatune {args.command}: internal error: this is a bug in qatune {__version__}, not in your input; "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.utils.files import atomic_dir
 from qatune.utils.hub import (
@@ -36,7 +37,7 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qatune.errors import UserError
 from qatune.utils.hub import looks_like_local_path, offline_mode, unreachable_message, unreachable_reason
 
 ENV_VAR = "QATUNE_TOKENIZER"
 EOS_TEXT = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     pass
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.train.state import STATE_FILE
 
@@ -26,7 +27,7 @@ STEP_NAME = re.compile(r"^step_(\d{8})$")
 DCP_DIR = "dcp"  # as in dist_checkpoint (imported lazily there: it pulls torch.distributed.checkpoint)
 
 
-class CheckpointFolderError(ValueError):
+class CheckpointFolderError(UserError):
     pass
 
 
