@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qatune.errors import UserError
+
 
 @dataclass(frozen=True)
 class Accelerator:
@@ -49,7 +51,7 @@ def get_accelerator(key: str) -> Accelerator:
     try:
         return ACCELERATORS[key]
     except KeyError:
-        raise ValueError(f"unknown accelerator {key!r}; known: {', '.join(ACCELERATORS)}") from None
+        raise UserError(f"unknown accelerator {key!r}; known: {', '.join(ACCELERATORS)}") from None
 
 
 def peak_tflops(acc: Accelerator, precision: str) -> float:
@@ -57,5 +59,5 @@ def peak_tflops(acc: Accelerator, precision: str) -> float:
     if precision == "fp32":
         return acc.fp32_tflops
     if precision.startswith("bf16") and not acc.has_bf16:
-        raise ValueError(f"{acc.name} has no bf16 tensor cores; use fp16 or fp32")
+        raise UserError(f"{acc.name} has no bf16 tensor cores; use fp16 or fp32")
     return acc.bf16_tflops

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from qatune.analysis.accelerators import Accelerator, peak_tflops
 from qatune.analysis.setup import PlanSetup
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2Config
 
 
@@ -165,7 +166,7 @@ def step_time(s: PlanSetup, acc: Accelerator, mfu: float) -> StepTime:
     """Step time at a stated MFU: model FLOPs / (peak x MFU), plus the recompute at the same rate.
     Communication (DDP all-reduce, FSDP gathers) is assumed overlapped; offload is not modelled."""
     if not 0 < mfu <= 1:
-        raise ValueError(f"MFU {mfu} is outside (0, 1]")
+        raise UserError(f"MFU {mfu} is outside (0, 1]")
     plan = plan_compute(s)
     peak = peak_tflops(acc, s.precision)
     seconds = plan.hardware_flops * s.accum / (peak * 1e12 * mfu)

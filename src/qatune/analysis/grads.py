@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qatune.data.example import IGNORE, EncodedExample
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2
 from qatune.train.loss import response_loss_sum
 
@@ -173,7 +174,7 @@ def per_example_analysis(
     Memory: 2 float64 + 2·n_bins float32 copies of the parameters (n_bins=0 skips the bins)."""
     examples = [e for e in examples if e.n_label_tokens > 0]
     if len(examples) < max(3, 2 * n_bins):
-        raise ValueError(f"need at least {max(3, 2 * n_bins)} examples with a response, got {len(examples)}")
+        raise UserError(f"need at least {max(3, 2 * n_bins)} examples with a response, got {len(examples)}")
     res = PerExampleResult()
     bins = length_bins([e.n_label_tokens for e in examples], n_bins) if n_bins else []
     bin_of = {i: b for b, idx in enumerate(bins) for i in idx}
@@ -290,7 +291,7 @@ def per_layer_step(
     work.eval()
     device = work.wte.weight.device
     if sum(e.n_label_tokens for e in examples) == 0:
-        raise ValueError("the examples carry no label tokens")
+        raise UserError("the examples carry no label tokens")
     precision = Precision("fp32", device)
     accumulate(work, SFT.stepper(), [collate([[ex]], pad_id=0) for ex in examples], precision)
     grads = {n: p.grad.detach().clone() for n, p in work.named_parameters()}

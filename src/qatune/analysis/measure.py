@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from qatune.analysis.setup import PlanSetup
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.model.lora import LoRAConfig, apply_lora
 from qatune.train.methods.sft import SFT
@@ -170,7 +171,7 @@ def _check_measurable(s: PlanSetup) -> None:
     if s.optimizer != "adamw":
         problems.append(f"optimizer {s.optimizer} (qatune trains with AdamW)")
     if problems:
-        raise ValueError("--measure cannot run: " + "; ".join(problems))
+        raise UserError("--measure cannot run: " + "; ".join(problems))
 
 
 def _sync(device: torch.device) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2Config, packed_attention_kernel
 from qatune.model.lora import TARGETS
 
@@ -105,7 +106,7 @@ class PlanSetup:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
 
     @property
     def prec(self) -> Precision:

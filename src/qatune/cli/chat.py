@@ -9,6 +9,7 @@ import sys
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
 from qatune.cli.generate import add_sampling_options, sampling_from_args
+from qatune.errors import UserError
 from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.utils.device import default_device
 
@@ -97,7 +98,7 @@ def answer(session, text: str, out) -> None:
     out.write("bot> ")
     try:
         gen = session.reply(text, write)
-    except ValueError as e:  # a message too long for the context: say so, keep chatting
+    except UserError as e:  # a message too long for the context: say so, keep chatting (a bug still stops)
         out.write(f"({e})\n")
         return
     out.write("\n")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qatune.errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("check", help="check a training config on your data before a long run", description=__doc__)
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from qatune.train.config import TrainConfig
 
     if args.sample < 2:
-        raise ValueError(f"--sample must be at least 2, got {args.sample}")
+        raise UserError(f"--sample must be at least 2, got {args.sample}")
     cfg = load_config(TrainConfig, args.config, args.overrides)
     report = run_checks(cfg, args.sample, args.keep)
     console = Console() if sys.stdout.isatty() else Console(width=160)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from qatune.errors import UserError
 from qatune.model.tokenizer import ENV_VAR
 
 
@@ -33,7 +34,7 @@ def parse_mapping(items: list[str]) -> dict[str, str] | None:
     for item in items:
         role, sep, field = item.partition("=")
         if not sep or not role or not field:
-            raise ValueError(f"--mapping {item!r}: expected ROLE=FIELD, e.g. prompt=question")
+            raise UserError(f"--mapping {item!r}: expected ROLE=FIELD, e.g. prompt=question")
         mapping[role] = field
     return mapping or None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.cli.generate import add_sampling_options, sampling_from_args
+from qatune.errors import UserError
 from qatune.runs import EXPORT_DIR, load_model, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.utils.device import default_device
 from qatune.utils.files import write_text_atomic
@@ -65,7 +66,7 @@ def data_config(args: argparse.Namespace, meta: dict | None, context: int, model
     meta = meta or {}
     max_len = args.max_len or meta.get("max_len") or context
     if max_len > context:
-        raise ValueError(f"max_len {max_len} exceeds the model's context of {context} tokens")
+        raise UserError(f"max_len {max_len} exceeds the model's context of {context} tokens")
     return DataConfig(
         sources=list(args.data),
         mapping=parse_mapping(args.mapping),
@@ -149,7 +150,7 @@ def run_reward(args, model_path: str, data, tokenizer, out: Path, device) -> int
     from qatune.model.reward import load_reward_model
 
     if args.compare:
-        raise ValueError("--compare applies to language models; evaluate each reward model on the same pairs")
+        raise UserError("--compare applies to language models; evaluate each reward model on the same pairs")
     read, distinct, identical = read_distinct(data)
     template = data.get_template()
     pairs = encode_pairs(distinct, template, tokenizer)

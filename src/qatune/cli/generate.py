@@ -9,6 +9,7 @@ import json
 import sys
 
 from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
+from qatune.errors import UserError
 from qatune.generation.sampling import SamplingConfig
 from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.utils.device import default_device
@@ -69,10 +70,10 @@ def read_prompts(path: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                raise UserError(f"{path}:{n}: invalid JSON ({e.msg})") from None
             prompt = record.get("prompt") if isinstance(record, dict) else None
             if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"{path}:{n}: field 'prompt' is missing, empty or not a string")
+                raise UserError(f"{path}:{n}: field 'prompt' is missing, empty or not a string")
             prompts.append(prompt)
     return prompts
 

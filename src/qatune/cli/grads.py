@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
+from qatune.errors import UserError
 from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.utils.device import default_device
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer_for(model_path, args.tokenizer)
     examples = sample_examples(args, tokenizer, read_meta(model_path))
     if len(examples) < 8:
-        raise ValueError(f"only {len(examples)} examples with a response in {', '.join(args.data)}; need at least 8")
+        raise UserError(f"only {len(examples)} examples with a response in {', '.join(args.data)}; need at least 8")
     sample = examples[: args.n]
     result = {
         "model": args.model,

@@ -11,6 +11,7 @@ from qatune.analysis.accelerators import ACCELERATORS, get_accelerator
 from qatune.analysis.compute import plan_compute, seq_len_table, step_time
 from qatune.analysis.memory import GB, MemoryPlan, advice, model_state, plan_memory
 from qatune.analysis.setup import ATTENTION, LORA_TARGETS, LOSSES, OFFLOADS, OPTIMIZERS, PRECISIONS, PlanSetup
+from qatune.errors import UserError
 from qatune.model.gpt2 import SIZES
 from qatune.runs import resolve_model_path
 
@@ -216,7 +217,7 @@ def run_measure(args: argparse.Namespace, acc) -> int:
     device = default_device(args.device)
     s = setup_from_args(args, device="cuda" if device.type == "cuda" else "cpu")
     if s.precision not in MEASURABLE_PRECISIONS:
-        raise ValueError(f"--measure: precision {s.precision} is not one qatune trains with (fp32, bf16, fp16)")
+        raise UserError(f"--measure: precision {s.precision} is not one qatune trains with (fp32, bf16, fp16)")
     m = measure_step(s) if device.type == "cuda" else measure_in_subprocess(s)
     rates = calibrate(
         device,

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
+from qatune.errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -38,12 +39,12 @@ def run(args: argparse.Namespace) -> int:
 
     model_path = resolve_model_path(args.model)
     if not is_reward_model(model_path):
-        raise ValueError(f"{args.model} is not a reward model (a GPT2ForSequenceClassification with num_labels=1)")
+        raise UserError(f"{args.model} is not a reward model (a GPT2ForSequenceClassification with num_labels=1)")
     meta = read_meta(model_path) or {}
     context = int(json.loads((Path(model_path) / "config.json").read_text()).get("n_positions", 1024))
     max_len = args.max_len or meta.get("max_len") or context
     if max_len > context:
-        raise ValueError(f"--max-len {max_len} exceeds the model's context of {context} tokens")
+        raise UserError(f"--max-len {max_len} exceeds the model's context of {context} tokens")
     cfg = DataConfig(
         sources=list(args.data),
         mapping=parse_mapping(args.mapping),

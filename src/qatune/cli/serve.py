@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
+from qatune.errors import UserError
 from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.utils.device import default_device
 
@@ -54,7 +55,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.listen(128)
     return sock
 
@@ -69,7 +70,7 @@ def build_server(args: argparse.Namespace):
     from qatune.serve.engine import AsyncEngine
 
     if args.max_batch < 1 or args.max_queue < 1:
-        raise ValueError("--max-batch and --max-queue must be at least 1")
+        raise UserError("--max-batch and --max-queue must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = read_meta(resolve_model_path(args.model)) or {}
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise ValueError("qatune serve needs the serve extra: pip install 'qatune[serve]'") from None
+        raise UserError("qatune serve needs the serve extra: pip install 'qatune[serve]'") from None
 
     app, engine, served = build_server(args)
     sock = bind(args.host, args.port)

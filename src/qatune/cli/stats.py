@@ -14,6 +14,7 @@ from pathlib import Path
 
 from qatune.cli.common import add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.data.truncation import POLICIES
+from qatune.errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     from qatune.model.tokenizer import load_tokenizer, tokenizer_location
 
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     cfg = DataConfig(
         sources=args.data,
         mapping=parse_mapping(args.mapping),
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
     if not read.records:
-        raise ValueError(f"no records in {', '.join(map(str, cfg.sources))} ({read.skipped} bad records skipped)")
+        raise UserError(f"no records in {', '.join(map(str, cfg.sources))} ({read.skipped} bad records skipped)")
     columns = [TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("tokenize", total=len(read.records))

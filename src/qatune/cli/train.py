@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qatune.errors import UserError
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune GPT-2 on Q&A data (response-only loss)", description=__doc__)
@@ -24,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: continue the run, or replace it")
+        raise UserError("--resume and --overwrite contradict each other: continue the run, or replace it")
     result = run_training(cfg, resume=args.resume, progress=args.progress, overwrite=args.overwrite)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from qatune.data.example import IGNORE
 from qatune.data.records import Record
 from qatune.data.templates import Template
+from qatune.errors import UserError
 from qatune.model.tokenizer import EOS_TEXT
 
 TURNS = ("all", "last")
@@ -69,7 +70,7 @@ def encode_records(
 ) -> list[Encoding]:
     """Encode all records with batched fast tokenization; `progress(n)` is called after each chunk."""
     if train_on_turns not in TURNS:
-        raise ValueError(f"train_on_turns must be one of {', '.join(TURNS)}, got {train_on_turns!r}")
+        raise UserError(f"train_on_turns must be one of {', '.join(TURNS)}, got {train_on_turns!r}")
     eos = tokenizer.eos_token_id
     out: list[Encoding] = []
     for start in range(0, len(records), chunk_size):

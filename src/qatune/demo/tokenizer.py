@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from qatune.errors import UserError
 from qatune.model.tokenizer import ENV_VAR, EOS_TEXT, load_tokenizer
 
 BUILTIN = "builtin"  # --tokenizer builtin: always train the small BPE
@@ -61,5 +62,5 @@ def demo_tokenizer(explicit: str | None, corpus: Iterable[str]) -> tuple[object,
         if found is not None:
             return load_tokenizer(found), str(found)
         if explicit:
-            raise ValueError(f"--tokenizer {explicit}: no tokenizer files there (use 'builtin' to train one)")
+            raise UserError(f"--tokenizer {explicit}: no tokenizer files there (use 'builtin' to train one)")
     return train_bpe(corpus), "byte-level BPE trained on the demo's own text"

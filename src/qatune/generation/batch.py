@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qatune.data.encode import encode_pieces
+from qatune.errors import UserError
 from qatune.generation.metrics import score
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.model.gpt2 import GPT2
@@ -47,7 +48,7 @@ def check_or_write_meta(out: Path, settings: dict) -> None:
         old = json.loads(f.read_text(encoding="utf-8"))
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if changed:
-            raise ValueError(
+            raise UserError(
                 f"{out} was written with other settings ({', '.join(changed)} differ; see {f.name}); "
                 "delete it or choose another output to start over"
             )
@@ -72,10 +73,10 @@ def read_done(out: Path, items: Sequence[PromptItem]) -> dict[int, dict]:
             record = json.loads(line)
             i = record["index"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{out}:{n}: not a generation record; delete the file to start over") from None
+            raise UserError(f"{out}:{n}: not a generation record; delete the file to start over") from None
         same = 0 <= i < len(items) and (record.get("where"), record.get("prompt")) == (items[i].where, items[i].prompt)
         if not same:
-            raise ValueError(f"{out}:{n}: record {i} does not match the data being generated for; delete the file")
+            raise UserError(f"{out}:{n}: record {i} does not match the data being generated for; delete the file")
         done[i] = record
     return done
 
@@ -84,7 +85,7 @@ def prompt_budget(context: int, max_new_tokens: int) -> int:
     """Prompt tokens that fit beside `max_new_tokens` new ones; an error when none do."""
     budget = context - max_new_tokens
     if budget < 1:
-        raise ValueError(
+        raise UserError(
             f"max_new_tokens={max_new_tokens} leaves no prompt room in the model's {context}-token context; "
             f"use --max-new-tokens {context // 2} or less"
         )

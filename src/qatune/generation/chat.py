@@ -8,6 +8,7 @@ from collections.abc import Callable
 from qatune.data.encode import encode_pieces
 from qatune.data.records import Message
 from qatune.data.templates import Template
+from qatune.errors import UserError
 from qatune.generation.sampling import Generation, SamplingConfig, generate_ids
 from qatune.model.gpt2 import GPT2
 
@@ -50,7 +51,7 @@ class ChatSession:
         self.context = min(context or model.config.n_positions, model.config.n_positions)
         self.prompt_budget = self.context - sampling.max_new_tokens
         if self.prompt_budget < 1:
-            raise ValueError(
+            raise UserError(
                 f"replies of up to {sampling.max_new_tokens} tokens leave no room in a {self.context}-token context"
             )
         self.history: list[Message] = []
@@ -72,7 +73,7 @@ class ChatSession:
             if len(ids) <= self.prompt_budget:
                 return ids
             if len(self.history) < 3:  # only the new user turn is left
-                raise ValueError(
+                raise UserError(
                     f"this message makes a prompt of {len(ids)} tokens; the context leaves {self.prompt_budget} "
                     f"({self.context} minus {self.sampling.max_new_tokens} for the reply)"
                 )

@@ -23,6 +23,7 @@ from qatune.data.pipeline import DataConfig, load_examples
 from qatune.data.readers import read_records
 from qatune.data.records import Record
 from qatune.data.templates import Template
+from qatune.errors import UserError
 from qatune.generation.batch import PromptItem, generate_to_file
 from qatune.generation.metrics import summarize, summarize_by_source
 from qatune.generation.sampling import SamplingConfig
@@ -50,7 +51,7 @@ def prompt_item(record: Record, template: Template) -> PromptItem:
     last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
     history = record.messages[:last]
     if not history or history[-1].role != "user":
-        raise ValueError(f"{record.where}: the last assistant turn does not answer a user turn")
+        raise UserError(f"{record.where}: the last assistant turn does not answer a user turn")
     pieces = template.generation_pieces(history)
     return PromptItem(record.where, record.source, history[-1].content, "".join(pieces), reference, pieces=pieces)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2
 
 
@@ -69,7 +70,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         if not p:
-            raise ValueError(f"prompt {i} is empty; GPT-2 needs at least one token to condition on")
+            raise UserError(f"prompt {i} is empty; GPT-2 needs at least one token to condition on")
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
@@ -110,7 +111,7 @@ def room_for(prompt_width: int, max_new_tokens: int, context: int) -> int:
     """New tokens that fit after a prompt of `prompt_width` tokens; an error when none do."""
     max_new = min(max_new_tokens, context - prompt_width)
     if max_new <= 0:
-        raise ValueError(f"a prompt of {prompt_width} tokens leaves no room in the {context}-token context")
+        raise UserError(f"a prompt of {prompt_width} tokens leaves no room in the {context}-token context")
     return max_new
 
 

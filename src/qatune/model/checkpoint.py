@@ -226,14 +226,14 @@ def build_model(name_or_path: str, random_init: bool = False, **overrides) -> GP
     """A named size with random weights (`random_init`), or pretrained weights from hub/folder."""
     if random_init:
         if name_or_path not in SIZES:
-            raise ValueError(f"random_init needs a named size ({', '.join(SIZES)}), got {name_or_path!r}")
+            raise UserError(f"random_init needs a named size ({', '.join(SIZES)}), got {name_or_path!r}")
         config = SIZES[name_or_path]
         if overrides:
             config = GPT2Config(**{**config.to_dict(), **overrides})
         return GPT2(config)
     shape = sorted(set(overrides) - {"dropout"})
     if shape:
-        raise ValueError(f"{shape[0]} only applies to a randomly initialised model")
+        raise UserError(f"{shape[0]} only applies to a randomly initialised model")
     return from_pretrained(name_or_path, dropout=overrides.get("dropout"))
 
 

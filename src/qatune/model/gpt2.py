@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qatune.errors import UserError
+
 
 @dataclass(frozen=True)
 class GPT2Config:
@@ -28,7 +30,7 @@ class GPT2Config:
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 
     @property
     def head_dim(self) -> int:
@@ -266,7 +268,7 @@ class FlexDocumentAttention:
 
     def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
         if dropout_p:
-            raise ValueError("FlexAttention has no attention dropout; use attention='documents' or 'dense'")
+            raise UserError("FlexAttention has no attention dropout; use attention='documents' or 'dense'")
         y = _flex_attention(q.device.type)(*(t.transpose(1, 2) for t in (q, k, v)), block_mask=self.block_mask)
         return y.transpose(1, 2)
 
@@ -473,4 +475,4 @@ def config_for(name: str) -> GPT2Config:
     try:
         return SIZES[name]
     except KeyError:
-        raise ValueError(f"unknown model size {name!r}; known: {', '.join(SIZES)}") from None
+        raise UserError(f"unknown model size {name!r}; known: {', '.join(SIZES)}") from None

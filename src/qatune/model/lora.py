@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2
 from qatune.utils.files import atomic_dir
 
@@ -62,15 +63,15 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+            raise UserError(f"lora.r must be >= 1, got {self.r}")
         if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha}")
+            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         self.targets = list(self.targets)
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"lora.targets {self.targets} must be distinct names among {', '.join(TARGETS)}")
+            raise UserError(f"lora.targets {self.targets} must be distinct names among {', '.join(TARGETS)}")
 
     @property
     def scaling(self) -> float:
@@ -297,26 +298,26 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     try:
         raw = json.loads(path.read_text())
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}") from e
+        raise UserError(f"cannot read {path}: {e.strerror}") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON: {e}") from e
+        raise UserError(f"{path}: invalid JSON: {e}") from e
     if raw.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, not 'LORA'")
+        raise UserError(f"{path}: peft_type is {raw.get('peft_type')!r}, not 'LORA'")
     for key in _UNSUPPORTED:
         if not _neutral(raw.get(key)):
-            raise ValueError(f"{path}: {key}={raw[key]!r} is not supported by qatune's LoRA")
+            raise UserError(f"{path}: {key}={raw[key]!r} is not supported by qatune's LoRA")
     if raw.get("fan_in_fan_out") is False:
-        raise ValueError(f"{path}: fan_in_fan_out=false, but GPT-2's projections are Conv1D (in x out)")
+        raise UserError(f"{path}: fan_in_fan_out=false, but GPT-2's projections are Conv1D (in x out)")
     targets = [t for t in TARGETS if _peft_matches(raw.get("target_modules"), f"transformer.h.0.{t}")]
     if not targets:
-        raise ValueError(f"{path}: target_modules={raw.get('target_modules')!r} match none of {', '.join(TARGETS)}")
+        raise UserError(f"{path}: target_modules={raw.get('target_modules')!r} match none of {', '.join(TARGETS)}")
     try:
         r, alpha, dropout = int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout") or 0.0)
         return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
     except KeyError as e:
-        raise ValueError(f"{path}: missing field {e.args[0]!r}") from None
+        raise UserError(f"{path}: missing field {e.args[0]!r}") from None
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
 
 
 def _peft_matches(target_modules, key: str) -> bool:
@@ -338,10 +339,10 @@ def load_adapter(model: GPT2, adapter_dir: str | os.PathLike) -> LoRAConfig:
     have = {name: m for name, m in lora_modules(model)}
     want = {f"h.{i}.{t}" for i in range(model.config.n_layer) for t in cfg.targets}
     if set(have) != want or any(m.r != cfg.r or m.scaling != cfg.scaling for m in have.values()):
-        raise ValueError(f"{adapter_dir}: the model's adapters differ from the adapter's config (r, alpha, targets)")
+        raise UserError(f"{adapter_dir}: the model's adapters differ from the adapter's config (r, alpha, targets)")
     file = adapter_dir / ADAPTER_WEIGHTS
     if not file.exists():
-        raise ValueError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
+        raise UserError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
     saved = load_file(str(file))
     expected = adapter_state_dict(model)
     # peft writes its keys without the adapter name; some versions keep ".default": accept both.
@@ -349,7 +350,7 @@ def load_adapter(model: GPT2, adapter_dir: str | os.PathLike) -> LoRAConfig:
     missing = [k for k in expected if k not in by_name]
     unexpected = [by_name[k] for k in by_name if k not in expected]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{file}: "
             + "; ".join(
                 f"{what}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
@@ -362,7 +363,7 @@ def load_adapter(model: GPT2, adapter_dir: str | os.PathLike) -> LoRAConfig:
             tensor = saved[by_name[name]]
             if tensor.shape != param.shape:
                 shapes = f"{tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                raise ValueError(f"{file}: {by_name[name]} has shape {shapes}")
+                raise UserError(f"{file}: {by_name[name]} has shape {shapes}")
             param.copy_(tensor)
     return cfg
 

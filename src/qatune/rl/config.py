@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qatune.errors import UserError
 from qatune.rl.rollout import RolloutConfig
 
 
@@ -57,11 +58,11 @@ class RLConfig:
     def __post_init__(self) -> None:
         for name in ("prompts_per_rollout", "group_size", "generation_batch", "epochs", "minibatches"):
             if getattr(self, name) < 1:
-                raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         if len(self.kl_band) != 2 or self.kl_band[0] >= self.kl_band[1]:
-            raise ValueError(f"rl.kl_band must be [low, high] with low < high, got {self.kl_band}")
+            raise UserError(f"rl.kl_band must be [low, high] with low < high, got {self.kl_band}")
         if self.clip <= 0:
-            raise ValueError(f"rl.clip must be > 0, got {self.clip}")
+            raise UserError(f"rl.clip must be > 0, got {self.clip}")
 
     @property
     def steps_per_rollout(self) -> int:

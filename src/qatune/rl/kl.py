@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from qatune.errors import UserError
+
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimate log pi - log pi_ref."""
@@ -48,9 +50,9 @@ class KLController:
 
     def __init__(self, beta: float, target: float | None = None, horizon: int = 10000) -> None:
         if beta < 0:
-            raise ValueError(f"the KL coefficient must be >= 0, got {beta}")
+            raise UserError(f"the KL coefficient must be >= 0, got {beta}")
         if target is not None and target <= 0:
-            raise ValueError(f"the KL target must be > 0, got {target}")
+            raise UserError(f"the KL target must be > 0, got {target}")
         self.value, self.target, self.horizon = float(beta), target, horizon
 
     def update(self, kl: float, n_responses: int) -> None:

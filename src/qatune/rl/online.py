@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qatune.errors import MethodStop
+from qatune.errors import MethodStop, UserError
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.rl.config import RLConfig
 from qatune.rl.experience import PER_TOKEN, Experience, RLBatch, make_batch
@@ -120,7 +120,7 @@ class OnlineRL(Method):
         from qatune.generation.evaluate import prompt_item
 
         if not cfg.data.sources:
-            raise ValueError("data.sources is empty: give the prompts (with reference answers) to sample from")
+            raise UserError("data.sources is empty: give the prompts (with reference answers) to sample from")
         read = read_records(cfg.data.sources, cfg.data.mapping, cfg.data.skip_bad, cfg.data.limit)
         template = cfg.data.get_template()
         return cls([prompt_item(r, template) for r in read.records], template=template.to_dict())
@@ -132,27 +132,27 @@ class OnlineRL(Method):
         cfg, rl = run.cfg, run.cfg.rl
         self.rl: RLConfig = rl
         if cfg.strategy == "fsdp":
-            raise ValueError(
+            raise UserError(
                 f"method {self.name}: strategy fsdp is not supported (rollouts decode with the whole model on "
                 "every rank); use ddp"
             )
         if cfg.batch.accumulation != 1:
-            raise ValueError(
+            raise UserError(
                 f"batch.accumulation does not apply to method {self.name}: an optimizer step trains on its share of "
                 "the rollout (rl.prompts_per_rollout x rl.group_size / rl.minibatches responses), split into "
                 "micro-batches of batch.size; set rl.minibatches for more steps per rollout"
             )
         if run.plan_world != run.world_size:
-            raise ValueError(f"this {self.name} run was started on {run.plan_world} rank(s); resume it on as many")
+            raise UserError(f"this {self.name} run was started on {run.plan_world} rank(s); resume it on as many")
         if rl.prompts_per_rollout % run.world_size:
             n = rl.prompts_per_rollout
-            raise ValueError(f"rl.prompts_per_rollout={n} does not split evenly over {run.world_size} ranks")
+            raise UserError(f"rl.prompts_per_rollout={n} does not split evenly over {run.world_size} ranks")
         model = run.model
         self.context = min(cfg.data.max_len, model.config.n_positions)
         budget = self.context - rl.rollout.max_new_tokens
         if budget < 1:
             n = rl.rollout.max_new_tokens
-            raise ValueError(f"rl.rollout.max_new_tokens={n} leaves no prompt room in {self.context} tokens")
+            raise UserError(f"rl.rollout.max_new_tokens={n} leaves no prompt room in {self.context} tokens")
         prompts, cut = encode_prompts(self.items, run.tokenizer, budget)
         if self.eval_items is not None:
             self.train_prompts = prompts

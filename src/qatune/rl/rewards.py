@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qatune.errors import UserError
 from qatune.generation.metrics import exact_match, token_f1
 
 
@@ -74,13 +75,13 @@ PROGRAMMATIC: dict[str, Callable[[str, str], float]] = {
 
 def programmatic_reward(name: str) -> RewardFn:
     if name not in PROGRAMMATIC:
-        raise ValueError(f"unknown reward {name!r}; known: {', '.join(PROGRAMMATIC)}, or a reward model folder")
+        raise UserError(f"unknown reward {name!r}; known: {', '.join(PROGRAMMATIC)}, or a reward model folder")
     metric = PROGRAMMATIC[name]
 
     def reward(samples: Sequence[Sample]) -> list[float]:
         missing = next((s for s in samples if s.reference is None), None)
         if missing is not None:
-            raise ValueError(f"{missing.where}: the {name} reward needs a reference answer, and this record has none")
+            raise UserError(f"{missing.where}: the {name} reward needs a reference answer, and this record has none")
         return [metric(s.response, s.reference) for s in samples]
 
     return reward
@@ -107,7 +108,7 @@ def score(reward_fn: RewardFn, samples: Sequence[Sample], no_eos_penalty: float 
         raise ValueError(f"the reward function returned {len(values)} rewards for {len(samples)} samples")
     for s, v in zip(samples, values):
         if not math.isfinite(v):
-            raise ValueError(f"{s.where}: the reward of this sample is {v} (response {s.response[:60]!r})")
+            raise UserError(f"{s.where}: the reward of this sample is {v} (response {s.response[:60]!r})")
     rewards = torch.tensor(values, dtype=torch.float32)
     if no_eos_penalty:
         rewards -= no_eos_penalty * torch.tensor([not s.stopped_at_eos for s in samples], dtype=torch.float32)

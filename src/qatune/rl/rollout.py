@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qatune.errors import UserError
 from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for, sample_from
 from qatune.model.gpt2 import GPT2
 
@@ -37,9 +38,9 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0 for sampling, got {self.temperature}")
+            raise UserError(f"rollout.temperature must be > 0 for sampling, got {self.temperature}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass

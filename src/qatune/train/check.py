@@ -36,6 +36,7 @@ from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.pipeline import read_and_encode
 from qatune.data.report import TruncationCounts
 from qatune.data.truncation import apply, plan
+from qatune.errors import UserError
 from qatune.utils.device import default_device
 
 INVARIANCE_RTOL = 1e-5  # fp32: sums in another order differ by rounding only
@@ -397,7 +398,7 @@ def run_checks(cfg, sample_size: int = 64, workdir: str | os.PathLike | None = N
     from qatune.train.runtime import make_model, model_tokenizer
 
     if cfg.method != "sft":
-        raise ValueError(f"qatune check: method {cfg.method!r} is not checked yet; it checks method sft")
+        raise UserError(f"qatune check: method {cfg.method!r} is not checked yet; it checks method sft")
     report = CheckReport()
     tokenizer = load_tokenizer(cfg.tokenizer or model_tokenizer(cfg.model))
     template = cfg.data.get_template()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qatune.data.pipeline import DataConfig
+from qatune.errors import UserError
 from qatune.model.lora import LoRAConfig
 from qatune.rl.config import RLConfig
 from qatune.train.data import BatchConfig
@@ -98,9 +99,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 and self.max_steps is None:
-            raise ValueError("set epochs >= 1 or max_steps")
+            raise UserError("set epochs >= 1 or max_steps")
         if len(set(self.tracking)) != len(self.tracking):
-            raise ValueError(f"tracking: {self.tracking} names a tracker twice")
+            raise UserError(f"tracking: {self.tracking} names a tracker twice")
 
     @property
     def trackers(self) -> list[str]:

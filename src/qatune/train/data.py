@@ -16,6 +16,7 @@ from typing import Literal
 
 from qatune.data.batching import Batch, collate, length_grouped_batches, pack_bins
 from qatune.data.example import EncodedExample
+from qatune.errors import UserError
 from qatune.train.distributed import check_plan_split
 
 
@@ -28,7 +29,7 @@ class BatchConfig:
 
     def __post_init__(self) -> None:
         if self.size < 1 or self.accumulation < 1:
-            raise ValueError(f"batch.size ({self.size}) and batch.accumulation ({self.accumulation}) must be >= 1")
+            raise UserError(f"batch.size ({self.size}) and batch.accumulation ({self.accumulation}) must be >= 1")
 
 
 def split_holdout(n: int, fraction: float, max_examples: int | None, seed: int) -> tuple[list[int], list[int]]:
@@ -39,7 +40,7 @@ def split_holdout(n: int, fraction: float, max_examples: int | None, seed: int) 
     if max_examples is not None:
         n_eval = min(n_eval, max_examples)
     if n_eval >= n:
-        raise ValueError(f"the held-out split ({fraction}) would leave no training examples out of {n}")
+        raise UserError(f"the held-out split ({fraction}) would leave no training examples out of {n}")
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
@@ -158,7 +159,7 @@ def plan_run(
         micro_batches = epoch_micro_batches(lengths, cfg, seed + epoch, row_capacity)
         epoch_steps = plan_steps(micro_batches, cfg.accumulation, world_size)
         if not epoch_steps:
-            raise ValueError(f"{len(lengths)} training examples make no optimizer step for {world_size} rank(s)")
+            raise UserError(f"{len(lengths)} training examples make no optimizer step for {world_size} rank(s)")
         steps += epoch_steps
         epoch_of += [epoch] * len(epoch_steps)
         epoch += 1

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qatune.errors import UserError
 from qatune.utils.device import DTYPES, default_device
 
 # GRADIENT_SUM: each rank's loss is already divided by the label tokens of the whole step, all
@@ -64,7 +65,7 @@ def read_env(environ=None) -> DistEnv | None:
         return None
     missing = [v for v in TORCHRUN_VARS if v not in environ]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"distributed launch: {', '.join(present)} set but {', '.join(missing)} missing; "
             "launch with `torchrun --nproc_per_node N -m qatune train CONFIG`"
         )
@@ -73,10 +74,10 @@ def read_env(environ=None) -> DistEnv | None:
         try:
             values[var] = int(environ[var])
         except ValueError:
-            raise ValueError(f"distributed launch: {var}={environ[var]!r} is not an integer") from None
+            raise UserError(f"distributed launch: {var}={environ[var]!r} is not an integer") from None
     env = DistEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
     if env.world_size < 1 or not 0 <= env.rank < env.world_size:
-        raise ValueError(f"distributed launch: RANK={env.rank} is outside 0..WORLD_SIZE-1 ({env.world_size})")
+        raise UserError(f"distributed launch: RANK={env.rank} is outside 0..WORLD_SIZE-1 ({env.world_size})")
     return env
 
 
@@ -84,19 +85,19 @@ def check_precision(strategy: str, precision: str) -> None:
     """fp16's loss scaler decides to skip a step from the gradients it sees; under FSDP each rank
     sees only its shard, so ranks could decide differently and drift apart."""
     if strategy == "fsdp" and precision == "fp16":
-        raise ValueError("precision fp16 is not supported with strategy fsdp: use bf16 (or fsdp.param_dtype=bf16)")
+        raise UserError("precision fp16 is not supported with strategy fsdp: use bf16 (or fsdp.param_dtype=bf16)")
 
 
 def check_strategy(strategy: str, env: DistEnv | None) -> None:
     if strategy not in ("none", "ddp", "fsdp"):
-        raise ValueError(f"strategy {strategy!r} is not one of none, ddp, fsdp")
+        raise UserError(f"strategy {strategy!r} is not one of none, ddp, fsdp")
     if strategy != "none" and env is None:
-        raise ValueError(
+        raise UserError(
             f"strategy {strategy} needs a torchrun launch ({', '.join(TORCHRUN_VARS)} are not set): "
             f"`torchrun --nproc_per_node N -m qatune train CONFIG`, or set strategy=none for one process"
         )
     if strategy == "none" and env is not None and env.world_size > 1:
-        raise ValueError(
+        raise UserError(
             f"launched with {env.world_size} processes but strategy is none: set strategy=ddp or strategy=fsdp"
         )
 
@@ -113,7 +114,7 @@ def setup(strategy: str, device: str | None) -> DistEnv:
         return DistEnv()
     want = default_device(device)
     if want.type == "cuda" and want.index is not None and env.world_size > 1:
-        raise ValueError(f"device {device} under torchrun would put every rank on one GPU: set device=cuda (or unset)")
+        raise UserError(f"device {device} under torchrun would put every rank on one GPU: set device=cuda (or unset)")
     if want.type == "cuda":
         torch.cuda.set_device(env.local_rank)  # one GPU per process: "cuda" now means cuda:LOCAL_RANK
     if not dist.is_initialized():
@@ -194,7 +195,7 @@ def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) 
     number of forward/backward passes, or the collectives would not line up)."""
     for k, step in enumerate(plan.steps):
         if len(step) % world_size:
-            raise ValueError(
+            raise UserError(
                 f"the run's global batch was set for {plan_world} rank(s): step {k + 1} has {len(step)} micro-batches "
                 f"(batch.accumulation={accumulation} x {plan_world} rank(s)), which the {world_size} launched "
                 f"rank(s) cannot split evenly; launch a number of ranks that divides {len(step)}"

@@ -34,6 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from qatune.errors import UserError
+
 DPO_LOSSES = ("sigmoid", "ipo")
 
 
@@ -49,15 +51,15 @@ class DPOConfig:
 
     def __post_init__(self) -> None:
         if self.loss not in DPO_LOSSES:
-            raise ValueError(f"dpo.loss: {self.loss!r} is not one of {', '.join(DPO_LOSSES)}")
+            raise UserError(f"dpo.loss: {self.loss!r} is not one of {', '.join(DPO_LOSSES)}")
         if self.beta <= 0:
-            raise ValueError(f"dpo.beta must be > 0, got {self.beta}")
+            raise UserError(f"dpo.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss != "sigmoid":
-            raise ValueError("dpo.label_smoothing applies to the sigmoid loss only")
+            raise UserError("dpo.label_smoothing applies to the sigmoid loss only")
         if self.nll_weight < 0:
-            raise ValueError(f"dpo.nll_weight must be >= 0, got {self.nll_weight}")
+            raise UserError(f"dpo.nll_weight must be >= 0, got {self.nll_weight}")
 
 
 @dataclass
@@ -67,7 +69,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         if self.center_coefficient < 0:
-            raise ValueError(f"reward.center_coefficient must be >= 0, got {self.center_coefficient}")
+            raise UserError(f"reward.center_coefficient must be >= 0, got {self.center_coefficient}")
 
 
 def dpo_losses(

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from qatune.errors import UserError
 from qatune.runs import CHECKPOINTS_DIR
 from qatune.train.state import list_checkpoints
 
@@ -50,7 +51,7 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ValueError(
+                raise UserError(
                     f"{self.path.parent} is in use by another qatune process (pid {holder}); "
                     "wait for it to finish or train into another folder (name=…)"
                 ) from None
@@ -75,7 +76,7 @@ def prepare_fresh(run_dir: Path, overwrite: bool) -> None:
     found = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if not overwrite:
         if found:
-            raise ValueError(
+            raise UserError(
                 f"{run_dir} already holds a run (checkpoint at step {found[-1][0]}): continue it with --resume, "
                 "replace it with --overwrite, or train into another folder (name=…)"
             )
@@ -114,7 +115,7 @@ def check_resume(checkpoint: Path, step: int, current_yaml: str, total_steps: in
     if step > total_steps:
         problems.append(f"its step {step} lies past this run's {total_steps} steps")
     if problems:
-        raise ValueError(
+        raise UserError(
             f"--resume: {checkpoint} belongs to another run: " + "; ".join(problems)
             + ". Start a new run (name=…) or replace this one with --overwrite"
         )  # fmt: skip

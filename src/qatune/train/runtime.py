@@ -28,7 +28,7 @@ import torch
 
 from qatune.config import dump_yaml, to_dict
 from qatune.data.example import EncodedExample
-from qatune.errors import MethodStop, RunError, TrainingStopped
+from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
 from qatune.model.checkpoint import build_model
 from qatune.model.gpt2 import GPT2, SIZES
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
@@ -73,14 +73,14 @@ def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
     pretrained weights from a hub name / local folder."""
     if cfg.init == "random":
         if cfg.name not in SIZES:
-            raise ValueError(f"model.init=random needs a size name ({', '.join(SIZES)}), got {cfg.name!r}")
+            raise UserError(f"model.init=random needs a size name ({', '.join(SIZES)}), got {cfg.name!r}")
         shape = cfg.shape_overrides()
         return build_model(cfg.name, random_init=True, vocab_size=vocab_size, dropout=cfg.dropout, **shape)
     if cfg.shape_overrides():
-        raise ValueError(f"model.{next(iter(cfg.shape_overrides()))} only applies to model.init=random")
+        raise UserError(f"model.{next(iter(cfg.shape_overrides()))} only applies to model.init=random")
     model = build_model(cfg.name, dropout=cfg.dropout)
     if model.config.vocab_size < vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens but {cfg.name} only {model.config.vocab_size}")
+        raise UserError(f"the tokenizer has {vocab_size} tokens but {cfg.name} only {model.config.vocab_size}")
     return model
 
 
@@ -113,7 +113,7 @@ def train(
     from qatune.model.tokenizer import load_tokenizer
 
     if resume and latest_checkpoint(Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR) is None:
-        raise ValueError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR}")
+        raise UserError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR}")
     tokenizer = load_tokenizer(cfg.tokenizer or model_tokenizer(cfg.model))
     method = build_method(cfg, tokenizer, rank)
     torch.manual_seed(cfg.seed)
@@ -180,7 +180,7 @@ class _Run:
             keep_freed_memory()  # no page faults on the step's large tensors (qatune.utils.malloc)
         self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
         if resume and self.ckpt is None:
-            raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}")
         # The global batch of every step is fixed by the world size the run started with, so a run
         # resumed on another number of ranks deals the same micro-batches out differently.
         plan_world = saved_world_size(self.ckpt, world_size)
@@ -234,7 +234,7 @@ class _Run:
         if is_sharded(self.ckpt):
             state = load_sharded(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler, ctx.rank)
         elif self.cfg.strategy == "fsdp":
-            raise ValueError(f"{self.ckpt} was written by a single process; resume it with strategy none or ddp")
+            raise UserError(f"{self.ckpt} was written by a single process; resume it with strategy none or ddp")
         else:
             state = load_checkpoint(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler)
         extra = state["extra"]

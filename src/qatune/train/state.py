@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from qatune.errors import UserError
 from qatune.utils.files import atomic_dir
 
 STATE_FILE = "state.pt"
@@ -68,7 +69,7 @@ def load_trainable_state_dict(model, state: dict, source) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in frozen]
     if missing or unexpected:
-        raise ValueError(
+        raise UserError(
             f"{source}: the checkpoint does not fit the model (missing: {', '.join(missing[:4]) or '-'}; "
             f"unexpected: {', '.join(unexpected[:4]) or '-'}); was model.lora changed?"
         )

@@ -22,6 +22,7 @@ import json
 import os
 from pathlib import Path
 
+from qatune.errors import UserError
 from qatune.utils.files import write_text_atomic
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -176,7 +177,7 @@ class WandB:
 def make_trackers(names: list[str], run_dir: Path, resume_step: int | None, config: dict | None) -> list:
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ValueError(f"unknown tracker {unknown[0]!r}; known: {', '.join(TRACKERS)}")
+        raise UserError(f"unknown tracker {unknown[0]!r}; known: {', '.join(TRACKERS)}")
     state = TrackerState(run_dir, resume=resume_step is not None)
     config = config or {}
     build = {
@@ -191,5 +192,5 @@ def make_trackers(names: list[str], run_dir: Path, resume_step: int | None, conf
         except ImportError:
             if name == "tensorboard":  # a main dependency: a broken install, keep the traceback
                 raise
-            raise ValueError(f"tracking: {name} needs its extra: pip install 'qatune[{name}]'") from None
+            raise UserError(f"tracking: {name} needs its extra: pip install 'qatune[{name}]'") from None
     return trackers

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from qatune.errors import UserError
+
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -27,7 +29,7 @@ def dtype_of(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
-        raise ValueError(f"precision {name!r} is not one of {', '.join(DTYPES)}") from None
+        raise UserError(f"precision {name!r} is not one of {', '.join(DTYPES)}") from None
 
 
 @functools.cache

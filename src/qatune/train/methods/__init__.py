@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 
+from qatune.errors import UserError
 from qatune.train.methods.base import Method
 
 METHODS: dict[str, str] = {
@@ -23,7 +24,7 @@ def method_class(name: str) -> type[Method]:
     try:
         module, cls = METHODS[name].split(":")
     except KeyError:
-        raise ValueError(f"method {name!r} is not one of {', '.join(METHODS)}") from None
+        raise UserError(f"method {name!r} is not one of {', '.join(METHODS)}") from None
     return getattr(importlib.import_module(module), cls)
 
 

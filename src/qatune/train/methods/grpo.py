@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from qatune.errors import UserError
 from qatune.rl.advantages import group_advantages
 from qatune.rl.experience import Experience, RLBatch
 from qatune.rl.online import OnlineRL, policy_loss
@@ -31,7 +32,7 @@ class GRPO(OnlineRL):
         super().setup(run)
         if self.rl.group_size < 2:
             n = self.rl.group_size
-            raise ValueError(f"method grpo needs rl.group_size >= 2 (advantages are relative to the group), got {n}")
+            raise UserError(f"method grpo needs rl.group_size >= 2 (advantages are relative to the group), got {n}")
 
     def experiences(self, sampled: Rollout, scores: torch.Tensor) -> tuple[list[Experience], dict]:
         adv = group_advantages(scores, self.rl.group_size, self.rl.scale_rewards)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
+from qatune.errors import UserError
 from qatune.train.data import ExamplePlan, split_holdout
 from qatune.train.methods.base import Method, RunContext
 
@@ -58,7 +59,7 @@ class PairMethod(Method):
         self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
         too_long = next((p for p in self.all_pairs() if p.longest > self.max_len), None)
         if too_long is not None:
-            raise ValueError(
+            raise UserError(
                 f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}"
             )
         tok = run.tokenizer

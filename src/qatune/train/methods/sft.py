@@ -17,6 +17,7 @@ import torch
 
 from qatune.data.batching import Batch
 from qatune.data.example import EncodedExample
+from qatune.errors import UserError
 from qatune.train.data import ExamplePlan, eval_batches, make_batch, split_holdout
 from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
 from qatune.train.methods.base import Method, RunContext, StepOutput
@@ -71,7 +72,7 @@ class SFT(Method):
         too_long = [i for i, e in enumerate(self.examples) if len(e) > self.max_len]
         if too_long:
             n = len(self.examples[too_long[0]])
-            raise ValueError(f"example {too_long[0]} has {n} tokens, over max_len {self.max_len}")
+            raise UserError(f"example {too_long[0]} has {n} tokens, over max_len {self.max_len}")
         if self.eval_examples is not None:  # the caller brings its own held-out set: no split
             self.train_set, eval_set = list(self.examples), list(self.eval_examples)
         else:
