@@ -14,10 +14,13 @@ weights" means in that mode:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from qatune.errors import UserError
-from qatune.model.gpt2 import GPT2Config, packed_attention_kernel
-from qatune.model.lora import TARGETS
+from qatune.model.names import LORA_TARGETS as TARGETS
+
+if TYPE_CHECKING:  # torch-free at import: `qatune plan --help` reads this module's tables
+    from qatune.model.gpt2 import GPT2Config
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class PlanSetup:
     def last_block_cut(self) -> bool:
         """Whether the last block runs its queries, MLP and LayerNorms on the label spans only:
         the chunked loss on packed rows with per-document attention (`LastBlockRows`)."""
+        from qatune.model.gpt2 import packed_attention_kernel
+
         return self.loss == "chunked" and self.packed and packed_attention_kernel(self.device) == "documents"
 
     @property

@@ -10,8 +10,6 @@ import sys
 from qatune.cli.common import add_device_option, add_tokenizer_option
 from qatune.cli.generate import add_sampling_options, sampling_from_args
 from qatune.errors import UserError
-from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
-from qatune.utils.device import default_device
 
 HELP = "/reset clears the conversation, /exit quits"
 
@@ -33,6 +31,8 @@ def add_parser(sub) -> None:
 def make_session(args: argparse.Namespace):
     from qatune.data.templates import get_template
     from qatune.generation.chat import ChatSession
+    from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+    from qatune.utils.device import default_device
 
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)

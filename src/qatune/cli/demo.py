@@ -9,7 +9,7 @@ import dataclasses
 
 
 def add_parser(sub) -> None:
-    from qatune.demo.run import DemoSettings
+    from qatune.demo.settings import DemoSettings
 
     d = DemoSettings()
     p = sub.add_parser("demo", help="offline demo: train a tiny GPT-2 on generated Q&A in about a minute")
@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qatune.demo.run import QUICK, DemoSettings, run_demo
+    from qatune.demo.run import run_demo
+    from qatune.demo.settings import QUICK, DemoSettings
 
     s = DemoSettings(out_dir=args.out_dir, seed=args.seed, tokenizer=args.tokenizer)
     if args.quick:

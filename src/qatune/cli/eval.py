@@ -14,8 +14,6 @@ from pathlib import Path
 from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.cli.generate import add_sampling_options, sampling_from_args
 from qatune.errors import UserError
-from qatune.runs import EXPORT_DIR, load_model, load_tokenizer_for, read_meta, resolve_model_path
-from qatune.utils.device import default_device
 from qatune.utils.files import write_text_atomic
 
 GENERATIONS = "generations.jsonl"
@@ -44,6 +42,8 @@ def add_parser(sub) -> None:
 
 
 def default_out(model: str) -> Path:
+    from qatune.runs import resolve_model_path
+
     if resolve_model_path(model) != model:  # a run folder
         return Path(model) / "eval"
     return Path(f"eval-{Path(model.rstrip('/')).name or 'model'}")
@@ -52,6 +52,8 @@ def default_out(model: str) -> Path:
 def training_truncation(model_path: str) -> str | None:
     """The truncation policy of the run that wrote this export (its resolved config.yaml), if any."""
     import yaml
+
+    from qatune.runs import EXPORT_DIR
 
     config = Path(model_path).parent / "config.yaml"
     if Path(model_path).name != EXPORT_DIR or not config.exists():
@@ -103,6 +105,7 @@ def progress_callback(label: str):
 
 def evaluate_one(model_name, tokenizer, data, out_file, settings, device) -> dict:
     from qatune.generation.evaluate import evaluate_model
+    from qatune.runs import load_model
 
     model = load_model(model_name, device)
     advance, stop = progress_callback(model_name)
@@ -115,6 +118,8 @@ def evaluate_one(model_name, tokenizer, data, out_file, settings, device) -> dic
 def run(args: argparse.Namespace) -> int:
     from qatune.generation.evaluate import EvalSettings
     from qatune.generation.report import render_markdown, summary_table
+    from qatune.runs import load_tokenizer_for, read_meta, resolve_model_path
+    from qatune.utils.device import default_device
 
     device = default_device(args.device)
     model_path = resolve_model_path(args.model)

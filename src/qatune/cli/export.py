@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 
 from qatune.cli.common import add_tokenizer_option
-from qatune.model.checkpoint import export_hf, from_pretrained
-from qatune.runs import EXPORT_DIR, META_FILE, load_tokenizer_for, read_meta, resolve_model_path
 
 
 def add_parser(sub) -> None:
@@ -25,6 +23,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qatune.model.checkpoint import export_hf, from_pretrained
+    from qatune.runs import META_FILE, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.train.checkpoint_export import is_checkpoint_folder, load_checkpoint_model
 
     source = Path(args.model)
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 def checkpoint_tokenizer(checkpoint: Path, explicit: str | None, configured: str | None):
     """--tokenizer, else the run's own export's tokenizer, else the run config's setting."""
     from qatune.model.tokenizer import load_tokenizer
+    from qatune.runs import EXPORT_DIR
 
     run_export = checkpoint.parent.parent / EXPORT_DIR
     if explicit is None and (run_export / "tokenizer_config.json").exists():

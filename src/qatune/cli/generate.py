@@ -10,9 +10,7 @@ import sys
 
 from qatune.cli.common import add_device_option, add_mapping_option, add_tokenizer_option, parse_mapping
 from qatune.errors import UserError
-from qatune.generation.sampling import SamplingConfig
-from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
-from qatune.utils.device import default_device
+from qatune.generation.settings import SamplingConfig
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -103,6 +101,8 @@ def prompt_items(args: argparse.Namespace, template) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from qatune.data.templates import get_template
+    from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+    from qatune.utils.device import default_device
 
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "raw", args.system_prompt)

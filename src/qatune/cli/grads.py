@@ -15,8 +15,6 @@ from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
 from qatune.errors import UserError
-from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
-from qatune.utils.device import default_device
 
 
 def add_parser(sub) -> None:
@@ -57,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
 
     from qatune.analysis.grads import per_example_analysis, per_layer_step, segment_shares
     from qatune.analysis.grads_report import summary_lines, write_outputs
+    from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+    from qatune.utils.device import default_device
 
     torch.manual_seed(args.seed)
     model_path = resolve_model_path(args.model)

@@ -6,10 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from qatune.model.checkpoint import config_from_hf, resolve_checkpoint_dir
-from qatune.model.gpt2 import SIZES
-from qatune.model.info import COMPONENTS, model_info
-
 SEEDS_NOTE = (
     "note: the seeds call GPT-2 Large '1.5B parameters'; Large is ~774M. "
     "The 1.5B model is GPT-2 XL (48 layers, d=1600, 25 heads)."
@@ -24,6 +20,9 @@ def add_parser(sub) -> None:
 
 
 def config_of(model: str):
+    from qatune.model.checkpoint import config_from_hf, resolve_checkpoint_dir
+    from qatune.model.gpt2 import SIZES
+
     if model in SIZES:  # offline: the named sizes are data
         return SIZES[model]
     folder = resolve_checkpoint_dir(model)
@@ -31,6 +30,8 @@ def config_of(model: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from qatune.model.info import COMPONENTS, model_info
+
     info = model_info(config_of(args.model), args.model)
     if args.model in ("gpt2-large", "gpt2-xl"):
         info["note"] = SEEDS_NOTE

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from qatune.analysis.accelerators import ACCELERATORS, get_accelerator
-from qatune.analysis.compute import plan_compute, seq_len_table, step_time
-from qatune.analysis.memory import GB, MemoryPlan, advice, model_state, plan_memory
 from qatune.analysis.setup import ATTENTION, LORA_TARGETS, LOSSES, OFFLOADS, OPTIMIZERS, PRECISIONS, PlanSetup
 from qatune.errors import UserError
-from qatune.model.gpt2 import SIZES
-from qatune.runs import resolve_model_path
+
+if TYPE_CHECKING:
+    from qatune.analysis.memory import MemoryPlan
 
 CORRECTIONS = [
     "GPT-2 Large (L=36, d=1280, h=20) has ~774M parameters, not 1.5B; 1.5B is GPT-2 XL (L=48, d=1600, h=25).",
@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
 
 
 def config_for_model(model: str):
+    from qatune.model.gpt2 import SIZES
+    from qatune.runs import resolve_model_path
+
     if model in SIZES:
         return SIZES[model]
     from qatune.cli.info import config_of
@@ -86,6 +89,8 @@ def setup_from_args(args: argparse.Namespace, device: str = "cuda") -> PlanSetup
 
 
 def _gb(n: float) -> str:
+    from qatune.analysis.memory import GB
+
     return f"{n / GB:10.3f}"
 
 
@@ -106,6 +111,9 @@ def memory_rows(plan: MemoryPlan) -> list[tuple[str, int]]:
 
 
 def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
+    from qatune.analysis.compute import plan_compute, seq_len_table, step_time
+    from qatune.analysis.memory import GB, advice
+
     c, st = s.config, plan.state
     print(f"{s.name}: L={c.n_layer} d={c.n_embd} h={c.n_head} V={c.vocab_size}, {st.params / 1e6:.1f}M parameters")
     print(
@@ -161,6 +169,9 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
 
 
 def plan_json(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> dict:
+    from qatune.analysis.compute import plan_compute, seq_len_table, step_time
+    from qatune.analysis.memory import GB, advice
+
     compute = plan_compute(s)
     t = step_time(s, acc, mfu)
     return {
@@ -198,6 +209,8 @@ def plan_json(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> dict:
 
 
 def _fmt(value, unit: str) -> str:
+    from qatune.analysis.memory import GB
+
     if value is None:
         return "n/a"
     if unit == "bytes":
@@ -212,6 +225,7 @@ def run_measure(args: argparse.Namespace, acc) -> int:
     import torch
 
     from qatune.analysis.measure import MEASURABLE_PRECISIONS, calibrate, compare, measure_in_subprocess, measure_step
+    from qatune.analysis.memory import model_state, plan_memory
     from qatune.utils.device import DTYPES, default_device
 
     device = default_device(args.device)
@@ -254,6 +268,8 @@ def run_measure(args: argparse.Namespace, acc) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qatune.analysis.memory import plan_memory
+
     acc = get_accelerator(args.gpu)
     if args.measure:
         return run_measure(args, acc)

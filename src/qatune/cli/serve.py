@@ -14,8 +14,6 @@ from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
 from qatune.errors import UserError
-from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
-from qatune.utils.device import default_device
 
 API_KEY_ENV = "QATUNE_API_KEY"
 
@@ -66,8 +64,10 @@ def build_server(args: argparse.Namespace):
 
     from qatune.data.templates import get_template
     from qatune.generation.continuous import ContinuousBatcher
+    from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.serve.app import ServedModel, create_app
     from qatune.serve.engine import AsyncEngine
+    from qatune.utils.device import default_device
 
     if args.max_batch < 1 or args.max_queue < 1:
         raise UserError("--max-batch and --max-queue must be at least 1")

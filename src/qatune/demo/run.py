@@ -19,6 +19,7 @@ from qatune.data.example import EncodedExample
 from qatune.data.pipeline import DataConfig
 from qatune.data.records import Record
 from qatune.data.templates import get_template
+from qatune.demo.settings import QUICK, DemoSettings  # noqa: F401 (QUICK: callers import it from here)
 from qatune.demo.task import QA, make_task
 from qatune.demo.tokenizer import demo_tokenizer
 from qatune.generation.sampling import SamplingConfig, generate_ids
@@ -27,27 +28,6 @@ from qatune.train.data import BatchConfig
 from qatune.train.optim import OptimConfig
 from qatune.train.runtime import TrainResult, fit, make_model
 from qatune.utils.files import write_text_atomic
-
-
-@dataclass
-class DemoSettings:
-    out_dir: str = "runs"
-    name: str = "demo"
-    steps: int = 300
-    n_layer: int = 2
-    n_embd: int = 128
-    batch_size: int = 32
-    lr: float = 3e-3
-    seed: int = 0
-    tokenizer: str | None = None  # a folder, or "builtin" to train a BPE here; default: GPT-2's if found
-    show: int = 5  # held-out questions answered at the end
-    # One thread: this model's matmuls are too small to gain from more, and a multi-threaded run
-    # slows down badly when other processes share the cores (measured: 22 s vs 52 s for 200 steps
-    # with 1 vs 2 threads on a busy 2-core machine).
-    threads: int | None = 1
-
-
-QUICK = {"steps": 200, "name": "demo-quick"}
 
 
 @dataclass

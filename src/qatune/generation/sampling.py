@@ -13,17 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from qatune.errors import UserError
+from qatune.generation.settings import SamplingConfig
 from qatune.model.gpt2 import GPT2
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None
-    stop_at_eos: bool = True
 
 
 @dataclass

@@ -39,10 +39,9 @@ from torch import nn
 
 from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2
+from qatune.model.names import LORA_TARGETS as TARGETS
 from qatune.utils.files import atomic_dir
 
-# The matrices of a block LoRA can adapt, by their name inside the block.
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft's key prefix for a PeftModelForCausalLM around transformers' GPT2LMHeadModel.
