@@ -21,6 +21,7 @@ from torch import nn
 
 from qatune.model.checkpoint import (
     CheckpointError,
+    _tokenizer_settings,
     config_from_hf,
     config_to_hf,
     hf_to_qatune,
@@ -91,6 +92,7 @@ def export_reward_hf(model: RewardModel, out_dir: str | os.PathLike, tokenizer=N
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            _tokenizer_settings(tmp, None, model.config.n_positions)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

@@ -104,4 +104,11 @@ def _with_eos(tok, location: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # decoder-only generation pads on the left
+    # qatune cuts every sequence to the model's context itself (the data's truncation policy,
+    # prompt budgets), reading the context from the model; the limit a tokenizer folder states
+    # (1024 for gpt2, an export's context) would only make transformers warn "Token indices
+    # sequence length is longer than ..." for a text encoded whole before qatune cuts it. So no
+    # limit here: transformers' own value for "none" (VERY_LARGE_INTEGER). An export writes the
+    # context into its tokenizer_config.json (`model.checkpoint.export_hf`).
+    tok.model_max_length = int(1e30)
     return tok

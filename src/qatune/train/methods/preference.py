@@ -59,9 +59,7 @@ class PairMethod(Method):
         self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
         too_long = next((p for p in self.all_pairs() if p.longest > self.max_len), None)
         if too_long is not None:
-            raise UserError(
-                f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}"
-            )
+            raise UserError(f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}")
         tok = run.tokenizer
         self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
         self.eos_id = tok.eos_token_id if tok is not None else run.model.config.vocab_size - 1
