@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 
 class ConfigError(UserError):
-    pass
+    """A config file or `key=value` override the user can fix; the message names the key."""
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
