@@ -89,3 +89,20 @@ def apply(enc: Encoding, outcome: Outcome) -> EncodedExample | None:
 def truncate(enc: Encoding, policy: str, max_len: int) -> tuple[EncodedExample | None, Outcome]:
     outcome = plan(enc, policy, max_len)
     return apply(enc, outcome), outcome
+
+
+# Ties go to the first: the default when it is as good; then cut_prompt_middle, which keeps both ends
+# of the prompt (the instruction at its start, the question at its end) and cuts the passage between.
+KEEP_PREFERENCE = ("cut_response", "cut_prompt_middle", "cut_prompt_left", "drop")
+
+
+def most_kept(kept: dict[str, int]) -> str:
+    """The policy with the most examples kept, from {policy: kept}."""
+    return max((p for p in KEEP_PREFERENCE if p in kept), key=lambda p: kept[p])
+
+
+def best_policy(encodings: list[Encoding], max_len: int) -> tuple[str, int]:
+    """The truncation policy that keeps the most of these examples, and how many."""
+    kept = {p: sum(not plan(enc, p, max_len, raise_errors=False).dropped for enc in encodings) for p in KEEP_PREFERENCE}
+    best = most_kept(kept)
+    return best, kept[best]
