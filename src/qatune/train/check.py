@@ -35,16 +35,10 @@ from qatune.data.encode import encode_pieces, strip_final_eos
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.pipeline import read_and_encode
 from qatune.data.report import TruncationCounts
-from qatune.data.truncation import apply, best_policy, plan
+from qatune.data.truncation import DROP_WARN_SHARE, apply, best_policy, plan
 from qatune.utils.device import default_device
 
 INVARIANCE_RTOL = 1e-5  # fp32: sums in another order differ by rounding only
-# Truncation that drops more than this share of the sample is a warning. Dropping is not random: it is
-# the longest examples (long passages, long answers), so the run trains on a shifted set. Measured
-# with cut_response and GPT-2's tokenizer: the t0 subset loses none at max_len 1024 and 3.5% at 512
-# (long duorc/quoref passages); Vietnamese XQuAD loses 15.5-20% at 1024 depending on the template
-# (a ~150-word passage is ~700 tokens there). Both have a policy that keeps every example.
-DROP_WARN_SHARE = 0.02
 EXAMPLES_PER_CHECK = 8
 
 
