@@ -47,7 +47,7 @@ def test_vietnamese_costs_far_more_tokens_and_a_policy_keeps_what_cut_response_d
         assert cost_line in shown and trunc_line in shown
     for shown in (table, md):
         assert "Characters per token" in shown and "far more than English" in shown
-        assert f"cut_prompt_middle: {n} of {n} (cut_response: {n - dropped})" in shown
+        assert f"cut_prompt_middle: {n} of {n} (default cut_response: {n - dropped})" in shown
 
 
 def test_english_costs_what_english_costs_and_raises_no_warning(data_dir, tokenizer_dir, tmp_path, capsys):
@@ -59,3 +59,5 @@ def test_english_costs_what_english_costs_and_raises_no_warning(data_dir, tokeni
     assert set(cost) == {"prompt", "response"}
     assert all(4.0 < c["chars_per_token"] < 5.0 and not c["far_more_than_english"] for c in cost.values())
     assert report["warnings"] == [] and "warning" not in err and "far more than English" not in table
+    n = report["examples"]
+    assert f"truncation keeping the most examples │ cut_response: {n:,} of {n:,} │" in " ".join(table.split())

@@ -41,7 +41,9 @@ def tables(stats: dict) -> list[Table]:
     best = stats.get("best_truncation")
     if best:
         kept = f"{best['policy']}: {best['kept']:,} of {best['examples']:,}"
-        summary.append(["truncation keeping the most examples", f"{kept} (cut_response: {best['default_kept']:,})"])
+        if best["kept"] > best["default_kept"]:
+            kept += f" (default cut_response: {best['default_kept']:,})"
+        summary.append(["truncation keeping the most examples", kept])
     trunc = [
         [
             policy,
