@@ -171,6 +171,17 @@ def test_a_pair_mapping_reads_history_and_system_when_named(tmp_path, gpt2_token
             r"data\.jsonl:1: field 'system' holds a system prompt, but the mapping .* add system=system to the mapping",
         ),
         (
+            [{"sys": "Be brief.", "system": "Be kind.", "dialog": [{"role": "user", "content": "x"}]}],
+            {"messages": "dialog", "system": "sys"},
+            r"data\.jsonl:1: field 'system' holds a system prompt, but the mapping \(messages=dialog system=sys\) does "
+            r"not use it; remove the field, or give a mapping that reads it",
+        ),
+        (
+            [{"system": "Be kind.", "dialog": [{"role": "user", "content": "x"}]}],
+            {"messages": "dialog"},
+            r"data\.jsonl:1: field 'system' holds a system prompt, .* add system=system to the mapping",
+        ),
+        (
             [{"instruction": "Hi", "output": "Hello", "tools": [{"name": "search"}]}],
             None,
             r"data\.jsonl:1: field 'tools' holds tool definitions, which no template renders, but layout alpaca",
@@ -201,7 +212,18 @@ def test_a_pair_mapping_reads_history_and_system_when_named(tmp_path, gpt2_token
             None,  # an empty `messages` list holds nothing: no error
         ),
     ],
-    ids=["mapping-history", "mapping-system", "tools", "history-shape", "history-type", "two-systems", "role", "empty"],
+    ids=[
+        "mapping-history",
+        "mapping-system",
+        "messages-two-systems",
+        "messages-system",
+        "tools",
+        "history-shape",
+        "history-type",
+        "two-systems",
+        "role",
+        "empty",
+    ],
 )
 def test_a_field_that_would_change_training_is_an_error_naming_file_record_and_field(
     tmp_path, gpt2_tokenizer, rows, mapping, message

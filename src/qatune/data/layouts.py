@@ -331,13 +331,16 @@ def check_meaningful_fields(row: dict, used: tuple[str, ...], layout: str, mappi
     """A system prompt, history, conversation or tool list the layout does not read is an error."""
     for name, what in MEANINGFUL_FIELDS.items():
         if name in row and name not in used and holds_data(row[name]):
-            fix = (
-                f"add {name}={name} to the mapping"
-                if layout == "mapping" and name in CHAT_FIELDS and "messages" not in mapping
-                else "remove the field, or give a mapping that reads it"
-            )
             unused = f"field {name!r} holds {what}, but {describe(layout, mapping)} does not use it"
-            raise DataError(f"{where}: {unused}; {fix}")
+            raise DataError(f"{where}: {unused}; {how_to_use(name, layout, mapping)}")
+
+
+def how_to_use(name: str, layout: str, mapping) -> str:
+    """A mapping can name a system field (any mapping) or a history field (a pair mapping) it left out."""
+    can_map = name == "system" or (name == "history" and "messages" not in (mapping or {}))
+    if layout == "mapping" and can_map and name not in mapping:
+        return f"add {name}={name} to the mapping"
+    return "remove the field, or give a mapping that reads it"
 
 
 def describe(layout: str, mapping) -> str:
