@@ -9,11 +9,11 @@ the runtime's accumulation, checkpoint, resume and export — on a sample of the
   save / resume       2 steps straight == 1 step, a kill, --resume, 1 step (the runtime, for real)
   export              the export loads in transformers with the same logits
   chat template       the exported tokenizer's chat template gives the ids training feeds the model
-  truncation          what max_len and the policy do to the sample
+  truncation          what max_len and the policy do to the sample (WARN: over 2% dropped)
   memory plan         the planner's peak for this config against the device's memory
 
     report = run_checks(cfg, sample=64)
-    report.ok, report.results, report.example   # example: (token text, in the loss) pairs
+    report.ok, report.results, report.example   # example: (text, in the loss, tokens) spans
 
 The invariance checks run in fp32, where they must hold to rounding; the round trip runs the
 configured precision.
