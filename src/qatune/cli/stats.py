@@ -135,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
     from qatune.data.encode import encode_records
     from qatune.data.pipeline import DataConfig
     from qatune.data.readers import read_records
-    from qatune.data.stats import compute_stats, lengths_of
+    from qatune.data.stats import compute_stats, data_warnings, lengths_of
     from qatune.data.stats_render import save_plots, tables
+    from qatune.data.token_cost import token_cost
     from qatune.model.tokenizer import load_tokenizer, tokenizer_location
 
     if args.batch_size < 1:
@@ -168,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         )
     groups = source_groups(args.data, encodings)
     stats = compute_stats(encodings, cfg.max_len, args.batch_size, groups, args.batch_unit)
+    stats["chars_per_token"] = token_cost(read.records, tokenizer)
     meta = {
         "sources": list(args.data),
         "layouts": read.layouts,
@@ -176,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         "records": len(read.records),
         "skipped": read.skipped,
         "skip_reasons": read.skip_reasons,
-        "warnings": read.warnings,
+        "warnings": read.warnings + data_warnings(stats),
         "notes": read.notes,
     }
     write_outputs(args, stats, meta, tables, lambda out: save_plots(*lengths_of(encodings), cfg.max_len, out))

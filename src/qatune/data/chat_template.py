@@ -2,7 +2,8 @@
 
 The Jinja text renders a conversation exactly as `Template.render_conversation` /
 `generation_pieces` do: the system text once at the start (the first system message, else the
-template's `system_prompt`), each user turn through `prompt`, each assistant turn through
+template's `system_prompt`), each user turn through `prompt` (through `prompt_with_context` when the
+message has a non-empty `context` key: the passage a question is about), each assistant turn through
 `render_response` followed by EOS. A user turn already ends with the answer cue ("Answer:",
 "### Response:\\n"), so `add_generation_prompt` adds nothing.
 
@@ -63,6 +64,11 @@ def to_jinja(template: Template) -> str:
     prefix = jinja_string(template.response_prefix)
     system = format_to_jinja(template.system, {"system": "ns.system"}, "system")
     user = format_to_jinja(template.prompt, {"prompt": "message['content']"}, "prompt")
+    passage = {"prompt": "message['content']", "context": "message['context']"}
+    with_context = format_to_jinja(template.prompt_with_context, passage, "prompt_with_context")
+    # A user message may carry the passage it asks about as a `context` key, as training's records
+    # do (SQuAD's context, Alpaca's input): {"role": "user", "content": question, "context": passage}.
+    user = f"{{%- if message.get('context') -%}}{with_context}{{%- else -%}}{user}{{%- endif -%}}"
     answer = "{{ message['content'] ~ eos_token }}"
     if template.response_prefix:
         answer = (

@@ -22,6 +22,9 @@ class DataError(UserError):
 class Message:
     role: str  # one of ROLES
     content: str
+    # A user turn's passage (Alpaca `input`, a SQuAD context): rendered through the template's
+    # `prompt_with_context`, as a (prompt, context) record's prompt is.
+    context: str = ""
 
 
 @dataclass

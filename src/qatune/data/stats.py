@@ -18,7 +18,8 @@ from qatune.data.batching import pack_bins, padding_fraction
 from qatune.data.encode import Encoding
 from qatune.data.example import IGNORE
 from qatune.data.report import TruncationCounts
-from qatune.data.truncation import DEFAULT_POLICY, POLICIES, Outcome, plan
+from qatune.data.token_cost import cost_warning
+from qatune.data.truncation import DEFAULT_POLICY, DROP_WARN_SHARE, POLICIES, Outcome, most_kept, plan
 
 
 def summarize(values: Sequence[int]) -> dict:
@@ -135,6 +136,31 @@ def padding_stats(lengths: Sequence[int], max_len: int, batch_size: int, seed: i
     }
 
 
+def best_truncation(truncation: dict[str, dict]) -> dict:
+    """The policy that keeps the most examples, against the default."""
+    kept = {policy: t["kept"] for policy, t in truncation.items()}
+    best = most_kept(kept)
+    examples = truncation[DEFAULT_POLICY]["examples_in"]
+    return {"policy": best, "kept": kept[best], "default_kept": kept[DEFAULT_POLICY], "examples": examples}
+
+
+def data_warnings(stats: dict) -> list[str]:
+    """What a user must hear before training on this data: text that costs far more tokens than
+    English, and a default truncation that drops more than a few percent of the examples."""
+    out = []
+    cost = cost_warning(stats.get("chars_per_token", {}))
+    if cost:
+        out.append(cost)
+    b = stats["best_truncation"]
+    dropped = b["examples"] - b["default_kept"]
+    if b["examples"] and dropped > DROP_WARN_SHARE * b["examples"]:
+        text = f"truncation {DEFAULT_POLICY} at max_len {stats['max_len']} drops {dropped} of {b['examples']} examples"
+        if b["kept"] > b["default_kept"]:
+            text += f"; {b['policy']} keeps {b['kept']} (data.truncation={b['policy']})"
+        out.append(text)
+    return out
+
+
 def compute_stats(
     encodings: Sequence[Encoding],
     max_len: int,
@@ -147,6 +173,7 @@ def compute_stats(
     stats = length_stats(encodings, max_len)
     stats["max_len"] = max_len
     stats["truncation"], kept = truncation_stats(encodings, max_len)
+    stats["best_truncation"] = best_truncation(stats["truncation"])
     stats["padding"] = padding_stats(kept, max_len, batch_size, unit=batch_unit)
     if groups and len(groups) > 1:
         stats["per_source"] = {name: length_stats([encodings[i] for i in idx], max_len) for name, idx in groups.items()}

@@ -38,6 +38,12 @@ def tables(stats: dict) -> list[Table]:
         ["share of tokens with loss", pct(stats["loss_token_share"])],
         [f"over max_len {stats['max_len']}", f"{over['count']:,} ({pct(over['share'])})"],
     ]
+    best = stats.get("best_truncation")
+    if best:
+        kept = f"{best['policy']}: {best['kept']:,} of {best['examples']:,}"
+        if best["kept"] > best["default_kept"]:
+            kept += f" (default cut_response: {best['default_kept']:,})"
+        summary.append(["truncation keeping the most examples", kept])
     trunc = [
         [
             policy,
@@ -69,6 +75,8 @@ def tables(stats: dict) -> list[Table]:
         ),
         ("Padding (examples the default policy keeps)", ["batching", "padding"], padding),
     ]
+    if stats.get("chars_per_token"):
+        out.insert(2, cost_table(stats["chars_per_token"]))
     if "per_source" in stats:
         rows = [
             [
@@ -88,6 +96,21 @@ def tables(stats: dict) -> list[Table]:
     return out
 
 
+def cost_table(cost: dict[str, dict]) -> Table:
+    from qatune.data.token_cost import ENGLISH_CHARS_PER_TOKEN
+
+    rows = []
+    for name, c in cost.items():
+        cpt = c["chars_per_token"]
+        note = "-" if cpt is None else f"{ENGLISH_CHARS_PER_TOKEN / cpt:.1f}x"
+        if c["far_more_than_english"]:
+            note += " (far more than English)"
+        shown = "n/a" if cpt is None else f"{cpt:.2f}"
+        rows.append([name, f"{c['texts']:,}", f"{c['chars']:,}", f"{c['tokens']:,}", shown, note])
+    title = f"Characters per token (each field tokenized alone; English text ~{ENGLISH_CHARS_PER_TOKEN})"
+    return title, ["field", "texts", "characters", "tokens", "chars/token", "tokens vs English"], rows
+
+
 def markdown(stats: dict, meta: dict, make_tables=tables) -> str:
     lines = ["# Data statistics", ""]
     lines += [f"- sources: {', '.join(f'`{s}`' for s in meta['sources'])}"]
@@ -95,6 +118,7 @@ def markdown(stats: dict, meta: dict, make_tables=tables) -> str:
     lines += [f"- template: `{meta['template']['name']}`; tokenizer: `{meta['tokenizer']}`; max_len {stats['max_len']}"]
     lines += [f"- records read: {meta['records']:,}; bad records skipped: {meta['skipped']:,}"]
     lines += [f"  - {r}" for r in meta["skip_reasons"]]
+    lines += [f"- **warning**: {w}" for w in meta.get("warnings", [])]
     for title, head, rows in make_tables(stats):
         lines += ["", f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
         lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]

@@ -41,8 +41,13 @@ class Template:
         """System part (if any) + the prompt part; the response starts right after this text."""
         system = system_prompt if system_prompt is not None else self.system_prompt
         head = self.system.format(system=system) if system else ""
-        body = self.prompt_with_context.format(prompt=prompt, context=context) if context else None
-        return head + (body if body is not None else self.prompt.format(prompt=prompt))
+        return head + self.render_user(prompt, context)
+
+    def render_user(self, prompt: str, context: str = "") -> str:
+        """One user turn: `prompt_with_context` when the turn carries a passage, else `prompt`."""
+        if context:
+            return self.prompt_with_context.format(prompt=prompt, context=context)
+        return self.prompt.format(prompt=prompt)
 
     def render_response(self, response: str) -> str:
         if not self.response_prefix or response[:1].isspace():
@@ -57,7 +62,7 @@ class Template:
         pending = self.system.format(system=system) if system else ""
         for m in messages:
             if m.role == "user":
-                pending += self.prompt.format(prompt=m.content)
+                pending += self.render_user(m.content, m.context)
             elif m.role == "assistant":
                 segments.append((pending, False))
                 segments.append((self.render_response(m.content), True))

@@ -9,11 +9,11 @@ the runtime's accumulation, checkpoint, resume and export — on a sample of the
   save / resume       2 steps straight == 1 step, a kill, --resume, 1 step (the runtime, for real)
   export              the export loads in transformers with the same logits
   chat template       the exported tokenizer's chat template gives the ids training feeds the model
-  truncation          what max_len and the policy do to the sample
+  truncation          what max_len and the policy do to the sample (WARN: over 2% dropped)
   memory plan         the planner's peak for this config against the device's memory
 
     report = run_checks(cfg, sample=64)
-    report.ok, report.results, report.example   # example: (token text, in the loss) pairs
+    report.ok, report.results, report.example   # example: (text, in the loss, tokens) spans
 
 The invariance checks run in fp32, where they must hold to rounding; the round trip runs the
 configured precision.
@@ -35,7 +35,7 @@ from qatune.data.encode import encode_pieces, strip_final_eos
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.pipeline import read_and_encode
 from qatune.data.report import TruncationCounts
-from qatune.data.truncation import apply, plan
+from qatune.data.truncation import DROP_WARN_SHARE, apply, best_policy, plan
 from qatune.errors import UserError
 from qatune.utils.device import default_device
 
@@ -48,12 +48,20 @@ class CheckResult:
     name: str
     ok: bool
     detail: str
+    warn: bool = False  # passed, but the run will not see the data as given (exit status stays 0)
+
+    @property
+    def status(self) -> str:
+        return "FAIL" if not self.ok else "WARN" if self.warn else "PASS"
 
 
 @dataclass
 class CheckReport:
     results: list[CheckResult] = field(default_factory=list)
-    example: list[tuple[str, bool]] = field(default_factory=list)  # the first example's tokens, in the loss or not
+    # The first example as (text, in the loss, tokens) spans: each span of tokens with the same loss
+    # flag is decoded whole, so a character that takes several byte tokens (Vietnamese "ộ" is 2-3
+    # GPT-2 tokens) is shown, not one U+FFFD per token.
+    example: list[tuple[str, bool, int]] = field(default_factory=list)
     example_where: str = ""
     notes: list[str] = field(default_factory=list)  # data warnings and notes
 
@@ -61,8 +69,8 @@ class CheckReport:
     def ok(self) -> bool:
         return all(r.ok for r in self.results)
 
-    def add(self, name: str, ok: bool, detail: str) -> None:
-        self.results.append(CheckResult(name, ok, detail))
+    def add(self, name: str, ok: bool, detail: str, warn: bool = False) -> None:
+        self.results.append(CheckResult(name, ok, detail, warn))
 
 
 class _Killed(Exception):
@@ -164,21 +172,41 @@ def check_truncation(report: CheckReport, sample: Sample) -> None:
         report.add(
             "truncation", False, f"{sample.would_fail} examples exceed max_len under truncation=error; " + detail
         )
+    elif not t.kept:
+        report.add("truncation", False, "no example is left: " + detail)
+    elif t.dropped > DROP_WARN_SHARE * t.examples_in:
+        best, kept = best_policy(sample.encodings, t.max_len)
+        advice = (
+            f"; data.truncation={best} keeps {kept} of {t.examples_in}"
+            if kept > t.kept
+            else f"; no policy keeps more at this max_len (best: {best}, {kept} kept): raise data.max_len"
+        )
+        share = t.dropped / t.examples_in
+        report.add("truncation", True, f"{100 * share:.1f}% of the examples dropped: {detail}{advice}", warn=True)
     else:
-        report.add("truncation", t.kept > 0, detail if t.kept else "no example is left: " + detail)
+        report.add("truncation", True, detail)
 
 
 def render_example(report: CheckReport, sample: Sample, tokenizer) -> None:
-    """The first kept example as (token text, in the loss) pairs, for the highlighted rendering."""
+    """The first kept example as (text, in the loss, tokens) spans, for the highlighted rendering."""
     for record, example in zip(sample.records, sample.examples):
         if example is not None:
-            eos = tokenizer.eos_token_id
-            report.example = [
-                ("<|endoftext|>" if t == eos else tokenizer.decode([t]), label != IGNORE)
-                for t, label in zip(example.input_ids, example.labels)
-            ]
+            report.example = loss_spans(example, tokenizer)
             report.example_where = record.where
             return
+
+
+def loss_spans(example: EncodedExample, tokenizer) -> list[tuple[str, bool, int]]:
+    """Runs of tokens that are all in the loss or all out of it, each decoded as one sequence."""
+    spans: list[tuple[str, bool, int]] = []
+    run: list[int] = []
+    for i, (t, label) in enumerate(zip(example.input_ids, example.labels)):
+        run.append(t)
+        nxt = example.labels[i + 1] if i + 1 < len(example) else None
+        if nxt is None or (nxt != IGNORE) != (label != IGNORE):
+            spans.append((tokenizer.decode(run), label != IGNORE, len(run)))
+            run = []
+    return spans
 
 
 # --- step checks ------------------------------------------------------------------------------
@@ -308,25 +336,30 @@ def check_export(report: CheckReport, export_dir: Path, example: EncodedExample)
     report.add("export", diff <= 1e-4, f"transformers GPT2LMHeadModel logits vs qatune's: max difference {diff:.1e}")
 
 
-def chat_messages(record) -> list[dict] | None:
-    """The conversation up to the trained answer, as chat messages; None for a record with a
-    context (an input/passage has no place in a chat message list)."""
+def chat_message(role: str, content: str, context: str = "") -> dict:
+    """A chat message as the exported template reads it: a passage rides in a `context` key."""
+    return {"role": role, "content": content, **({"context": context} if context else {})}
+
+
+def chat_messages(record) -> list[dict]:
+    """The conversation up to the trained answer, as chat messages."""
     if record.is_conversation:
         last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
-        return [{"role": m.role, "content": m.content} for m in record.messages[:last]]
-    if record.context:
-        return None
-    return [{"role": "user", "content": record.prompt}]
+        return [chat_message(m.role, m.content, m.context) for m in record.messages[:last]]
+    return [chat_message("user", record.prompt, record.context)]
 
 
 def check_chat_template(report: CheckReport, export_dir: Path, sample: Sample, template, tokenizer) -> None:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(export_dir)
+    # Ids are compared, never fed to a model: a prompt longer than the context (one truncation will
+    # cut) is still compared, without transformers' "sequence length is longer" warning.
+    hf.model_max_length = int(1e30)
     compared, skipped, bad = 0, 0, []
     for record, enc in zip(sample.records, sample.encodings):
         messages = chat_messages(record)
-        if messages is None or not messages or messages[-1]["role"] != "user":
+        if not messages or messages[-1]["role"] != "user":
             skipped += 1
             continue
         got = hf.apply_chat_template(messages, add_generation_prompt=True)
@@ -334,14 +367,14 @@ def check_chat_template(report: CheckReport, export_dir: Path, sample: Sample, t
         compared += 1
         if got != enc.input_ids[: enc.response_start]:
             bad.append(record.where)
-    detail = f"{compared} prompts: apply_chat_template == the ids training uses"
+    detail = f"{compared} of {len(sample.records)} records: apply_chat_template == the prompt ids training uses"
     if bad:
         detail = (
             f"{len(bad)} of {compared} prompts tokenize differently through apply_chat_template, e.g. {bad[0]} "
             "(a BPE merge across a prompt/answer boundary: end the template's prompt in a newline or ':')"
         )
     if skipped:
-        detail += f"; {skipped} records with a context or no user turn not compared"
+        detail += f"; {skipped} records with no user turn before the answer not compared"
     report.add("chat template", not bad and compared > 0, detail)
 
 
