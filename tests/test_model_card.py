@@ -16,7 +16,7 @@ from qatune.cli import main
 from qatune.config import load_config
 from qatune.train.config import TrainConfig
 from qatune.train.metrics import read_metrics
-from qatune.train.model_card import base_model, read_front_matter
+from qatune.train.model_card import base_model, hub_datasets, read_front_matter
 
 CONFIG = """
 out_dir: {out}
@@ -115,3 +115,10 @@ def test_the_base_model_and_its_license_by_how_the_model_was_named(tmp_path):
     assert base_model(cfg) == (None, None)  # fresh weights: no base
     cfg.model.name, cfg.model.init = str(tmp_path), "pretrained"
     assert base_model(cfg) == (None, None)  # a folder without a card
+
+
+def test_the_card_lists_hub_data_sets_by_name_and_local_files_in_its_text(tmp_path):
+    local = tmp_path / "mine.jsonl"
+    local.write_text("{}\n")
+    sources = ["tatsu-lab/alpaca", {"hub": "openai/gsm8k", "config": "main"}, str(local), "org/set:test"]
+    assert hub_datasets(sources) == ["tatsu-lab/alpaca", "openai/gsm8k", "org/set"]
