@@ -55,35 +55,37 @@ def _write_data(root: Path) -> None:
             pairs.write(json.dumps(row) + "\n")
 
 
-@functools.cache
-def _root() -> Path:
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="qatune_defaults_"))
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("defaults")
     _write_data(root)
     return root
 
 
-def config_file(method: str, mode: str) -> Path:
-    root = _root()
+def config_file(root: Path, method: str, mode: str) -> Path:
     path = root / f"{method}_{mode}.yaml"
     path.write_text(CONFIG.format(method=method, out=root / mode, data=root / f"{DATA[method]}.jsonl"))
     return path
 
 
-@functools.cache
-def pipe_run(method: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """`qatune train CONFIG name=METHOD` with stderr a pipe; (the process, its run folder)."""
-    proc = run_cli("train", str(config_file(method, "pipe")), f"name={method}")
-    return proc, _root() / "pipe" / method
+@pytest.fixture(scope="module")
+def pipe_run(root):
+    """pipe_run(method): `qatune train CONFIG name=METHOD` with stderr a pipe, once per method;
+    (the process, its run folder)."""
+
+    @functools.cache
+    def run(method: str) -> tuple[subprocess.CompletedProcess, Path]:
+        return run_cli("train", str(config_file(root, method, "pipe")), f"name={method}"), root / "pipe" / method
+
+    return run
 
 
-def pty_run(method: str) -> tuple[int, str]:
+def pty_run(root: Path, method: str) -> tuple[int, str]:
     """The same with stderr a pseudo-terminal: (exit code, what the terminal received)."""
     master, slave = os.openpty()
     env = {**os.environ, "COLUMNS": "250", "TERM": "xterm"}
     code = "import sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    args = [sys.executable, "-c", code, "train", str(config_file(method, "pty")), f"name={method}"]
+    args = [sys.executable, "-c", code, "train", str(config_file(root, method, "pty")), f"name={method}"]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     chunks = []
@@ -109,7 +111,7 @@ def _plain(text: str) -> str:
 
 
 @pytest.mark.parametrize("method", list(DATA))
-def test_every_method_trains_from_its_defaults_with_progress_on_a_pipe(method):
+def test_every_method_trains_from_its_defaults_with_progress_on_a_pipe(pipe_run, method):
     proc, run_dir = pipe_run(method)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -122,8 +124,8 @@ def test_every_method_trains_from_its_defaults_with_progress_on_a_pipe(method):
 
 
 @pytest.mark.parametrize("method", list(DATA))
-def test_every_method_trains_with_the_progress_bar_on_a_terminal(method):
-    rc, text = pty_run(method)
+def test_every_method_trains_with_the_progress_bar_on_a_terminal(root, method):
+    rc, text = pty_run(root, method)
     screen = _plain(text)
     assert rc == 0, screen[-3000:]
     assert "Traceback" not in screen
@@ -142,7 +144,7 @@ def test_every_method_trains_with_the_progress_bar_on_a_terminal(method):
         ("sft", {"data.truncation": "cut_response", "precision": "fp32"}),
     ],
 )
-def test_the_saved_config_records_what_the_method_resolved(method, resolved):
+def test_the_saved_config_records_what_the_method_resolved(pipe_run, method, resolved):
     """The run folder's config.yaml and the checkpoint's say what the run used: a preference
     method's pair policy (cut_response reads as cut_pair), GRPO's group size, the precision that
     `auto` picked on this CPU."""
@@ -156,14 +158,14 @@ def test_the_saved_config_records_what_the_method_resolved(method, resolved):
             assert (cfg[section] if section else cfg)[leaf] == value, (saved, key)
 
 
-def test_a_resume_from_the_saved_config_continues_the_run():
+def test_a_resume_from_the_saved_config_continues_the_run(root):
     """`qatune train <run>/config.yaml --resume` (resolved values and all) continues from the
     step-1 checkpoint; so does the user's own config against a checkpoint whose config.yaml holds
     the values unresolved, as runs saved them before."""
-    user_config = config_file("dpo", "pipe")
+    user_config = config_file(root, "dpo", "pipe")
     first = run_cli("train", str(user_config), "name=dpo_resume", "save_every=1", "--no-progress")
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = _root() / "pipe" / "dpo_resume"
+    run_dir = root / "pipe" / "dpo_resume"
     checkpoints = run_dir / CHECKPOINTS_DIR
     for saved_config, checkpoint in ((run_dir / "config.yaml", "step_00000001"), (user_config, "step_00000001")):
         shutil.rmtree(checkpoints / "step_00000002")
@@ -177,7 +179,7 @@ def test_a_resume_from_the_saved_config_continues_the_run():
         old.write_text(yaml.safe_dump(unresolved, sort_keys=False))
 
 
-def test_grpo_refuses_an_explicit_group_of_one():
-    proc = run_cli("train", str(config_file("grpo", "pipe")), "name=grpo_one", "rl.group_size=1", "--no-progress")
+def test_grpo_refuses_an_explicit_group_of_one(root):
+    proc = run_cli("train", str(config_file(root, "grpo", "pipe")), "name=grpo_one", "rl.group_size=1", "--no-progress")
     assert proc.returncode != 0
     assert "rl.group_size >= 2" in proc.stderr
