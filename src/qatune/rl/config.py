@@ -27,7 +27,9 @@ class RLConfig:
     # --- sampling
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     prompts_per_rollout: int = 16  # prompts per rollout batch, all ranks together
-    group_size: int = 1  # responses per prompt (GRPO needs >= 2: advantages are relative to the group)
+    # Responses per prompt. Unset: the method's choice, 8 for grpo (its advantages are relative to
+    # the group: it needs >= 2), 1 for ppo (its value model is the baseline).
+    group_size: int | None = None
     generation_batch: int = 64  # responses decoded together (bounds the KV cache's memory)
     # --- optimization on each rollout batch
     epochs: int = 1  # passes over the rollout batch (PPO: typically 4)
@@ -51,13 +53,13 @@ class RLConfig:
     # export) whose hidden states feed a separate value head.
     value_model: str = "policy"
     whiten_rewards: bool = False  # normalize the scores over the rollout batch before the KL term
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # normalize the advantages to mean 0, std 1 over the rollout batch
     # --- GRPO only
     scale_rewards: bool = True  # divide each group's centered rewards by the group's std
 
     def __post_init__(self) -> None:
         for name in ("prompts_per_rollout", "group_size", "generation_batch", "epochs", "minibatches"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         if len(self.kl_band) != 2 or self.kl_band[0] >= self.kl_band[1]:
             raise UserError(f"rl.kl_band must be [low, high] with low < high, got {self.kl_band}")

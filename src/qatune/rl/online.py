@@ -42,7 +42,7 @@ from qatune.rl.rollout import Rollout, sample_rollout
 from qatune.train.data import split_holdout
 from qatune.train.logprobs import fused_logprob_loss
 from qatune.train.loss import select_labelled
-from qatune.train.methods.base import Method, RunContext
+from qatune.train.methods.base import STEP_FIELDS, Method, RunContext
 from qatune.train.methods.sft import model_inputs
 from qatune.train.step import backbone, global_sum, lm_weight, scored_rows_only
 
@@ -93,6 +93,23 @@ class OnlineRL(Method):
     per-token advantages) and `step` (the loss of a micro-batch)."""
 
     needs_reference = True
+    config_sections = ("rl",)
+    default_group_size = 1  # rl.group_size when the config leaves it unset
+    progress_fields = (
+        *STEP_FIELDS,
+        ("reward", "reward {:.3f}"),
+        ("kl", "KL {:.3f}"),
+        ("eval_reward", "eval reward {:.3f}"),
+        ("eval_kl", "eval KL {:.3f}"),
+    )
+    summary_fields = (
+        ("eval_reward", "held-out reward of greedy answers"),
+        ("eval_exact_match", "held-out exact match of greedy answers"),
+        ("eval_sampled_reward", "held-out reward of sampled answers"),
+        ("eval_kl", "held-out KL to the starting model (nats / response)"),
+        ("reward", "training reward (last rollout)"),
+        ("kl", "training KL to the starting model (last rollout)"),
+    )
     # name -> (metric keys, y label): each key's curve, its held-out `eval_<key>` as markers
     plots = {
         "reward": (("reward", "sampled_reward"), "reward (held-out: greedy, sampled)"),
@@ -113,6 +130,12 @@ class OnlineRL(Method):
         self.buffer: list[Experience] = []
         self.buffer_rollout = -1  # which rollout the buffer holds
         self.pending_stats: dict | None = None  # the rollout metrics of the step being built
+
+    @classmethod
+    def resolve_config(cls, cfg):
+        if cfg.rl.group_size is not None:
+            return replace(cfg)
+        return replace(cfg, rl=replace(cfg.rl, group_size=cls.default_group_size))
 
     @classmethod
     def from_config(cls, cfg, tokenizer, rank: int = 0):
@@ -397,7 +420,14 @@ class OnlineRL(Method):
         self.buffer = [Experience(**e) for e in state["buffer"]]
 
     def export_info(self) -> dict:
-        return {"template": self.template, "max_len": self.context, "method": self.name, "reward": self.rl.reward}
+        prompts = {"train": len(self.train_prompts), "held_out": len(self.eval_prompts)}
+        return {
+            "template": self.template,
+            "max_len": self.context,
+            "method": self.name,
+            "reward": self.rl.reward,
+            "prompts": prompts,
+        }
 
 
 def _exact(prediction: str, reference: str) -> bool:

@@ -31,7 +31,7 @@ from qatune.model.gpt2 import GPT2
 
 @dataclass
 class RolloutConfig:
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # response tokens sampled at most (the prompt gets the rest of the context)
     temperature: float = 1.0  # > 0: RL needs a stochastic policy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off

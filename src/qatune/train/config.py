@@ -44,9 +44,9 @@ class ModelConfig:
 @dataclass
 class EvalConfig:
     fraction: float = 0.05  # share of the examples held out (seeded split)
-    max_examples: int | None = 500
+    max_examples: int | None = 500  # at most this many held out; None = no cap
     every: int = 200  # optimizer steps between evaluations (and at the end); 0 = only at the end
-    batch_size: int = 16
+    batch_size: int = 16  # held-out examples (or pairs) per forward pass
 
 
 @dataclass
@@ -61,7 +61,7 @@ class MonitorConfig:
 class TrainConfig:
     name: str = "run"  # the run folder is <out_dir>/<name>
     method: str = "sft"  # the training method: sft, dpo, reward, grpo, ppo (qatune.train.methods)
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # where run folders are made
     model: ModelConfig = field(default_factory=ModelConfig)
     # default: the model folder's own tokenizer files, else $QATUNE_TOKENIZER, else the hub's "gpt2"
     tokenizer: str | None = None
@@ -73,9 +73,10 @@ class TrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)  # method dpo: beta, loss, label smoothing, reference
     reward: RewardConfig = field(default_factory=RewardConfig)  # method reward: Bradley-Terry options
     rl: RLConfig = field(default_factory=RLConfig)  # method ppo / grpo: rollouts, rewards, KL (qatune.rl.config)
-    epochs: int = 1
+    epochs: int = 1  # passes over the training data (max_steps overrides)
     max_steps: int | None = None  # the run's length in optimizer steps, past one epoch if need be (overrides epochs)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
+    # Recompute each block's activations in backward: less memory for one more forward pass per step.
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (measured slower on CPU: docs/performance.md)
     # How packed rows attend: auto = FlexAttention on GPU, per-document SDPA on CPU; dense = the
@@ -85,16 +86,16 @@ class TrainConfig:
     strategy: Literal["none", "ddp", "fsdp"] = "none"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # used when strategy is fsdp
     loss_chunk: int = 2048  # label rows per LM-head chunk
-    seed: int = 0
+    seed: int = 0  # the held-out split, the data order, random init, dropout and sampling
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # CPU threads (torch.set_num_threads); None = PyTorch's default
-    log_every: int = 1
+    log_every: int = 1  # optimizer steps between metrics.jsonl lines (eval steps and the last are always logged)
     save_every: int = 500  # optimizer steps between checkpoints; 0 = only the final one
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest checkpoints kept; older ones are deleted
     # Experiment trackers besides metrics.jsonl: tensorboard, mlflow, wandb (see train/tracking.py).
     tracking: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     tensorboard: bool = True  # false drops tensorboard from `tracking` (the older switch, kept for old configs)
-    plots: bool = True
+    plots: bool = True  # write <run>/plots (loss, lr, the method's metrics) at checkpoints and the end
     export: bool = True  # write <run>/export (a Hugging Face folder) at the end
 
     def __post_init__(self) -> None:

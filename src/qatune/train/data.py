@@ -24,7 +24,7 @@ from qatune.train.distributed import check_plan_split
 class BatchConfig:
     strategy: Literal["packed", "grouped"] = "packed"  # packed rows (default) or length-grouped rows
     size: int = 8  # per micro-batch, per rank, in `unit`s
-    unit: Literal["examples", "tokens"] = "examples"
+    unit: Literal["examples", "tokens"] = "examples"  # what batch.size counts (pairs / responses for those methods)
     accumulation: int = 1  # micro-batches per optimizer step (per rank)
 
     def __post_init__(self) -> None:

@@ -21,12 +21,12 @@ NO_DECAY_MATRICES = ("wte.weight", "wpe.weight")
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
+    lr: float = 5e-5  # AdamW's peak learning rate, reached after the warmup
     lr_min: float = 5e-6  # the cosine ends here
-    warmup_steps: int = 100
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
+    warmup_steps: int = 100  # optimizer steps of linear warmup from lr / warmup_steps to lr
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's moment decay rates
+    eps: float = 1e-8  # AdamW's denominator epsilon
+    weight_decay: float = 0.1  # decoupled decay of the weight matrices (not biases, LayerNorms, embeddings)
     grad_clip: float = 1.0  # max global L2 norm; 0 = no clipping
     fused: bool = True  # fused AdamW kernel where the device supports it, else foreach
 

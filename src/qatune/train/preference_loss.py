@@ -42,7 +42,7 @@ DPO_LOSSES = ("sigmoid", "ipo")
 @dataclass
 class DPOConfig:
     beta: float = 0.1  # strength of the KL anchor; IPO's tau
-    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's -log sigma(beta * margin); ipo: Azar et al. 2023
     label_smoothing: float = 0.0  # conservative DPO's eps (sigmoid loss only), in [0, 0.5)
     nll_weight: float = 0.0  # RPO's alpha: + alpha x the chosen response's per-token NLL
     # Reference log-probs: computed once for the whole data set before training (cached in the

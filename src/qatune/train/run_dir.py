@@ -17,7 +17,9 @@ import errno
 import fcntl
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -98,6 +100,20 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _resolved(saved_yaml: str, resolve: Callable[[Any], str] | None) -> str:
+    """The saved config as `resolve` fills it in; as written when it no longer loads (an older
+    qatune's keys), so that the comparison names what differs."""
+    from qatune.config import ConfigError, from_dict
+    from qatune.train.config import TrainConfig
+
+    if resolve is None:
+        return saved_yaml
+    try:
+        return resolve(from_dict(TrainConfig, yaml.safe_load(saved_yaml)))
+    except (ConfigError, ValueError):
+        return saved_yaml
+
+
 def config_differences(saved_yaml: str, current_yaml: str) -> list[str]:
     """`key: saved -> current` for every setting that differs and matters to the numbers."""
     saved, current = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(current_yaml) or {})
@@ -106,10 +122,22 @@ def config_differences(saved_yaml: str, current_yaml: str) -> list[str]:
     return [f"{k}: {saved.get(k, '(unset)')!r} there, {current.get(k, '(unset)')!r} here" for k in keys]
 
 
-def check_resume(checkpoint: Path, step: int, current_yaml: str, total_steps: int, saved_total: int | None) -> None:
-    """The checkpoint belongs to this run, or a ValueError that says what differs."""
+def check_resume(
+    checkpoint: Path,
+    step: int,
+    current_yaml: str,
+    total_steps: int,
+    saved_total: int | None,
+    resolve: Callable[[Any], str] | None = None,
+) -> None:
+    """The checkpoint belongs to this run, or a ValueError that says what differs. `resolve`: the
+    saved TrainConfig -> its YAML with the defaults the run resolves filled in, as `current_yaml`
+    has them (a checkpoint written before a setting was resolved recorded it unresolved)."""
     config_file = Path(checkpoint) / "config.yaml"
-    problems = config_differences(config_file.read_text(encoding="utf-8"), current_yaml) if config_file.exists() else []
+    problems = []
+    if config_file.exists():
+        saved = config_file.read_text(encoding="utf-8")
+        problems = config_differences(_resolved(saved, resolve), current_yaml)
     if saved_total is not None and saved_total != total_steps:
         problems.append(f"the plan has {saved_total} steps there, {total_steps} here (did the data change?)")
     if step > total_steps:

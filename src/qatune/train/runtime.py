@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +66,14 @@ def pick_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs, and less exact
+
+
+def resolved_config(cfg: TrainConfig, method: type[Method], device: torch.device) -> TrainConfig:
+    """The settings a run uses: `method`'s own defaults filled in, precision `auto` as picked for
+    `device`. What the run folder's config.yaml and every checkpoint record, and what a resume is
+    compared against. Resolving twice changes nothing, so a saved config.yaml trains the same run."""
+    cfg = method.resolve_config(cfg)
+    return replace(cfg, precision=pick_precision(cfg.precision, device))
 
 
 def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
@@ -168,13 +176,14 @@ class _Run:
     """The state of one training run: built once, then `loop`."""
 
     def __init__(self, method: Method, model: GPT2, tokenizer, cfg: TrainConfig, resume, rank, world_size) -> None:
+        device = default_device(cfg.device)
+        cfg = resolved_config(cfg, type(method), device)
         self.cfg, self.method, self.resume = cfg, method, resume
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = default_device(cfg.device)
-        precision = Precision(pick_precision(cfg.precision, device), device)
+        precision = Precision(cfg.precision, device)
         if device.type == "cpu":
             warn_slow_cpu_precision(precision.name)
             keep_freed_memory()  # no page faults on the step's large tensors (qatune.utils.malloc)
@@ -238,7 +247,8 @@ class _Run:
         else:
             state = load_checkpoint(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler)
         extra = state["extra"]
-        check_resume(self.ckpt, state["step"], self.config_yaml, len(self.plan), extra.get("plan_steps"))
+        resolve = lambda saved: dump_yaml(resolved_config(saved, type(self.method), ctx.device))
+        check_resume(self.ckpt, state["step"], self.config_yaml, len(self.plan), extra.get("plan_steps"), resolve)
         self.method.load_state_dict(state.get("rank_extra", extra).get("method", {}))
         self.start, self.elapsed_before = state["step"], extra.get("elapsed", 0.0)
 
@@ -277,7 +287,7 @@ class _Run:
         history: list[dict] = []
         self.clip_history = _clip_window(self.run_dir, self.start, cfg.monitor.clip_window, self.resume and ctx.is_main)
         final_eval: dict = {}
-        bar = Progress(len(plan), self.start, enabled=progress and ctx.is_main)
+        bar = Progress(len(plan), self.start, progress and ctx.is_main, self.method.progress_fields)
         self.t_start = time.perf_counter() - self.elapsed_before
         batches = _Prefetcher(plan, ctx, self.start)
         self.trainable.train()

@@ -9,6 +9,8 @@ what makes it that method:
     plan(run) -> StepPlan         every optimizer step of the run, as this rank's micro-batches
     step(model, batch, monitor)   forward + loss of one micro-batch -> StepOutput (no backward)
     summarize(totals, count)      the step's summed metrics -> fields of the metrics record
+    progress_fields / summary_fields   which of those fields the progress line and the model card show
+    resolve_config(cfg)           the config with the method's own defaults filled in (what the run records)
     evaluate(model)               held-out metrics (eval_*), called by the runtime at eval steps
     state_dict / load_state_dict  method state kept in checkpoints (rollout buffers, controllers)
     export(model, run, info)      the final export (default: a transformers GPT-2 LM folder)
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,12 +84,35 @@ class RunContext:
         return self.rank == 0
 
 
+# What every method's progress line starts with: (metric key, format text). The runtime writes
+# these keys into every record.
+STEP_FIELDS: tuple[tuple[str, str], ...] = (
+    ("loss", "loss {:.4f}"),
+    ("lr", "lr {:.2e}"),
+    ("tokens_per_s", "{:,.0f} tok/s"),
+)
+
+
 class Method:
     """Defaults shared by every method; a method overrides what makes it different."""
 
     name = "method"
+    title = ""  # what the method is, in a few words (the model card, docs/config.md)
     needs_reference = False  # the runtime keeps a frozen copy of the initial model (run.reference)
     plots: dict = {}  # extra plots of this method's metrics: name -> ((metric keys), y label)
+    # The progress line: (metric key, format text) in order; a key missing from a record (or not a
+    # number) is left out, so a metric a method adds or drops never breaks the display.
+    progress_fields: tuple[tuple[str, str], ...] = (*STEP_FIELDS, ("eval_loss", "eval {:.4f}"))
+    # The final metrics the export's model card lists: (metric key, what it is).
+    summary_fields: tuple[tuple[str, str], ...] = (("loss", "training loss (last step)"),)
+    config_sections: tuple[str, ...] = ()  # the config sections that apply to this method only
+
+    @classmethod
+    def resolve_config(cls, cfg):
+        """`cfg` with this method's defaults filled in (settings left for the method to choose are
+        None): the settings the run uses, which its saved config.yaml records. A new object; the
+        caller's is not changed."""
+        return replace(cfg)
 
     @classmethod
     def from_config(cls, cfg, tokenizer, rank: int = 0) -> Method:
@@ -136,4 +161,4 @@ class Method:
     def export(self, model: nn.Module, run: RunContext, info: dict) -> Path | None:
         from qatune.train.export import export_lm
 
-        return export_lm(model, run, info)
+        return export_lm(model, run, info, self)

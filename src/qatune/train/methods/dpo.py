@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from qatune.data.preference.batching import PairBatch
-from qatune.train.methods.base import RunContext, StepOutput
+from qatune.train.methods.base import STEP_FIELDS, RunContext, StepOutput
 from qatune.train.methods.preference import PairItem, PairMethod
 from qatune.train.preference_loss import dpo_summary
 from qatune.train.preference_step import dpo_loss_sum, model_inputs, sequence_logps
@@ -33,7 +33,23 @@ REFERENCE_CACHE = "reference_logps.pt"
 
 class DPO(PairMethod):
     name = "dpo"
+    title = "Direct Preference Optimization (Rafailov et al. 2023)"
     needs_reference = True
+    config_sections = ("dpo",)
+    progress_fields = (
+        *STEP_FIELDS,
+        ("reward_accuracy", "acc {:.2f}"),
+        ("margin", "margin {:.3f}"),
+        ("eval_loss", "eval {:.4f}"),
+        ("eval_reward_accuracy", "eval acc {:.2f}"),
+    )
+    summary_fields = (
+        ("eval_loss", "held-out DPO loss"),
+        ("eval_reward_accuracy", "held-out reward accuracy (implicit reward of chosen > rejected)"),
+        ("eval_margin", "held-out implicit reward margin"),
+        ("loss", "training loss (last step)"),
+        ("reward_accuracy", "training reward accuracy (last step)"),
+    )
     plots = {
         "reward_accuracy": (("reward_accuracy",), "reward accuracy (chosen reward > rejected)"),
         "rewards": (("reward_chosen", "reward_rejected", "margin"), "implicit reward beta log pi/pi_ref"),

@@ -27,6 +27,11 @@ from qatune.train.methods.base import RunContext, StepOutput
 
 class GRPO(OnlineRL):
     name = "grpo"
+    title = "GRPO (Shao et al. 2024): PPO's clipped objective, advantages relative to a group of answers"
+    # Advantages are relative to the group, so a group needs several answers, and its mean and std
+    # are noisy when small: 8 is TRL's GRPOConfig default (num_generations) and this repository's
+    # GSM8K config; DeepSeekMath sampled 64.
+    default_group_size = 8
 
     def setup(self, run: RunContext) -> None:
         super().setup(run)

@@ -74,6 +74,7 @@ def load_critic(name: str) -> tuple[nn.Module, torch.Tensor | None]:
 
 class PPO(OnlineRL):
     name = "ppo"
+    title = "PPO with a KL penalty to the starting model (Ziegler et al. 2019)"
     plots = {**OnlineRL.plots, "value_loss": (("value_loss",), "value loss")}
 
     def wrap(self, model: nn.Module) -> nn.Module:

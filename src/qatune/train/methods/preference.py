@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
@@ -32,6 +32,13 @@ class PairItem:
 
 
 class PairMethod(Method):
+    @classmethod
+    def resolve_config(cls, cfg):
+        """data.truncation as the pair policy it means (`cut_response`, the SFT default, is cut_pair)."""
+        from qatune.data.preference.truncation import pair_policy
+
+        return replace(cfg, data=replace(cfg.data, truncation=pair_policy(cfg.data.truncation)))
+
     def __init__(
         self,
         pairs: Sequence[EncodedPair],

@@ -18,9 +18,9 @@ import torch
 
 from qatune.data.preference.batching import PairBatch
 from qatune.model.reward import SCORE_KEY, RewardModel, is_reward_model
-from qatune.runs import EXPORT_DIR, META_FILE
-from qatune.train.export import meta_text
-from qatune.train.methods.base import RunContext, StepOutput
+from qatune.runs import EXPORT_DIR
+from qatune.train.export import export_files
+from qatune.train.methods.base import STEP_FIELDS, RunContext, StepOutput
 from qatune.train.methods.preference import PairMethod
 from qatune.train.preference_loss import reward_summary
 from qatune.train.preference_step import model_inputs, reward_loss_sum
@@ -28,6 +28,22 @@ from qatune.train.preference_step import model_inputs, reward_loss_sum
 
 class Reward(PairMethod):
     name = "reward"
+    title = "a reward model: GPT-2 with a scalar head, Bradley-Terry on preference pairs"
+    config_sections = ("reward",)
+    progress_fields = (
+        *STEP_FIELDS,
+        ("accuracy", "acc {:.2f}"),
+        ("margin", "margin {:.3f}"),
+        ("eval_loss", "eval {:.4f}"),
+        ("eval_accuracy", "eval acc {:.2f}"),
+    )
+    summary_fields = (
+        ("eval_loss", "held-out Bradley-Terry loss"),
+        ("eval_accuracy", "held-out pair accuracy (chosen scores higher)"),
+        ("eval_margin", "held-out score margin (chosen - rejected)"),
+        ("loss", "training loss (last step)"),
+        ("accuracy", "training pair accuracy (last step)"),
+    )
     plots = {
         "accuracy": (("accuracy",), "pair accuracy (chosen scores higher)"),
         "scores": (("score_chosen", "score_rejected", "margin"), "reward model score"),
@@ -62,4 +78,4 @@ class Reward(PairMethod):
         from qatune.model.reward import export_reward_hf
 
         model = getattr(model, "module", model)
-        return export_reward_hf(model, run.run_dir / EXPORT_DIR, run.tokenizer, {META_FILE: meta_text(info)})
+        return export_reward_hf(model, run.run_dir / EXPORT_DIR, run.tokenizer, export_files(run, info, self))

@@ -20,7 +20,7 @@ from qatune.data.example import EncodedExample
 from qatune.errors import UserError
 from qatune.train.data import ExamplePlan, eval_batches, make_batch, split_holdout
 from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
-from qatune.train.methods.base import Method, RunContext, StepOutput
+from qatune.train.methods.base import STEP_FIELDS, Method, RunContext, StepOutput
 from qatune.train.step import evaluate_sums, lm_weight, monitor_targets, perplexity, phase, scored_rows_only
 
 
@@ -35,6 +35,13 @@ def model_inputs(batch: Batch) -> dict:
 
 class SFT(Method):
     name = "sft"
+    title = "supervised fine-tuning, loss on response tokens only"
+    progress_fields = (*STEP_FIELDS, ("eval_loss", "eval {:.4f}"), ("eval_ppl", "ppl {:.2f}"))
+    summary_fields = (
+        ("eval_loss", "held-out response loss (nats / token)"),
+        ("eval_ppl", "held-out perplexity"),
+        ("loss", "training loss (last step)"),
+    )
 
     def __init__(
         self,
