@@ -9,7 +9,7 @@ or, with `dpo.precompute_reference`, from one pass over the whole data set befor
 cached in the run folder (`reference_logps.pt`) and reused on resume.
 
 Metrics per step (TRL's definitions, `qatune.train.preference_loss`): loss, reward_accuracy,
-margin, reward_chosen / reward_rejected, logp_chosen / logp_rejected, kl; the same with `eval_`
+margin, reward_chosen / reward_rejected, logp_chosen / logp_rejected, logratio; the same with `eval_`
 on the held-out pairs at eval steps. Export: the policy as a transformers GPT-2 LM.
 """
 
@@ -38,7 +38,7 @@ class DPO(PairMethod):
         "reward_accuracy": (("reward_accuracy",), "reward accuracy (chosen reward > rejected)"),
         "rewards": (("reward_chosen", "reward_rejected", "margin"), "implicit reward beta log pi/pi_ref"),
         "logps": (("logp_chosen", "logp_rejected"), "log pi(response | prompt)"),
-        "kl": (("kl",), "implicit KL estimate (mean log pi/pi_ref, >= 0)"),
+        "logratio": (("logratio",), "mean log pi/pi_ref of the responses (chosen and rejected)"),
     }
 
     def setup(self, run: RunContext) -> None:
