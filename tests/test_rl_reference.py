@@ -140,7 +140,7 @@ def test_grpo_step_equals_the_clipped_surrogate_plus_k3_per_sequence():
         approx += float((0.5 * (logp - old) ** 2).sum().detach())
     assert 0 < clipped < out.count  # both branches of the min are exercised
     assert out.count == sum(len(r) for _, r in seqs)
-    assert float(out.loss_sum) == pytest.approx(float(want.detach()), abs=FP64_TOL * terms)
+    assert float(out.loss_sum.detach()) == pytest.approx(float(want.detach()), abs=FP64_TOL * terms)
     assert int(out.metrics["clipped_tokens"]) == clipped
     assert float(out.metrics["kl_k3_sum"]) == pytest.approx(k3_sum, rel=FP64_TOL)
     assert float(out.metrics["approx_kl_sum"]) == pytest.approx(approx, rel=FP64_TOL)
@@ -173,7 +173,7 @@ def test_ppo_step_equals_the_clipped_surrogate_plus_clipped_value_loss_per_seque
         want = want + s.sum() + rl.value_coef * vl.sum()
         terms += float((s.abs().sum() + rl.value_coef * vl.sum()).detach())
     assert 0 < value_clipped < out.count
-    assert float(out.loss_sum) == pytest.approx(float(want.detach()), abs=FP64_TOL * terms)
+    assert float(out.loss_sum.detach()) == pytest.approx(float(want.detach()), abs=FP64_TOL * terms)
     assert int(out.metrics["value_clipped_tokens"]) == value_clipped
     want.backward()
     assert_same_grads(got, grads(model), terms)
