@@ -93,6 +93,7 @@ class OnlineRL(Method):
     per-token advantages) and `step` (the loss of a micro-batch)."""
 
     needs_reference = True
+    train_without_dropout = True  # the ratio pi / pi_old compares it with the rollout's eval forward
     # name -> (metric keys, y label): each key's curve, its held-out `eval_<key>` as markers
     plots = {
         "reward": (("reward", "sampled_reward"), "reward (held-out: greedy, sampled)"),

@@ -87,6 +87,8 @@ class Method:
 
     name = "method"
     needs_reference = False  # the runtime keeps a frozen copy of the initial model (run.reference)
+    # model.disable_dropout's default: the loss compares the training forward with an eval one
+    train_without_dropout = False
     plots: dict = {}  # extra plots of this method's metrics: name -> ((metric keys), y label)
 
     @classmethod

@@ -31,6 +31,8 @@ class PairItem:
 
 
 class PairMethod(Method):
+    train_without_dropout = True  # DPO: against the reference's eval forward; reward: two scores compared
+
     def __init__(
         self,
         pairs: Sequence[EncodedPair],
