@@ -118,3 +118,11 @@ def make_tiny_run(hf_tiny_dir, gpt2_tokenizer, tmp_path_factory):
         return run
 
     return make
+
+
+@pytest.fixture(scope="session")
+def facts(tmp_path_factory) -> dict:
+    """The RL tests' SFT starting point on the demo's facts task (tests/rl_facts.py), built once."""
+    from tests.rl_facts import make_facts
+
+    return make_facts(tmp_path_factory.mktemp("rl"))

@@ -175,7 +175,7 @@ def test_first_step_with_a_frozen_copy_is_log2_and_reward_accuracy_zero():
     assert float(loss.detach()) / 4 == pytest.approx(math.log(2), abs=1e-12)
     # TRL: accuracy = mean(chosen reward > rejected reward); equal rewards (0 and 0) are not a win.
     assert summary["reward_accuracy"] == 0.0 and summary["margin"] == pytest.approx(0.0, abs=1e-12)
-    assert summary["kl"] == 0.0
+    assert summary["logratio"] == 0.0
     assert summary["logp_chosen"] < 0 and summary["logp_rejected"] < 0
 
 
@@ -189,7 +189,7 @@ def test_metric_definitions_on_known_log_probs():
     assert s["reward_rejected"] == pytest.approx((-0.5 + 0.5) / 2)
     assert s["reward_accuracy"] == 0.5 and s["margin"] == pytest.approx((1.0 - 0.5) / 2)
     assert s["logp_chosen"] == -1.5 and s["logp_rejected"] == -2.0
-    assert s["kl"] == pytest.approx(max(0.0, ((1 - 1) / 2 + (0 + 1) / 2) / 2))
+    assert s["logratio"] == pytest.approx(((1 - 1) / 2 + (0 + 1) / 2) / 2)
 
 
 def test_dpo_config_rejects_bad_settings():

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 CONFIG = """
 out_dir: {out}
 tokenizer: {tok}
-model: {{name: gpt2, init: random, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, dropout: {dropout}}}
+model:
+  {{name: gpt2, init: random, n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64,
+    dropout: {dropout}, disable_dropout: false}}
 data: {{sources: [{data}], max_len: 64}}
 batch: {{size: 2, accumulation: 2}}
 optim: {{lr: 3e-3, warmup_steps: 2, weight_decay: 0.0}}
@@ -71,7 +73,8 @@ def assert_same_weights(a: Path, b: Path, exact: bool = True) -> None:
 
 @pytest.mark.parametrize("method", ["dpo", "reward"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tokenizer_dir, method):
-    cfg = write_config(tmp_path, tokenizer_dir, dropout=0.1)  # dropout: the RNG state must resume too
+    # dropout kept on (model.disable_dropout: false): the RNG state must resume too
+    cfg = write_config(tmp_path, tokenizer_dir, dropout=0.1)
     train_here(cfg, "straight", f"method={method}")
     killed = run_cli("train", str(cfg), "name=killed", f"method={method}", "--no-progress", killer=KILL_AT_STEP_3)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

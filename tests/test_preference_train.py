@@ -73,7 +73,7 @@ def dpo_runs(setup):
 def test_first_dpo_step_is_log2_with_zero_reward_accuracy(dpo_runs, name):
     first = read_metrics(dpo_runs / name)[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)  # pi == pi_ref: sigma(0) for every pair
-    assert first["reward_accuracy"] == 0.0 and first["margin"] == 0.0 and first["kl"] == 0.0
+    assert first["reward_accuracy"] == 0.0 and first["margin"] == 0.0 and first["logratio"] == 0.0
     assert first["pairs"] == 4 and first["logp_chosen"] < 0
     last = read_metrics(dpo_runs / name)[-1]
     assert last["eval_pairs"] == 6 and 0.0 <= last["eval_reward_accuracy"] <= 1.0

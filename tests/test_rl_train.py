@@ -1,19 +1,18 @@
 """PPO and GRPO as methods of the training runtime, end to end on the demo's facts task.
 
-One SFT model (the demo's recipe, stopped early: about half the held-out questions right) is the
-starting point of every run here: GRPO must raise its held-out exact match while the KL stays in
-its band; a KL that leaves the band stops the run with a checkpoint; a run killed with SIGKILL
-resumes bit-identically (PPO killed between the steps of one rollout: the rollout buffer comes
-back from the checkpoint); two gloo ranks train what one process does.
+One SFT model (the demo's recipe, stopped early: about half the held-out questions right; the
+session's `facts` fixture, tests/rl_facts.py) is the starting point of every run here: GRPO must
+raise its held-out exact match while the KL stays in its band (PPO: tests/test_ppo_learning.py);
+a KL that leaves the band stops the run with a checkpoint; a run killed with SIGKILL resumes
+bit-identically (PPO killed between the steps of one rollout: the rollout buffer comes back from
+the checkpoint); two gloo ranks train what one process does.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tests.processes import kill_in_optimizer_step, run_cli
+from tests.rl_facts import facts_config, items, sft_model
 
 from qatune.config import load_config
 from qatune.train.config import TrainConfig
@@ -28,77 +28,6 @@ from qatune.train.metrics import read_metrics
 from qatune.train.state import list_checkpoints
 
 pytestmark = pytest.mark.slow
-
-SFT_STEPS = 110  # the demo's recipe stopped early: ~55% held-out exact match, room for RL
-
-CONFIG = """
-out_dir: {out}
-tokenizer: {tok}
-model: {{name: {model}}}
-data: {{sources: [{data}], template: plain, max_len: 64}}
-batch: {{size: 32}}
-optim: {{lr: 3e-4, lr_min: 3e-4, warmup_steps: 0, betas: [0.9, 0.98], weight_decay: 0.0}}
-eval: {{fraction: 0.05, every: 0}}
-rl:
-  prompts_per_rollout: 4
-  group_size: 4
-  rollout: {{max_new_tokens: 6, temperature: 0.5}}
-  kl_coef: 0.04
-max_steps: 6
-save_every: 3
-precision: fp32
-device: cpu
-threads: 1
-tensorboard: false
-plots: false
-"""
-
-
-def items(questions, template):
-    from qatune.generation.batch import PromptItem
-
-    return [
-        PromptItem(f"facts:{i}", "facts", q.question, template.render_prompt(q.question), q.answer)
-        for i, q in enumerate(questions)
-    ]
-
-
-@pytest.fixture(scope="module")
-def facts(tmp_path_factory):
-    """The SFT starting point (exported), the task, and the config file of the CLI runs."""
-    from qatune.data.templates import get_template
-    from qatune.demo.run import DemoSettings, encode, train_config
-    from qatune.demo.task import make_task
-    from qatune.demo.tokenizer import demo_tokenizer
-    from qatune.train.runtime import fit, make_model
-
-    root = tmp_path_factory.mktemp("rl")
-    template = get_template("plain")
-    train_qs, test_qs = make_task(0)
-    # The demo's own 512-token byte-level BPE: the LM head over GPT-2's 50,257 tokens would be most
-    # of every rollout and step here, for no difference to what is tested.
-    corpus = [template.render_prompt(q.question) + template.render_response(q.answer) for q in train_qs + test_qs]
-    tok, _ = demo_tokenizer("builtin", corpus)
-    cfg = train_config(DemoSettings(steps=SFT_STEPS, out_dir=str(root), name="sft"))
-    cfg = replace(cfg, precision="fp32", plots=False, tensorboard=False)
-    torch.manual_seed(0)
-    model = make_model(cfg.model, len(tok))
-    result = fit(model, tok, encode(train_qs, tok, template), cfg, template.to_dict(), progress=False)
-    data = root / "facts.jsonl"
-    data.write_text("".join(json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in train_qs))
-    config = root / "rl.yaml"
-    config.write_text(CONFIG.format(out=root / "runs", tok=result.export_dir, model=result.export_dir, data=data))
-    return {"root": root, "tok": tok, "template": template, "train": train_qs, "test": test_qs, "config": config}
-
-
-def _config(facts, *overrides: str) -> TrainConfig:
-    return load_config(TrainConfig, facts["config"], list(overrides))
-
-
-def _sft_model(facts):
-    from qatune.model.checkpoint import from_pretrained
-
-    return from_pretrained(Path(facts["root"]) / "sft" / "export")
 
 
 def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
@@ -108,15 +37,15 @@ def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
     from qatune.train.methods.grpo import GRPO
     from qatune.train.runtime import run
 
-    cfg = _config(
+    cfg = facts_config(
         facts, "name=grpo", "method=grpo", "max_steps=20", "eval.every=0", "save_every=0", "plots=true",
         "optim.lr=1e-3", "optim.lr_min=1e-3", "batch.size=128", "rl.prompts_per_rollout=64", "rl.group_size=8",
         "rl.generation_batch=256", "rl.rollout.max_new_tokens=8", "rl.rollout.temperature=1.0",
         "rl.kl_band=[-0.5,5.0]",
     )  # fmt: skip
     method = GRPO(items(facts["train"], facts["template"]), items(facts["test"], facts["template"]))
-    result = run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
-    start, end = method.evaluate(_sft_model(facts)), result.final_eval
+    result = run(method, sft_model(facts), facts["tok"], cfg, progress=False)
+    start, end = method.evaluate(sft_model(facts)), result.final_eval
     assert 0.3 <= start["eval_exact_match"] <= 0.7  # the starting point has room to improve
     assert end["eval_exact_match"] >= start["eval_exact_match"] + 0.05, (start, end)
     assert end["eval_sampled_exact_match"] >= start["eval_sampled_exact_match"] + 0.1, (start, end)
@@ -139,13 +68,13 @@ def test_kl_leaving_its_band_stops_the_run_with_a_checkpoint(facts):
     from qatune.train.methods.grpo import GRPO
     from qatune.train.runtime import run
 
-    cfg = _config(facts, "name=kl_stop", "method=grpo", "optim.lr=3e-2", "rl.kl_band=[-1.0,0.05]", "save_every=0")
+    cfg = facts_config(facts, "name=kl_stop", "method=grpo", "optim.lr=3e-2", "rl.kl_band=[-1.0,0.05]", "save_every=0")
     method = GRPO(items(facts["train"], facts["template"]), items(facts["test"][:8], facts["template"]))
     with pytest.raises(
         MethodStop,
         match=r"KL to the reference is [-0-9.]+ nats per response at step \d, outside rl.kl_band \[-1.0, 0.05\]",
     ) as stop:
-        run(method, _sft_model(facts), facts["tok"], cfg, progress=False)
+        run(method, sft_model(facts), facts["tok"], cfg, progress=False)
     step = int(str(stop.value).split(" at step ")[1].split(",")[0])
     assert step >= 2  # the first rollout is sampled by the reference itself: KL 0
     ckpts = list_checkpoints(Path(cfg.out_dir) / "kl_stop" / "checkpoints")
@@ -256,9 +185,9 @@ def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_pat
     from qatune.train.step import Precision
 
     critic_dir = Path(facts["root"]) / "sft" / "export"
-    cfg = _config(facts, "method=ppo", f"rl.value_model={critic_dir}", "rl.rollout.max_new_tokens=6")
+    cfg = facts_config(facts, "method=ppo", f"rl.value_model={critic_dir}", "rl.rollout.max_new_tokens=6")
     cpu = torch.device("cpu")
-    model, reference = _sft_model(facts), _sft_model(facts)
+    model, reference = sft_model(facts), sft_model(facts)
     ctx = RunContext(cfg, facts["tok"], cpu, Precision("fp32", cpu), 0, 1, 1, tmp_path, model, reference)
     ppo = PPO(items(facts["train"][:7], facts["template"]), items(facts["test"][:2], facts["template"]))
     ppo.setup(ctx)
@@ -300,12 +229,12 @@ def test_rl_with_lora_trains_the_adapters_against_the_base_with_adapters_off(fac
     from qatune.train.methods import method_class
     from qatune.train.runtime import run
 
-    cfg = _config(
+    cfg = facts_config(
         facts, f"name={method}_lora", f"method={method}", "max_steps=3", "save_every=0", "optim.lr=1e-2",
         "model.lora={r: 4, alpha: 8}", *METHODS_ARGS[method],
     )  # fmt: skip
     rl = method_class(method)(items(facts["train"], facts["template"]), items(facts["test"][:8], facts["template"]))
-    result = run(rl, _sft_model(facts), facts["tok"], cfg, progress=False)
+    result = run(rl, sft_model(facts), facts["tok"], cfg, progress=False)
     kl = [r["kl"] for r in result.history]
     assert abs(kl[0]) < 1e-4 < abs(kl[-1])
     (_, last), *_ = reversed(list_checkpoints(result.run_dir / "checkpoints"))

@@ -63,9 +63,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     no signal about which response was better."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    groups = rewards.view(-1, group_size).to(torch.float32)
+    # fp64 for a few numbers: the result is the fp64 value rounded once to the rewards' dtype
+    groups = rewards.view(-1, group_size).to(torch.float64)
     centered = groups - groups.mean(-1, keepdim=True)
     if scale:
         std = groups.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
         centered = centered / (std + eps)
-    return centered.view(-1)
+    return centered.view(-1).to(torch.promote_types(rewards.dtype, torch.float32))

@@ -110,6 +110,7 @@ class OnlineRL(Method):
         ("reward", "training reward (last rollout)"),
         ("kl", "training KL to the starting model (last rollout)"),
     )
+    train_without_dropout = True  # the ratio pi / pi_old compares it with the rollout's eval forward
     # name -> (metric keys, y label): each key's curve, its held-out `eval_<key>` as markers
     plots = {
         "reward": (("reward", "sampled_reward"), "reward (held-out: greedy, sampled)"),

@@ -32,6 +32,10 @@ class ModelConfig:
     n_head: int | None = None
     n_positions: int | None = None
     dropout: float = 0.0
+    # Dropout off in the training forward (every rate set to 0, the critic's too); None = the
+    # method's choice: off for dpo, reward, ppo and grpo, whose losses compare the training
+    # forward with an eval-mode one (the reference, the rollout), as TRL does; on for sft.
+    disable_dropout: bool | None = None
     # LoRA adapters (`lora: {r: 16, alpha: 32, targets: [...]}`, see qatune.model.lora); the base is
     # frozen and only the adapters train. None = full fine-tuning.
     lora: LoRAConfig | None = None

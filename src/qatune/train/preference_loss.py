@@ -16,8 +16,11 @@ and rejected (l) responses and delta = rho_w - rho_l:
 Metrics as TRL defines them: rewards beta * rho for chosen and rejected, reward accuracy = share of
 pairs with chosen reward > rejected reward (strictly: a tie counts as wrong, so a policy equal to
 its reference scores 0), margin = mean(chosen reward - rejected reward), the policy's log-probs of
-each response. The implicit KL estimate is TRL's (KTO's) one: the mean sequence log-ratio
-log pi/pi_ref over the responses, floored at 0 — measured on the data, not on samples of pi.
+each response, and `logratio`: the mean sequence log-ratio log pi(y|x) - log pi_ref(y|x) over
+the pairs' responses, chosen and rejected alike (= (reward_chosen + reward_rejected) / (2 beta)).
+It is not a KL estimate: the responses are the data's, not samples of pi, so its expectation is
+not KL(pi || pi_ref), and it is negative whenever the policy lowers the likelihood of both
+responses of a pair, which DPO usually does (a KL floored at 0 would read 0 then).
 
 Reward model: Bradley-Terry, -log sigma(s_w - s_l - m) with an optional margin m per pair, plus
 TRL's optional centering term c (s_w + s_l)^2 (Eisenstein et al. 2023) that keeps scores near 0.
@@ -116,11 +119,8 @@ def dpo_metric_sums(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: f
 
 
 def dpo_summary(totals: dict[str, float], pairs: int) -> dict[str, float]:
-    """Summed metrics -> the logged means (per pair); `kl` floored at 0 as TRL's KTO does."""
-    out = {k: v / pairs for k, v in totals.items() if k != "logratio"}
-    if "logratio" in totals:
-        out["kl"] = max(0.0, totals["logratio"] / pairs)
-    return out
+    """Summed metrics -> the logged means (per pair)."""
+    return {k: v / pairs for k, v in totals.items()}
 
 
 def bradley_terry_losses(

@@ -30,6 +30,7 @@ from qatune.config import dump_yaml, to_dict
 from qatune.data.example import EncodedExample
 from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
 from qatune.model.checkpoint import build_model
+from qatune.model.dropout import disable_dropout
 from qatune.model.gpt2 import GPT2, SIZES
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
 from qatune.runs import CHECKPOINTS_DIR
@@ -73,7 +74,9 @@ def resolved_config(cfg: TrainConfig, method: type[Method], device: torch.device
     `device`. What the run folder's config.yaml and every checkpoint record, and what a resume is
     compared against. Resolving twice changes nothing, so a saved config.yaml trains the same run."""
     cfg = method.resolve_config(cfg)
-    return replace(cfg, precision=pick_precision(cfg.precision, device))
+    dropout_off = method.train_without_dropout if cfg.model.disable_dropout is None else cfg.model.disable_dropout
+    model = replace(cfg.model, disable_dropout=dropout_off)
+    return replace(cfg, model=model, precision=pick_precision(cfg.precision, device))
 
 
 def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
@@ -207,7 +210,7 @@ class _Run:
                 f"resuming a run batched for {plan_world} rank(s) on {world_size}: {per_rank} micro-batches per rank",
                 file=sys.stderr,
             )
-        self.trainable = self._wrap(method.wrap(model))
+        self.trainable = self._wrap(without_dropout(method.wrap(model), method, cfg.model, rank == 0))
         torch.manual_seed(dropout_seed(cfg.seed, rank))  # after every weight exists; a resume restores its own
         self.optimizer = build_optimizer(self.trainable, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.plan))
@@ -394,6 +397,18 @@ class _Run:
                 info = {**self.method.export_info(), "steps": steps, **final_eval}
                 export_dir = self.method.export(model, ctx, info)
         return TrainResult(self.run_dir, steps, final_eval, export_dir, history)
+
+
+def without_dropout(module: torch.nn.Module, method: Method, cfg: ModelConfig, main: bool) -> torch.nn.Module:
+    """`module` with dropout off when model.disable_dropout (resolved: the method's preference when
+    the config left it unset) says so."""
+    if cfg.disable_dropout and disable_dropout(module) and main:
+        print(
+            f"method {method.name} trains without dropout (model.dropout={cfg.dropout} and any other rate set to 0: "
+            "its loss compares the training forward with an eval-mode one); model.disable_dropout=false keeps it",
+            file=sys.stderr,
+        )
+    return module
 
 
 def reference_model(model: GPT2) -> torch.nn.Module:

@@ -99,6 +99,8 @@ class Method:
     name = "method"
     title = ""  # what the method is, in a few words (the model card, docs/config.md)
     needs_reference = False  # the runtime keeps a frozen copy of the initial model (run.reference)
+    # model.disable_dropout's default: the loss compares the training forward with an eval one
+    train_without_dropout = False
     plots: dict = {}  # extra plots of this method's metrics: name -> ((metric keys), y label)
     # The progress line: (metric key, format text) in order; a key missing from a record (or not a
     # number) is left out, so a metric a method adds or drops never breaks the display.

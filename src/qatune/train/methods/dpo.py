@@ -6,21 +6,27 @@ gradients in the same pass (`qatune.train.preference_step.dpo_loss_sum`). The re
 sequence log-probs come from a no-grad forward of the reference — the runtime's frozen copy of
 the initial weights, or under LoRA the same model with its adapters disabled (no second copy) —
 or, with `dpo.precompute_reference`, from one pass over the whole data set before training,
-cached in the run folder (`reference_logps.pt`) and reused on resume.
+cached in the run folder (`reference_logps.pt`) and reused on resume, or by a run started again
+under the same name, when computed for the same pairs, reference weights, tokenizer, template,
+max_len, truncation and precision (`DPO.cache_key`; a mismatch recomputes and says so).
 
 Metrics per step (TRL's definitions, `qatune.train.preference_loss`): loss, reward_accuracy,
-margin, reward_chosen / reward_rejected, logp_chosen / logp_rejected, kl; the same with `eval_`
+margin, reward_chosen / reward_rejected, logp_chosen / logp_rejected, logratio; the same with `eval_`
 on the held-out pairs at eval steps. Export: the policy as a transformers GPT-2 LM.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import sys
 from pathlib import Path
 
 import torch
 
 from qatune.data.preference.batching import PairBatch
+from qatune.model.fingerprint import state_fingerprint, tokenizer_fingerprint
+from qatune.model.lora import is_adapter_key
 from qatune.train.methods.base import STEP_FIELDS, RunContext, StepOutput
 from qatune.train.methods.preference import PairItem, PairMethod
 from qatune.train.preference_loss import dpo_summary
@@ -54,7 +60,7 @@ class DPO(PairMethod):
         "reward_accuracy": (("reward_accuracy",), "reward accuracy (chosen reward > rejected)"),
         "rewards": (("reward_chosen", "reward_rejected", "margin"), "implicit reward beta log pi/pi_ref"),
         "logps": (("logp_chosen", "logp_rejected"), "log pi(response | prompt)"),
-        "kl": (("kl",), "implicit KL estimate (mean log pi/pi_ref, >= 0)"),
+        "logratio": (("logratio",), "mean log pi/pi_ref of the responses (chosen and rejected)"),
     }
 
     def setup(self, run: RunContext) -> None:
@@ -82,12 +88,15 @@ class DPO(PairMethod):
         return sequence_logps(hidden, lm_weight(reference), batch, self.chunk_size)
 
     def _cached_reference(self, run: RunContext) -> torch.Tensor:
-        """Every pair's reference log-probs, from the run folder if this data's are there, else
-        computed once (rank 0, the others wait) and written there."""
+        """Every pair's reference log-probs, from the run folder if they were computed there for
+        this data and this reference, else computed once (rank 0, the others wait) and written."""
         path = Path(run.run_dir) / REFERENCE_CACHE
         pairs = self.all_pairs()
-        key = fingerprint(pairs)
-        if run.is_main and not _matches(path, key):
+        key = self.cache_key(run, pairs) if run.is_main else {}
+        stale = _stale(path, key) if run.is_main else []
+        if stale:
+            if path.exists():
+                print(f"dpo: {path} was computed for another {', '.join(stale)}: computing it again", file=sys.stderr)
             items = [PairItem(i, p) for i, p in enumerate(pairs)]
             size = run.cfg.eval.batch_size
             out = torch.empty(len(items), 2, dtype=torch.float64)
@@ -98,10 +107,29 @@ class DPO(PairMethod):
                     logps = self._reference_pass(reference, batch)
                 out[torch.tensor(batch.pair_ids)] = logps.double().cpu().view(-1, 2)  # rows reorder pairs
             with atomic_write(path, "wb", encoding=None) as f:
-                torch.save({"fingerprint": key, "logps": out}, f)
+                torch.save({"key": key, "logps": out}, f)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         return torch.load(path, weights_only=True)["logps"].to(run.device)
+
+    def cache_key(self, run: RunContext, pairs) -> dict[str, str]:
+        """What the cached values depend on, part by part (a mismatch names the part). The pairs'
+        token ids already reflect the tokenizer, template, max_len and truncation; those are
+        keyed too, so that a change to any of them is reported as what it is."""
+        from qatune.data.preference.truncation import pair_policy
+
+        # The reference is the initial weights (under LoRA: the base, adapters off); at setup the
+        # model still holds them (a resumed run loads its checkpoint after setup).
+        weights = {k: v for k, v in run.model.state_dict().items() if not is_adapter_key(k)}
+        return {
+            "pairs": fingerprint(pairs),
+            "reference weights": state_fingerprint(weights),
+            "tokenizer": tokenizer_fingerprint(run.tokenizer),
+            "template": json.dumps(self.template, sort_keys=True),
+            "max_len": str(self.max_len),
+            "truncation": pair_policy(run.cfg.data.truncation),
+            "precision": run.precision.name,
+        }
 
     # --- the step --------------------------------------------------------------------------
 
@@ -132,10 +160,12 @@ def fingerprint(pairs) -> str:
     return h.hexdigest()
 
 
-def _matches(path: Path, key: str) -> bool:
-    if not path.is_file():
-        return False
+def _stale(path: Path, key: dict[str, str]) -> list[str]:
+    """The parts of `key` the cache at `path` was not computed for (all of them without one)."""
     try:
-        return torch.load(path, weights_only=True).get("fingerprint") == key
+        saved = torch.load(path, weights_only=True).get("key") if path.is_file() else None
     except Exception:  # a truncated or foreign file: compute it again
-        return False
+        saved = None
+    if not isinstance(saved, dict):  # none, or an older cache keyed by the pairs only
+        return list(key)
+    return [part for part in key if saved.get(part) != key[part]]

@@ -10,7 +10,9 @@ with ratio = pi / pi_old (pi_old: the log-probs recorded while sampling), summed
 tokens of the step and divided by their count over the whole optimizer step (all micro-batches,
 all ranks): every token weighs the same, whatever its response's length (DAPO's token-level
 normalization, TRL's default `loss_type`). The cheap choice for checkable rewards: no critic to
-train, and a group whose responses all score the same adds no gradient.
+train. A group whose responses all score the same has advantage 0, so its surrogate term adds no
+gradient; with beta > 0 its KL term still does (it pulls those responses' tokens back toward the
+reference), and its tokens count in the normalization.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class PolicyWithValue(nn.Module):
         inputs = {"position_ids": position_ids, "doc_ids": doc_ids, "outputs": outputs}
         hidden = self.backbone(input_ids, **inputs, sparse_embedding_grad=sparse_embedding_grad)
         trunk = hidden if self.critic is None else self.critic(input_ids, **inputs)
-        return hidden, self.value_head(trunk).squeeze(-1).float()
+        values = self.value_head(trunk).squeeze(-1)
+        return hidden, values.to(torch.promote_types(values.dtype, torch.float32))  # fp32 at least (autocast)
 
 
 def load_critic(name: str) -> tuple[nn.Module, torch.Tensor | None]:

@@ -32,6 +32,8 @@ class PairItem:
 
 
 class PairMethod(Method):
+    train_without_dropout = True  # DPO: against the reference's eval forward; reward: two scores compared
+
     @classmethod
     def resolve_config(cls, cfg):
         """data.truncation as the pair policy it means (`cut_response`, the SFT default, is cut_pair)."""
