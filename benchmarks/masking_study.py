@@ -1,4 +1,4 @@
-"""The masking study: does training on the instruction too make a model copy it? (seeds 001 §5, 000 §5.1)
+"""The masking study: does training on the instruction too make a model copy it?
 
 The same small GPT-2, from the same random init, is trained twice on the same examples in the same
 order for the same number of steps (so the same tokens are seen):

@@ -176,7 +176,8 @@ def step_time(s: PlanSetup, acc: Accelerator, mfu: float) -> StepTime:
 
 def seq_len_table(config: GPT2Config, seq_lens=(256, 512, 1024), label_fraction: float = 0.5) -> list[dict]:
     """Per-token FLOPs at several T, the attention share, and the per-sequence cost factor from one
-    T to the next (the seeds: 'O(L*T^2*d), so 512 -> 1024 is ~4x')."""
+    T to the next: the O(L*T^2*d) attention term alone would make 512 -> 1024 4x; the dense part grows
+    only as T, so the whole grows less."""
     rows = []
     for i, T in enumerate(seq_lens):
         dense = dense_flops_per_token(config)

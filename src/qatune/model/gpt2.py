@@ -44,8 +44,8 @@ class GPT2Config:
         return asdict(self)
 
 
-# The published OpenAI sizes, as data. Note: gpt2-large is ~774M parameters; the seeds' "1.5B"
-# is gpt2-xl.
+# The published OpenAI sizes, as data (Radford et al. 2019, table 2). gpt2-large has ~774M
+# parameters; the 1.5B model is gpt2-xl.
 SIZES: dict[str, GPT2Config] = {
     "gpt2": GPT2Config(n_layer=12, n_embd=768, n_head=12),
     "gpt2-medium": GPT2Config(n_layer=24, n_embd=1024, n_head=16),

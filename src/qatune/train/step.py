@@ -347,9 +347,8 @@ def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) 
     them) and, when the loss also runs the tied LM head, a sparse token-embedding gradient
     (no zero-filled vocab x d buffer). It pays where the head's loss then writes its weight
     gradient into `.grad` (`weight_grad_into_grad=True`: SFT, DPO, PPO/GRPO); returned through
-    autograd, the dense + sparse sum is a fresh vocab x d copy. Measured per SFT step
-    (benchmarks/embedding_grad.py, d=256): 520.8 ms into `.grad`, 543.8 ms through autograd,
-    552.0 ms dense; a DPO step, four times longer, within 1% either way. Nothing under
+    autograd, the dense + sparse sum is a fresh vocab x d copy (measured by
+    benchmarks/embedding_grad.py; numbers in docs/performance.md). Nothing under
     torch.compile, whose graph would change with every batch's rows."""
     if index is None or compiled(model):
         return {}
