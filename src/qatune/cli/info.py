@@ -6,9 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-SIZE_NOTE = (
-    "note: GPT-2 Large has 774M parameters; the 1.5B model is GPT-2 XL (48 layers, d=1600, 25 heads)."
-)
+SIZE_NOTE = "note: GPT-2 Large has 774M parameters; the 1.5B model is GPT-2 XL (48 layers, d=1600, 25 heads)."
 
 
 def add_parser(sub) -> None:

@@ -162,7 +162,7 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
             f"{r['total'] / 1e9:>10.3f}{100 * r['attention_share']:>7.1f}%"
             f"{r.get('per_token_factor', 1):>9.3f}{r.get('per_sequence_factor', 1):>7.2f}"
         )
-    print("  (GFLOP per token; x = factor over the previous T; a pure T^2 cost would be 4x per sequence for 512 -> 1024)")
+    print("  (GFLOP per token; x = factor over the previous T; a pure T^2 cost: 4x per sequence, 512 -> 1024)")
     print("\nFigures often misquoted")
     for line in CORRECTIONS:
         print(f"  - {line}")
