@@ -78,10 +78,6 @@ class ComputePlan:
     def attention_share(self) -> float:
         return self.attention / self.model_flops
 
-    def per_optimizer_step(self) -> int:
-        """Model FLOPs of one optimizer step on one rank (all its micro-batches)."""
-        return self.model_flops * self.setup.accum
-
 
 def plan_compute(s: PlanSetup) -> ComputePlan:
     c, tokens = s.config, s.tokens

@@ -468,11 +468,3 @@ class GPT2(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.wte.weight
         return KVCache(self.config, batch, max_len, p.device, p.dtype)
-
-
-def config_for(name: str) -> GPT2Config:
-    """The config of a named size, e.g. "gpt2-large"."""
-    try:
-        return SIZES[name]
-    except KeyError:
-        raise UserError(f"unknown model size {name!r}; known: {', '.join(SIZES)}") from None
