@@ -92,14 +92,12 @@ def _bytes(tensors, padded: bool) -> int:
 
 def _fsdp_state_bytes(out: Path, rank: int) -> None:
     """Shard a model with our wrap_fsdp, do one real step with our optimizer, count what this rank holds."""
-    from tests.train_helpers import train_step
-
     from qatune.data.batching import collate
     from qatune.data.example import EncodedExample
     from qatune.model.gpt2 import GPT2
     from qatune.train.distributed import FSDPConfig, wrap_fsdp
     from qatune.train.optim import OptimConfig, build_optimizer
-    from qatune.train.step import Precision, optimizer_step
+    from qatune.train.step import Precision, optimizer_step, train_step
 
     torch.manual_seed(0)
     model = wrap_fsdp(GPT2(TINY), FSDPConfig())

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from tests.train_helpers import train_step
 
 from qatune.cli import main
 from qatune.model.checkpoint import from_pretrained
-from qatune.train.step import Precision
+from qatune.train.step import Precision, train_step
 
 pytestmark = pytest.mark.slow
 

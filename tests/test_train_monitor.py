@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.test_train_step import SMALL, examples_of_varied_lengths
-from tests.train_helpers import train_step
 
 from qatune.data.batching import collate
 from qatune.data.example import IGNORE
 from qatune.model.gpt2 import GPT2
 from qatune.train.config import TrainConfig
 from qatune.train.runtime import fit
-from qatune.train.step import Precision, prompt_targets
+from qatune.train.step import Precision, prompt_targets, train_step
 
 
 def direct_prompt_loss(model: GPT2, examples) -> float:

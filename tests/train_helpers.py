@@ -1,11 +1,9 @@
-"""SFT step, batch and log-prob helpers that only tests call: plain functions over batches, built
-from the runtime's own pieces (`accumulate` with the SFT method's stepper, the run plan's
-micro-batches, the head's `token_logprobs`), so a test can drive one step without a run."""
+"""Batch and log-prob helpers that only tests call, built from the runtime's own pieces (the run
+plan's micro-batches, the head's `token_logprobs`), so a test can check them without a run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -14,38 +12,6 @@ from qatune.data.example import IGNORE, EncodedExample
 from qatune.train.data import BatchConfig, RunPlan, make_batch, rank_share
 from qatune.train.logprobs import DEFAULT_CHUNK as LOGPROB_CHUNK
 from qatune.train.logprobs import segment_sum, token_logprobs
-from qatune.train.loss import DEFAULT_CHUNK
-from qatune.train.step import Precision, accumulate
-
-
-@dataclass
-class StepStats:
-    loss: float  # mean response-token loss of the step, over all micro-batches and ranks
-    loss_sum: float  # local sum (this rank)
-    tokens: int  # real tokens in the step, all ranks
-    label_tokens: int  # label tokens in the step, all ranks
-    examples: int  # examples in the step, all ranks
-    prompt_loss: float | None = None  # mean loss on prompt tokens, measured (no gradient) on request
-    prompt_tokens: int = 0
-
-
-def train_step(
-    model,
-    micro_batches: Sequence[Batch],
-    precision: Precision,
-    chunk_size: int = DEFAULT_CHUNK,
-    measure_prompt_loss: bool = False,
-) -> StepStats:
-    """The SFT step (`qatune.train.methods.sft.SFT.step`) accumulated over `micro_batches`.
-
-    measure_prompt_loss: also measure the loss on the prompt tokens from the same forward pass,
-    without gradient (it costs one more LM-head pass over the prompt positions)."""
-    from qatune.train.methods.sft import SFT
-
-    t = accumulate(model, SFT.stepper(chunk_size), micro_batches, precision, monitor=measure_prompt_loss)
-    n_prompt = int(t.totals.get("prompt_tokens", 0))
-    prompt_loss = t.totals["prompt_loss_sum"] / n_prompt if measure_prompt_loss and n_prompt else None
-    return StepStats(t.loss, t.loss_sum, t.tokens, t.count, t.examples, prompt_loss, n_prompt)
 
 
 def step_batches(

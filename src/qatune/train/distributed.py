@@ -31,7 +31,7 @@ from qatune.errors import UserError
 from qatune.utils.device import DTYPES, default_device
 
 # GRADIENT_SUM: each rank's loss is already divided by the label tokens of the whole step, all
-# ranks together (`step.accumulate`), so the true gradient is the SUM of the ranks' gradients. DDP and
+# ranks together (`train_step`), so the true gradient is the SUM of the ranks' gradients. DDP and
 # FSDP average by default, which would divide it by the world size once more.
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

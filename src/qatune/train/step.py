@@ -241,8 +241,38 @@ def _optimizer_step(model, optimizer, scheduler, precision: Precision, grad_clip
     return UpdateStats(lr, clip.grad_norm, clip.clipped, skipped)
 
 
-# --- held-out SFT loss for callers that hold batches, not a run (benchmarks/sft_vs_trl.py scores
-# every side's model with it) ---------------------------------------------------------------
+# --- supervised fine-tuning through the shared step, as plain functions for callers that hold
+# batches, not a run: tests and benchmarks (monitor_cost.py steps, sft_vs_trl.py scores) -----
+
+
+@dataclass
+class StepStats:
+    loss: float  # mean response-token loss of the step, over all micro-batches and ranks
+    loss_sum: float  # local sum (this rank)
+    tokens: int  # real tokens in the step, all ranks
+    label_tokens: int  # label tokens in the step, all ranks
+    examples: int  # examples in the step, all ranks
+    prompt_loss: float | None = None  # mean loss on prompt tokens, measured (no gradient) on request
+    prompt_tokens: int = 0
+
+
+def train_step(
+    model,
+    micro_batches: Sequence[Batch],
+    precision: Precision,
+    chunk_size: int = DEFAULT_CHUNK,
+    measure_prompt_loss: bool = False,
+) -> StepStats:
+    """The SFT step (`qatune.train.methods.sft.SFT.step`) accumulated over `micro_batches`.
+
+    measure_prompt_loss: also measure the loss on the prompt tokens from the same forward pass,
+    without gradient (it costs one more LM-head pass over the prompt positions)."""
+    from qatune.train.methods.sft import SFT
+
+    t = accumulate(model, SFT.stepper(chunk_size), micro_batches, precision, monitor=measure_prompt_loss)
+    n_prompt = int(t.totals.get("prompt_tokens", 0))
+    prompt_loss = t.totals["prompt_loss_sum"] / n_prompt if measure_prompt_loss and n_prompt else None
+    return StepStats(t.loss, t.loss_sum, t.tokens, t.count, t.examples, prompt_loss, n_prompt)
 
 
 @torch.no_grad()
