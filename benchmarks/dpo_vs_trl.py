@@ -10,7 +10,7 @@ response on both sides. Same initial weights (a random 4-layer d=256 GPT-2, save
 DPO, the same backbone plus a score head for the reward model), loaded by both; same beta, lr,
 warmup + cosine to lr_min, AdamW (betas 0.9/0.95, no weight decay), clipping 1.0, batch of pairs,
 fp32, one epoch, the same thread count (1). TRL's gradient checkpointing (its default) is off, as
-qatune's: the same work. Each side runs in its own subprocess (`peer.py`), so its peak RSS is its
+qatune's: the same work. Each side runs in its own subprocess (`harness.py`), so its peak RSS is its
 own.
 
 Held-out reward accuracy is measured by the same code for every side (qatune's scorer on each
@@ -19,9 +19,9 @@ beta * (log pi/pi_ref) is higher for the chosen response (pi_ref = the initial w
 defines reward accuracy; reward model, the share whose chosen response scores higher. The same is
 reported on the training pairs (what the models memorised).
 
-    python benchmarks/dpo_vs_trl.py                       # 96 pairs, all four sides (~13 min here)
-    python benchmarks/dpo_vs_trl.py --sides qatune-dpo qatune-reward --data-seed 1   # qatune's spread
-    python benchmarks/dpo_vs_trl.py --n-train 16 --sides qatune-dpo trl-dpo
+    python -m benchmarks.dpo_vs_trl                       # 96 pairs, all four sides (~13 min here)
+    python -m benchmarks.dpo_vs_trl --sides qatune-dpo qatune-reward --data-seed 1   # qatune's spread
+    python -m benchmarks.dpo_vs_trl --n-train 16 --sides qatune-dpo trl-dpo
 Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
 """
 
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import SHARED, matmul_peak, measure_side, run_side, tokenizer
+from benchmarks.harness import SHARED, emit, library_side, matmul_peak, measure_side, quiet, run_side, tokenizer
 
 SIDES = ("qatune-dpo", "trl-dpo", "qatune-reward", "trl-reward")
 MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
@@ -234,15 +234,8 @@ def trl_common(args, work: Path, side: str) -> dict:
 
 
 def run_trl(args, work: Path, side: str) -> dict:
-    import warnings
-
-    from datasets import load_dataset
-
-    warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
-    tok = tokenizer()
-    tok.padding_side = "right"
-    dataset = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    tok, dataset = library_side(work / "train.jsonl")
     if side == "trl-dpo":
         from transformers import GPT2LMHeadModel
         from trl import DPOConfig, DPOTrainer
@@ -300,7 +293,7 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     if args.side:
         return child(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo_vs_trl."))
@@ -370,7 +363,7 @@ def main(argv=None) -> None:
         **info,
         "sides": summary,
     }
-    print(json.dumps(line))
+    emit(line)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,15 @@ prompts per step, max new tokens and sampling temperature, the same KL coefficie
 clip, token-level loss normalization over the step (TRL's default `loss_type="dapo"`, qatune's),
 group-std reward scaling, one optimizer step per generation batch, AdamW with the same betas, no
 weight decay, constant learning rate, clipping at 1.0, fp32, the same thread count, a fixed number
-of steps. Each side runs in its own subprocess (`peer.py`), so its peak RSS is its own.
+of steps. Each side runs in its own subprocess (`harness.py`), so its peak RSS is its own.
 
 Measured per step: wall time, split into generation (sampling, rewards, reference and old-policy
 log-probs: TRL's `_generate_and_score_completions`, qatune's rollout collection) and training
 (the rest: forward, backward, optimizer); the mean reward of the step's samples. After training,
 both final models answer the 80 held-out questions greedily, scored by the same code.
 
-    python benchmarks/grpo_vs_trl.py                      # 40 steps, 8 prompts x 8 samples
-    python benchmarks/grpo_vs_trl.py --steps 10 --sides qatune
+    python -m benchmarks.grpo_vs_trl                      # 40 steps, 8 prompts x 8 samples
+    python -m benchmarks.grpo_vs_trl --steps 10 --sides qatune
 Needs the `bench` extra: pip install -e '.[bench]'  (trl).
 """
 
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import SHARED, measure_side, run_side, tokenizer
+from benchmarks.harness import SHARED, emit, library_side, measure_side, quiet, run_side, tokenizer
 
 SIDES = ("qatune", "trl")
 SFT = {"steps": 110, "n_layer": 2, "n_embd": 128}  # the demo's recipe, stopped early: ~55% held-out EM
@@ -163,18 +163,13 @@ def run_qatune(args, work: Path) -> dict:
 
 
 def run_trl(args, work: Path) -> dict:
-    import warnings
-
-    from datasets import load_dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from qatune.generation.metrics import exact_match
     from qatune.model.checkpoint import from_pretrained
 
-    warnings.filterwarnings("ignore")
-    tok = tokenizer()
-    dataset = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
+    tok, dataset = library_side(work / "prompts.jsonl", padding_side=None)
 
     def reward(completions, answer, **kwargs):
         return [exact_match(c, a) for c, a in zip(completions, answer)]
@@ -275,7 +270,7 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     if args.side:
         return child(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_vs_trl."))
@@ -336,7 +331,7 @@ def main(argv=None) -> None:
             f"{base['rss_ratio']:.2f}x the peak RSS, {base['cpu_ratio']:.1f}x less CPU time"
         )
     line = {"benchmark": "grpo_vs_trl", "args": vars(args) | {"workdir": str(work)}, "start_heldout_em": start_em}
-    print(json.dumps(line | {"results": summary}))
+    emit(line | {"results": summary})
 
 
 def _load(folder: Path):

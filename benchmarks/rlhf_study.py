@@ -26,8 +26,8 @@ included (the held-out measurements excluded).
 Task: `facts` (the demo's country facts: 240 training and 80 held-out questions; the demo's GPT-2
 2x128 on the GPT-2 tokenizer, SFT stopped early so that about half the held-out answers are right).
 
-    python benchmarks/rlhf_study.py                      # plots in docs/img/rlhf_facts.png
-    python benchmarks/rlhf_study.py --arms sft grpo --budget 512
+    python -m benchmarks.rlhf_study                      # plots in docs/img/rlhf_facts.png
+    python -m benchmarks.rlhf_study --arms sft grpo --budget 512
 
 Prints a table and one JSON line.
 """
@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__import__("os").environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+from benchmarks.harness import REPO, SHARED, emit, quiet
+
 ARMS = ("sft", "dpo", "rm+ppo", "rm+ppo-b.5", "grpo", "grpo-b0")
 
 
@@ -521,7 +521,7 @@ def main(argv=None) -> None:
         for name, result in line["results"].items():
             print(plot(name, result, Path(args.out))[0])
         return
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rlhf_study."))
     work.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -531,7 +531,7 @@ def main(argv=None) -> None:
         report(task, results[task.name])
         plot(task.name, results[task.name], Path(args.out))
     line = {"benchmark": "rlhf_study", "args": vars(args) | {"workdir": str(work)}, "results": results}
-    print(json.dumps(line, default=str))
+    emit(line)
 
 
 if __name__ == "__main__":

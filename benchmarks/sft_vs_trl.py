@@ -21,8 +21,8 @@ The qatune side then trains once more under torch.profiler and sums the runtime'
 (`qatune.train.step.phase`): data, forward, loss, backward, optimizer, monitor, logging,
 checkpoint; with the FLOPs of each phase, the rate each one reaches.
 
-    python benchmarks/sft_vs_trl.py                     # 1,000 examples, all four sides
-    python benchmarks/sft_vs_trl.py --n-train 200 --sides qatune trl-default
+    python -m benchmarks.sft_vs_trl                     # 1,000 examples, all four sides
+    python -m benchmarks.sft_vs_trl --n-train 200 --sides qatune trl-default
 Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
 """
 
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer import SHARED, matmul_peak, measure_side, run_side, tokenizer
+from benchmarks.harness import SHARED, emit, library_side, matmul_peak, measure_side, quiet, run_side, tokenizer
 
 SIDES = ("qatune", "trl-default", "trl-packing", "trl-chunked")
 MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
@@ -53,8 +53,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="both sides (TRL's CPU default: bf16)")
     p.add_argument("--seed", type=int, default=0)
-    # One thread by default: on a machine whose cores other processes also use, a 2-thread PyTorch
-    # step was measured 4-5x slower than a 1-thread one (OpenMP threads wait on each other).
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     p.add_argument("--op-profile", type=int, default=0, metavar="N", help="also print torch.profiler's N costliest ops")
@@ -208,19 +206,13 @@ def micro_batches(args, work: Path):
 
 
 def run_trl(args, work: Path, side: str) -> dict:
-    import warnings
-
-    from datasets import load_dataset
     from transformers import GPT2LMHeadModel
     from trl import SFTConfig, SFTTrainer
 
     from qatune.model.checkpoint import from_pretrained
 
-    warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
-    tok = tokenizer()
-    tok.padding_side = "right"
-    dataset = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    tok, dataset = library_side(work / "train.jsonl")
     model = GPT2LMHeadModel.from_pretrained(work / "init", attn_implementation="sdpa")
     config = SFTConfig(
         output_dir=str(work / side),
@@ -364,7 +356,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     if args.side:
         return child(args)
 
@@ -425,7 +417,7 @@ def main(argv=None) -> None:
         )
     if base and "phases" in base:
         summary["qatune"]["phases"] = print_phases(base["phases"], phase_flops(*info_work(info)), peak, peak_cpu)
-    print(json.dumps({"benchmark": "sft_vs_trl", "args": vars(args) | {"workdir": str(work)}, "results": summary}))
+    emit({"benchmark": "sft_vs_trl", "args": vars(args) | {"workdir": str(work)}, "results": summary})
 
 
 if __name__ == "__main__":
