@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import sft_vs_trl  # the same data, model and run settings
-from benchmarks.harness import child_result, emit, quiet, run_child
+from benchmarks.harness import child_result, emit, quiet, run_child, run_settings, tokenizer, workdir
 
 
 def run_side(args, work: Path, compile_model: bool) -> dict:
@@ -55,7 +54,7 @@ def run_qatune(args, work: Path, compile_model: bool) -> dict:
     from qatune.train.config import TrainConfig
     from qatune.train.runtime import fit
 
-    tok = sft_vs_trl.tokenizer()
+    tok = tokenizer()
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
     examples = load_examples(data, tok).examples
     model = from_pretrained(work / "init")
@@ -67,15 +66,10 @@ def run_qatune(args, work: Path, compile_model: bool) -> dict:
             "out_dir": str(work / "runs"),
             "batch": {"strategy": "packed", "size": args.batch, "unit": "examples"},
             "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
-            "eval": {"fraction": 0.0},
+            **run_settings(export=False),
             "precision": "fp32",
             "seed": args.seed,
-            "device": "cpu",
             "compile": compile_model,
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
-            "export": False,
         },
     )
     t0 = time.perf_counter()
@@ -148,8 +142,7 @@ def main(argv=None) -> None:
         else:
             out = run_side(args, Path(args.workdir), args.side == "compiled")
         return child_result(out)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="compile_cpu."))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args.workdir, "compile_cpu")
     bench_args = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     sft_vs_trl.prepare(bench_args, work)
     results = {}

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from benchmarks import (
     dpo_vs_trl,  # the same pairs and model
     sft_vs_trl,  # the same examples and model
 )
-from benchmarks.harness import emit, quiet
+from benchmarks.harness import emit, quiet, workdir
 
 VARIANTS = {  # name: (sparse embedding gradient, head's dL/dW into .grad)
     "dense": (False, False),
@@ -129,7 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     quiet(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="embedding_grad."))
+    work = workdir(args.workdir, "embedding_grad")
     results = {}
     for method, build, n in (("sft", sft_steps, args.n_train_sft), ("dpo", dpo_steps, args.n_train_dpo)):
         (work / method).mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import SHARED, emit, library_side, measure_side, quiet, run_side, tokenizer
+from benchmarks import harness
 
 SIDES = ("qatune", "trl")
 SFT = {"steps": 110, "n_layer": 2, "n_embd": 128}  # the demo's recipe, stopped early: ~55% held-out EM
@@ -67,7 +66,7 @@ def prepare(args, work: Path) -> None:
     from qatune.demo.task import make_task
     from qatune.train.runtime import fit, make_model
 
-    tok = tokenizer()
+    tok = harness.tokenizer()
     template = get_template("plain")
     train_qs, test_qs = make_task(args.seed)
     for name, qs in (("prompts", train_qs), ("heldout", test_qs)):
@@ -94,7 +93,7 @@ def heldout_exact_match(model, work: Path, max_new_tokens: int) -> float:
     from qatune.generation.metrics import exact_match
     from qatune.generation.sampling import SamplingConfig, generate_ids
 
-    tok = tokenizer()
+    tok = harness.tokenizer()
     rows = [json.loads(line) for line in (work / "heldout.jsonl").read_text().splitlines()]
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in rows]
     gens = generate_ids(model, prompts, tok.eos_token_id, SamplingConfig(max_new_tokens=max_new_tokens))
@@ -114,7 +113,7 @@ def run_qatune(args, work: Path) -> dict:
             "method": "grpo",
             "out_dir": str(work / "runs"),
             "model": {"name": str(init_dir(work))},
-            "tokenizer": str(SHARED / "tokenizer" / "gpt2"),
+            "tokenizer": str(harness.SHARED / "tokenizer" / "gpt2"),
             "data": {"sources": [str(work / "prompts.jsonl")], "template": "plain", "max_len": 64},
             "batch": {"size": args.prompts * args.group},
             "optim": {
@@ -125,7 +124,7 @@ def run_qatune(args, work: Path) -> dict:
                 "weight_decay": 0.0,
                 "grad_clip": 1.0,
             },
-            "eval": {"fraction": 0.0},
+            **harness.run_settings(args.threads),
             "rl": {
                 "reward": "exact_match",
                 "prompts_per_rollout": args.prompts,
@@ -138,11 +137,6 @@ def run_qatune(args, work: Path) -> dict:
             "max_steps": args.steps,
             "precision": "fp32",
             "seed": args.seed,
-            "device": "cpu",
-            "threads": args.threads,
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
         },
     )
     t0 = time.perf_counter()
@@ -169,7 +163,7 @@ def run_trl(args, work: Path) -> dict:
     from qatune.generation.metrics import exact_match
     from qatune.model.checkpoint import from_pretrained
 
-    tok, dataset = library_side(work / "prompts.jsonl", padding_side=None)
+    tok, dataset = harness.library_side(work / "prompts.jsonl", padding_side=None)
 
     def reward(completions, answer, **kwargs):
         return [exact_match(c, a) for c, a in zip(completions, answer)]
@@ -197,14 +191,9 @@ def run_trl(args, work: Path) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_steps=args.steps,
-        use_cpu=True,
+        **harness.library_settings(args.seed),
         bf16=False,
-        report_to="none",
-        save_strategy="no",
         logging_steps=1,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     steps, generation = [], []
 
@@ -250,7 +239,7 @@ def child(args) -> None:
     def finish(stats: dict) -> None:
         stats["heldout_exact_match"] = heldout_exact_match(stats.pop("model"), work, args.max_new_tokens)
 
-    measure_side(run, "fp32", finish)
+    harness.measure_side(run, "fp32", finish)
 
 
 # ---------------------------------------------------------------- report (parent)
@@ -270,17 +259,15 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    quiet(args.threads)
-    if args.side:
-        return child(args)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_vs_trl."))
-    work.mkdir(parents=True, exist_ok=True)
+    if harness.ran_child(args, child):
+        return
+    work = harness.workdir(args.workdir, "grpo_vs_trl")
     if not (init_dir(work) / "model.safetensors").exists():
         prepare(args, work)
     start_em = heldout_exact_match(_load(init_dir(work)), work, args.max_new_tokens)
     results = {}
     for side in args.sides:
-        results[side] = run_side(__file__, side, child_argv(args), work)
+        results[side] = harness.run_side(__file__, side, child_argv(args), work)
         print(f"  {side}: {results[side]['total_s']:.1f} s", file=sys.stderr, flush=True)
     tail = max(1, args.steps // 3)
     summary = {}
@@ -331,7 +318,7 @@ def main(argv=None) -> None:
             f"{base['rss_ratio']:.2f}x the peak RSS, {base['cpu_ratio']:.1f}x less CPU time"
         )
     line = {"benchmark": "grpo_vs_trl", "args": vars(args) | {"workdir": str(work)}, "start_heldout_em": start_em}
-    emit(line | {"results": summary})
+    harness.emit(line | {"results": summary})
 
 
 def _load(folder: Path):

@@ -6,16 +6,18 @@ process and the JSON line.
 - `quiet(threads)`: the thread count every side and child uses (torch, OpenMP and MKL alike). On
   a machine whose cores other processes also use, a 2-thread PyTorch step was measured 4-5x slower
   than a 1-thread one (OpenMP threads wait on each other), so the scripts default to 1.
+  `run_settings(...)` / `library_settings(seed)`: a qatune run, or a TRL trainer, that writes
+  nothing the measurement does not read (no checkpoints, logs, plots or progress bars).
 - `cpu_info()` / `emit(record)`: the CPU model and the flags that pick PyTorch's CPU kernels
   (amx_bf16, avx512_bf16, avx2): the same code is faster, and rounds differently in bf16, on
   another CPU, so every result says where it was measured. `emit` prints that line and then the
   result as one JSON line (the last line of the output), with the CPU in it.
 - Each side in its own process, so its peak RSS is its own: the parent calls
   `run_side(__file__, side, argv, work)` (or `run_child` for other child arguments); the child
-  (the same module with `--side`) runs inside `measure_side(...)`, or prints its own stats with
-  `child_result(stats)`: one `RESULT {json}` line with its peak RSS and CPU seconds, which the
-  parent reads back. The matmul throughput is measured inside each child, under the same
-  conditions as its training.
+  (the same module with `--side`, dispatched by `ran_child`) runs inside `measure_side(...)`, or
+  prints its own stats with `child_result(stats)`: one `RESULT {json}` line with its peak RSS and
+  CPU seconds, which the parent reads back. The matmul throughput is measured inside each child,
+  under the same conditions as its training.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import cache
@@ -43,6 +46,45 @@ def quiet(threads: int) -> None:
 
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # children inherit it
     torch.set_num_threads(threads)
+
+
+def run_settings(threads: int | None = None, **more) -> dict:
+    """The training-config keys of a measured qatune run: on the CPU (on `threads` threads when
+    given), no held-out split, and nothing written that the measurement does not read (no periodic
+    checkpoint, TensorBoard log or plots); `more` adds or overrides keys."""
+    out = {"device": "cpu", "eval": {"fraction": 0.0}, "save_every": 0, "tensorboard": False, "plots": False}
+    if threads is not None:
+        out["threads"] = threads
+    return out | more
+
+
+def library_settings(seed: int) -> dict:
+    """The same for a library's (TRL's) trainer config: on the CPU, seeded, no report, no saved
+    checkpoint, no data-loader workers, no progress bar."""
+    return {
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "seed": seed,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def ran_child(args, child: Callable) -> bool:
+    """A side-by-side benchmark's start: its threads (`quiet`); in a child process (`--side`), run
+    `child(args)` and return True (the parent's work is not this process's)."""
+    quiet(args.threads)
+    if args.side:
+        child(args)
+    return bool(args.side)
+
+
+def workdir(given: str | None, name: str) -> Path:
+    """The folder a benchmark keeps its data and models in: `given` (--workdir), or a new one."""
+    work = Path(given or tempfile.mkdtemp(prefix=f"{name}."))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def tokenizer():

@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from benchmarks import sft_vs_trl  # the same data, model and run settings
-from benchmarks.harness import child_result, emit, quiet, run_child
+from benchmarks.harness import child_result, emit, quiet, run_child, workdir
 
 EVERY = (0, 50, 1)
 
@@ -70,8 +69,7 @@ def main(argv=None) -> None:
     quiet(args.threads)
     if args.every is not None:
         return child_result(run_side(args, Path(args.workdir), args.every))
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="monitor_cost."))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args.workdir, "monitor_cost")
     sft_vs_trl.prepare(sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"]), work)
     runs = []
     for i in range(args.repeats):  # interleaved, so that a change in the machine's load hits every setting

@@ -37,14 +37,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import REPO, SHARED, emit, quiet
+from benchmarks.harness import REPO, SHARED, emit, quiet, run_settings, workdir
 
 ARMS = ("sft", "dpo", "rm+ppo", "rm+ppo-b.5", "grpo", "grpo-b0")
 
@@ -147,16 +146,11 @@ def base_config(task: Task, work: Path, name: str, model: str, method: str, step
         "data": {"template": "plain", "max_len": task.model["n_positions"]},
         "batch": {"size": 32, "unit": "examples"},
         "optim": {"lr": task.lr, "lr_min": task.lr, "warmup_steps": 0, "betas": [0.9, 0.98], "weight_decay": 0.0},
-        "eval": {"fraction": 0.0},
+        **run_settings(args.threads, save_every=save_every),
         "max_steps": steps,
         "precision": "fp32",
         "seed": args.seed,
-        "device": "cpu",
-        "threads": args.threads,
-        "save_every": save_every,
         "keep_checkpoints": task.points + 2,
-        "tensorboard": False,
-        "plots": False,
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
@@ -191,16 +185,11 @@ def train_sft_start(task: Task, work: Path, args) -> Path:
                 "betas": [0.9, 0.98],
                 "weight_decay": 0.1,
             },
-            "eval": {"fraction": 0.0},
+            **run_settings(args.threads),
             "epochs": 1,
             "max_steps": steps,
             "precision": "fp32",
             "seed": args.seed,
-            "device": "cpu",
-            "threads": args.threads,
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
         },
     )
     train(cfg, progress=False, overwrite=True)
@@ -522,8 +511,7 @@ def main(argv=None) -> None:
             print(plot(name, result, Path(args.out))[0])
         return
     quiet(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="rlhf_study."))
-    work.mkdir(parents=True, exist_ok=True)
+    work = workdir(args.workdir, "rlhf_study")
     results = {}
     for task in [facts_task(args)]:
         task.budget = args.budget or task.budget
