@@ -16,24 +16,21 @@ time of this process, so other processes on the machine count less), summed over
 Agreement: the largest difference from the dense kernel in the hidden states at real tokens and
 in any gradient (relative to that gradient's largest entry).
 
-    python benchmarks/attention.py                 # 12 micro-batches, 1 thread
+    python -m benchmarks.attention                 # 12 micro-batches, 1 thread
 Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+from benchmarks.harness import SHARED, emit, quiet
 
 
 def batches(n_batches: int, batch: int, max_len: int, seed: int):
@@ -81,7 +78,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
 
     from qatune.model.gpt2 import GPT2, GPT2Config
 
@@ -148,7 +145,7 @@ def main(argv=None) -> None:
         "documents_speedup": times["dense"] / times["documents"],
         "load_avg": os.getloadavg(),  # 1, 5, 15-minute load: other processes on the cores
     }
-    print(json.dumps(record))
+    emit(record)
 
 
 if __name__ == "__main__":

@@ -9,34 +9,27 @@ median step after them, the whole run, peak RSS, and how far the per-step losses
 Then the LM-head loss's chunk body alone (128 and 512 label rows x GPT-2's vocabulary): the eager
 in-place body of `qatune.train.loss` against torch.compile of the same math written plainly.
 
-    python benchmarks/compile_cpu.py --n-train 200
+    python -m benchmarks.compile_cpu --n-train 200
 Prints tables and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sft_vs_trl  # noqa: E402  (the same data, model and run settings)
+from benchmarks import sft_vs_trl  # the same data, model and run settings
+from benchmarks.harness import child_result, emit, quiet, run_child, run_settings, tokenizer, workdir
 
 
 def run_side(args, work: Path, compile_model: bool) -> dict:
     """One training run in this process; per-step wall seconds from the logged `elapsed`."""
-    import torch
 
     from qatune.train.step import PhaseClock
 
-    torch.set_num_threads(args.threads)
     sft_vs_trl_args = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     t0 = time.process_time()
     with PhaseClock():
@@ -51,7 +44,6 @@ def run_side(args, work: Path, compile_model: bool) -> dict:
         "first_steps_s": steps[:3],
         "median_step_s": statistics.median(steps[3:]),
         "losses": [r["loss"] for r in history],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -62,7 +54,7 @@ def run_qatune(args, work: Path, compile_model: bool) -> dict:
     from qatune.train.config import TrainConfig
     from qatune.train.runtime import fit
 
-    tok = sft_vs_trl.tokenizer()
+    tok = tokenizer()
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
     examples = load_examples(data, tok).examples
     model = from_pretrained(work / "init")
@@ -74,15 +66,10 @@ def run_qatune(args, work: Path, compile_model: bool) -> dict:
             "out_dir": str(work / "runs"),
             "batch": {"strategy": "packed", "size": args.batch, "unit": "examples"},
             "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
-            "eval": {"fraction": 0.0},
+            **run_settings(export=False),
             "precision": "fp32",
             "seed": args.seed,
-            "device": "cpu",
             "compile": compile_model,
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
-            "export": False,
         },
     )
     t0 = time.perf_counter()
@@ -90,13 +77,11 @@ def run_qatune(args, work: Path, compile_model: bool) -> dict:
     return {"train_s": time.perf_counter() - t0, "history": result.history}
 
 
-def chunk_body_table(threads: int) -> list[dict]:
+def chunk_body_table() -> list[dict]:
     """Eager in-place chunk body vs torch.compile of the plain formulation (CPU seconds)."""
     import torch
 
     from qatune.train.loss import head_log_softmax, softmax_minus_onehot_
-
-    torch.set_num_threads(threads)
 
     def plain(hc, w, t):
         logits = hc @ w.t()
@@ -150,26 +135,21 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default=None)
     p.add_argument("--side", choices=["eager", "compiled", "body"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    quiet(args.threads)
     if args.side:
         if args.side == "body":
-            out = chunk_body_table(args.threads)
+            out = {"rows": chunk_body_table()}
         else:
             out = run_side(args, Path(args.workdir), args.side == "compiled")
-        print("RESULT " + json.dumps(out), flush=True)
-        return
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="compile_cpu."))
-    work.mkdir(parents=True, exist_ok=True)
+        return child_result(out)
+    work = workdir(args.workdir, "compile_cpu")
     bench_args = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     sft_vs_trl.prepare(bench_args, work)
     results = {}
     for side in ("eager", "compiled", "body"):
-        cmd = [sys.executable, __file__, "--n-train", str(args.n_train), "--threads", str(args.threads)]
-        cmd += ["--workdir", str(work), "--side", side]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        results[side] = json.loads(lines[-1][len("RESULT ") :])
+        argv = ["--n-train", str(args.n_train), "--threads", str(args.threads), "--workdir", str(work), "--side", side]
+        results[side] = run_child(__file__, argv, side)
+    results["body"] = results["body"]["rows"]
     eager, compiled = results["eager"], results["compiled"]
     loss_diff = max(abs(a - b) for a, b in zip(eager["losses"], compiled["losses"]))
     print(f"\n{args.n_train} t0 examples, GPT-2 L=4 d=256, batch 8 packed, fp32, {args.threads} thread(s)")
@@ -191,7 +171,7 @@ def main(argv=None) -> None:
     for r in (eager, compiled):
         r.pop("losses")
     record = {"benchmark": "compile_cpu", "args": vars(args), "max_loss_diff": loss_diff, **results}
-    print(json.dumps(record | {"load_avg": os.getloadavg()}))
+    emit(record | {"load_avg": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ Measured on the held-out questions, for the SFT model and after each arm:
 - reward accuracy, TRL's definition: chosen's beta log pi/pi_ref > rejected's (0 before DPO by
   definition, since pi = pi_ref there).
 
-    python benchmarks/dpo_demo.py                      # prints a table and one JSON line
+    python -m benchmarks.dpo_demo                      # prints a table and one JSON line
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import emit
 from qatune.data.pipeline import DataConfig
 from qatune.data.preference.batching import collate_pairs
 from qatune.data.preference.encode import encode_pairs
@@ -178,7 +178,7 @@ def main() -> None:
         "arms": arms,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    print(json.dumps(line))
+    emit(line)
 
 
 def arm_config(args, sft_cfg: TrainConfig, out: Path, arm: str, nll: float | None) -> TrainConfig:

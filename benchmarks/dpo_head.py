@@ -12,18 +12,18 @@ for SFT). Three head matmuls per response token.
 Both are timed on the same rows (hidden states of the response tokens of `--pairs` pairs), same
 thread count, fp32, and must agree on loss and gradients. Prints a table and one JSON line.
 
-    python benchmarks/dpo_head.py --d 256 --pairs 8 --response 128
+    python -m benchmarks.dpo_head --d 256 --pairs 8 --response 128
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.harness import emit, quiet
 from qatune.train.logprobs import fused_logprob_loss, segment_sum, token_logprobs
 
 
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     torch.manual_seed(0)
     n_seq = 2 * args.pairs
     lengths = torch.randint(args.response // 2, args.response * 3 // 2 + 1, (n_seq,))
@@ -104,7 +104,7 @@ def main() -> None:
     }
     print(f"{'rows':>6} {'d':>5} {'general s':>10} {'fused s':>10} {'speedup':>8}")
     print(f"{N:>6} {args.d:>5} {t_gen:>10.3f} {t_fus:>10.3f} {t_gen / t_fus:>8.2f}x")
-    print(json.dumps(row))
+    emit(row)
 
 
 if __name__ == "__main__":

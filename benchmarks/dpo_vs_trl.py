@@ -10,7 +10,7 @@ response on both sides. Same initial weights (a random 4-layer d=256 GPT-2, save
 DPO, the same backbone plus a score head for the reward model), loaded by both; same beta, lr,
 warmup + cosine to lr_min, AdamW (betas 0.9/0.95, no weight decay), clipping 1.0, batch of pairs,
 fp32, one epoch, the same thread count (1). TRL's gradient checkpointing (its default) is off, as
-qatune's: the same work. Each side runs in its own subprocess (`peer.py`), so its peak RSS is its
+qatune's: the same work. Each side runs in its own subprocess (`harness.py`), so its peak RSS is its
 own.
 
 Held-out reward accuracy is measured by the same code for every side (qatune's scorer on each
@@ -19,9 +19,9 @@ beta * (log pi/pi_ref) is higher for the chosen response (pi_ref = the initial w
 defines reward accuracy; reward model, the share whose chosen response scores higher. The same is
 reported on the training pairs (what the models memorised).
 
-    python benchmarks/dpo_vs_trl.py                       # 96 pairs, all four sides (~13 min here)
-    python benchmarks/dpo_vs_trl.py --sides qatune-dpo qatune-reward --data-seed 1   # qatune's spread
-    python benchmarks/dpo_vs_trl.py --n-train 16 --sides qatune-dpo trl-dpo
+    python -m benchmarks.dpo_vs_trl                       # 96 pairs, all four sides (~13 min here)
+    python -m benchmarks.dpo_vs_trl --sides qatune-dpo qatune-reward --data-seed 1   # qatune's spread
+    python -m benchmarks.dpo_vs_trl --n-train 16 --sides qatune-dpo trl-dpo
 Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
 """
 
@@ -31,11 +31,10 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from peer import SHARED, matmul_peak, measure_side, run_side, tokenizer
+from benchmarks import harness
 
 SIDES = ("qatune-dpo", "trl-dpo", "qatune-reward", "trl-reward")
 MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
@@ -77,10 +76,10 @@ def prepare(args, work: Path) -> dict:
     import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    tok = tokenizer()
+    tok = harness.tokenizer()
     eos = tok.eos_token_id
     usable = []
-    for line in (SHARED / "data" / "hh_rlhf_harmless" / "test.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (harness.SHARED / "data" / "hh_rlhf_harmless" / "test.jsonl").read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         (prompt, chosen), (other, rejected) = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
         if prompt != other or not chosen.strip() or not rejected.strip() or chosen.strip() == rejected.strip():
@@ -118,7 +117,9 @@ def load_pairs(path: Path, max_len: int):
     from qatune.data.pipeline import DataConfig
     from qatune.data.preference.pipeline import load_pairs as load
 
-    loaded = load(DataConfig(sources=[str(path)], template="raw", max_len=max_len, truncation="error"), tokenizer())
+    loaded = load(
+        DataConfig(sources=[str(path)], template="raw", max_len=max_len, truncation="error"), harness.tokenizer()
+    )
     return loaded.pairs
 
 
@@ -143,7 +144,7 @@ def sequence_logps(model, pairs, args):
     from qatune.train.preference_step import model_inputs
     from qatune.train.preference_step import sequence_logps as logps
 
-    batch = collate_pairs(pairs, list(range(len(pairs))), tokenizer().eos_token_id, 2 * args.max_len)
+    batch = collate_pairs(pairs, list(range(len(pairs))), harness.tokenizer().eos_token_id, 2 * args.max_len)
     with torch.no_grad():
         return logps(model(**model_inputs(batch)), model.wte.weight, batch).double()
 
@@ -152,7 +153,7 @@ def reward_accuracy(rm_dir: Path, work: Path, args, name: str) -> float:
     from qatune.model.reward import load_reward_model
 
     rm = load_reward_model(rm_dir).eval()
-    eos = tokenizer().eos_token_id
+    eos = harness.tokenizer().eos_token_id
     pairs = load_pairs(work / f"{name}.jsonl", args.max_len)
     chosen = rm.score_ids([p.prompt_ids + p.chosen_ids for p in pairs], eos)
     rejected = rm.score_ids([p.prompt_ids + p.rejected_ids for p in pairs], eos)
@@ -171,16 +172,11 @@ def qatune_config(args, work: Path, method: str) -> dict:
         "data": {"sources": [str(work / "train.jsonl")], "template": "raw", "max_len": args.max_len},
         "batch": {"size": args.batch, "unit": "examples"},
         "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
-        "eval": {"fraction": 0.0},
+        **harness.run_settings(args.threads),
         "dpo": {"beta": args.beta},
         "precision": "fp32",
         "seed": args.seed if args.data_seed is None else args.data_seed,  # the init is loaded: only the order
-        "device": "cpu",
-        "threads": args.threads,
-        "save_every": 0,
         "monitor": {"every": 0},
-        "tensorboard": False,
-        "plots": False,
     }
 
 
@@ -223,26 +219,14 @@ def trl_common(args, work: Path, side: str) -> dict:
         "max_length": args.max_len,
         "gradient_checkpointing": False,
         "bf16": False,
-        "use_cpu": True,
-        "report_to": "none",
-        "save_strategy": "no",
+        **harness.library_settings(args.seed),
         "logging_steps": 1,
-        "seed": args.seed,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
     }
 
 
 def run_trl(args, work: Path, side: str) -> dict:
-    import warnings
-
-    from datasets import load_dataset
-
-    warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
-    tok = tokenizer()
-    tok.padding_side = "right"
-    dataset = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    tok, dataset = harness.library_side(work / "train.jsonl")
     if side == "trl-dpo":
         from transformers import GPT2LMHeadModel
         from trl import DPOConfig, DPOTrainer
@@ -284,7 +268,7 @@ def child(args) -> None:
         for name in ("heldout", "train"):
             stats[f"{name}_accuracy"] = accuracy(Path(stats["export"]), work, args, name)
 
-    measure_side(side, "fp32", finish=score)
+    harness.measure_side(side, "fp32", finish=score)
 
 
 # ---------------------------------------------------------------- report (parent)
@@ -300,17 +284,15 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.side:
-        return child(args)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="dpo_vs_trl."))
-    work.mkdir(parents=True, exist_ok=True)
+    if harness.ran_child(args, child):
+        return
+    work = harness.workdir(args.workdir, "dpo_vs_trl")
     t0 = time.perf_counter()
     info = prepare(args, work)
-    peak, _ = matmul_peak("fp32")
+    peak, _ = harness.matmul_peak("fp32")
     results = {}
     for side in args.sides:
-        results[side] = run_side(__file__, side, child_argv(args), work)
+        results[side] = harness.run_side(__file__, side, child_argv(args), work)
         print(f"  {side}: {results[side]['train_s']:.1f} s", file=sys.stderr, flush=True)
     peak = max([peak] + [r["matmul_peak"] for r in results.values()])
     print(
@@ -370,7 +352,7 @@ def main(argv=None) -> None:
         **info,
         "sides": summary,
     }
-    print(json.dumps(line))
+    harness.emit(line)
 
 
 if __name__ == "__main__":

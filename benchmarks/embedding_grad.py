@@ -20,25 +20,24 @@ micro-batch run back to back in rotating order, `--passes` times over all micro-
 table gives each variant's median ms per step and the ratio to qatune's. All three give the same
 gradients (checked on the first micro-batch). Prints a table and one JSON line.
 
-    python benchmarks/embedding_grad.py
+    python -m benchmarks.embedding_grad
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dpo_vs_trl  # noqa: E402  (the same pairs and model)
-import sft_vs_trl  # noqa: E402  (the same examples and model)
+from benchmarks import (
+    dpo_vs_trl,  # the same pairs and model
+    sft_vs_trl,  # the same examples and model
+)
+from benchmarks.harness import emit, quiet, workdir
 
 VARIANTS = {  # name: (sparse embedding gradient, head's dL/dW into .grad)
     "dense": (False, False),
@@ -128,8 +127,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="embedding_grad."))
+    quiet(args.threads)
+    work = workdir(args.workdir, "embedding_grad")
     results = {}
     for method, build, n in (("sft", sft_steps, args.n_train_sft), ("dpo", dpo_steps, args.n_train_dpo)):
         (work / method).mkdir(parents=True, exist_ok=True)
@@ -142,8 +141,7 @@ def main(argv=None) -> None:
         r["vs_qatune"] = {n: ms / r["ms"][ours] for n, ms in r["ms"].items()}
         for name, ms in r["ms"].items():
             print(f"{method:<8}{name:<28}{ms:>9.1f}{r['vs_qatune'][name]:>10.3f}x")
-    line = {"benchmark": "embedding_grad", "args": vars(args), "results": results, "load_avg": os.getloadavg()}
-    print(json.dumps(line))
+    emit({"benchmark": "embedding_grad", "args": vars(args), "results": results, "load_avg": os.getloadavg()})
 
 
 if __name__ == "__main__":

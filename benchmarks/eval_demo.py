@@ -2,7 +2,7 @@
 (the same seed, so exactly the model the demo scores "before"), and run
 `qatune eval RUN held_out.jsonl --compare INIT` on the demo's held-out questions.
 
-    python benchmarks/eval_demo.py [--out-dir /tmp/qatune-eval-demo] [--tokenizer DIR] [--steps N]
+    python -m benchmarks.eval_demo [--out-dir /tmp/qatune-eval-demo] [--tokenizer DIR] [--steps N]
 
 Prints the eval report's summary table and per-source table, then one JSON line.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import emit
 from qatune.cli import main as qatune
 from qatune.demo.run import DemoSettings, run_demo, train_config
 from qatune.demo.task import make_task
@@ -67,7 +68,7 @@ def main() -> None:
         "train_s": round(t1 - t0, 1),
         "eval_s": round(t2 - t1, 1),
     }
-    print(json.dumps(summary))
+    emit(summary)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,15 @@ prompts per step, max new tokens and sampling temperature, the same KL coefficie
 clip, token-level loss normalization over the step (TRL's default `loss_type="dapo"`, qatune's),
 group-std reward scaling, one optimizer step per generation batch, AdamW with the same betas, no
 weight decay, constant learning rate, clipping at 1.0, fp32, the same thread count, a fixed number
-of steps. Each side runs in its own subprocess (`peer.py`), so its peak RSS is its own.
+of steps. Each side runs in its own subprocess (`harness.py`), so its peak RSS is its own.
 
 Measured per step: wall time, split into generation (sampling, rewards, reference and old-policy
 log-probs: TRL's `_generate_and_score_completions`, qatune's rollout collection) and training
 (the rest: forward, backward, optimizer); the mean reward of the step's samples. After training,
 both final models answer the 80 held-out questions greedily, scored by the same code.
 
-    python benchmarks/grpo_vs_trl.py                      # 40 steps, 8 prompts x 8 samples
-    python benchmarks/grpo_vs_trl.py --steps 10 --sides qatune
+    python -m benchmarks.grpo_vs_trl                      # 40 steps, 8 prompts x 8 samples
+    python -m benchmarks.grpo_vs_trl --steps 10 --sides qatune
 Needs the `bench` extra: pip install -e '.[bench]'  (trl).
 """
 
@@ -25,11 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from peer import SHARED, measure_side, run_side, tokenizer
+from benchmarks import harness
 
 SIDES = ("qatune", "trl")
 SFT = {"steps": 110, "n_layer": 2, "n_embd": 128}  # the demo's recipe, stopped early: ~55% held-out EM
@@ -67,7 +66,7 @@ def prepare(args, work: Path) -> None:
     from qatune.demo.task import make_task
     from qatune.train.runtime import fit, make_model
 
-    tok = tokenizer()
+    tok = harness.tokenizer()
     template = get_template("plain")
     train_qs, test_qs = make_task(args.seed)
     for name, qs in (("prompts", train_qs), ("heldout", test_qs)):
@@ -94,7 +93,7 @@ def heldout_exact_match(model, work: Path, max_new_tokens: int) -> float:
     from qatune.generation.metrics import exact_match
     from qatune.generation.sampling import SamplingConfig, generate_ids
 
-    tok = tokenizer()
+    tok = harness.tokenizer()
     rows = [json.loads(line) for line in (work / "heldout.jsonl").read_text().splitlines()]
     prompts = [tok(r["prompt"], add_special_tokens=False).input_ids for r in rows]
     gens = generate_ids(model, prompts, tok.eos_token_id, SamplingConfig(max_new_tokens=max_new_tokens))
@@ -114,7 +113,7 @@ def run_qatune(args, work: Path) -> dict:
             "method": "grpo",
             "out_dir": str(work / "runs"),
             "model": {"name": str(init_dir(work))},
-            "tokenizer": str(SHARED / "tokenizer" / "gpt2"),
+            "tokenizer": str(harness.SHARED / "tokenizer" / "gpt2"),
             "data": {"sources": [str(work / "prompts.jsonl")], "template": "plain", "max_len": 64},
             "batch": {"size": args.prompts * args.group},
             "optim": {
@@ -125,7 +124,7 @@ def run_qatune(args, work: Path) -> dict:
                 "weight_decay": 0.0,
                 "grad_clip": 1.0,
             },
-            "eval": {"fraction": 0.0},
+            **harness.run_settings(args.threads),
             "rl": {
                 "reward": "exact_match",
                 "prompts_per_rollout": args.prompts,
@@ -138,11 +137,6 @@ def run_qatune(args, work: Path) -> dict:
             "max_steps": args.steps,
             "precision": "fp32",
             "seed": args.seed,
-            "device": "cpu",
-            "threads": args.threads,
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
         },
     )
     t0 = time.perf_counter()
@@ -163,18 +157,13 @@ def run_qatune(args, work: Path) -> dict:
 
 
 def run_trl(args, work: Path) -> dict:
-    import warnings
-
-    from datasets import load_dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from qatune.generation.metrics import exact_match
     from qatune.model.checkpoint import from_pretrained
 
-    warnings.filterwarnings("ignore")
-    tok = tokenizer()
-    dataset = load_dataset("json", data_files=str(work / "prompts.jsonl"), split="train")
+    tok, dataset = harness.library_side(work / "prompts.jsonl", padding_side=None)
 
     def reward(completions, answer, **kwargs):
         return [exact_match(c, a) for c, a in zip(completions, answer)]
@@ -202,14 +191,9 @@ def run_trl(args, work: Path) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_steps=args.steps,
-        use_cpu=True,
+        **harness.library_settings(args.seed),
         bf16=False,
-        report_to="none",
-        save_strategy="no",
         logging_steps=1,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     steps, generation = [], []
 
@@ -255,7 +239,7 @@ def child(args) -> None:
     def finish(stats: dict) -> None:
         stats["heldout_exact_match"] = heldout_exact_match(stats.pop("model"), work, args.max_new_tokens)
 
-    measure_side(run, "fp32", finish)
+    harness.measure_side(run, "fp32", finish)
 
 
 # ---------------------------------------------------------------- report (parent)
@@ -275,17 +259,15 @@ def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.side:
-        return child(args)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="grpo_vs_trl."))
-    work.mkdir(parents=True, exist_ok=True)
+    if harness.ran_child(args, child):
+        return
+    work = harness.workdir(args.workdir, "grpo_vs_trl")
     if not (init_dir(work) / "model.safetensors").exists():
         prepare(args, work)
     start_em = heldout_exact_match(_load(init_dir(work)), work, args.max_new_tokens)
     results = {}
     for side in args.sides:
-        results[side] = run_side(__file__, side, child_argv(args), work)
+        results[side] = harness.run_side(__file__, side, child_argv(args), work)
         print(f"  {side}: {results[side]['total_s']:.1f} s", file=sys.stderr, flush=True)
     tail = max(1, args.steps // 3)
     summary = {}
@@ -336,7 +318,7 @@ def main(argv=None) -> None:
             f"{base['rss_ratio']:.2f}x the peak RSS, {base['cpu_ratio']:.1f}x less CPU time"
         )
     line = {"benchmark": "grpo_vs_trl", "args": vars(args) | {"workdir": str(work)}, "start_heldout_em": start_em}
-    print(json.dumps(line | {"results": summary}))
+    harness.emit(line | {"results": summary})
 
 
 def _load(folder: Path):

@@ -20,8 +20,8 @@ labelled), identical on both sides.
   The planner's estimate is for a FIRST step (its AdamW rate is calibrated on a first step, which
   creates the moments), so it is compared with the measured first step.
 
-    python benchmarks/lora_vs_full.py                    # gpt2, seq 256 x 4, fp32, 1 thread, r=16
-    python benchmarks/lora_vs_full.py --model gpt2-medium --rounds 3
+    python -m benchmarks.lora_vs_full                    # gpt2, seq 256 x 4, fp32, 1 thread, r=16
+    python -m benchmarks.lora_vs_full --model gpt2-medium --rounds 3
 
 Prints a table and, last, one JSON line.
 """
@@ -33,12 +33,12 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
+from benchmarks.harness import child_result, emit, quiet, run_child
 from qatune.analysis.compute import plan_compute
 from qatune.analysis.measure import (
     MEASURE_ENV,
@@ -99,15 +99,11 @@ def run_side(s: PlanSetup, steps: int, alpha: float, memory: bool) -> dict:
 
 def child(s: PlanSetup, steps: int, alpha: float, threads: int, memory: bool) -> dict:
     payload = json.dumps({"setup": setup_to_json(s), "steps": steps, "alpha": alpha, "memory": memory})
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if memory:
         env.update(MEASURE_ENV)
-    cmd = [sys.executable, __file__, "--child", payload, "--threads", str(threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, ["--child", payload, "--threads", str(threads)], "a measuring process", env)
 
 
 def predict(s: PlanSetup, rates: dict) -> dict:
@@ -186,10 +182,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(run_side(setup_from_json(job["setup"]), job["steps"], job["alpha"], job["memory"])))
+        child_result(run_side(setup_from_json(job["setup"]), job["steps"], job["alpha"], job["memory"]))
         return 0
 
     full = PlanSetup(
@@ -235,7 +231,7 @@ def main() -> int:
             for k in ("peak", "first_step_peak", "later_step_seconds", "later_step_cpu_seconds", "checkpoint_bytes")
         },
     }
-    print(json.dumps(record))
+    emit(record)
     return 0
 
 

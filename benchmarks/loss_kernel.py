@@ -11,19 +11,19 @@ compute:
 - full logits: `F.cross_entropy` over the whole logits (what `transformers` does), for scale.
 All three must agree on the loss and the gradients (largest difference printed).
 
-    python benchmarks/loss_kernel.py
+    python -m benchmarks.loss_kernel
 Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import torch
 
+from benchmarks.harness import emit, quiet
 from qatune.train.loss import reference_loss_sum, response_loss_sum
 
 
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    quiet(args.threads)
     torch.manual_seed(0)
     V, d = 50257, 256
     w = torch.randn(V, d) * 0.02
@@ -110,7 +110,7 @@ def main(argv=None) -> None:
                 f"{name:<9}{n:>6}{ms['qatune']:>10.1f}{ms['previous']:>10.1f}{ms['full']:>13.1f}"
                 f"{ms['previous'] / ms['qatune']:>12.2f}x{diff:>15.1e}"
             )
-    print(json.dumps({"benchmark": "loss_kernel", "args": vars(args), "results": rows, "load_avg": os.getloadavg()}))
+    emit({"benchmark": "loss_kernel", "args": vars(args), "results": rows, "load_avg": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The masking study: does training on the instruction too make a model copy it? (seeds 001 §5, 000 §5.1)
+"""The masking study: does training on the instruction too make a model copy it?
 
 The same small GPT-2, from the same random init, is trained twice on the same examples in the same
 order for the same number of steps (so the same tokens are seen):
@@ -17,7 +17,7 @@ Two tasks:
            To keep the LM head cheap on a CPU it uses a 2,048-token byte-level BPE trained on the
            training text — the study is about the loss mask, not the tokenizer.
 
-    python benchmarks/masking_study.py [--tasks facts gsm8k] [--out docs/masking_study]
+    python -m benchmarks.masking_study [--tasks facts gsm8k] [--out docs/masking_study]
 
 Prints a table and one JSON line; writes loss-curve plots to --out.
 """
@@ -25,7 +25,6 @@ Prints a table and one JSON line; writes loss-curve plots to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import SHARED, emit
 from qatune.data.encode import encode_records
 from qatune.data.example import EncodedExample
 from qatune.data.readers import read_records
@@ -47,8 +47,6 @@ from qatune.train.config import EvalConfig, ModelConfig, MonitorConfig, TrainCon
 from qatune.train.data import BatchConfig
 from qatune.train.optim import OptimConfig
 from qatune.train.runtime import fit, make_model
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 @dataclass
@@ -256,7 +254,7 @@ def main() -> None:
         t: {n: {k: v for k, v in r.items() if k != "train_loss_curve"} for n, r in a.items()}
         for t, a in results.items()
     }
-    print(json.dumps({"benchmark": "masking_study", "results": slim}))
+    emit({"benchmark": "masking_study", "results": slim})
 
 
 if __name__ == "__main__":

@@ -19,34 +19,28 @@ loss and per-layer norms) and one without, back to back in alternating order, `-
 over; it gives the ratio of their CPU times. It leaves out the optimizer, checkpoint and data
 time, so it overstates the monitor's share of a run slightly.
 
-    python benchmarks/monitor_cost.py
+    python -m benchmarks.monitor_cost
 Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sft_vs_trl  # noqa: E402  (the same data, model and run settings)
+from benchmarks import sft_vs_trl  # the same data, model and run settings
+from benchmarks.harness import child_result, emit, quiet, run_child, workdir
 
 EVERY = (0, 50, 1)
 
 
 def run_side(args, work: Path, every: int) -> dict:
-    import torch
 
     from qatune.train.step import PhaseClock
 
-    torch.set_num_threads(args.threads)
     bench = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     with PhaseClock() as clock:
         stats = sft_vs_trl.run_qatune(
@@ -72,11 +66,10 @@ def main(argv=None) -> None:
     p.add_argument("--every", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)  # child: its run folder
     args = p.parse_args(argv)
+    quiet(args.threads)
     if args.every is not None:
-        print("RESULT " + json.dumps(run_side(args, Path(args.workdir), args.every)), flush=True)
-        return
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="monitor_cost."))
-    work.mkdir(parents=True, exist_ok=True)
+        return child_result(run_side(args, Path(args.workdir), args.every))
+    work = workdir(args.workdir, "monitor_cost")
     sft_vs_trl.prepare(sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"]), work)
     runs = []
     for i in range(args.repeats):  # interleaved, so that a change in the machine's load hits every setting
@@ -114,7 +107,7 @@ def main(argv=None) -> None:
         "paired": paired,
         "load_avg": os.getloadavg(),
     }
-    print(json.dumps(line))
+    emit(line)
 
 
 def paired_steps(args, work: Path) -> dict:
@@ -124,7 +117,6 @@ def paired_steps(args, work: Path) -> dict:
     from qatune.train.runtime import layer_grad_norms
     from qatune.train.step import Precision, train_step
 
-    torch.set_num_threads(args.threads)
     bench = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     model, batches = sft_vs_trl.micro_batches(bench, work)
     precision = Precision("fp32", torch.device("cpu"))
@@ -150,13 +142,8 @@ def paired_steps(args, work: Path) -> dict:
 
 
 def _run_child(args, work: Path, every: int, repeat: int) -> dict:
-    cmd = [sys.executable, __file__, "--n-train", str(args.n_train), "--threads", str(args.threads)]
-    cmd += ["--workdir", str(work), "--every", str(every), "--repeat", str(repeat)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"monitor.every={every} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    argv = ["--n-train", str(args.n_train), "--threads", str(args.threads), "--workdir", str(work)]
+    return run_child(__file__, [*argv, "--every", str(every), "--repeat", str(repeat)], f"monitor.every={every}")
 
 
 def _median(runs: list[dict], every: int) -> dict:

@@ -5,8 +5,8 @@ fused AdamW step) in a fresh Python process and is compared with the plan, compo
 component. A configuration whose predicted peak does not fit in the memory available now (with
 a 15% margin; other people share this machine) is skipped, not attempted.
 
-    python benchmarks/plan_measure.py                       # gpt2 and gpt2-large, seq 512, fp32
-    python benchmarks/plan_measure.py --models gpt2 --precision bf16
+    python -m benchmarks.plan_measure                       # gpt2 and gpt2-large, seq 512, fp32
+    python -m benchmarks.plan_measure --models gpt2 --precision bf16
 
 Prints one table per configuration and, last, one JSON line with every row.
 """
@@ -14,11 +14,11 @@ Prints one table per configuration and, last, one JSON line with every row.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from benchmarks.harness import emit
 from qatune.analysis.measure import MEASURABLE_PRECISIONS, calibrate, compare, measure_in_subprocess
 from qatune.analysis.memory import plan_memory
 from qatune.analysis.setup import PlanSetup
@@ -99,7 +99,7 @@ def main() -> int:
                 "all_within_10pct": all(r["ratio"] is not None and abs(r["ratio"] - 1) <= 0.10 for r in memory_rows),
             }
         )
-    print(json.dumps({"benchmark": "plan_measure", "results": results}))
+    emit({"benchmark": "plan_measure", "results": results})
     return 0
 
 

@@ -26,8 +26,8 @@ included (the held-out measurements excluded).
 Task: `facts` (the demo's country facts: 240 training and 80 held-out questions; the demo's GPT-2
 2x128 on the GPT-2 tokenizer, SFT stopped early so that about half the held-out answers are right).
 
-    python benchmarks/rlhf_study.py                      # plots in docs/img/rlhf_facts.png
-    python benchmarks/rlhf_study.py --arms sft grpo --budget 512
+    python -m benchmarks.rlhf_study                      # plots in docs/img/rlhf_facts.png
+    python -m benchmarks.rlhf_study --arms sft grpo --budget 512
 
 Prints a table and one JSON line.
 """
@@ -37,15 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__import__("os").environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+from benchmarks.harness import REPO, SHARED, emit, quiet, run_settings, workdir
+
 ARMS = ("sft", "dpo", "rm+ppo", "rm+ppo-b.5", "grpo", "grpo-b0")
 
 
@@ -147,16 +146,11 @@ def base_config(task: Task, work: Path, name: str, model: str, method: str, step
         "data": {"template": "plain", "max_len": task.model["n_positions"]},
         "batch": {"size": 32, "unit": "examples"},
         "optim": {"lr": task.lr, "lr_min": task.lr, "warmup_steps": 0, "betas": [0.9, 0.98], "weight_decay": 0.0},
-        "eval": {"fraction": 0.0},
+        **run_settings(args.threads, save_every=save_every),
         "max_steps": steps,
         "precision": "fp32",
         "seed": args.seed,
-        "device": "cpu",
-        "threads": args.threads,
-        "save_every": save_every,
         "keep_checkpoints": task.points + 2,
-        "tensorboard": False,
-        "plots": False,
     }
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
@@ -191,16 +185,11 @@ def train_sft_start(task: Task, work: Path, args) -> Path:
                 "betas": [0.9, 0.98],
                 "weight_decay": 0.1,
             },
-            "eval": {"fraction": 0.0},
+            **run_settings(args.threads),
             "epochs": 1,
             "max_steps": steps,
             "precision": "fp32",
             "seed": args.seed,
-            "device": "cpu",
-            "threads": args.threads,
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
         },
     )
     train(cfg, progress=False, overwrite=True)
@@ -521,9 +510,8 @@ def main(argv=None) -> None:
         for name, result in line["results"].items():
             print(plot(name, result, Path(args.out))[0])
         return
-    torch.set_num_threads(args.threads)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="rlhf_study."))
-    work.mkdir(parents=True, exist_ok=True)
+    quiet(args.threads)
+    work = workdir(args.workdir, "rlhf_study")
     results = {}
     for task in [facts_task(args)]:
         task.budget = args.budget or task.budget
@@ -531,7 +519,7 @@ def main(argv=None) -> None:
         report(task, results[task.name])
         plot(task.name, results[task.name], Path(args.out))
     line = {"benchmark": "rlhf_study", "args": vars(args) | {"workdir": str(work)}, "results": results}
-    print(json.dumps(line, default=str))
+    emit(line)
 
 
 if __name__ == "__main__":

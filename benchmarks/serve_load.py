@@ -11,8 +11,8 @@ in the machine's load during the run does not favour one side. Tokens are the se
 `usage.completion_tokens`; latency is request sent -> last token received, TTFT request sent ->
 first text chunk. The model is a random-init GPT-2 (fp32), the real GPT-2 tokenizer.
 
-    python benchmarks/serve_load.py                       # 6 layers, d=384, 1 thread
-    python benchmarks/serve_load.py --layers 12 --d-model 768 --heads 12 --requests 16
+    python -m benchmarks.serve_load                       # 6 layers, d=384, 1 thread
+    python -m benchmarks.serve_load --layers 12 --d-model 768 --heads 12 --requests 16
 Prints a table and one JSON line.
 """
 
@@ -22,7 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -33,8 +32,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("QATUNE_SHARED", REPO.parent / "shared"))
+from benchmarks.harness import SHARED, emit
 
 
 def parse_args(argv=None):
@@ -220,10 +218,9 @@ def report(args, rows, load_before, load_after) -> None:
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in load_after],
         "cpus": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
-    print(json.dumps(result))
+    emit(result)
 
 
 if __name__ == "__main__":

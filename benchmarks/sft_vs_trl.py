@@ -21,8 +21,8 @@ The qatune side then trains once more under torch.profiler and sums the runtime'
 (`qatune.train.step.phase`): data, forward, loss, backward, optimizer, monitor, logging,
 checkpoint; with the FLOPs of each phase, the rate each one reaches.
 
-    python benchmarks/sft_vs_trl.py                     # 1,000 examples, all four sides
-    python benchmarks/sft_vs_trl.py --n-train 200 --sides qatune trl-default
+    python -m benchmarks.sft_vs_trl                     # 1,000 examples, all four sides
+    python -m benchmarks.sft_vs_trl --n-train 200 --sides qatune trl-default
 Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
 """
 
@@ -32,11 +32,10 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from peer import SHARED, matmul_peak, measure_side, run_side, tokenizer
+from benchmarks import harness
 
 SIDES = ("qatune", "trl-default", "trl-packing", "trl-chunked")
 MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
@@ -53,8 +52,6 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="both sides (TRL's CPU default: bf16)")
     p.add_argument("--seed", type=int, default=0)
-    # One thread by default: on a machine whose cores other processes also use, a 2-thread PyTorch
-    # step was measured 4-5x slower than a 1-thread one (OpenMP threads wait on each other).
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
     p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
     p.add_argument("--op-profile", type=int, default=0, metavar="N", help="also print torch.profiler's N costliest ops")
@@ -75,8 +72,8 @@ def prepare(args, work: Path) -> dict:
     from qatune.data.readers import read_records
     from qatune.data.templates import get_template
 
-    tok = tokenizer()
-    records = read_records([str(SHARED / "data" / "t0_qa_subset" / "*.jsonl")], None, False, None).records
+    tok = harness.tokenizer()
+    records = read_records([str(harness.SHARED / "data" / "t0_qa_subset" / "*.jsonl")], None, False, None).records
     encodings = encode_records(records, get_template("raw"), tok)
     fits = [i for i, e in enumerate(encodings) if len(e) <= args.max_len]
     rng = random.Random(args.seed)
@@ -138,7 +135,7 @@ def heldout_loss(model, work: Path, max_len: int) -> float:
     from qatune.train.data import eval_batches
     from qatune.train.step import Precision, evaluate
 
-    tok = tokenizer()
+    tok = harness.tokenizer()
     ex = load_examples(DataConfig(sources=[str(work / "heldout.jsonl")], template="raw", max_len=max_len), tok)
     batches = eval_batches(ex.examples, "grouped", max_len, tok.pad_token_id, 8)
     return evaluate(model, batches, Precision("fp32", torch.device("cpu")))["eval_loss"]
@@ -152,7 +149,7 @@ def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = N
     from qatune.train.runtime import fit
 
     t_start = time.perf_counter()
-    tok = tokenizer()
+    tok = harness.tokenizer()
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
     examples = load_examples(data, tok).examples
     model = from_pretrained(work / "init")
@@ -165,14 +162,9 @@ def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = N
             "out_dir": str(work / "runs"),
             "batch": {"strategy": "packed", "size": args.batch, "unit": "examples"},
             "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
-            "eval": {"fraction": 0.0},
+            **harness.run_settings(export=False),
             "precision": args.precision,
             "seed": args.seed,
-            "device": "cpu",
-            "save_every": 0,
-            "tensorboard": False,
-            "plots": False,
-            "export": False,
         }
         | (overrides or {}),
     )
@@ -201,26 +193,20 @@ def micro_batches(args, work: Path):
     from qatune.train.data import make_batch
 
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
-    examples = load_examples(data, tokenizer()).examples
+    examples = load_examples(data, harness.tokenizer()).examples
     size = args.batch
     batches = [make_batch(examples[i : i + size], "packed", args.max_len, 0) for i in range(0, len(examples), size)]
     return from_pretrained(work / "init"), [b.to("cpu") for b in batches]  # .to(): builds the label index
 
 
 def run_trl(args, work: Path, side: str) -> dict:
-    import warnings
-
-    from datasets import load_dataset
     from transformers import GPT2LMHeadModel
     from trl import SFTConfig, SFTTrainer
 
     from qatune.model.checkpoint import from_pretrained
 
-    warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
-    tok = tokenizer()
-    tok.padding_side = "right"
-    dataset = load_dataset("json", data_files=str(work / "train.jsonl"), split="train")
+    tok, dataset = harness.library_side(work / "train.jsonl")
     model = GPT2LMHeadModel.from_pretrained(work / "init", attn_implementation="sdpa")
     config = SFTConfig(
         output_dir=str(work / side),
@@ -241,13 +227,8 @@ def run_trl(args, work: Path, side: str) -> dict:
         loss_type="chunked_nll" if side == "trl-chunked" else "nll",
         completion_only_loss=True,
         bf16=args.precision == "bf16",
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
+        **harness.library_settings(args.seed),
         logging_steps=10,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tok)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -303,7 +284,7 @@ def child(args) -> None:
             if phases is not None:
                 stats["phases"] = phases
 
-    measure_side(side, args.precision, finish=score)
+    harness.measure_side(side, args.precision, finish=score)
 
 
 # ---------------------------------------------------------------- report (parent)
@@ -316,7 +297,7 @@ def child_argv(args) -> list[str]:
 
 
 def run_one(side: str, args, work: Path) -> dict:
-    return run_side(__file__, side, child_argv(args), work)
+    return harness.run_side(__file__, side, child_argv(args), work)
 
 
 def info_work(info: dict) -> tuple[list[int], list[int], int]:
@@ -364,15 +345,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(args.threads)
-    if args.side:
-        return child(args)
+    if harness.ran_child(args, child):
+        return
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="sft_vs_trl."))
-    work.mkdir(parents=True, exist_ok=True)
+    work = harness.workdir(args.workdir, "sft_vs_trl")
     info = prepare(args, work)
     flops = work_flops(info["lengths"], info["labels"], 50257)
-    peak, peak_cpu = matmul_peak(args.precision)
+    peak, peak_cpu = harness.matmul_peak(args.precision)
     results = {}
     for side in args.sides:
         results[side] = run_one(side, args, work)
@@ -425,7 +404,7 @@ def main(argv=None) -> None:
         )
     if base and "phases" in base:
         summary["qatune"]["phases"] = print_phases(base["phases"], phase_flops(*info_work(info)), peak, peak_cpu)
-    print(json.dumps({"benchmark": "sft_vs_trl", "args": vars(args) | {"workdir": str(work)}, "results": summary}))
+    harness.emit({"benchmark": "sft_vs_trl", "args": vars(args) | {"workdir": str(work)}, "results": summary})
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.train_helpers import sequence_logprobs
 
 from qatune.data.example import IGNORE
-from qatune.train.logprobs import segment_sum, sequence_logprobs, token_logprobs
+from qatune.train.logprobs import segment_sum, token_logprobs
 
 
 def reference(h, w, t):

@@ -31,7 +31,7 @@ def test_plan_text_table_and_advice(capsys):
     assert "1557.6M parameters" in text
     assert "does not fit in NVIDIA GeForce RTX 4090 24GB" in text
     assert "fits with activation checkpointing + bf16 autocast + micro-batch 1 x accum 8" in text
-    assert "the seeds' 'FP16 ~ 6 GB' is the fp32 size" in text
+    assert "~6 GB is the fp32 size" in text
     for T in ("256", "512", "1024"):
         assert f"\n  {T:>6}" in text
 

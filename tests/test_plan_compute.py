@@ -1,4 +1,4 @@
-"""Compute plan against PyTorch's FLOP counter, and the per-token table the seeds get wrong."""
+"""Compute plan against PyTorch's FLOP counter, and the per-token table by sequence length."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_doubling_the_sequence_is_not_4x():
     rows = {r["seq_len"]: r for r in seq_len_table(SIZES["gpt2-large"])}
     L, d = 36, 1280
     assert rows[1024]["attention"] == 12 * L * 1024 * d and rows[1024]["dense"] == 72 * L * d * d
-    # Per sequence, 512 -> 1024 costs ~2.12x for Large (the seeds: ~4x); per token ~6% more.
+    # Per sequence, 512 -> 1024 costs ~2.12x for Large (not the 4x of a pure T^2 cost); per token ~6% more.
     assert rows[1024]["per_sequence_factor"] == pytest.approx(2.12, abs=0.01)
     assert rows[1024]["per_token_factor"] == pytest.approx(1.06, abs=0.005)
     assert rows[256]["attention_share"] < rows[512]["attention_share"] < rows[1024]["attention_share"] < 0.12

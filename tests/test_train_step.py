@@ -6,10 +6,11 @@ import random
 
 import pytest
 import torch
+from tests.train_helpers import step_batches
 
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.train.data import BatchConfig, make_batch, plan_run, step_batches
+from qatune.train.data import BatchConfig, make_batch, plan_run
 from qatune.train.loss import reference_loss_sum
 from qatune.train.step import Precision, train_step
 

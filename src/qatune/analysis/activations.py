@@ -24,7 +24,7 @@ SDPA backends (what differs):
   FlexAttention with a block mask of a few ints per 128 x 128 tile; its output made contiguous is
   again one more E*d*a (assumed from the source, not measured here: no GPU).
 - math (CPU fallback, e.g. dropout > 0): saves copies of q, k, v, the softmax probabilities
-  B*h*T*T and a copy of the output: this is the O(T^2) activation the seeds worry about. On CPU
+  B*h*T*T and a copy of the output: this is the O(T^2) activation. On CPU
   it upcasts 16-bit q, k, v to fp32 first, so q, k, v and the probabilities are fp32 there.
 
 With activation checkpointing only each block's input is kept (E*d*r per layer); during backward

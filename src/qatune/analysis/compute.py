@@ -78,10 +78,6 @@ class ComputePlan:
     def attention_share(self) -> float:
         return self.attention / self.model_flops
 
-    def per_optimizer_step(self) -> int:
-        """Model FLOPs of one optimizer step on one rank (all its micro-batches)."""
-        return self.model_flops * self.setup.accum
-
 
 def plan_compute(s: PlanSetup) -> ComputePlan:
     c, tokens = s.config, s.tokens
@@ -176,7 +172,8 @@ def step_time(s: PlanSetup, acc: Accelerator, mfu: float) -> StepTime:
 
 def seq_len_table(config: GPT2Config, seq_lens=(256, 512, 1024), label_fraction: float = 0.5) -> list[dict]:
     """Per-token FLOPs at several T, the attention share, and the per-sequence cost factor from one
-    T to the next (the seeds: 'O(L*T^2*d), so 512 -> 1024 is ~4x')."""
+    T to the next: the O(L*T^2*d) attention term alone would make 512 -> 1024 4x; the dense part grows
+    only as T, so the whole grows less."""
     rows = []
     for i, T in enumerate(seq_lens):
         dense = dense_flops_per_token(config)

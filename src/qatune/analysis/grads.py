@@ -1,9 +1,9 @@
-"""Gradient dynamics on a real model and real examples: what the seeds assert, measured.
+"""Gradient dynamics on a real model and real examples: common claims about them, measured.
 
 - Per-example gradient norms against response length and total length, under two per-example
   normalizations: `sum` (the loss summed over the example's label tokens, what a token-normalized
   batch loss gives each example up to a constant) and `mean` (averaged over its label tokens).
-  The seeds' "Var(grad) ∝ T" depends on which one is meant, so both are fitted.
+  A claim "Var(grad) ∝ T" depends on which one is meant, so both are fitted.
 - Segment shares: with the instruction unmasked, how much of the gradient comes from instruction
   tokens vs response tokens (norm of each part, and the cosine between them).
 - Gradient noise scale B_simple = tr(Σ) / |G|² from per-example gradients (McCandlish et al., 2018).

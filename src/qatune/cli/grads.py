@@ -1,4 +1,4 @@
-"""`qatune grads MODEL_OR_RUN DATA…`: measure the gradient dynamics the seeds describe.
+"""`qatune grads MODEL_OR_RUN DATA…`: measure the gradient dynamics of instruction tuning.
 
 On a sample of the data, with the model's own template: per-example gradient norms against
 response and total length with power-law fits (loss summed and averaged over tokens), the

@@ -6,10 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-SEEDS_NOTE = (
-    "note: the seeds call GPT-2 Large '1.5B parameters'; Large is ~774M. "
-    "The 1.5B model is GPT-2 XL (48 layers, d=1600, 25 heads)."
-)
+SIZE_NOTE = "note: GPT-2 Large has 774M parameters; the 1.5B model is GPT-2 XL (48 layers, d=1600, 25 heads)."
 
 
 def add_parser(sub) -> None:
@@ -34,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     info = model_info(config_of(args.model), args.model)
     if args.model in ("gpt2-large", "gpt2-xl"):
-        info["note"] = SEEDS_NOTE
+        info["note"] = SIZE_NOTE
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

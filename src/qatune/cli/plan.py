@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 CORRECTIONS = [
     "GPT-2 Large (L=36, d=1280, h=20) has ~774M parameters, not 1.5B; 1.5B is GPT-2 XL (L=48, d=1600, h=25).",
-    "fp16/bf16 weights take 2 bytes/param: 1.5B params are ~3.1 GB in fp16; the seeds' 'FP16 ~ 6 GB' is the fp32 size.",
+    "fp16/bf16 weights take 2 bytes/param: 1.5B params are ~3.1 GB in fp16; ~6 GB is the fp32 size.",
     "Full fine-tuning with mixed-precision AdamW holds ~16 bytes/param of model state (2 bf16 weights + 4 fp32 "
     "master + 2 grads + 8 moments; with autocast: 4 fp32 weights = master + 4 grads + 8 moments): "
     "~12.4 GB for Large, ~24.9 GB for XL, before activations.",
@@ -152,7 +152,7 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
         f"  {acc.name}: {t.peak_tflops:g} TFLOP/s dense peak at MFU {mfu:.0%}: {t.seconds:.3f} s per optimizer step, "
         f"{t.tokens_per_second:,.0f} tokens/s over {s.gpus} GPU(s)"
     )
-    print("\nPer-token FLOPs by sequence length (the seeds' O(L*T^2*d) in numbers)")
+    print("\nPer-token FLOPs by sequence length (the O(L*T^2*d) attention term in numbers)")
     print(
         f"  {'T':>6}{'dense':>10}{'attention':>11}{'LM head':>10}{'total':>10}{'attn %':>8}{'x/token':>9}{'x/seq':>7}"
     )
@@ -162,8 +162,8 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
             f"{r['total'] / 1e9:>10.3f}{100 * r['attention_share']:>7.1f}%"
             f"{r.get('per_token_factor', 1):>9.3f}{r.get('per_sequence_factor', 1):>7.2f}"
         )
-    print("  (GFLOP per token; x = factor over the previous T; the seeds claim ~4x per sequence for 512 -> 1024)")
-    print("\nCorrections to the seeds' figures")
+    print("  (GFLOP per token; x = factor over the previous T; a pure T^2 cost: 4x per sequence, 512 -> 1024)")
+    print("\nFigures often misquoted")
     for line in CORRECTIONS:
         print(f"  - {line}")
 

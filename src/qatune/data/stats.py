@@ -54,7 +54,8 @@ def length_stats(encodings: Sequence[Encoding], max_len: int) -> dict:
         "prompt_tokens": summarize(q),
         "response_tokens": summarize(a),
         "total_tokens": summarize(total),
-        # E[A]/E[Q]: the seeds assume answers much longer than questions (>> 1).
+        # E[A]/E[Q]: > 1 when answers are longer than prompts; below 1 most of each sequence is unmasked
+        # prompt, which costs compute but gives no loss.
         "response_to_prompt_ratio": (n_a / n_q) if n_q else None,
         "loss_token_share": n_a / (n_q + n_a) if n_q + n_a else 0.0,
         "over_max_len": {"count": over, "share": over / len(total) if total else 0.0},

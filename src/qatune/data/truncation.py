@@ -1,7 +1,7 @@
 """Fitting an example into `max_len` tokens, under an explicit policy, with every outcome counted.
 
 - cut_response (default): keep the whole prompt, cut the end of the response (its EOS is lost). The
-  instruction is never cut: a cut instruction loses the task (seeds 000 §5.2). An example whose
+  instruction is never cut: a cut instruction loses the task. An example whose
   prompt alone fills max_len has no room for a loss token and is dropped (counted as no_loss).
 - drop: leave out every example longer than max_len.
 - cut_prompt_left: keep the response, cut the prompt from the left (its start: the oldest context).

@@ -41,8 +41,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row of `probs` (B, V), by inverting the cumulative distribution at a uniform
-    draw: the first token whose cumulative mass exceeds it (never a zero-probability one).
-    Measured on one CPU thread for 128 x 50,257: 70 ms, where torch.multinomial took 450 ms."""
+    draw: the first token whose cumulative mass exceeds it (never a zero-probability one). One
+    cumsum and one search per row, several times faster on CPU than torch.multinomial
+    (docs/performance.md, "Numbers behind the code's comments")."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)

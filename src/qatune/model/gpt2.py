@@ -44,8 +44,8 @@ class GPT2Config:
         return asdict(self)
 
 
-# The published OpenAI sizes, as data. Note: gpt2-large is ~774M parameters; the seeds' "1.5B"
-# is gpt2-xl.
+# The published OpenAI sizes, as data (Radford et al. 2019, table 2). gpt2-large has ~774M
+# parameters; the 1.5B model is gpt2-xl.
 SIZES: dict[str, GPT2Config] = {
     "gpt2": GPT2Config(n_layer=12, n_embd=768, n_head=12),
     "gpt2-medium": GPT2Config(n_layer=24, n_embd=1024, n_head=16),
@@ -468,11 +468,3 @@ class GPT2(nn.Module):
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
         p = self.wte.weight
         return KVCache(self.config, batch, max_len, p.device, p.dtype)
-
-
-def config_for(name: str) -> GPT2Config:
-    """The config of a named size, e.g. "gpt2-large"."""
-    try:
-        return SIZES[name]
-    except KeyError:
-        raise UserError(f"unknown model size {name!r}; known: {', '.join(SIZES)}") from None

@@ -105,10 +105,6 @@ class LoRALinear(nn.Module):
         # Same order of operations as peft's lora.Linear, so the two agree to rounding.
         return out + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) * B @ A, in fp32 (out x in): what merging adds to the weight."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}"
 

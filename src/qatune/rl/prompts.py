@@ -8,14 +8,9 @@ the left — its end holds the question and the answer cue — and counted.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
-from qatune.data.pipeline import DataConfig
-from qatune.data.readers import read_records
-from qatune.data.records import DataError
-from qatune.generation.batch import PromptItem, prompt_budget, prompt_ids
-from qatune.generation.evaluate import prompt_item
+from qatune.generation.batch import PromptItem, prompt_ids
 
 
 @dataclass
@@ -34,20 +29,3 @@ def encode_prompts(items: list[PromptItem], tokenizer, budget: int) -> tuple[lis
         cut += was_cut
         out.append(Prompt(item.where, item.text, item.reference, ids))
     return out, cut
-
-
-def load_prompts(cfg: DataConfig, tokenizer, max_new_tokens: int, context: int, log: bool = True) -> list[Prompt]:
-    """Every record of `cfg.sources` as a prompt with room for `max_new_tokens` in the context."""
-    if not cfg.sources:
-        raise DataError("data.sources is empty: give at least one file, folder, glob or dataset name")
-    read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
-    if not read.records:
-        raise DataError(f"no records in {', '.join(cfg.sources)}")
-    template = cfg.get_template()
-    budget = prompt_budget(min(cfg.max_len, context), max_new_tokens)
-    prompts, cut = encode_prompts([prompt_item(r, template) for r in read.records], tokenizer, budget)
-    if log:
-        skipped = f", {read.skipped} skipped" if read.skipped else ""
-        cuts = f", {cut} cut from the left to {budget} tokens" if cut else ""
-        print(f"prompts: {len(prompts)} from {', '.join(cfg.sources)}{skipped}{cuts}", file=sys.stderr)
-    return prompts

@@ -218,21 +218,6 @@ def make_batch(examples: Sequence[EncodedExample], strategy: str, max_len: int, 
     return collate(rows, pad_id)
 
 
-def step_batches(
-    plan: RunPlan,
-    step: int,
-    examples: Sequence[EncodedExample],
-    cfg: BatchConfig,
-    max_len: int,
-    pad_id: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> list[Batch]:
-    """This rank's micro-batches of optimizer step `step`."""
-    micros = rank_share(plan.steps[step], rank, world_size)
-    return [make_batch([examples[i] for i in m], cfg.strategy, max_len, pad_id) for m in micros]
-
-
 def eval_batches(
     examples: Sequence[EncodedExample], strategy: str, max_len: int, pad_id: int, size: int = 16
 ) -> list[Batch]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import torch
 
-from qatune.data.example import IGNORE
 from qatune.train.loss import (
     HeadGradients,
     head_backward,
@@ -198,30 +197,3 @@ def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, n_segments: int
     """out[s] = sum of values[i] with segment_ids[i] == s, for s < n_segments (differentiable)."""
     out = values.new_zeros(n_segments)
     return out.index_add(0, segment_ids, values)
-
-
-def labelled_rows(hidden: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None):
-    """The hidden rows (N, d) and targets (N,) of the positions that carry a target (not IGNORE),
-    in row-major order, plus those positions' entries of `segments` (same shape as targets) when
-    given: e.g. which sequence of a packed micro-batch each scored token belongs to."""
-    keep = targets != IGNORE
-    rows, t = hidden[keep], targets[keep]
-    return (rows, t) if segments is None else (rows, t, segments[keep])
-
-
-def sequence_logprobs(
-    hidden: torch.Tensor,
-    lm_weight: torch.Tensor,
-    targets: torch.Tensor,
-    segments: torch.Tensor,
-    n_segments: int,
-    chunk_size: int = DEFAULT_CHUNK,
-    compute_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Sum of log p over the labelled positions of each segment: (n_segments,).
-
-    hidden (B, T, d); targets (B, T) shifted, IGNORE where nothing is scored; segments (B, T) the
-    segment (sequence) index of each position, any value where targets is IGNORE."""
-    rows, t, seg = labelled_rows(hidden, targets, segments)
-    logp = token_logprobs(rows, lm_weight, t, chunk_size, compute_dtype)
-    return segment_sum(logp, seg, n_segments)

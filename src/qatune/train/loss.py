@@ -52,8 +52,8 @@ def add_into_grad(weight: torch.Tensor, grad: torch.Tensor) -> None:
 
     Autograd never adds into a custom Function's returned gradient in place (it stays referenced
     from Python), so a tied embedding's sparse gradient summed with the head's dense one cost a
-    fresh vocab x d tensor and a full copy every step (21-29 ms of a ~0.6 s step, GPT-2's vocab at
-    d=256, measured). Written into `.grad` here, the embedding's sparse gradient then lands on it
+    fresh vocab x d tensor and a full copy every step (a few percent of a tiny model's step:
+    docs/performance.md). Written into `.grad` here, the embedding's sparse gradient then lands on it
     through AccumulateGrad as an in-place row add, and AccumulateGrad's hooks (DDP, FSDP) still
     run after it with the sum."""
     if weight.grad is None:

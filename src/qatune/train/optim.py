@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Parameters never decayed even though they are 2-D: the token/position embeddings (SPEC).
+# Parameters never decayed even though they are 2-D: the token/position embeddings. Decay pulls
+# every row toward 0 each step, and a rare token's row, which gets few gradients, would shrink.
 NO_DECAY_MATRICES = ("wte.weight", "wpe.weight")
 
 

@@ -241,8 +241,8 @@ def _optimizer_step(model, optimizer, scheduler, precision: Precision, grad_clip
     return UpdateStats(lr, clip.grad_norm, clip.clipped, skipped)
 
 
-# --- supervised fine-tuning through the shared step (kept as plain functions for callers that
-# hold batches, not a run: tests, `qatune grads`, benchmarks) ---------------------------------
+# --- supervised fine-tuning through the shared step, as plain functions for callers that hold
+# batches, not a run: tests and benchmarks (monitor_cost.py steps, sft_vs_trl.py scores) -----
 
 
 @dataclass
@@ -347,9 +347,8 @@ def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) 
     them) and, when the loss also runs the tied LM head, a sparse token-embedding gradient
     (no zero-filled vocab x d buffer). It pays where the head's loss then writes its weight
     gradient into `.grad` (`weight_grad_into_grad=True`: SFT, DPO, PPO/GRPO); returned through
-    autograd, the dense + sparse sum is a fresh vocab x d copy. Measured per SFT step
-    (benchmarks/embedding_grad.py, d=256): 520.8 ms into `.grad`, 543.8 ms through autograd,
-    552.0 ms dense; a DPO step, four times longer, within 1% either way. Nothing under
+    autograd, the dense + sparse sum is a fresh vocab x d copy (measured by
+    benchmarks/embedding_grad.py; numbers in docs/performance.md). Nothing under
     torch.compile, whose graph would change with every batch's rows."""
     if index is None or compiled(model):
         return {}

@@ -2,11 +2,10 @@
 
 glibc serves every allocation over 32 MB with a fresh `mmap` and returns it to the OS on free.
 A training step allocates several such tensors each time (the tied embedding's gradients are
-vocab x d: 51 MB for a d=256 model), so every step page-faults them in again: a 51 MB zero fill
-measured 18.5 ms fresh against 2.2 ms on reused memory, and a whole benchmark step ~9% slower
-(benchmarks/sft_vs_trl.py, tiny model, 1 thread). Serving all allocations from the heap and
-never trimming it keeps those pages mapped between steps; the peak RSS is unchanged (measured
-+1%), since the peak is what the step needs anyway.
+vocab x d: 51 MB for a d=256 model), so every step page-faults them in again (a fresh page is
+zero-filled by the kernel on first touch; docs/performance.md has the measured cost). Serving all
+allocations from the heap and never trimming it keeps those pages mapped between steps; the peak
+RSS barely moves, since the peak is what the step needs anyway.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from qatune.data.records import ROLES, DataError, Message
 from qatune.data.templates import Template
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-PAIR_LAYOUTS = ("explicit", "conversational", "implicit", "implicit_conversational")
 PAIR_MAPPING_KEYS = ("prompt", "chosen", "rejected", "margin")
 
 
