@@ -35,8 +35,8 @@ from benchmarks.harness import SHARED, emit, quiet
 
 def batches(n_batches: int, batch: int, max_len: int, seed: int):
     from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.data.plan import make_batch
     from qatune.model.tokenizer import load_tokenizer
-    from qatune.train.data import make_batch
 
     tok = load_tokenizer(SHARED / "tokenizer" / "gpt2")
     data = DataConfig(sources=[str(SHARED / "data" / "t0_qa_subset" / "*.jsonl")], template="raw", max_len=max_len)
@@ -47,7 +47,7 @@ def batches(n_batches: int, batch: int, max_len: int, seed: int):
 
 
 def step(model, b, kernel: str, grad: bool = True):
-    from qatune.train.loss import response_loss_sum
+    from qatune.kernels.loss import response_loss_sum
 
     model.attention_kernel = kernel
     model.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ recompile the graph for every batch). Reported: the first steps (where compilati
 median step after them, the whole run, peak RSS, and how far the per-step losses moved.
 
 Then the LM-head loss's chunk body alone (128 and 512 label rows x GPT-2's vocabulary): the eager
-in-place body of `qatune.train.loss` against torch.compile of the same math written plainly.
+in-place body of `qatune.kernels.loss` against torch.compile of the same math written plainly.
 
     python -m benchmarks.compile_cpu --n-train 200
 Prints tables and one JSON line.
@@ -81,7 +81,7 @@ def chunk_body_table() -> list[dict]:
     """Eager in-place chunk body vs torch.compile of the plain formulation (CPU seconds)."""
     import torch
 
-    from qatune.train.loss import head_log_softmax, softmax_minus_onehot_
+    from qatune.kernels.loss import head_log_softmax, softmax_minus_onehot_
 
     def plain(hc, w, t):
         logits = hc @ w.t()

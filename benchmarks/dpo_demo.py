@@ -34,6 +34,7 @@ import torch
 
 from benchmarks.harness import emit
 from qatune.data.pipeline import DataConfig
+from qatune.data.plan import BatchConfig
 from qatune.data.preference.batching import collate_pairs
 from qatune.data.preference.encode import encode_pairs
 from qatune.data.preference.records import PreferenceRecord
@@ -42,7 +43,6 @@ from qatune.demo.run import DemoSettings, answer, encode, exact_match, train_con
 from qatune.demo.task import FACTS, PHRASINGS, make_task
 from qatune.demo.tokenizer import demo_tokenizer
 from qatune.train.config import TrainConfig
-from qatune.train.data import BatchConfig
 from qatune.train.methods.dpo import DPO
 from qatune.train.optim import OptimConfig
 from qatune.train.preference_loss import DPOConfig

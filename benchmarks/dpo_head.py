@@ -1,12 +1,12 @@
 """The LM-head work of one DPO step: the general chunked log-prob primitive vs a fused variant.
 
-General (`qatune.train.logprobs.token_logprobs`): the forward keeps each row's log-sum-exp; the
+General (`qatune.kernels.logprobs.token_logprobs`): the forward keeps each row's log-sum-exp; the
 backward recomputes each chunk's logits and applies the DPO gradient per token. Four head matmuls
 per response token (forward, recompute, dL/dh, dL/dW).
 
-Fused (`qatune.train.logprobs.fused_logprob_loss`): chunks of whole pairs; a chunk's logits give
+Fused (`qatune.kernels.logprobs.fused_logprob_loss`): chunks of whole pairs; a chunk's logits give
 its sequences' log-probs, hence the DPO loss of its pairs and dL/dlogp per sequence, while the
-logits are still there, so the gradients are formed in the same pass (as `qatune.train.loss` does
+logits are still there, so the gradients are formed in the same pass (as `qatune.kernels.loss` does
 for SFT). Three head matmuls per response token.
 
 Both are timed on the same rows (hidden states of the response tokens of `--pairs` pairs), same
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import emit, quiet
-from qatune.train.logprobs import fused_logprob_loss, segment_sum, token_logprobs
+from qatune.kernels.logprobs import fused_logprob_loss, segment_sum, token_logprobs
 
 
 def general(h, w, t, seq, n_seq, ref, beta, chunk):

@@ -48,7 +48,7 @@ VARIANTS = {  # name: (sparse embedding gradient, head's dL/dW into .grad)
 
 def sft_steps(work: Path, n_train: int):
     """(model, a step function per micro-batch) for SFT on the t0 examples."""
-    from qatune.train.loss import rows_loss_sum
+    from qatune.kernels.loss import rows_loss_sum
     from qatune.train.methods.sft import model_inputs
 
     bench = sft_vs_trl.parse_args(["--n-train", str(n_train), "--precision", "fp32"])

@@ -3,7 +3,7 @@
 Forward + backward of the response-only cross-entropy for N label rows of GPT-2's head
 (d=256, V=50,257), as one SFT step runs it, in CPU seconds (best of `--repeat`), fp32 and bf16
 compute:
-- qatune: `qatune.train.loss.response_loss_sum` — one logits buffer for all chunks, log-softmax
+- qatune: `qatune.kernels.loss.response_loss_sum` — one logits buffer for all chunks, log-softmax
   in place, dL/dlogits in place, grad_w written by the first chunk's matmul, the backward a
   scaling in place.
 - previous: the kernel before (kept here as the baseline) — logsumexp, then sub_/exp_ over the
@@ -24,7 +24,7 @@ import time
 import torch
 
 from benchmarks.harness import emit, quiet
-from qatune.train.loss import reference_loss_sum, response_loss_sum
+from qatune.kernels.loss import reference_loss_sum, response_loss_sum
 
 
 class _Previous(torch.autograd.Function):

@@ -35,6 +35,7 @@ import torch
 from benchmarks.harness import SHARED, emit
 from qatune.data.encode import encode_records
 from qatune.data.example import EncodedExample
+from qatune.data.plan import BatchConfig
 from qatune.data.readers import read_records
 from qatune.data.records import Record
 from qatune.data.templates import get_template
@@ -44,7 +45,6 @@ from qatune.generation.evaluate import response_loss
 from qatune.generation.metrics import exact_match, normalize_answer
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.train.config import EvalConfig, ModelConfig, MonitorConfig, TrainConfig
-from qatune.train.data import BatchConfig
 from qatune.train.optim import OptimConfig
 from qatune.train.runtime import fit, make_model
 

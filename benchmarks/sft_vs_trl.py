@@ -132,7 +132,7 @@ def heldout_loss(model, work: Path, max_len: int) -> float:
     import torch
 
     from qatune.data.pipeline import DataConfig, load_examples
-    from qatune.train.data import eval_batches
+    from qatune.data.plan import eval_batches
     from qatune.train.step import Precision, evaluate
 
     tok = harness.tokenizer()
@@ -189,8 +189,8 @@ def micro_batches(args, work: Path):
     """(the initial model, the training examples as packed micro-batches of `args.batch`, in
     order, on CPU) for measurements that step the model in one process."""
     from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.data.plan import make_batch
     from qatune.model.checkpoint import from_pretrained
-    from qatune.train.data import make_batch
 
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
     examples = load_examples(data, harness.tokenizer()).examples

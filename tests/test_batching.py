@@ -9,7 +9,7 @@ import torch
 
 from qatune.data.batching import collate, length_grouped_batches, pack_bins
 from qatune.data.example import IGNORE, EncodedExample
-from qatune.train.loss import response_loss_sum
+from qatune.kernels.loss import response_loss_sum
 
 
 def example(n_prompt: int, n_resp: int, seed: int) -> EncodedExample:

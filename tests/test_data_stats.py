@@ -72,7 +72,7 @@ def test_packing_padding_is_what_training_computes():
     import random
 
     from qatune.data.example import EncodedExample
-    from qatune.train.data import BatchConfig, epoch_micro_batches, make_batch
+    from qatune.data.plan import BatchConfig, epoch_micro_batches, make_batch
 
     lengths = [random.Random(1).randint(3, 60) for _ in range(97)]
     pad = padding_stats(lengths, max_len=64, batch_size=8, seed=0)

@@ -9,13 +9,12 @@ from qatune.cli import main
 from qatune.config import from_dict
 from qatune.data.batching import collate
 from qatune.data.example import EncodedExample
+from qatune.data.plan import BatchConfig, check_plan_split, plan_run
 from qatune.train.config import TrainConfig
-from qatune.train.data import BatchConfig, plan_run
 from qatune.train.distributed import (
     TORCHRUN_VARS,
     DistEnv,
     backend_for,
-    check_plan_split,
     check_precision,
     check_strategy,
     deal_eval_batches,

@@ -12,9 +12,9 @@ from tests.test_train_step import SMALL, assert_same, examples_of_varied_lengths
 
 from qatune.data.batching import collate
 from qatune.data.example import IGNORE
+from qatune.kernels.loss import reference_loss_sum
 from qatune.model.gpt2 import GPT2, LastBlockRows
 from qatune.model.lora import LoRAConfig, apply_lora
-from qatune.train.loss import reference_loss_sum
 from qatune.train.step import Precision, monitor_targets, prompt_targets, scored_rows_only, train_step
 
 # Two rows: [doc 5 | doc 7 | 4 padding], [doc 9 | doc 7]

@@ -7,7 +7,7 @@ import torch
 from tests.train_helpers import sequence_logprobs
 
 from qatune.data.example import IGNORE
-from qatune.train.logprobs import segment_sum, token_logprobs
+from qatune.kernels.logprobs import segment_sum, token_logprobs
 
 
 def reference(h, w, t):
@@ -120,7 +120,7 @@ def test_segment_sum():
 
 
 def test_group_chunks_hold_whole_groups():
-    from qatune.train.logprobs import group_chunks
+    from qatune.kernels.logprobs import group_chunks
 
     assert group_chunks([0, 3, 5, 9, 10], 5) == [(0, 5), (5, 10)]
     assert group_chunks([0, 7, 8], 5) == [(0, 7), (7, 8)]  # a group longer than a chunk is its own chunk
@@ -132,7 +132,7 @@ def test_group_chunks_hold_whole_groups():
 def test_fused_loss_equals_the_general_primitive(chunk):
     """A pairwise loss over groups of rows (DPO's shape): value and gradients as through
     token_logprobs + autograd, for chunks of one group, a few groups, or everything."""
-    from qatune.train.logprobs import fused_logprob_loss
+    from qatune.kernels.logprobs import fused_logprob_loss
 
     torch.manual_seed(4)
     lengths = [3, 2, 4, 1, 2, 5]  # sequences; groups are pairs (0, 1), (2, 3), (4, 5)
@@ -163,7 +163,7 @@ def test_fused_loss_equals_the_general_primitive(chunk):
 def test_fused_loss_can_add_its_weight_gradient_into_grad():
     """weight_grad_into_grad: dL/dW lands in `w.grad` (added to what is there) instead of coming
     back through autograd, where a tied embedding's sparse gradient is then added in place."""
-    from qatune.train.logprobs import fused_logprob_loss
+    from qatune.kernels.logprobs import fused_logprob_loss
 
     torch.manual_seed(5)
     h, w = torch.randn(7, 8, dtype=torch.float64), torch.randn(30, 8, dtype=torch.float64)

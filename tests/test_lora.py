@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qatune.kernels.loss import response_loss_sum
 from qatune.model.checkpoint import from_pretrained
 from qatune.model.lora import (
     LoRAConfig,
@@ -20,7 +21,6 @@ from qatune.model.lora import (
     read_adapter_config,
     save_adapter,
 )
-from qatune.train.loss import response_loss_sum
 
 IDS = torch.tensor(
     [[50256, 464, 3290, 318, 257, 1332, 11, 290, 340, 2499], [15496, 995, 13, 50256, 40, 588, 262, 3290, 13, 0]]

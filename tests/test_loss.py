@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qatune.data.example import IGNORE
-from qatune.train.loss import reference_loss_sum, response_loss_sum
+from qatune.kernels.loss import reference_loss_sum, response_loss_sum
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
@@ -48,7 +48,7 @@ def test_bf16_compute_is_close_to_fp32():
 
 def test_no_grad_mode_computes_no_gradients(monkeypatch):
     """Eval runs under no_grad: the fused loss must not spend a matmul per chunk on gradients."""
-    import qatune.train.loss as loss_mod
+    import qatune.kernels.loss as loss_mod
 
     seen = []
     real = loss_mod._LinearCrossEntropySum.forward

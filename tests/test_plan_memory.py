@@ -22,9 +22,9 @@ from qatune.analysis.memory import (
 )
 from qatune.analysis.setup import PlanSetup
 from qatune.data.batching import labelled_positions
+from qatune.kernels.loss import rows_loss_sum
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.lora import LoRAConfig, apply_lora
-from qatune.train.loss import rows_loss_sum
 
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)
 N_TENSORS = 2 + 12 * TINY.n_layer + 2  # wte, wpe; 12 per block; ln_f weight and bias

@@ -30,7 +30,7 @@ def _bytes(tensors, storage: bool) -> int:
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    from qatune.train.loss import response_loss_sum
+    from qatune.kernels.loss import response_loss_sum
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)

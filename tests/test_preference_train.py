@@ -115,8 +115,8 @@ def reward_run(setup):
 
 def held_out_pairs(root: Path, tokenizer):
     from qatune.data.pipeline import DataConfig
+    from qatune.data.plan import split_holdout
     from qatune.data.preference.pipeline import load_pairs
-    from qatune.train.data import split_holdout
 
     pairs = load_pairs(DataConfig(sources=[str(root / "pairs.jsonl")], max_len=64), tokenizer).pairs
     _, held = split_holdout(len(pairs), 0.1, 500, 0)

@@ -21,7 +21,7 @@ from tests.test_train_resume import config  # noqa: F401 (fixture)
 import qatune.train.runtime as runtime
 import qatune.train.state as state
 from qatune.cli import main
-from qatune.train.data import BatchConfig, plan_run
+from qatune.data.plan import BatchConfig, plan_run
 from qatune.train.run_dir import RunLock
 from qatune.train.state import list_checkpoints, load_checkpoint
 

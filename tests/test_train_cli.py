@@ -98,7 +98,7 @@ def fp16_matches_fp32(model, batch, precision) -> None:
 
 def packed_batch():
     from qatune.data.example import IGNORE, EncodedExample
-    from qatune.train.data import make_batch
+    from qatune.data.plan import make_batch
 
     exs = [EncodedExample(list(range(100, 140)), [IGNORE] * 20 + list(range(120, 140))) for _ in range(3)]
     return make_batch(exs, "packed", 128, 0)
@@ -130,7 +130,7 @@ def test_the_fp16_check_catches_a_scaler_that_does_not_scale(tiny_model):
 @pytest.mark.parametrize("name", ["bf16", "fp16"])
 def test_mixed_precision_step_close_to_fp32(name, tiny_model):
     from qatune.data.example import IGNORE, EncodedExample
-    from qatune.train.data import make_batch
+    from qatune.data.plan import make_batch
 
     exs = [EncodedExample(list(range(100, 140)), [IGNORE] * 20 + list(range(120, 140))) for _ in range(3)]
     batch = make_batch(exs, "packed", 128, 0)

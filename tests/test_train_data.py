@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qatune.data.example import IGNORE, EncodedExample
-from qatune.train.data import BatchConfig, make_batch, plan_run, rank_share, split_holdout
+from qatune.data.plan import BatchConfig, make_batch, plan_run, rank_share, split_holdout
 
 LENGTHS = [random.Random(0).randint(5, 120) for _ in range(103)]
 

@@ -11,7 +11,7 @@ import dataclasses
 
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
-from qatune.train.loss import response_loss_sum
+from qatune.kernels.loss import response_loss_sum
 from qatune.train.methods import METHODS
 from qatune.train.methods.base import StepOutput
 from qatune.train.methods.sft import SFT, model_inputs

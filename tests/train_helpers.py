@@ -9,9 +9,9 @@ import torch
 
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE, EncodedExample
-from qatune.train.data import BatchConfig, RunPlan, make_batch, rank_share
-from qatune.train.logprobs import DEFAULT_CHUNK as LOGPROB_CHUNK
-from qatune.train.logprobs import segment_sum, token_logprobs
+from qatune.data.plan import BatchConfig, RunPlan, make_batch, rank_share
+from qatune.kernels.logprobs import DEFAULT_CHUNK as LOGPROB_CHUNK
+from qatune.kernels.logprobs import segment_sum, token_logprobs
 
 
 def step_batches(

@@ -24,8 +24,8 @@ import torch
 
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.errors import UserError
+from qatune.kernels.loss import response_loss_sum
 from qatune.model.gpt2 import GPT2
-from qatune.train.loss import response_loss_sum
 
 NORMALIZATIONS = ("sum", "mean")
 

@@ -17,6 +17,7 @@ import numpy as np
 from qatune.data.batching import pack_bins, padding_fraction
 from qatune.data.encode import Encoding
 from qatune.data.example import IGNORE
+from qatune.data.plan import BatchConfig, epoch_micro_batches, fill_by_tokens
 from qatune.data.report import TruncationCounts
 from qatune.data.token_cost import cost_warning
 from qatune.data.truncation import DEFAULT_POLICY, DROP_WARN_SHARE, POLICIES, Outcome, most_kept, plan
@@ -86,12 +87,10 @@ def truncation_stats(encodings: Sequence[Encoding], max_len: int) -> tuple[dict,
 def training_rows(
     lengths: Sequence[int], max_len: int, strategy: str, size: int, unit: str, seed: int
 ) -> tuple[int, int]:
-    """(rows, computed positions) of one epoch batched as training batches it (`train.data`'s
+    """(rows, computed positions) of one epoch batched as training batches it (`qatune.data.plan`'s
     planner: batch.strategy / size / unit): packed micro-batches are packed into rows of at most
     max_len by `pack_bins`, grouped ones hold one example a row; every micro-batch is padded to
     its longest row."""
-    from qatune.train.data import BatchConfig, epoch_micro_batches
-
     rows = positions = 0
     cfg = BatchConfig(strategy=strategy, size=size, unit=unit)
     for micro in epoch_micro_batches(lengths, cfg, seed, row_capacity=max_len):
@@ -115,9 +114,7 @@ def padding_stats(lengths: Sequence[int], max_len: int, batch_size: int, seed: i
     if unit == "examples":
         random_batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
     else:
-        from qatune.train.data import _fill_by_tokens
-
-        random_batches = _fill_by_tokens(order, lengths, batch_size, padded=True)
+        random_batches = fill_by_tokens(order, lengths, batch_size, padded=True)
     grouped_rows, grouped_positions = training_rows(lengths, max_len, "grouped", batch_size, unit, seed)
     rows, positions = training_rows(lengths, max_len, "packed", batch_size, unit, seed)
 

@@ -17,6 +17,7 @@ import torch
 from qatune.data.encode import encode_records
 from qatune.data.example import EncodedExample
 from qatune.data.pipeline import DataConfig
+from qatune.data.plan import BatchConfig
 from qatune.data.records import Record
 from qatune.data.templates import get_template
 from qatune.demo.settings import QUICK, DemoSettings  # noqa: F401 (QUICK: callers import it from here)
@@ -24,7 +25,6 @@ from qatune.demo.task import QA, make_task
 from qatune.demo.tokenizer import demo_tokenizer
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.train.config import EvalConfig, ModelConfig, TrainConfig
-from qatune.train.data import BatchConfig
 from qatune.train.optim import OptimConfig
 from qatune.train.runtime import TrainResult, fit, make_model
 from qatune.utils.files import write_text_atomic

@@ -27,8 +27,8 @@ from qatune.errors import UserError
 from qatune.generation.batch import PromptItem, generate_to_file
 from qatune.generation.metrics import summarize, summarize_by_source
 from qatune.generation.sampling import SamplingConfig
+from qatune.kernels.loss import response_loss_sum
 from qatune.model.gpt2 import GPT2
-from qatune.train.loss import response_loss_sum
 
 SHOWN_EXAMPLES = 5
 

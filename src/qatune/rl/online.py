@@ -30,8 +30,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from qatune.data.plan import split_holdout
 from qatune.errors import MethodStop, UserError
 from qatune.generation.sampling import SamplingConfig, generate_ids
+from qatune.kernels.logprobs import fused_logprob_loss
+from qatune.kernels.loss import select_labelled
 from qatune.rl.config import RLConfig
 from qatune.rl.experience import PER_TOKEN, Experience, RLBatch, make_batch
 from qatune.rl.kl import KLController, kl_k1, kl_k3
@@ -39,9 +42,6 @@ from qatune.rl.losses import clipped_surrogate
 from qatune.rl.prompts import Prompt, encode_prompts
 from qatune.rl.rewards import RewardFn, Sample, model_reward, programmatic_reward, score
 from qatune.rl.rollout import Rollout, sample_rollout
-from qatune.train.data import split_holdout
-from qatune.train.logprobs import fused_logprob_loss
-from qatune.train.loss import select_labelled
 from qatune.train.methods.base import STEP_FIELDS, Method, RunContext
 from qatune.train.methods.sft import model_inputs
 from qatune.train.step import backbone, global_sum, lm_weight, scored_rows_only

@@ -144,7 +144,7 @@ def check_mask(report: CheckReport, sample: Sample, cfg, template, tokenizer) ->
         if problem:
             bad.append((record.where, problem))
     kept = [e for e in sample.examples if e is not None][:EXAMPLES_PER_CHECK]
-    from qatune.train.data import make_batch
+    from qatune.data.plan import make_batch
 
     batch = make_batch(kept, "packed", cfg.data.max_len, tokenizer.pad_token_id or 0)
     in_batch = int((batch.targets != IGNORE).sum())
@@ -233,7 +233,7 @@ def _grad_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def check_step_invariance(report: CheckReport, model, examples: list[EncodedExample], cfg, pad_id: int) -> None:
-    from qatune.train.data import make_batch
+    from qatune.data.plan import make_batch
     from qatune.train.methods.sft import SFT
     from qatune.train.step import Precision
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from qatune.data.pipeline import DataConfig
+from qatune.data.plan import BatchConfig
 from qatune.errors import UserError
 from qatune.model.lora import LoRAConfig
 from qatune.rl.config import RLConfig
-from qatune.train.data import BatchConfig
 from qatune.train.distributed import FSDPConfig
 from qatune.train.optim import OptimConfig
 from qatune.train.preference_loss import DPOConfig, RewardConfig

@@ -190,18 +190,6 @@ def deal_eval_batches(batches: Sequence, rank: int, world_size: int) -> list[tup
     return mine + [(batches[0], False)] * (need - len(mine))
 
 
-def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) -> None:
-    """Every step's micro-batches must deal out evenly over the ranks (each rank does the same
-    number of forward/backward passes, or the collectives would not line up)."""
-    for k, step in enumerate(plan.steps):
-        if len(step) % world_size:
-            raise UserError(
-                f"the run's global batch was set for {plan_world} rank(s): step {k + 1} has {len(step)} micro-batches "
-                f"(batch.accumulation={accumulation} x {plan_world} rank(s)), which the {world_size} launched "
-                f"rank(s) cannot split evenly; launch a number of ranks that divides {len(step)}"
-            )
-
-
 def run_training(cfg, resume: bool = False, progress: bool = True, overwrite: bool = False):
     """`qatune train` in this process: join the torchrun group if launched by torchrun, train,
     leave the group. Returns the TrainResult on rank 0, None on the other ranks."""

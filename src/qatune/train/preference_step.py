@@ -15,8 +15,8 @@ import bisect
 import torch
 
 from qatune.data.preference.batching import PairBatch
-from qatune.train.logprobs import DEFAULT_CHUNK, fused_logprob_loss, segment_sum, token_logprobs
-from qatune.train.loss import select_labelled
+from qatune.kernels.logprobs import DEFAULT_CHUNK, fused_logprob_loss, segment_sum, token_logprobs
+from qatune.kernels.loss import select_labelled
 from qatune.train.preference_loss import (
     DPOConfig,
     RewardConfig,
@@ -56,7 +56,7 @@ def dpo_loss_sum(
     weight_grad_into_grad: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of the per-pair DPO losses, metric sums) for the policy's hidden states of `batch`.
-    weight_grad_into_grad: as `qatune.train.loss.rows_loss_sum`."""
+    weight_grad_into_grad: as `qatune.kernels.loss.rows_loss_sum`."""
     rows, targets = scored_rows(hidden, batch)
     n_seq = 2 * batch.n_pairs
     acc = torch.promote_types(hidden.dtype, torch.float32)  # the log-probs' dtype (fp32 under autocast)

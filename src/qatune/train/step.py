@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
+from qatune.kernels.loss import DEFAULT_CHUNK
 from qatune.train.distributed import deal_eval_batches, rank_and_world
-from qatune.train.loss import DEFAULT_CHUNK
 from qatune.train.optim import ClipResult, clip_gradients, finish_clip
 from qatune.utils.device import dtype_of
 

@@ -6,7 +6,7 @@ rows hold several pairs (best-fit decreasing, as SFT packing), attention is bloc
 and its EOS, predicted from the position before — are read in row-major order, so every pair's
 rows are contiguous: chosen's, then rejected's. `row_seq` says which sequence each scored row
 belongs to (2k: pair k's chosen, 2k+1: its rejected) and `bounds` where each pair's rows start,
-which is what a loss over pairs computed chunk by chunk needs (`qatune.train.logprobs`).
+which is what a loss over pairs computed chunk by chunk needs (`qatune.kernels.logprobs`).
 """
 
 from __future__ import annotations

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from qatune.data.example import IGNORE
+from qatune.kernels.loss import select_labelled
 from qatune.rl.advantages import gae, masked_whiten
 from qatune.rl.experience import Experience, RLBatch, make_batch
 from qatune.rl.kl import penalized_rewards
 from qatune.rl.losses import clipped_value_loss
 from qatune.rl.online import OnlineRL, policy_loss
 from qatune.rl.rollout import Rollout
-from qatune.train.loss import select_labelled
 from qatune.train.methods.base import StepOutput
 from qatune.train.step import global_sum
 

@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from qatune.data.plan import ExamplePlan, split_holdout
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
 from qatune.errors import UserError
-from qatune.train.data import ExamplePlan, split_holdout
 from qatune.train.methods.base import Method, RunContext
 
 

@@ -3,7 +3,7 @@ of the whole optimizer step.
 
 Data: encoded (prompt, response) examples (`qatune.data.pipeline.load_examples`), a seeded
 held-out split, packed or length-grouped micro-batches (`ExamplePlan`). Step: the model's hidden
-states, then the chunked LM head only at labelled positions (`qatune.train.loss`). With
+states, then the chunked LM head only at labelled positions (`qatune.kernels.loss`). With
 `monitor`, the same forward also measures the loss on prompt tokens, without gradient, on a
 sample of at most one prompt position per 8 labels.
 """
@@ -17,9 +17,9 @@ import torch
 
 from qatune.data.batching import Batch
 from qatune.data.example import EncodedExample
+from qatune.data.plan import ExamplePlan, eval_batches, make_batch, split_holdout
 from qatune.errors import UserError
-from qatune.train.data import ExamplePlan, eval_batches, make_batch, split_holdout
-from qatune.train.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
+from qatune.kernels.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
 from qatune.train.methods.base import STEP_FIELDS, Method, RunContext, StepOutput
 from qatune.train.step import evaluate_sums, lm_weight, monitor_targets, perplexity, phase, scored_rows_only
 

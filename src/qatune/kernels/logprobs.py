@@ -9,7 +9,7 @@ sum: DPO (sequence log-probs of chosen and rejected responses), reward-model eva
 (per-token ratios, KL to the reference, entropy bonus).
 
 No `rows x vocab` tensor outlives one chunk (one buffer serves every chunk), and the chunk body
-is the one of `qatune.train.loss` (log-softmax in place, gradients summed without a zero-filled
+is the one of `qatune.kernels.loss` (log-softmax in place, gradients summed without a zero-filled
 vocab x d buffer). The forward keeps only the rows' log-probs (and entropy); the backward
 recomputes each chunk's log-softmax of z = h W^T and applies the upstream gradient per token:
 
@@ -22,7 +22,7 @@ four head matmuls per row in a training step (forward, recompute, two gradients)
 `fused_logprob_loss` needs three: for a loss that is a sum over groups of rows (DPO: a pair's
 chosen and rejected responses; GRPO: any rows), each chunk holds whole groups, so the chunk's
 logits give its groups' losses and dL/dlogp per row while the logits still exist, and the gradients
-are formed in the same pass — as `qatune.train.loss` does for SFT's cross-entropy. On the LM head
+are formed in the same pass — as `qatune.kernels.loss` does for SFT's cross-entropy. On the LM head
 of a DPO step (d=256, 2,233 response rows, 1 CPU thread) it was measured 1.44x faster than the
 general primitive: one matmul and one log-sum-exp over the vocabulary fewer
 (`benchmarks/dpo_head.py`).
@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from qatune.train.loss import (
+from qatune.kernels.loss import (
+    DEFAULT_CHUNK,
     HeadGradients,
     head_backward,
     head_inputs,
@@ -41,8 +42,6 @@ from qatune.train.loss import (
     save_head_gradients,
     softmax_minus_onehot_,
 )
-
-DEFAULT_CHUNK = 2048
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
@@ -183,7 +182,7 @@ def fused_logprob_loss(
     and a loss may only couple rows of the same group. `loss_fn(logp, start, end)` gets the
     log-probs of rows start:end (whole groups) and returns their loss as a scalar built with torch
     ops (its gradient in logp is taken by autograd); it may record detached values for metrics.
-    weight_grad_into_grad: as `qatune.train.loss.rows_loss_sum` (for a tied embedding with a
+    weight_grad_into_grad: as `qatune.kernels.loss.rows_loss_sum` (for a tied embedding with a
     sparse gradient).
     """
     hidden, lm_weight, compute_dtype = head_inputs(hidden, lm_weight, compute_dtype)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from qatune.data.example import IGNORE
 
+# Label rows per LM-head chunk: one chunk's logits are chunk x vocab floats (2048 x 50,257 x 4 B = 412 MB
+# in fp32), the default of every head kernel and of the config's loss_chunk.
 DEFAULT_CHUNK = 2048
 
 
@@ -64,7 +66,7 @@ def add_into_grad(weight: torch.Tensor, grad: torch.Tensor) -> None:
 
 # ---------------------------------------------------------------- the chunk body, shared
 # A chunked head that forms its gradients during the forward pass (this cross-entropy, and the
-# fused log-prob losses of DPO/RL in qatune.train.logprobs) is built from these: one logits buffer
+# fused log-prob losses of DPO/RL in qatune.kernels.logprobs) is built from these: one logits buffer
 # for all chunks, log-softmax in place, dL/dlogits in place, gradients accumulated without a
 # zero-filled vocab x d buffer, and the backward a scaling in place.
 

@@ -17,7 +17,6 @@ from typing import Literal
 from qatune.data.batching import Batch, collate, length_grouped_batches, pack_bins
 from qatune.data.example import EncodedExample
 from qatune.errors import UserError
-from qatune.train.distributed import check_plan_split
 
 
 @dataclass
@@ -44,7 +43,7 @@ def split_holdout(n: int, fraction: float, max_examples: int | None, seed: int) 
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def _fill_by_tokens(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
+def fill_by_tokens(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
     """Consecutive groups whose token count stays within `budget` (padded: rows x longest row)."""
     groups: list[list[int]] = []
     current: list[int] = []
@@ -102,13 +101,13 @@ def epoch_micro_batches(
     if cfg.strategy == "packed":
         if row_capacity:
             return _fill_packed(order, lengths, cfg.size, row_capacity)
-        return _fill_by_tokens(order, lengths, cfg.size, padded=False)
+        return fill_by_tokens(order, lengths, cfg.size, padded=False)
     # grouped by tokens: sort windows by length so rows in a batch are alike, then shuffle batches
     span = 64 * max(1, cfg.size // max(1, max(lengths, default=1)))
     groups: list[list[int]] = []
     for w in range(0, len(order), span):
         window = sorted(order[w : w + span], key=lambda i: lengths[i])
-        groups += _fill_by_tokens(window, lengths, cfg.size, padded=True)
+        groups += fill_by_tokens(window, lengths, cfg.size, padded=True)
     rng.shuffle(groups)
     return groups
 
@@ -227,3 +226,15 @@ def eval_batches(
         make_batch([examples[i] for i in order[s : s + size]], strategy, max_len, pad_id)
         for s in range(0, len(order), size)
     ]
+
+
+def check_plan_split(plan, world_size: int, plan_world: int, accumulation: int) -> None:
+    """Every step's micro-batches must deal out evenly over the ranks (each rank does the same
+    number of forward/backward passes, or the collectives would not line up)."""
+    for k, step in enumerate(plan.steps):
+        if len(step) % world_size:
+            raise UserError(
+                f"the run's global batch was set for {plan_world} rank(s): step {k + 1} has {len(step)} micro-batches "
+                f"(batch.accumulation={accumulation} x {plan_world} rank(s)), which the {world_size} launched "
+                f"rank(s) cannot split evenly; launch a number of ranks that divides {len(step)}"
+            )
