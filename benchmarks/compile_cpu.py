@@ -50,9 +50,9 @@ def run_side(args, work: Path, compile_model: bool) -> dict:
 def run_qatune(args, work: Path, compile_model: bool) -> dict:
     from qatune.config import from_dict
     from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.launch import fit
+    from qatune.methods.config import TrainConfig
     from qatune.model.checkpoint import from_pretrained
-    from qatune.train.config import TrainConfig
-    from qatune.train.runtime import fit
 
     tok = tokenizer()
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)

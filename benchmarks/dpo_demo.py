@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import emit
+from qatune.data.batching import model_inputs
 from qatune.data.pipeline import DataConfig
 from qatune.data.plan import BatchConfig
 from qatune.data.preference.batching import collate_pairs
@@ -42,12 +43,13 @@ from qatune.data.templates import get_template
 from qatune.demo.run import DemoSettings, answer, encode, exact_match, train_config
 from qatune.demo.task import FACTS, PHRASINGS, make_task
 from qatune.demo.tokenizer import demo_tokenizer
-from qatune.train.config import TrainConfig
-from qatune.train.methods.dpo import DPO
+from qatune.launch import fit
+from qatune.methods.config import TrainConfig
+from qatune.methods.dpo import DPO
+from qatune.methods.dpo.loss import DPOConfig
+from qatune.methods.dpo.step import sequence_logps
 from qatune.train.optim import OptimConfig
-from qatune.train.preference_loss import DPOConfig
-from qatune.train.preference_step import model_inputs, sequence_logps
-from qatune.train.runtime import fit, make_model, run
+from qatune.train.runtime import make_model, run
 
 ATTRIBUTE = {"capital": 0, "continent": 1}
 

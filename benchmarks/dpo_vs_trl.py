@@ -140,9 +140,9 @@ def dpo_accuracy(policy_dir: Path, work: Path, args, name: str) -> float:
 def sequence_logps(model, pairs, args):
     import torch
 
+    from qatune.data.batching import model_inputs
     from qatune.data.preference.batching import collate_pairs
-    from qatune.train.preference_step import model_inputs
-    from qatune.train.preference_step import sequence_logps as logps
+    from qatune.methods.dpo.step import sequence_logps as logps
 
     batch = collate_pairs(pairs, list(range(len(pairs))), harness.tokenizer().eos_token_id, 2 * args.max_len)
     with torch.no_grad():
@@ -182,8 +182,8 @@ def qatune_config(args, work: Path, method: str) -> dict:
 
 def run_qatune(args, work: Path, method: str) -> dict:
     from qatune.config import from_dict
-    from qatune.train.config import TrainConfig
-    from qatune.train.runtime import train
+    from qatune.launch import train
+    from qatune.methods.config import TrainConfig
 
     t_start, c_start = time.perf_counter(), time.process_time()
     cfg = from_dict(TrainConfig, qatune_config(args, work, method))

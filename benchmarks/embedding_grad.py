@@ -48,8 +48,8 @@ VARIANTS = {  # name: (sparse embedding gradient, head's dL/dW into .grad)
 
 def sft_steps(work: Path, n_train: int):
     """(model, a step function per micro-batch) for SFT on the t0 examples."""
+    from qatune.data.batching import model_inputs
     from qatune.kernels.loss import rows_loss_sum
-    from qatune.train.methods.sft import model_inputs
 
     bench = sft_vs_trl.parse_args(["--n-train", str(n_train), "--precision", "fp32"])
     sft_vs_trl.prepare(bench, work)
@@ -66,10 +66,11 @@ def sft_steps(work: Path, n_train: int):
 
 def dpo_steps(work: Path, n_train: int):
     """(model, a step function per micro-batch) for DPO on the HH-RLHF pairs."""
+    from qatune.data.batching import model_inputs
     from qatune.data.preference.batching import collate_pairs
+    from qatune.methods.dpo.loss import DPOConfig
+    from qatune.methods.dpo.step import dpo_loss_sum, sequence_logps
     from qatune.model.checkpoint import from_pretrained
-    from qatune.train.preference_loss import DPOConfig
-    from qatune.train.preference_step import dpo_loss_sum, model_inputs, sequence_logps
 
     args = dpo_vs_trl.parse_args(["--n-train", str(n_train)])
     dpo_vs_trl.prepare(args, work)

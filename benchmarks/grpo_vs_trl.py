@@ -64,7 +64,8 @@ def prepare(args, work: Path) -> None:
     from qatune.data.templates import get_template
     from qatune.demo.run import DemoSettings, encode, train_config
     from qatune.demo.task import make_task
-    from qatune.train.runtime import fit, make_model
+    from qatune.launch import fit
+    from qatune.train.runtime import make_model
 
     tok = harness.tokenizer()
     template = get_template("plain")
@@ -102,9 +103,9 @@ def heldout_exact_match(model, work: Path, max_new_tokens: int) -> float:
 
 def run_qatune(args, work: Path) -> dict:
     from qatune.config import from_dict
+    from qatune.launch import train
+    from qatune.methods.config import TrainConfig
     from qatune.model.checkpoint import from_pretrained
-    from qatune.train.config import TrainConfig
-    from qatune.train.runtime import train
 
     cfg = from_dict(
         TrainConfig,

@@ -56,9 +56,9 @@ from qatune.model.gpt2 import SIZES
 def run_side(s: PlanSetup, steps: int, alpha: float, memory: bool) -> dict:
     """In the child process: `steps` real training steps of setup `s`, measured."""
     from qatune.analysis.measure import _as_batch, _reset_peak_rss, _rss_kb, measure_step, synthetic_batch
+    from qatune.methods.sft import SFT
     from qatune.model.gpt2 import GPT2
     from qatune.model.lora import LoRAConfig, apply_lora
-    from qatune.train.methods.sft import SFT
     from qatune.train.optim import OptimConfig, build_optimizer
     from qatune.train.state import trainable_state_dict
     from qatune.train.step import Precision, accumulate, optimizer_step

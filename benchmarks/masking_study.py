@@ -44,9 +44,11 @@ from qatune.demo.tokenizer import demo_tokenizer, train_bpe
 from qatune.generation.evaluate import response_loss
 from qatune.generation.metrics import exact_match, normalize_answer
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.train.config import EvalConfig, ModelConfig, MonitorConfig, TrainConfig
+from qatune.launch import fit
+from qatune.methods.config import TrainConfig
+from qatune.train.config import EvalConfig, ModelConfig, MonitorConfig
 from qatune.train.optim import OptimConfig
-from qatune.train.runtime import fit, make_model
+from qatune.train.runtime import make_model
 
 
 @dataclass

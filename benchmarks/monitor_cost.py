@@ -114,8 +114,9 @@ def paired_steps(args, work: Path) -> dict:
     """CPU seconds of the run's micro-batches with and without monitoring, paired per batch."""
     import torch
 
-    from qatune.train.runtime import layer_grad_norms
-    from qatune.train.step import Precision, train_step
+    from qatune.methods.sft.step import train_step
+    from qatune.train.grad_norms import layer_grad_norms
+    from qatune.train.step import Precision
 
     bench = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--precision", "fp32"])
     model, batches = sft_vs_trl.micro_batches(bench, work)

@@ -134,7 +134,7 @@ def write_jsonl(path: Path, rows) -> Path:
 def base_config(task: Task, work: Path, name: str, model: str, method: str, steps: int, args, **sections) -> object:
     """A TrainConfig as `qatune train` would build it from YAML."""
     from qatune.config import from_dict
-    from qatune.train.config import TrainConfig
+    from qatune.methods.config import TrainConfig
 
     save_every = max(1, steps // task.points)
     cfg = {
@@ -160,8 +160,8 @@ def base_config(task: Task, work: Path, name: str, model: str, method: str, step
 def train_sft_start(task: Task, work: Path, args) -> Path:
     """The one SFT model every arm starts from (exported with the task's tokenizer)."""
     from qatune.config import from_dict
-    from qatune.train.config import TrainConfig
-    from qatune.train.runtime import train
+    from qatune.launch import train
+    from qatune.methods.config import TrainConfig
 
     export = work / task.name / "sft" / "export"
     if (export / "model.safetensors").exists():
@@ -215,7 +215,7 @@ def sample_answers(task: Task, model, prompts, k: int, seed: int, reference=None
     """k sampled answers per prompt at temperature 1 (as in RL training), their log-probs under the
     model and, with `reference`, under it too."""
     from qatune.generation.batch import prompt_ids
-    from qatune.rl.online import concat_rollouts
+    from qatune.methods.online.method import concat_rollouts
     from qatune.rl.rollout import RolloutConfig, sample_rollout
 
     cfg = RolloutConfig(max_new_tokens=task.max_new_tokens, temperature=1.0)
@@ -285,7 +285,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def arm_sft(task: Task, work: Path, sft: Path, args) -> dict:
-    from qatune.train.runtime import train
+    from qatune.launch import train
 
     rows = task.sft_records
     steps = max(1, task.budget // 32)
@@ -319,7 +319,7 @@ def pairs_from_samples(task: Task, sft, args) -> tuple[list[dict], dict]:
 
 
 def arm_dpo(task: Task, work: Path, sft: Path, args, pairs: list[dict], stats: dict) -> dict:
-    from qatune.train.runtime import train
+    from qatune.launch import train
 
     if not pairs:
         return {"skipped": "no (right, wrong) pair among the SFT model's samples", **stats}
@@ -334,7 +334,7 @@ def arm_dpo(task: Task, work: Path, sft: Path, args, pairs: list[dict], stats: d
 
 
 def arm_rm_ppo(task: Task, work: Path, sft: Path, args, pairs: list[dict], stats: dict, beta: float, name: str) -> dict:
-    from qatune.train.runtime import train
+    from qatune.launch import train
 
     if not pairs:
         return {"skipped": "no (right, wrong) pair to train a reward model on", **stats}
@@ -371,7 +371,7 @@ def arm_rm_ppo(task: Task, work: Path, sft: Path, args, pairs: list[dict], stats
 
 
 def arm_grpo(task: Task, work: Path, sft: Path, args, beta: float, name: str) -> dict:
-    from qatune.train.runtime import train
+    from qatune.launch import train
 
     k = task.samples_per_prompt
     prompts_per_step = 16 if task.name == "facts" else 8

@@ -133,7 +133,8 @@ def heldout_loss(model, work: Path, max_len: int) -> float:
 
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.data.plan import eval_batches
-    from qatune.train.step import Precision, evaluate
+    from qatune.methods.sft.step import evaluate
+    from qatune.train.step import Precision
 
     tok = harness.tokenizer()
     ex = load_examples(DataConfig(sources=[str(work / "heldout.jsonl")], template="raw", max_len=max_len), tok)
@@ -144,9 +145,9 @@ def heldout_loss(model, work: Path, max_len: int) -> float:
 def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = None, overrides=None) -> dict:
     from qatune.config import from_dict
     from qatune.data.pipeline import DataConfig, load_examples
+    from qatune.launch import fit
+    from qatune.methods.config import TrainConfig
     from qatune.model.checkpoint import from_pretrained
-    from qatune.train.config import TrainConfig
-    from qatune.train.runtime import fit
 
     t_start = time.perf_counter()
     tok = harness.tokenizer()

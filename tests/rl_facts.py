@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from qatune.config import load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 
 SFT_STEPS = 110  # the demo's recipe stopped early: ~55% held-out exact match, room for RL
 
@@ -55,7 +55,8 @@ def make_facts(root: Path) -> dict:
     from qatune.demo.run import DemoSettings, encode, train_config
     from qatune.demo.task import make_task
     from qatune.demo.tokenizer import demo_tokenizer
-    from qatune.train.runtime import fit, make_model
+    from qatune.launch import fit
+    from qatune.train.runtime import make_model
 
     template = get_template("plain")
     train_qs, test_qs = make_task(0)

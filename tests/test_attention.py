@@ -93,9 +93,9 @@ def test_config_attention_reaches_the_model_and_trains_alike(tmp_path):
     """`attention:` in the run config picks the kernel; dense and per-document train the same."""
     from tests.test_train_step import SMALL, examples_of_varied_lengths
 
+    from qatune.launch import fit
+    from qatune.methods.config import TrainConfig
     from qatune.model.gpt2 import GPT2
-    from qatune.train.config import TrainConfig
-    from qatune.train.runtime import fit
 
     losses = {}
     for kernel in ("dense", "documents"):

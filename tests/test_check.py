@@ -10,7 +10,7 @@ import pytest
 
 from qatune.cli import main
 from qatune.config import load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 

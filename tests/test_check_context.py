@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from qatune.check import chat_messages, loss_spans
 from qatune.cli import main
 from qatune.data.encode import encode_records
 from qatune.data.example import EncodedExample
 from qatune.data.records import Message, Record
 from qatune.data.templates import TEMPLATES, get_template
 from qatune.model.checkpoint import export_hf, from_pretrained
-from qatune.train.check import chat_messages, loss_spans
 
 TINY_CPU = Path(__file__).parents[1] / "configs" / "tiny-cpu.yaml"
 QUESTION = "Ai thua đội Broncos ở vòng bảng?"

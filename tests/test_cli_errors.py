@@ -16,9 +16,9 @@ from qatune.cli import main
 from qatune.config import ConfigError
 from qatune.data.records import DataError
 from qatune.errors import RunError, UserError
+from qatune.export import CheckpointFolderError
 from qatune.model.checkpoint import CheckpointError
 from qatune.model.tokenizer import TokenizerError
-from qatune.train.checkpoint_export import CheckpointFolderError
 
 
 def raising(error: BaseException):

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatune.config_docs import COMMAND, field_docs, render, sections
-from qatune.train.config import TrainConfig
-from qatune.train.methods import METHODS
+from qatune.methods import METHODS
+from qatune.methods.config import TrainConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from qatune.config import ConfigError, load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -26,9 +26,9 @@ from tests.toy_method import NAME as TOY
 from tests.toy_method import register as register_toy_method
 
 from qatune.config import load_config
+from qatune.methods.config import TrainConfig
 from qatune.model.gpt2 import GPT2Config
 from qatune.model.lora import TARGETS as LORA_TARGETS
-from qatune.train.config import TrainConfig
 from qatune.train.dist_checkpoint import is_sharded, saved_world_size
 from qatune.train.metrics import read_metrics
 
@@ -70,7 +70,7 @@ def _free_port() -> int:
 
 
 def _train(cfg_path: Path, name: str, overrides: list[str], resume: bool = False):
-    from qatune.train.distributed import run_training
+    from qatune.launch import run_training
 
     cfg = load_config(TrainConfig, cfg_path, [f"name={name}", *overrides])
     return run_training(cfg, resume=resume, progress=False)
@@ -94,10 +94,11 @@ def _fsdp_state_bytes(out: Path, rank: int) -> None:
     """Shard a model with our wrap_fsdp, do one real step with our optimizer, count what this rank holds."""
     from qatune.data.batching import collate
     from qatune.data.example import EncodedExample
+    from qatune.methods.sft.step import train_step
     from qatune.model.gpt2 import GPT2
     from qatune.train.distributed import FSDPConfig, wrap_fsdp
     from qatune.train.optim import OptimConfig, build_optimizer
-    from qatune.train.step import Precision, optimizer_step, train_step
+    from qatune.train.step import Precision, optimizer_step
 
     torch.manual_seed(0)
     model = wrap_fsdp(GPT2(TINY), FSDPConfig())
@@ -127,9 +128,9 @@ def _count_fsdp_reduces(out: Path, rank: int) -> None:
 
     from qatune.data.batching import collate
     from qatune.data.example import EncodedExample
+    from qatune.methods.sft import SFT
     from qatune.model.gpt2 import GPT2
     from qatune.train.distributed import FSDPConfig, wrap_fsdp
-    from qatune.train.methods.sft import SFT
     from qatune.train.step import Precision, accumulate
 
     torch.manual_seed(0)
@@ -339,8 +340,8 @@ def test_lora_sharded_checkpoint_holds_the_adapters_and_resumes_identically(runs
         b = load_file(runs / "runs" / "fsdp_lora_resumed" / folder / file)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The last sharded checkpoint exports (seeded base rebuilt + adapters merged) as the run did.
+    from qatune.export import load_checkpoint_model
     from qatune.model.checkpoint import from_pretrained
-    from qatune.train.checkpoint_export import load_checkpoint_model
 
     model, meta = load_checkpoint_model(runs / "runs" / "fsdp_lora" / "checkpoints" / "step_00000004")
     exported = from_pretrained(runs / "runs" / "fsdp_lora" / "export").state_dict()

@@ -10,7 +10,7 @@ from qatune.config import from_dict
 from qatune.data.batching import collate
 from qatune.data.example import EncodedExample
 from qatune.data.plan import BatchConfig, check_plan_split, plan_run
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 from qatune.train.distributed import (
     TORCHRUN_VARS,
     DistEnv,

@@ -12,10 +12,10 @@ import torch
 from tests.test_preference_train import CONFIG, write_pairs
 
 from qatune.config import load_config
+from qatune.launch import train
+from qatune.methods.config import TrainConfig
+from qatune.methods.dpo.method import REFERENCE_CACHE
 from qatune.runs import CHECKPOINTS_DIR
-from qatune.train.config import TrainConfig
-from qatune.train.methods.dpo import REFERENCE_CACHE
-from qatune.train.runtime import train
 
 
 @pytest.fixture

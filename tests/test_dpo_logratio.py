@@ -7,9 +7,10 @@ import pytest
 import torch
 from tests.test_preference_math import SMALL, models, plain_logp, random_pairs
 
+from qatune.data.batching import model_inputs
 from qatune.data.preference.batching import collate_pairs
-from qatune.train.preference_loss import DPOConfig, dpo_metric_sums, dpo_summary
-from qatune.train.preference_step import dpo_loss_sum, model_inputs, sequence_logps
+from qatune.methods.dpo.loss import DPOConfig, dpo_metric_sums, dpo_summary
+from qatune.methods.dpo.step import dpo_loss_sum, sequence_logps
 
 
 def summary(policy: torch.Tensor, ref: torch.Tensor, beta: float) -> dict:

@@ -115,7 +115,8 @@ def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys):
 
 def test_a_sharded_checkpoint_exports_too(tiny_model, tokenizer_dir, tmp_path):
     from qatune.config import dump_yaml
-    from qatune.train.config import ModelConfig, TrainConfig
+    from qatune.methods.config import TrainConfig
+    from qatune.train.config import ModelConfig
     from qatune.train.dist_checkpoint import save_sharded
 
     cfg = TrainConfig(model=ModelConfig(init="random", n_layer=2, n_embd=64, n_head=4, n_positions=128))

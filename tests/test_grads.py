@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from qatune.analysis.grads import (
     GradientMoments,
     fit_power_law,
-    layer_sq_norms,
     per_example_analysis,
     per_layer_step,
     segment_shares,
     segment_targets,
 )
 from qatune.data.example import IGNORE, EncodedExample
+from qatune.train.grad_norms import layer_sq_norms
 
 
 def examples(n: int, seed: int = 0) -> list[EncodedExample]:

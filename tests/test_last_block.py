@@ -13,9 +13,11 @@ from tests.test_train_step import SMALL, assert_same, examples_of_varied_lengths
 from qatune.data.batching import collate
 from qatune.data.example import IGNORE
 from qatune.kernels.loss import reference_loss_sum
+from qatune.methods.sft.monitor import monitor_targets, prompt_targets
+from qatune.methods.sft.step import train_step
 from qatune.model.gpt2 import GPT2, LastBlockRows
 from qatune.model.lora import LoRAConfig, apply_lora
-from qatune.train.step import Precision, monitor_targets, prompt_targets, scored_rows_only, train_step
+from qatune.train.step import Precision, scored_rows_only
 
 # Two rows: [doc 5 | doc 7 | 4 padding], [doc 9 | doc 7]
 DOCS = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 4, [0] * 9 + [1] * 7])

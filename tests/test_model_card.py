@@ -14,7 +14,7 @@ import yaml
 
 from qatune.cli import main
 from qatune.config import load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 from qatune.train.metrics import read_metrics
 from qatune.train.model_card import base_model, hub_datasets, read_front_matter
 
@@ -44,7 +44,7 @@ def _write(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, hf_tiny_dir):
     """An SFT and a reward run from a base folder whose own card names its hub base and license."""
-    from qatune.train.runtime import train
+    from qatune.launch import train
 
     root = tmp_path_factory.mktemp("card")
     qa, pairs = _write(root)

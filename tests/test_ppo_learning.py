@@ -13,7 +13,7 @@ def test_ppo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
     """Measured over seeds 0-2 (24 steps, 128 responses per rollout, temperature 0.7): greedy held-out
     exact match 0.425 -> 0.53-0.59, sampled 0.24-0.29 -> 0.43-0.44, KL to the start 1.2-1.4 nats
     per response; about 12 s on one core."""
-    from qatune.train.methods.ppo import PPO
+    from qatune.methods.ppo import PPO
     from qatune.train.runtime import run
 
     cfg = facts_config(

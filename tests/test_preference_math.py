@@ -10,12 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qatune.data.batching import model_inputs
 from qatune.data.preference.batching import collate_pairs
 from qatune.data.preference.encode import EncodedPair
+from qatune.methods.dpo.loss import DPOConfig, dpo_summary
+from qatune.methods.dpo.step import dpo_loss_sum, sequence_logps
+from qatune.methods.reward.loss import RewardConfig, reward_loss_sum, reward_summary
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.model.reward import RewardModel
-from qatune.train.preference_loss import DPOConfig, RewardConfig, dpo_summary, reward_summary
-from qatune.train.preference_step import dpo_loss_sum, model_inputs, reward_loss_sum, sequence_logps
 
 SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=97)
 EOS = 96
@@ -180,7 +182,7 @@ def test_first_step_with_a_frozen_copy_is_log2_and_reward_accuracy_zero():
 
 
 def test_metric_definitions_on_known_log_probs():
-    from qatune.train.preference_loss import dpo_metric_sums
+    from qatune.methods.dpo.loss import dpo_metric_sums
 
     policy = torch.tensor([-1.0, -3.0, -2.0, -1.0])  # pair 0: chosen gains; pair 1: rejected gains
     ref = torch.tensor([-2.0, -2.0, -2.0, -2.0])

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.processes import kill_in_optimizer_step, run_cli
 
 from qatune.config import load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 from qatune.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def write_config(root: Path, tok: Path, dropout: float) -> Path:
 
 
 def train_here(cfg_path: Path, name: str, *overrides: str) -> None:
-    from qatune.train.distributed import run_training
+    from qatune.launch import run_training
 
     run_training(load_config(TrainConfig, cfg_path, [f"name={name}", *overrides]), progress=False)
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from qatune.cli import main
 from qatune.config import load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 from qatune.train.metrics import read_metrics
 
 CONFIG = """
@@ -53,7 +53,7 @@ def setup(tmp_path_factory, tokenizer_dir):
 
 
 def train(cfg_path: Path, name: str, *overrides: str):
-    from qatune.train.runtime import train as run
+    from qatune.launch import train as run
 
     cfg = load_config(TrainConfig, cfg_path, [f"name={name}", *overrides])
     return run(cfg, progress=False)

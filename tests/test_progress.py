@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from qatune.train.methods import METHODS, method_class
+from qatune.methods import METHODS, method_class
 from qatune.train.progress import Progress, step_info
 
 STEP = {"step": 2, "epoch": 0, "loss": 0.6931, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1234.0}

@@ -27,13 +27,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qatune.methods.grpo import GRPO
+from qatune.methods.online.config import RLConfig
+from qatune.methods.ppo.method import PPO, PolicyWithValue
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.rl.config import RLConfig
 from qatune.rl.experience import Experience, make_batch
 from qatune.rl.kl import KLController
 from qatune.rl.rollout import Rollout, RolloutConfig
-from qatune.train.methods.grpo import GRPO
-from qatune.train.methods.ppo import PPO, PolicyWithValue
 
 SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=97)
 EOS = 96
@@ -84,7 +84,7 @@ def method(cls, rl: RLConfig, beta: float, chunk: int = 5):
     """A method with just what `experiences` and `step` read (no data, no runtime)."""
     m = cls([])
     m.rl, m.kl = rl, KLController(beta)
-    m.run = SimpleNamespace(device=torch.device("cpu"), cfg=SimpleNamespace(loss_chunk=chunk))
+    m.run = SimpleNamespace(device=torch.device("cpu"), settings=SimpleNamespace(loss_chunk=chunk))
     return m
 
 

@@ -23,7 +23,7 @@ from tests.processes import kill_in_optimizer_step, run_cli
 from tests.rl_facts import facts_config, items, sft_model
 
 from qatune.config import load_config
-from qatune.train.config import TrainConfig
+from qatune.methods.config import TrainConfig
 from qatune.train.metrics import read_metrics
 from qatune.train.state import list_checkpoints
 
@@ -34,7 +34,7 @@ def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
     """Held-out exact match of greedy answers rises, and more so that of answers sampled as in
     training (8 per held-out question, the same random draws before and after): measured over 3
     seeds, greedy 0.425 -> 0.50-0.55, sampled 0.14-0.16 -> 0.34-0.37, KL to the start ~1 nat."""
-    from qatune.train.methods.grpo import GRPO
+    from qatune.methods.grpo import GRPO
     from qatune.train.runtime import run
 
     cfg = facts_config(
@@ -65,7 +65,7 @@ def test_grpo_raises_held_out_exact_match_while_kl_stays_in_band(facts):
 
 def test_kl_leaving_its_band_stops_the_run_with_a_checkpoint(facts):
     from qatune.errors import MethodStop
-    from qatune.train.methods.grpo import GRPO
+    from qatune.methods.grpo import GRPO
     from qatune.train.runtime import run
 
     cfg = facts_config(facts, "name=kl_stop", "method=grpo", "optim.lr=3e-2", "rl.kl_band=[-1.0,0.05]", "save_every=0")
@@ -132,7 +132,7 @@ DDP_METHODS = {"ppo": [*METHODS["ppo"], "rl.generation_batch=4"], "grpo": ["rl.g
 
 
 def _ddp_worker(rank: int, config: str, port: int, method: str) -> None:
-    from qatune.train.distributed import run_training
+    from qatune.launch import run_training
 
     env = {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     os.environ.update({k: str(v) for k, v in env.items()})
@@ -145,7 +145,7 @@ def test_two_gloo_ranks_train_what_one_process_does(facts, method):
     """Each rank samples its half of every rollout with the generators one process would use for
     those responses, so the 2-rank run sees the same samples, rewards and KL, and ends with the
     same weights (to float summation order) as one process with the same global batch."""
-    from qatune.train.distributed import run_training
+    from qatune.launch import run_training
 
     config = str(facts["config"])
     overrides = [f"method={method}", *DDP_METHODS[method], *DDP_RUN]
@@ -180,15 +180,17 @@ def test_two_gloo_ranks_train_what_one_process_does(facts, method):
 def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_path):
     """rl.value_model: a critic GPT-2 scores the sampled responses in one packed forward; each
     response gets the values of its own positions (those that predict its tokens)."""
-    from qatune.train.methods.base import RunContext
-    from qatune.train.methods.ppo import PPO
+    from qatune.methods.ppo import PPO
+    from qatune.train.method import RunContext
     from qatune.train.step import Precision
 
     critic_dir = Path(facts["root"]) / "sft" / "export"
     cfg = facts_config(facts, "method=ppo", f"rl.value_model={critic_dir}", "rl.rollout.max_new_tokens=6")
     cpu = torch.device("cpu")
     model, reference = sft_model(facts), sft_model(facts)
-    ctx = RunContext(cfg, facts["tok"], cpu, Precision("fp32", cpu), 0, 1, 1, tmp_path, model, reference)
+    ctx = RunContext.for_method(
+        cfg, PPO, facts["tok"], cpu, Precision("fp32", cpu), 0, 1, 1, tmp_path, model, reference
+    )
     ppo = PPO(items(facts["train"][:7], facts["template"]), items(facts["test"][:2], facts["template"]))
     ppo.setup(ctx)
     wrapped = ppo.wrap(model)
@@ -208,9 +210,9 @@ def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_pat
 def test_a_reward_model_folder_as_critic_gives_its_trunk_and_score_head(tmp_path):
     """rl.value_model=<reward model export>: the critic is the reward model's GPT-2 and the value
     head starts from its score head (PPO's value initialized from the reward, as in InstructGPT)."""
+    from qatune.methods.ppo.method import load_critic
     from qatune.model.gpt2 import GPT2, GPT2Config
     from qatune.model.reward import RewardModel, export_reward_hf
-    from qatune.train.methods.ppo import load_critic
 
     torch.manual_seed(0)
     rm = RewardModel(GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)))
@@ -226,7 +228,7 @@ def test_rl_with_lora_trains_the_adapters_against_the_base_with_adapters_off(fac
     """model.lora: only adapter weights (and PPO's value head) are trained and checkpointed; the KL
     anchor is the same model with its adapters off (no second copy), so the first rollout's KL is
     0 and later ones not."""
-    from qatune.train.methods import method_class
+    from qatune.methods import method_class
     from qatune.train.runtime import run
 
     cfg = facts_config(

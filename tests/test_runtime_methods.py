@@ -15,8 +15,8 @@ from tests.test_train_resume import KILL_AT_STEP_8, RUNS, config, run_cli  # noq
 from tests.test_train_step import SMALL, examples_of_varied_lengths
 from tests.toy_method import NAME, PromptLM
 
+from qatune.methods.config import TrainConfig
 from qatune.model.gpt2 import GPT2
-from qatune.train.config import TrainConfig
 from qatune.train.runtime import run
 
 REGISTER = "from tests.toy_method import register\nregister()\n"

@@ -14,10 +14,10 @@ import torch
 from tests.test_train_step import SMALL, examples_of_varied_lengths
 
 from qatune.config import ConfigError, load_config
+from qatune.launch import fit
+from qatune.methods.config import TrainConfig
 from qatune.model.gpt2 import GPT2
-from qatune.train.config import TrainConfig
 from qatune.train.metrics import read_metrics
-from qatune.train.runtime import fit
 from qatune.train.tracking import scalars
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from qatune.cli import main
+from qatune.methods.sft.step import train_step
 from qatune.model.checkpoint import from_pretrained
-from qatune.train.step import Precision, train_step
+from qatune.train.step import Precision
 
 pytestmark = pytest.mark.slow
 

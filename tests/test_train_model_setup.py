@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from qatune.methods.config import TrainConfig
 from qatune.model.checkpoint import export_hf, from_pretrained
-from qatune.train.config import ModelConfig, TrainConfig
+from qatune.train.config import ModelConfig
 from qatune.train.runtime import make_model
 
 
@@ -35,7 +36,7 @@ def tiny_data(tmp_path):
 def test_the_tokenizer_default_is_the_model_folders_own(hf_tiny_dir, gpt2_tokenizer, tiny_data, tmp_path, monkeypatch):
     """config reference: tokenizer null = the model folder's own tokenizer, else $QATUNE_TOKENIZER,
     else the hub's "gpt2". The setting here points nowhere: only the model's own can be used."""
-    from qatune.train.runtime import train
+    from qatune.launch import train
 
     base = export_hf(from_pretrained(hf_tiny_dir), tmp_path / "base", gpt2_tokenizer)
     monkeypatch.setenv("QATUNE_TOKENIZER", str(tmp_path / "no_tokenizer_here"))
@@ -60,8 +61,8 @@ def test_every_rank_draws_its_own_dropout_masks(tiny_data, tokenizer_dir, tmp_pa
     from qatune.data.example import EncodedExample
     from qatune.data.readers import read_records
     from qatune.data.templates import get_template
+    from qatune.methods.sft import SFT
     from qatune.model.tokenizer import load_tokenizer
-    from qatune.train.methods.sft import SFT
     from qatune.train.runtime import _Run
 
     tok = load_tokenizer(tokenizer_dir)

@@ -11,10 +11,12 @@ from tests.test_train_step import SMALL, examples_of_varied_lengths
 
 from qatune.data.batching import collate
 from qatune.data.example import IGNORE
+from qatune.launch import fit
+from qatune.methods.config import TrainConfig
+from qatune.methods.sft.monitor import prompt_targets
+from qatune.methods.sft.step import train_step
 from qatune.model.gpt2 import GPT2
-from qatune.train.config import TrainConfig
-from qatune.train.runtime import fit
-from qatune.train.step import Precision, prompt_targets, train_step
+from qatune.train.step import Precision
 
 
 def direct_prompt_loss(model: GPT2, examples) -> float:
@@ -32,7 +34,7 @@ def direct_prompt_loss(model: GPT2, examples) -> float:
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_prompt_loss_equals_a_direct_count(packed, monkeypatch):
-    monkeypatch.setattr("qatune.train.step.MONITOR_LABELS_PER_PROMPT", 1)  # 63 prompt <= 141 labels: all
+    monkeypatch.setattr("qatune.methods.sft.monitor.MONITOR_LABELS_PER_PROMPT", 1)  # 63 prompt <= 141 labels: all
     torch.manual_seed(0)
     model = GPT2(SMALL).double()
     exs = examples_of_varied_lengths(6)
@@ -73,7 +75,7 @@ def test_prompt_loss_samples_at_most_an_eighth_of_the_label_count():
     """Long prompts, short answers: the monitor scores a systematic sample of the prompt positions,
     at most an eighth as many as the batch has labels, so a monitored step stays cheap."""
     from qatune.data.example import EncodedExample
-    from qatune.train.step import sample_targets
+    from qatune.methods.sft.monitor import sample_targets
 
     t = torch.tensor([[IGNORE, 5, 6, IGNORE, 7], [8, IGNORE, 9, 10, 11]])
     assert sample_targets(t, 2).tolist() == [[IGNORE, 5, IGNORE, IGNORE, 7], [IGNORE, IGNORE, 9, IGNORE, 11]]

@@ -11,8 +11,9 @@ from tests.train_helpers import step_batches
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.plan import BatchConfig, make_batch, plan_run
 from qatune.kernels.loss import reference_loss_sum
+from qatune.methods.sft.step import train_step
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.train.step import Precision, train_step
+from qatune.train.step import Precision
 
 SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=97)
 PAD = 0

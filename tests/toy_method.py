@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from qatune.data.batching import Batch
+from qatune.data.batching import Batch, model_inputs
 from qatune.data.example import IGNORE
 from qatune.kernels.loss import response_loss_sum
-from qatune.train.methods import METHODS
-from qatune.train.methods.base import StepOutput
-from qatune.train.methods.sft import SFT, model_inputs
-from qatune.train.step import lm_weight, prompt_targets
+from qatune.methods import METHODS
+from qatune.methods.sft import SFT
+from qatune.methods.sft.monitor import prompt_targets
+from qatune.train.method import StepOutput
+from qatune.train.step import lm_weight
 
 NAME = "prompt_lm"
 

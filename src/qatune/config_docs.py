@@ -140,8 +140,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def method_lines() -> list[str]:
-    from qatune.train.config import TrainConfig
-    from qatune.train.methods import METHODS, method_class
+    from qatune.methods import METHODS, method_class
+    from qatune.methods.config import TrainConfig
 
     lines = ["## Methods", "", "| `method:` | what it trains | its own sections | defaults it fills in |"]
     lines.append("| --- | --- | --- | --- |")
@@ -161,7 +161,7 @@ def method_lines() -> list[str]:
 
 
 def render() -> str:
-    from qatune.train.config import TrainConfig
+    from qatune.methods.config import TrainConfig
 
     lines = [
         "# Config reference",

@@ -26,17 +26,9 @@ from qatune.data.example import IGNORE, EncodedExample
 from qatune.errors import UserError
 from qatune.kernels.loss import response_loss_sum
 from qatune.model.gpt2 import GPT2
+from qatune.train.grad_norms import layer_of
 
 NORMALIZATIONS = ("sum", "mean")
-
-
-def layer_of(param_name: str) -> str:
-    """Group parameters by layer: 'embeddings', 'h.0' … 'h.{L-1}', 'ln_f'."""
-    if param_name.startswith(("wte.", "wpe.")):
-        return "embeddings"
-    if param_name.startswith("h."):
-        return ".".join(param_name.split(".")[:2])
-    return param_name.split(".")[0]
 
 
 def _example_tensors(ex: EncodedExample, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +275,7 @@ def per_layer_step(
     `examples`, on a copy of the model: per layer, the gradient norm, the weight norm, and the
     update-to-weight ratio."""
     from qatune.data.batching import collate
-    from qatune.train.methods.sft import SFT
+    from qatune.methods.sft import SFT
     from qatune.train.optim import OptimConfig, build_optimizer
     from qatune.train.step import Precision, accumulate, optimizer_step
 
@@ -317,17 +309,3 @@ def per_layer_step(
             }
         )
     return out
-
-
-def layer_sq_norms(model: torch.nn.Module) -> dict[str, float]:
-    """Squared .grad norms grouped by layer; of this rank's shard when gradients are FSDP DTensors."""
-    sq: dict[str, float] = {}
-    for name, p in model.named_parameters():
-        key = layer_of(name.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("backbone."))
-        g = p.grad
-        if g is not None and hasattr(g, "to_local"):
-            g = g.to_local()
-        # one pass in fp32, no squared copy of the gradient (the embedding's is vocab x d)
-        norm = float(torch.linalg.vector_norm(g.detach(), dtype=torch.float32)) if g is not None else 0.0
-        sq[key] = sq.get(key, 0.0) + norm * norm
-    return sq

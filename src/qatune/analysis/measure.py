@@ -34,9 +34,9 @@ from qatune.analysis.setup import PlanSetup
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
 from qatune.errors import UserError
+from qatune.methods.sft import SFT
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.model.lora import LoRAConfig, apply_lora
-from qatune.train.methods.sft import SFT
 from qatune.train.optim import OptimConfig, build_optimizer
 from qatune.train.step import Precision, accumulate, optimizer_step
 

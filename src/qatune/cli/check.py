@@ -53,9 +53,9 @@ def print_table(console, report) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from qatune.check import run_checks
     from qatune.config import load_config
-    from qatune.train.check import run_checks
-    from qatune.train.config import TrainConfig
+    from qatune.methods.config import TrainConfig
 
     if args.sample < 2:
         raise UserError(f"--sample must be at least 2, got {args.sample}")

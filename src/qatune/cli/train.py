@@ -21,8 +21,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qatune.config import load_config
-    from qatune.train.config import TrainConfig
-    from qatune.train.distributed import run_training
+    from qatune.launch import run_training
+    from qatune.methods import method_class
+    from qatune.methods.config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     if args.resume and args.overwrite:
@@ -30,17 +31,16 @@ def run(args: argparse.Namespace) -> int:
     result = run_training(cfg, resume=args.resume, progress=args.progress, overwrite=args.overwrite)
     if result is None:  # a rank other than 0 under torchrun: rank 0 reports
         return 0
-    ev = result.final_eval
     summary = f"trained {result.steps} steps -> {result.run_dir}"
-    if "eval_ppl" in ev:
-        summary += f"; held-out response loss {ev['eval_loss']:.4f} (perplexity {ev['eval_ppl']:.2f})"
-    elif "eval_loss" in ev:  # preference methods: the loss and their accuracy on held-out pairs
-        accuracy = ev.get("eval_reward_accuracy", ev.get("eval_accuracy"))
-        summary += f"; held-out loss {ev['eval_loss']:.4f}"
-        summary += f", pair accuracy {accuracy:.3f}" if accuracy is not None else ""
-    elif "eval_reward" in ev:  # RL methods: the reward of greedy answers, and how far the policy moved
-        summary += f"; held-out reward {ev['eval_reward']:.4f}, KL to the start {ev['eval_kl']:.3f} nats/response"
+    held_out = held_out_summary(method_class(cfg.method), result.final_eval)
+    summary += f"; {held_out}" if held_out else ""
     if result.export_dir:
         summary += f"; export: {result.export_dir}"
     print(summary, file=sys.stdout)
     return 0
+
+
+def held_out_summary(method, final_eval: dict) -> str:
+    """The held-out metrics among the method's declared `summary_fields`, as "what it is value"."""
+    shown = [(key, text) for key, text in method.summary_fields if key.startswith("eval_") and key in final_eval]
+    return ", ".join(f"{text} {final_eval[key]:.4f}" for key, text in shown)

@@ -147,3 +147,9 @@ def padding_fraction(row_lengths: Sequence[int], widths: Sequence[int]) -> float
     """Share of computed positions that are padding, for rows of the given lengths and widths."""
     total = sum(widths)
     return 1.0 - sum(row_lengths) / total if total else 0.0
+
+
+def model_inputs(batch) -> dict:
+    """The forward's keyword arguments of a collated batch (a Batch or a PairBatch): token ids,
+    per-document positions and document ids (block-causal attention over packed rows)."""
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}

@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qatune.data.example import IGNORE
+from qatune.data.example import EOS_TEXT, IGNORE
 from qatune.data.records import Record
 from qatune.data.templates import Template
 from qatune.errors import UserError
-from qatune.model.tokenizer import EOS_TEXT
 
 TURNS = ("all", "last")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IGNORE = -100  # label of a token that carries no loss (prompt, user turns, padding)
+# GPT-2's end-of-text token, which ends every trained response (the tokenizer checks it has it)
+EOS_TEXT = "<|endoftext|>"
 
 
 @dataclass

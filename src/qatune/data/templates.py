@@ -22,8 +22,8 @@ import dataclasses
 import string
 from dataclasses import dataclass
 
+from qatune.data.example import EOS_TEXT
 from qatune.data.records import DataError, Message
-from qatune.model.tokenizer import EOS_TEXT
 
 ALPACA_HEAD = "Below is an instruction that describes a task"
 

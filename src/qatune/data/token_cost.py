@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from qatune.data.example import EOS_TEXT
 from qatune.data.records import Record
-from qatune.model.tokenizer import EOS_TEXT
 
 ENGLISH_CHARS_PER_TOKEN = 4.5  # GPT-2 BPE on English prose, measured above (t0: 4.44-4.57)
 COSTLY_BELOW = 2.5

@@ -24,9 +24,11 @@ from qatune.demo.settings import QUICK, DemoSettings  # noqa: F401 (QUICK: calle
 from qatune.demo.task import QA, make_task
 from qatune.demo.tokenizer import demo_tokenizer
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.train.config import EvalConfig, ModelConfig, TrainConfig
+from qatune.launch import fit
+from qatune.methods.config import TrainConfig
+from qatune.train.config import EvalConfig, ModelConfig
 from qatune.train.optim import OptimConfig
-from qatune.train.runtime import TrainResult, fit, make_model
+from qatune.train.runtime import TrainResult, make_model
 from qatune.utils.files import write_text_atomic
 
 

@@ -12,8 +12,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from qatune.data.example import EOS_TEXT
 from qatune.errors import UserError
-from qatune.model.tokenizer import ENV_VAR, EOS_TEXT, load_tokenizer
+from qatune.model.tokenizer import ENV_VAR, load_tokenizer
 
 BUILTIN = "builtin"  # --tokenizer builtin: always train the small BPE
 

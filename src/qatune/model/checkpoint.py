@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qatune.data.chat_template import to_jinja
+from qatune.data.templates import Template
 from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.utils.files import atomic_dir
@@ -240,9 +242,6 @@ def build_model(name_or_path: str, random_init: bool = False, **overrides) -> GP
 def _tokenizer_settings(folder: Path, template: dict | None, max_len: int) -> None:
     """Put the chat template and the context size into the saved tokenizer_config.json (a separate
     chat_template.jinja from the source tokenizer would take precedence, so it is removed)."""
-    from qatune.data.chat_template import to_jinja
-    from qatune.data.templates import Template
-
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     config["model_max_length"] = max_len

@@ -40,6 +40,7 @@ from torch import nn
 from qatune.errors import UserError
 from qatune.model.gpt2 import GPT2
 from qatune.model.names import LORA_TARGETS as TARGETS
+from qatune.model.unwrap import plain_name
 from qatune.utils.files import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -113,12 +114,7 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """(name, module) of every adapter, names as in the plain model (wrapper prefixes removed)."""
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            yield _plain_name(name), module
-
-
-def _plain_name(name: str) -> str:
-    # DDP adds "module.", torch.compile "_orig_mod."; FSDP2 adds nothing.
-    return re.sub(r"(^|\.)(module|_orig_mod)\.", r"\1", name)
+            yield plain_name(name), module
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qatune.data.example import EOS_TEXT
 from qatune.errors import UserError
 from qatune.utils.hub import looks_like_local_path, offline_mode, unreachable_message, unreachable_reason
 
 ENV_VAR = "QATUNE_TOKENIZER"
-EOS_TEXT = "<|endoftext|>"
 
 
 class TokenizerError(UserError):

@@ -188,16 +188,3 @@ def deal_eval_batches(batches: Sequence, rank: int, world_size: int) -> list[tup
     mine = [(b, True) for b in batches[rank::world_size]]
     need = -(-len(batches) // world_size)
     return mine + [(batches[0], False)] * (need - len(mine))
-
-
-def run_training(cfg, resume: bool = False, progress: bool = True, overwrite: bool = False):
-    """`qatune train` in this process: join the torchrun group if launched by torchrun, train,
-    leave the group. Returns the TrainResult on rank 0, None on the other ranks."""
-    from qatune.train.runtime import train
-
-    env = setup(cfg.strategy, cfg.device)
-    try:
-        result = train(cfg, resume, env.rank, env.world_size, progress, overwrite=overwrite)
-    finally:
-        teardown()
-    return result if env.is_main else None

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qatune.model.unwrap import plain_name
+
 # Parameters never decayed even though they are 2-D: the token/position embeddings. Decay pulls
 # every row toward 0 each step, and a rare token's row, which gets few gradients, would shrink.
 NO_DECAY_MATRICES = ("wte.weight", "wpe.weight")
@@ -38,7 +40,7 @@ def decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        base = name.removeprefix("_orig_mod.").removeprefix("module.")
+        base = plain_name(name)
         (decay if p.ndim >= 2 and base not in NO_DECAY_MATRICES else no_decay).append(name)
     return decay, no_decay
 

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from qatune.train.methods.base import Method
+from qatune.train.method import Method
 
 PLAIN_EVERY_S = 10  # seconds between plain lines (eval steps and the last step always print)
 

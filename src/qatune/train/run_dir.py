@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from qatune.config import ConfigError
 from qatune.errors import UserError
 from qatune.runs import CHECKPOINTS_DIR
 from qatune.train.state import list_checkpoints
@@ -103,13 +104,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _resolved(saved_yaml: str, resolve: Callable[[Any], str] | None) -> str:
     """The saved config as `resolve` fills it in; as written when it no longer loads (an older
     qatune's keys), so that the comparison names what differs."""
-    from qatune.config import ConfigError, from_dict
-    from qatune.train.config import TrainConfig
-
     if resolve is None:
         return saved_yaml
     try:
-        return resolve(from_dict(TrainConfig, yaml.safe_load(saved_yaml)))
+        return resolve(yaml.safe_load(saved_yaml))
     except (ConfigError, ValueError):
         return saved_yaml
 
@@ -131,7 +129,7 @@ def check_resume(
     resolve: Callable[[Any], str] | None = None,
 ) -> None:
     """The checkpoint belongs to this run, or a ValueError that says what differs. `resolve`: the
-    saved TrainConfig -> its YAML with the defaults the run resolves filled in, as `current_yaml`
+    saved config's mapping -> its YAML with the defaults the run resolves filled in, as `current_yaml`
     has them (a checkpoint written before a setting was resolved recorded it unresolved)."""
     config_file = Path(checkpoint) / "config.yaml"
     problems = []

@@ -1,12 +1,13 @@
 """The training runtime: one loop for every method, top to bottom.
 
-    result = train(load_config(TrainConfig, "configs/tiny-cpu.yaml"))
+    result = run(method, model, tokenizer, cfg)
 
-`train` loads the tokenizer, the method's data (`cfg.method`: sft, …) and the model, then `run`s
-the method. The runtime owns what every method shares — device and precision, wrapping (DDP,
+`run` trains `model` with a method (`qatune.train.method.Method`) as the config says (its
+runtime settings: `qatune.methods.config.TrainConfig`; `qatune.launch.train` builds the method a
+config names and calls this). The runtime owns what every method shares — device and precision, wrapping (DDP,
 FSDP2, activation checkpointing, compile), the optimizer and schedule, accumulation with global
 normalization (`qatune.train.step.accumulate`), clipping, checkpoints and resume, metrics, plots,
-eval calls, stop signals and export; a method (`qatune.train.methods`) supplies its data plan and
+eval calls, stop signals and export; a method (`qatune.methods`) supplies its data plan and
 its step. `fit` is the shortcut for supervised fine-tuning on examples a caller already holds.
 """
 
@@ -26,27 +27,27 @@ from pathlib import Path
 
 import torch
 
-from qatune.config import dump_yaml, to_dict
-from qatune.data.example import EncodedExample
+from qatune.config import dump_yaml, from_dict, to_dict
 from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
 from qatune.model.checkpoint import build_model
 from qatune.model.dropout import disable_dropout
 from qatune.model.gpt2 import GPT2, SIZES
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
+from qatune.model.unwrap import backbone
 from qatune.runs import CHECKPOINTS_DIR
-from qatune.train.config import ModelConfig, TrainConfig
+from qatune.train.config import ModelConfig
 from qatune.train.dist_checkpoint import is_sharded, load_sharded, save_sharded, saved_world_size
 from qatune.train.distributed import check_precision, wrap_ddp, wrap_fsdp
-from qatune.train.export import gathered
-from qatune.train.methods import build_method
-from qatune.train.methods.base import Method, RunContext
+from qatune.train.export import export_files, gathered
+from qatune.train.grad_norms import layer_grad_norms
+from qatune.train.method import Method, RunContext
 from qatune.train.metrics import MetricsLogger, read_metrics
 from qatune.train.optim import build_optimizer, build_scheduler
 from qatune.train.plots import write_plots
 from qatune.train.progress import Progress
 from qatune.train.run_dir import RunLock, check_resume, prepare_fresh
 from qatune.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
-from qatune.train.step import Precision, accumulate, backbone, global_sum, model_device, optimizer_step, phase
+from qatune.train.step import Precision, accumulate, model_device, optimizer_step, phase
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic
 from qatune.utils.malloc import keep_freed_memory
@@ -69,7 +70,7 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs, and less exact
 
 
-def resolved_config(cfg: TrainConfig, method: type[Method], device: torch.device) -> TrainConfig:
+def resolved_config(cfg, method: type[Method], device: torch.device):
     """The settings a run uses: `method`'s own defaults filled in, precision `auto` as picked for
     `device`. What the run folder's config.yaml and every checkpoint record, and what a resume is
     compared against. Resolving twice changes nothing, so a saved config.yaml trains the same run."""
@@ -112,54 +113,11 @@ def dropout_seed(seed: int, rank: int) -> int:
     return seed + 1 + rank
 
 
-def train(
-    cfg: TrainConfig,
-    resume: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> TrainResult:
-    """Load tokenizer, the method's data and the model as `cfg` says, then `run`."""
-    from qatune.model.tokenizer import load_tokenizer
-
-    if resume and latest_checkpoint(Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR) is None:
-        raise UserError(f"--resume: no checkpoint in {Path(cfg.out_dir) / cfg.name / CHECKPOINTS_DIR}")
-    tokenizer = load_tokenizer(cfg.tokenizer or model_tokenizer(cfg.model))
-    method = build_method(cfg, tokenizer, rank)
-    torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, len(tokenizer))
-    return run(method, model, tokenizer, cfg, resume, rank, world_size, progress, overwrite=overwrite)
-
-
-def fit(
-    model: GPT2,
-    tokenizer,
-    examples: Sequence[EncodedExample],
-    cfg: TrainConfig,
-    template: dict | None = None,
-    resume: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = True,
-    meta: dict | None = None,
-    on_step: Callable[[dict], None] | None = None,
-    eval_examples: Sequence[EncodedExample] | None = None,
-    overwrite: bool = False,
-) -> TrainResult:
-    """Supervised fine-tuning of `model` on `examples`, writing the run folder. The held-out set is
-    `eval_examples` when given, else a seeded split of `examples` (cfg.eval.fraction)."""
-    from qatune.train.methods.sft import SFT
-
-    method = SFT(examples, template, eval_examples, meta)
-    return run(method, model, tokenizer, cfg, resume, rank, world_size, progress, on_step, overwrite)
-
-
 def run(
     method: Method,
     model: GPT2,
     tokenizer,
-    cfg: TrainConfig,
+    cfg,
     resume: bool = False,
     rank: int = 0,
     world_size: int = 1,
@@ -178,7 +136,7 @@ def run(
 class _Run:
     """The state of one training run: built once, then `loop`."""
 
-    def __init__(self, method: Method, model: GPT2, tokenizer, cfg: TrainConfig, resume, rank, world_size) -> None:
+    def __init__(self, method: Method, model: GPT2, tokenizer, cfg, resume, rank, world_size) -> None:
         device = default_device(cfg.device)
         cfg = resolved_config(cfg, type(method), device)
         self.cfg, self.method, self.resume = cfg, method, resume
@@ -196,12 +154,14 @@ class _Run:
         # The global batch of every step is fixed by the world size the run started with, so a run
         # resumed on another number of ranks deals the same micro-batches out differently.
         plan_world = saved_world_size(self.ckpt, world_size)
-        self.ctx = RunContext(cfg, tokenizer, device, precision, rank, world_size, plan_world, self.run_dir, model)
+        ctx_args = (tokenizer, device, precision, rank, world_size, plan_world, self.run_dir, model)
+        self.ctx = RunContext.for_method(cfg, method, *ctx_args)
         model.to(device)
         if cfg.model.lora is not None:  # base frozen, adapters added: before any copy, wrap or load
             apply_lora(model, cfg.model.lora)
         if method.needs_reference:  # the initial weights, before any checkpoint is loaded
             self.ctx.reference = reference_model(model)
+        check_method_fits(method, cfg, plan_world, world_size)
         method.setup(self.ctx)
         self.plan = method.plan(self.ctx)
         if plan_world != world_size and rank == 0:
@@ -232,7 +192,9 @@ class _Run:
 
     def _wrap(self, trainable: torch.nn.Module) -> torch.nn.Module:
         trainable.to(self.ctx.device)
-        backbone(trainable).activation_checkpointing = self.cfg.activation_checkpointing
+        for module in trainable.modules():  # the policy, and a separate critic when a method wraps one in
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = self.cfg.activation_checkpointing
         backbone(trainable).attention_kernel = self.cfg.attention
         if self.cfg.strategy == "fsdp":
             check_precision(self.cfg.strategy, self.ctx.precision.name)
@@ -250,7 +212,8 @@ class _Run:
         else:
             state = load_checkpoint(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler)
         extra = state["extra"]
-        resolve = lambda saved: dump_yaml(resolved_config(saved, type(self.method), ctx.device))
+        config_class, method = type(self.cfg), type(self.method)  # the saved mapping loads as this run's config
+        resolve = lambda saved: dump_yaml(resolved_config(from_dict(config_class, saved), method, ctx.device))
         check_resume(self.ckpt, state["step"], self.config_yaml, len(self.plan), extra.get("plan_steps"), resolve)
         self.method.load_state_dict(state.get("rank_extra", extra).get("method", {}))
         self.start, self.elapsed_before = state["step"], extra.get("elapsed", 0.0)
@@ -395,8 +358,19 @@ class _Run:
                 write_plots(self.run_dir, self.method.plots)
             if cfg.export:
                 info = {**self.method.export_info(), "steps": steps, **final_eval}
-                export_dir = self.method.export(model, ctx, info)
+                files = export_files(cfg, self.run_dir, info, self.method)
+                export_dir = self.method.export(model, ctx, info, files)
         return TrainResult(self.run_dir, steps, final_eval, export_dir, history)
+
+
+def check_method_fits(method: Method, cfg, plan_world: int, world_size: int) -> None:
+    """What the runtime refuses for `method` (its declared `*_unsupported`), before its setup."""
+    if cfg.strategy == "fsdp" and method.fsdp_unsupported:
+        raise UserError(f"method {method.name}: strategy fsdp is not supported ({method.fsdp_unsupported}); use ddp")
+    if cfg.batch.accumulation != 1 and method.accumulation_unsupported:
+        raise UserError(f"batch.accumulation does not apply to method {method.name}: {method.accumulation_unsupported}")
+    if method.fixed_world_size and plan_world != world_size:
+        raise UserError(f"this {method.name} run was started on {plan_world} rank(s); resume it on as many")
 
 
 def without_dropout(module: torch.nn.Module, method: Method, cfg: ModelConfig, main: bool) -> torch.nn.Module:
@@ -440,22 +414,6 @@ def _clip_window(run_dir: Path, start: int, size: int, from_metrics: bool) -> de
     if from_metrics:
         window.extend(bool(r.get("clipped")) for r in read_metrics(run_dir) if r.get("step", 0) <= start)
     return window
-
-
-def layer_grad_norms(model, precision: Precision, sharded: bool) -> dict[str, float]:
-    """Per-layer norms of the accumulated gradients, unscaled (fp16) and, under FSDP, summed over
-    the shards of every rank."""
-    import math
-
-    from qatune.analysis.grads import layer_sq_norms
-
-    sq = layer_sq_norms(model)
-    names = sorted(sq)
-    values = torch.tensor([sq[n] for n in names], dtype=torch.float64, device=model_device(model))
-    if sharded:
-        values = global_sum(values)
-    scale = precision.scaler.get_scale() if precision.scaler is not None else 1.0
-    return {n: math.sqrt(v) / scale for n, v in zip(names, values.tolist())}
 
 
 class _Prefetcher:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qatune.errors import UserError
+from qatune.model.unwrap import unwrap
 from qatune.utils.files import atomic_dir
 
 STATE_FILE = "state.pt"
@@ -49,11 +50,6 @@ def set_rng_state(state: dict) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
-
-
-def _unwrap(model):
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
@@ -91,7 +87,7 @@ def save_checkpoint(
     target = folder / checkpoint_name(step)
     state = {
         "step": step,
-        "model": trainable_state_dict(_unwrap(model)),
+        "model": trainable_state_dict(unwrap(model)),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -133,7 +129,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, scaler=None, restore_rng: bool = True) -> dict:
     """Restore what was saved into the given objects; returns the raw state (step, extra …)."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
-    load_trainable_state_dict(_unwrap(model), state["model"], path)
+    load_trainable_state_dict(unwrap(model), state["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:

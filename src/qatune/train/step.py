@@ -14,7 +14,6 @@ transfer at the end of the step.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,9 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from qatune.data.batching import Batch
-from qatune.data.example import IGNORE
-from qatune.kernels.loss import DEFAULT_CHUNK
+from qatune.model.unwrap import backbone, compiled
 from qatune.train.distributed import deal_eval_batches, rank_and_world
 from qatune.train.optim import ClipResult, clip_gradients, finish_clip
 from qatune.utils.device import dtype_of
@@ -85,16 +82,6 @@ def phase(name: str):
         yield
     if clock is not None:
         clock.add(name, time.perf_counter() - wall, time.thread_time() - cpu)
-
-
-def backbone(model):
-    """The GPT-2 inside whatever wraps it: DDP (`module`), torch.compile (`_orig_mod`), a method's
-    head wrapper (`backbone`)."""
-    for attr in ("module", "_orig_mod", "backbone"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, torch.nn.Module):
-            return backbone(inner)
-    return model
 
 
 def lm_weight(model) -> torch.Tensor:
@@ -241,106 +228,6 @@ def _optimizer_step(model, optimizer, scheduler, precision: Precision, grad_clip
     return UpdateStats(lr, clip.grad_norm, clip.clipped, skipped)
 
 
-# --- supervised fine-tuning through the shared step, as plain functions for callers that hold
-# batches, not a run: tests and benchmarks (monitor_cost.py steps, sft_vs_trl.py scores) -----
-
-
-@dataclass
-class StepStats:
-    loss: float  # mean response-token loss of the step, over all micro-batches and ranks
-    loss_sum: float  # local sum (this rank)
-    tokens: int  # real tokens in the step, all ranks
-    label_tokens: int  # label tokens in the step, all ranks
-    examples: int  # examples in the step, all ranks
-    prompt_loss: float | None = None  # mean loss on prompt tokens, measured (no gradient) on request
-    prompt_tokens: int = 0
-
-
-def train_step(
-    model,
-    micro_batches: Sequence[Batch],
-    precision: Precision,
-    chunk_size: int = DEFAULT_CHUNK,
-    measure_prompt_loss: bool = False,
-) -> StepStats:
-    """The SFT step (`qatune.train.methods.sft.SFT.step`) accumulated over `micro_batches`.
-
-    measure_prompt_loss: also measure the loss on the prompt tokens from the same forward pass,
-    without gradient (it costs one more LM-head pass over the prompt positions)."""
-    from qatune.train.methods.sft import SFT
-
-    t = accumulate(model, SFT.stepper(chunk_size), micro_batches, precision, monitor=measure_prompt_loss)
-    n_prompt = int(t.totals.get("prompt_tokens", 0))
-    prompt_loss = t.totals["prompt_loss_sum"] / n_prompt if measure_prompt_loss and n_prompt else None
-    return StepStats(t.loss, t.loss_sum, t.tokens, t.count, t.examples, prompt_loss, n_prompt)
-
-
-@torch.no_grad()
-def evaluate(model, batches: Sequence[Batch], precision: Precision, chunk_size: int = DEFAULT_CHUNK) -> dict:
-    """Response-only loss (mean over label tokens) and perplexity on held-out batches."""
-    from qatune.train.methods.sft import SFT, lm_eval_metrics
-
-    loss_sum, count, _ = evaluate_sums(model, SFT.stepper(chunk_size), batches, precision)
-    return lm_eval_metrics(loss_sum, count)
-
-
-def prompt_targets(batch: Batch) -> torch.Tensor:
-    """Shifted targets for the tokens that carry NO loss (prompt and user turns), IGNORE elsewhere.
-
-    Position i predicts token i+1 only when both lie in the same example: positions restart at 0
-    for every packed example and padding sits at position 0, so "same example" is exactly
-    position_ids[i+1] == position_ids[i] + 1."""
-    ids, pos, t = batch.input_ids, batch.position_ids, batch.targets
-    same_doc = pos[:, 1:] == pos[:, :-1] + 1
-    shifted = torch.where(same_doc & (t[:, :-1] == IGNORE), ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE))
-    return torch.cat([shifted, torch.full_like(ids[:, :1], IGNORE)], dim=1)
-
-
-def sample_targets(targets: torch.Tensor, every: int) -> torch.Tensor:
-    """Every `every`-th scored position of `targets` (reading order) kept, the others IGNORE.
-
-    A systematic sample: deterministic and drawing no random numbers, so a resumed run measures
-    the same positions and the training RNG stream is untouched."""
-    if every <= 1:
-        return targets
-    scored = targets != IGNORE
-    rank = scored.flatten().cumsum(0).view_as(targets) - 1
-    return torch.where(scored & (rank % every == 0), targets, torch.full_like(targets, IGNORE))
-
-
-# A monitored step scores at most one prompt position per this many labels. The prompt rows cost
-# forward only, but the LM head's full-vocabulary pass makes each one about a third of a label's
-# head cost, at a worse matmul efficiency (few rows). With the per-layer norms, monitoring every
-# step measured 1.033x the step's CPU time at one per 8 and ~1.05x at one per 4
-# (benchmarks/monitor_cost.py, paired).
-MONITOR_LABELS_PER_PROMPT = 8
-
-
-def monitor_targets(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt positions a monitored step scores (flat positions into B*T) and their targets:
-    all of them when there are at most an eighth as many as the batch has labels, else every m-th
-    one in reading order (a systematic sample spread over every document).
-
-    The model's last block computes exactly the positions asked for
-    (`qatune.model.gpt2.LastBlockRows`), so the sample adds its own rows there and no more.
-    Drawing no random numbers keeps a resumed run's sample, and its training RNG stream, the
-    same."""
-    targets = prompt_targets(batch).flatten()
-    limit = max(batch.count // MONITOR_LABELS_PER_PROMPT, 1)
-    n = int((targets != IGNORE).sum())
-    sampled = sample_targets(targets, math.ceil(n / limit))  # every <= 1 (n <= limit): all of them
-    index = (sampled != IGNORE).nonzero().flatten()
-    return index, targets.index_select(0, index)
-
-
-def compiled(model) -> bool:
-    """Whether `model`, or a module it wraps, runs under torch.compile."""
-    if hasattr(model, "_orig_mod"):
-        return True
-    inner = [getattr(model, a, None) for a in ("module", "backbone")]
-    return any(isinstance(m, torch.nn.Module) and compiled(m) for m in inner)
-
-
 def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) -> dict:
     """The forward's keyword arguments for a step that reads the hidden states at `index` only
     (flat positions): `outputs` (the model then returns just those rows, its last block cut to
@@ -353,7 +240,3 @@ def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) 
     if index is None or compiled(model):
         return {}
     return {"outputs": index, "sparse_embedding_grad": tied_head}
-
-
-def perplexity(loss: float) -> float:
-    return math.inf if loss > 709 else math.exp(loss)  # exp overflows a double past ~709.78; nan stays nan

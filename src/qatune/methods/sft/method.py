@@ -10,27 +10,29 @@ sample of at most one prompt position per 8 labels.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
 import torch
 
-from qatune.data.batching import Batch
+from qatune.data.batching import Batch, model_inputs
 from qatune.data.example import EncodedExample
 from qatune.data.plan import ExamplePlan, eval_batches, make_batch, split_holdout
 from qatune.errors import UserError
 from qatune.kernels.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
-from qatune.train.methods.base import STEP_FIELDS, Method, RunContext, StepOutput
-from qatune.train.step import evaluate_sums, lm_weight, monitor_targets, perplexity, phase, scored_rows_only
+from qatune.methods.sft.monitor import monitor_targets
+from qatune.train.method import STEP_FIELDS, Method, RunContext, StepOutput
+from qatune.train.step import evaluate_sums, lm_weight, phase, scored_rows_only
+
+
+def perplexity(loss: float) -> float:
+    return math.inf if loss > 709 else math.exp(loss)  # exp overflows a double past ~709.78; nan stays nan
 
 
 def lm_eval_metrics(loss_sum: float, count: int) -> dict:
     loss = loss_sum / count if count else float("nan")
     return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_label_tokens": int(count)}
-
-
-def model_inputs(batch: Batch) -> dict:
-    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
 
 
 class SFT(Method):
@@ -73,7 +75,7 @@ class SFT(Method):
 
     def setup(self, run: RunContext) -> None:
         super().setup(run)
-        cfg = run.cfg
+        cfg = run.settings
         self.chunk_size = cfg.loss_chunk
         self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
         too_long = [i for i, e in enumerate(self.examples) if len(e) > self.max_len]
@@ -91,7 +93,7 @@ class SFT(Method):
         self.held_out = eval_batches(eval_set, cfg.batch.strategy, self.max_len, self.pad_id, cfg.eval.batch_size)
 
     def plan(self, run: RunContext) -> ExamplePlan:
-        cfg = run.cfg
+        cfg = run.settings
         strategy, max_len, pad_id = cfg.batch.strategy, self.max_len, self.pad_id
         collate = lambda items: make_batch(items, strategy, max_len, pad_id)
         args = (self.train_set, cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, run, collate)
@@ -149,5 +151,5 @@ class SFT(Method):
         return lm_eval_metrics(loss_sum, count)
 
     def export_info(self) -> dict:
-        truncation = self.run.cfg.data.truncation
+        truncation = self.run.settings.data.truncation
         return {"template": self.template, "max_len": self.max_len, "truncation": truncation, **self.meta}

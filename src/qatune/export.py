@@ -1,5 +1,7 @@
-"""A training checkpoint (`<run>/checkpoints/step_*/`, single-process or sharded) as a plain model
-plus what an export needs: the run's template, max_len and the step.
+"""`qatune export`'s sources: a training checkpoint (`<run>/checkpoints/step_*/`, single-process
+or sharded) as a plain model plus what an export needs (the run's template, max_len and the
+step), and the model card written beside it. (The export at the end of a run is
+`qatune.train.export`; both write the folder with `qatune.model.checkpoint.export_hf`.)
 
     model, meta = load_checkpoint_model(Path("runs/x/checkpoints/step_00000400"))
     export_hf(model, out, tokenizer, {"qatune.json": ...}, meta["template"], meta["max_len"])
@@ -19,9 +21,18 @@ from pathlib import Path
 
 import torch
 
+from qatune.config import load_config
 from qatune.errors import UserError
+from qatune.methods import METHODS, method_class
+from qatune.methods.config import TrainConfig
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
-from qatune.train.state import STATE_FILE
+from qatune.model.lora import apply_lora, merge_lora
+from qatune.model.tokenizer import load_tokenizer
+from qatune.runs import EXPORT_DIR, read_meta
+from qatune.train.method import Method
+from qatune.train.model_card import CARD_FILE, final_metrics, model_card
+from qatune.train.runtime import make_model
+from qatune.train.state import STATE_FILE, load_trainable_state_dict
 
 STEP_NAME = re.compile(r"^step_(\d{8})$")
 DCP_DIR = "dcp"  # as in dist_checkpoint (imported lazily there: it pulls torch.distributed.checkpoint)
@@ -38,9 +49,6 @@ def is_checkpoint_folder(path: Path) -> bool:
 
 def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
     """The model weights of checkpoint `path`, and {template, max_len, steps, truncation, tokenizer}."""
-    from qatune.config import load_config
-    from qatune.train.config import TrainConfig
-
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
         raise CheckpointFolderError(f"{path}: not a complete checkpoint (no {STATE_FILE} and config.yaml)")
@@ -80,11 +88,6 @@ def _meta(cfg, model: GPT2, step: int) -> dict:
 def _lora_checkpoint_model(path: Path, cfg) -> tuple[GPT2, int]:
     """The base built as `train` builds it (seeded, so a random init is the same), the checkpoint's
     adapters loaded onto it, merged."""
-    from qatune.model.lora import apply_lora, merge_lora
-    from qatune.model.tokenizer import load_tokenizer
-    from qatune.train.runtime import make_model
-    from qatune.train.state import load_trainable_state_dict
-
     vocab = len(load_tokenizer(cfg.tokenizer)) if cfg.model.init == "random" else 0
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, vocab)
@@ -135,3 +138,22 @@ def _base_config(name: str) -> dict | None:
         return SIZES[name].to_dict()
     config = Path(name) / "config.json"
     return json.loads(config.read_text()) if config.is_file() else None
+
+
+def exported_card(source: Path, meta: dict) -> str | None:
+    """The model card `qatune export` writes beside what it exports from `source`: for a training
+    checkpoint, one made from its run (the checkpoint's config, the run's metrics.jsonl up to its
+    step, the data counts of the run's own export when there is one); for an exported folder, its
+    own card; None for a folder without one (a hub model's files)."""
+    source = Path(source)
+    if not is_checkpoint_folder(source):
+        card = source / CARD_FILE
+        return card.read_text(encoding="utf-8") if card.is_file() else None
+    cfg = load_config(TrainConfig, source / "config.yaml")
+    run_dir = source.parent.parent
+    run_meta = read_meta(str(run_dir / EXPORT_DIR)) or {}
+    info = {k: run_meta[k] for k in ("data_report", "prompts") if k in run_meta}
+    info.update(meta, method=cfg.method)
+    method = method_class(cfg.method) if cfg.method in METHODS else Method
+    metrics = final_metrics(run_dir, meta.get("steps"))
+    return model_card(cfg, info, metrics, method.summary_fields, method.title, method.config_sections)

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
+from qatune.data.batching import model_inputs
 from qatune.data.preference.batching import PairBatch
+from qatune.methods.pairs import PairMethod
+from qatune.methods.reward.loss import RewardConfig, reward_loss_sum, reward_summary
 from qatune.model.reward import SCORE_KEY, RewardModel, is_reward_model
 from qatune.runs import EXPORT_DIR
-from qatune.train.export import export_files
-from qatune.train.methods.base import STEP_FIELDS, RunContext, StepOutput
-from qatune.train.methods.preference import PairMethod
-from qatune.train.preference_loss import reward_summary
-from qatune.train.preference_step import model_inputs, reward_loss_sum
+from qatune.train.method import STEP_FIELDS, RunContext, StepOutput
 
 
 class Reward(PairMethod):
@@ -52,7 +51,7 @@ class Reward(PairMethod):
     def setup(self, run: RunContext) -> None:
         super().setup(run)
         self.head = None
-        name = run.cfg.model.name
+        name = run.settings.model.name
         if Path(name).is_dir() and is_reward_model(name):
             from qatune.model.checkpoint import read_hf_state_dict
 
@@ -67,15 +66,14 @@ class Reward(PairMethod):
 
     def step(self, model, batch: PairBatch, monitor: bool = False) -> StepOutput:
         scores = model(**model_inputs(batch), last_token=batch.last_token)
-        cfg = self.run.cfg.reward
+        cfg: RewardConfig = self.run.section
         loss_sum, sums = reward_loss_sum(scores, batch, cfg, cfg.use_margin)
         return StepOutput(loss_sum, batch.count, sums)
 
     def summarize(self, totals: dict[str, float], count: int) -> dict:
         return {"pairs": count, **reward_summary(totals, count)} if count else {}
 
-    def export(self, model, run: RunContext, info: dict) -> Path:
+    def export(self, model, run: RunContext, info: dict, files: dict[str, str]) -> Path:
         from qatune.model.reward import export_reward_hf
 
-        model = getattr(model, "module", model)
-        return export_reward_hf(model, run.run_dir / EXPORT_DIR, run.tokenizer, export_files(run, info, self))
+        return export_reward_hf(model, run.run_dir / EXPORT_DIR, run.tokenizer, files)

@@ -234,7 +234,7 @@ def _grad_rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def check_step_invariance(report: CheckReport, model, examples: list[EncodedExample], cfg, pad_id: int) -> None:
     from qatune.data.plan import make_batch
-    from qatune.train.methods.sft import SFT
+    from qatune.methods.sft import SFT
     from qatune.train.step import Precision
 
     device = next(model.parameters()).device
@@ -289,8 +289,8 @@ def _round_trip_config(cfg, out_dir: Path, name: str, sample_size: int):
 
 
 def _train(cfg, tokenizer, resume: bool = False, on_step=None):
-    """What `qatune train` does (`runtime.train`), with a step callback."""
-    from qatune.train.methods import build_method
+    """What `qatune train` does (`qatune.launch.train`), with a step callback."""
+    from qatune.methods import build_method
     from qatune.train.runtime import make_model, run
 
     method = build_method(cfg, tokenizer)

@@ -17,7 +17,7 @@ from qatune.data.plan import ExamplePlan, split_holdout
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
 from qatune.errors import UserError
-from qatune.train.methods.base import Method, RunContext
+from qatune.train.method import Method, RunContext
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class PairMethod(Method):
 
     def setup(self, run: RunContext) -> None:
         super().setup(run)
-        cfg = run.cfg
+        cfg = run.settings
         self.chunk_size = cfg.loss_chunk
         self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
         too_long = next((p for p in self.all_pairs() if p.longest > self.max_len), None)
@@ -91,7 +91,7 @@ class PairMethod(Method):
         return collate_pairs([x.pair for x in items], [x.index for x in items], self.pad_id, self.capacity, self.eos_id)
 
     def plan(self, run: RunContext) -> ExamplePlan:
-        cfg = run.cfg
+        cfg = run.settings
         return ExamplePlan.build(self.train_items, cfg.batch, cfg.seed, cfg.epochs, cfg.max_steps, run, self.collate)
 
     def eval_batches(self) -> Sequence[PairBatch]:
@@ -100,7 +100,7 @@ class PairMethod(Method):
     def export_info(self) -> dict:
         from qatune.data.preference.truncation import pair_policy
 
-        policy = pair_policy(self.run.cfg.data.truncation)
+        policy = pair_policy(self.run.settings.data.truncation)
         return {
             "method": self.name,
             "template": self.template,

@@ -24,13 +24,13 @@ from torch import nn
 
 from qatune.data.example import IGNORE
 from qatune.kernels.loss import select_labelled
+from qatune.methods.online import OnlineRL, policy_loss
 from qatune.rl.advantages import gae, masked_whiten
 from qatune.rl.experience import Experience, RLBatch, make_batch
 from qatune.rl.kl import penalized_rewards
 from qatune.rl.losses import clipped_value_loss
-from qatune.rl.online import OnlineRL, policy_loss
 from qatune.rl.rollout import Rollout
-from qatune.train.methods.base import StepOutput
+from qatune.train.method import StepOutput
 from qatune.train.step import global_sum
 
 
@@ -81,8 +81,6 @@ class PPO(OnlineRL):
     def wrap(self, model: nn.Module) -> nn.Module:
         critic, score = (None, None) if self.rl.value_model == "policy" else load_critic(self.rl.value_model)
         self.wrapped = PolicyWithValue(model, critic).to(self.run.device)
-        if critic is not None:
-            critic.activation_checkpointing = self.run.cfg.activation_checkpointing
         if score is not None:
             with torch.no_grad():
                 self.wrapped.value_head.weight.copy_(score)
@@ -138,7 +136,7 @@ class PPO(OnlineRL):
         rl, b = self.rl, batch.batch
         # The KL is in the rewards (and so in the advantages), not in the loss: kl_coef 0 here.
         loss, (_, values), metrics = policy_loss(
-            model, batch, rl.clip, rl.rollout.temperature, 0.0, self.run.cfg.loss_chunk
+            model, batch, rl.clip, rl.rollout.temperature, 0.0, self.run.settings.loss_chunk
         )
         values = select_labelled(values[..., None], b.targets, b.label_index)[0].squeeze(-1)
         value_loss, value_clipped = clipped_value_loss(values, batch.old_values, batch.returns, rl.value_clip)

@@ -2,7 +2,7 @@
 
 Step: one forward of the policy over a packed batch of pairs (chosen and rejected side by side,
 block-causal), the LM head only at response positions, chunk by chunk over whole pairs, loss and
-gradients in the same pass (`qatune.train.preference_step.dpo_loss_sum`). The reference's
+gradients in the same pass (`qatune.methods.dpo.step.dpo_loss_sum`). The reference's
 sequence log-probs come from a no-grad forward of the reference — the runtime's frozen copy of
 the initial weights, or under LoRA the same model with its adapters disabled (no second copy) —
 or, with `dpo.precompute_reference`, from one pass over the whole data set before training,
@@ -10,7 +10,7 @@ cached in the run folder (`reference_logps.pt`) and reused on resume, or by a ru
 under the same name, when computed for the same pairs, reference weights, tokenizer, template,
 max_len, truncation and precision (`DPO.cache_key`; a mismatch recomputes and says so).
 
-Metrics per step (TRL's definitions, `qatune.train.preference_loss`): loss, reward_accuracy,
+Metrics per step (TRL's definitions, `qatune.methods.dpo.loss`): loss, reward_accuracy,
 margin, reward_chosen / reward_rejected, logp_chosen / logp_rejected, logratio; the same with `eval_`
 on the held-out pairs at eval steps. Export: the policy as a transformers GPT-2 LM.
 """
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
+from qatune.data.batching import model_inputs
 from qatune.data.preference.batching import PairBatch
+from qatune.methods.dpo.loss import DPOConfig, dpo_summary
+from qatune.methods.dpo.step import dpo_loss_sum, sequence_logps
+from qatune.methods.pairs import PairItem, PairMethod
 from qatune.model.fingerprint import state_fingerprint, tokenizer_fingerprint
 from qatune.model.lora import is_adapter_key
-from qatune.train.methods.base import STEP_FIELDS, RunContext, StepOutput
-from qatune.train.methods.preference import PairItem, PairMethod
-from qatune.train.preference_loss import dpo_summary
-from qatune.train.preference_step import dpo_loss_sum, model_inputs, sequence_logps
+from qatune.train.method import STEP_FIELDS, RunContext, StepOutput
 from qatune.train.step import lm_weight, scored_rows_only
 from qatune.utils.files import atomic_write
 
@@ -65,7 +66,7 @@ class DPO(PairMethod):
 
     def setup(self, run: RunContext) -> None:
         super().setup(run)
-        self.dpo = run.cfg.dpo
+        self.dpo: DPOConfig = run.section
         self.ref_cache: torch.Tensor | None = None  # (pairs, 2): chosen, rejected
         if self.dpo.precompute_reference:
             self.ref_cache = self._cached_reference(run)
@@ -98,7 +99,7 @@ class DPO(PairMethod):
             if path.exists():
                 print(f"dpo: {path} was computed for another {', '.join(stale)}: computing it again", file=sys.stderr)
             items = [PairItem(i, p) for i, p in enumerate(pairs)]
-            size = run.cfg.eval.batch_size
+            size = run.settings.eval.batch_size
             out = torch.empty(len(items), 2, dtype=torch.float64)
             reference = run.reference.to(run.device)
             for s in range(0, len(items), size):
@@ -108,8 +109,7 @@ class DPO(PairMethod):
                 out[torch.tensor(batch.pair_ids)] = logps.double().cpu().view(-1, 2)  # rows reorder pairs
             with atomic_write(path, "wb", encoding=None) as f:
                 torch.save({"key": key, "logps": out}, f)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        run.barrier()
         return torch.load(path, weights_only=True)["logps"].to(run.device)
 
     def cache_key(self, run: RunContext, pairs) -> dict[str, str]:
@@ -127,7 +127,7 @@ class DPO(PairMethod):
             "tokenizer": tokenizer_fingerprint(run.tokenizer),
             "template": json.dumps(self.template, sort_keys=True),
             "max_len": str(self.max_len),
-            "truncation": pair_policy(run.cfg.data.truncation),
+            "truncation": pair_policy(run.settings.data.truncation),
             "precision": run.precision.name,
         }
 

@@ -1,4 +1,4 @@
-"""The losses and metrics of preference tuning, on sequence log-probabilities and scores.
+"""DPO's losses and metrics, on sequence log-probabilities.
 
 DPO (Rafailov et al. 2023). With log-ratios rho = log pi(y|x) - log pi_ref(y|x) of the chosen (w)
 and rejected (l) responses and delta = rho_w - rho_l:
@@ -21,9 +21,6 @@ the pairs' responses, chosen and rejected alike (= (reward_chosen + reward_rejec
 It is not a KL estimate: the responses are the data's, not samples of pi, so its expectation is
 not KL(pi || pi_ref), and it is negative whenever the policy lowers the likelihood of both
 responses of a pair, which DPO usually does (a KL floored at 0 would read 0 then).
-
-Reward model: Bradley-Terry, -log sigma(s_w - s_l - m) with an optional margin m per pair, plus
-TRL's optional centering term c (s_w + s_l)^2 (Eisenstein et al. 2023) that keeps scores near 0.
 
 Every function returns per-pair values; metric helpers return SUMS over the pairs, so that
 micro-batches, accumulation and ranks add up and the runtime divides once.
@@ -63,16 +60,6 @@ class DPOConfig:
             raise UserError("dpo.label_smoothing applies to the sigmoid loss only")
         if self.nll_weight < 0:
             raise UserError(f"dpo.nll_weight must be >= 0, got {self.nll_weight}")
-
-
-@dataclass
-class RewardConfig:
-    center_coefficient: float = 0.0  # c in c (s_w + s_l)^2; TRL recommends 0.01 when used
-    use_margin: bool = True  # subtract the data's per-pair `margin` field (0 where a pair has none)
-
-    def __post_init__(self) -> None:
-        if self.center_coefficient < 0:
-            raise UserError(f"reward.center_coefficient must be >= 0, got {self.center_coefficient}")
 
 
 def dpo_losses(
@@ -121,34 +108,3 @@ def dpo_metric_sums(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: f
 def dpo_summary(totals: dict[str, float], pairs: int) -> dict[str, float]:
     """Summed metrics -> the logged means (per pair)."""
     return {k: v / pairs for k, v in totals.items()}
-
-
-def bradley_terry_losses(
-    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, center: float = 0.0
-) -> torch.Tensor:
-    """Per-pair reward-model losses (P,) from the scores (P,) of chosen and rejected responses."""
-    diff = chosen - rejected if margin is None else chosen - rejected - margin
-    loss = -F.logsigmoid(diff)
-    if center:
-        loss = loss + center * (chosen + rejected) ** 2
-    return loss
-
-
-def reward_metric_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    chosen, rejected = chosen.detach().float(), rejected.detach().float()
-    scores = torch.cat([chosen, rejected])
-    return {
-        "accuracy": (chosen > rejected).float().sum(),
-        "margin": (chosen - rejected).sum(),
-        "score_chosen": chosen.sum(),
-        "score_rejected": rejected.sum(),
-        "score_sq": (scores**2).sum() / 2,  # per pair, for the spread of the scores
-    }
-
-
-def reward_summary(totals: dict[str, float], pairs: int) -> dict[str, float]:
-    out = {k: v / pairs for k, v in totals.items() if k != "score_sq"}
-    if "score_sq" in totals:
-        mean = (totals["score_chosen"] + totals["score_rejected"]) / (2 * pairs)
-        out["score_std"] = max(0.0, totals["score_sq"] / pairs - mean * mean) ** 0.5
-    return out

@@ -13,7 +13,7 @@ what makes it that method:
     resolve_config(cfg)           the config with the method's own defaults filled in (what the run records)
     evaluate(model)               held-out metrics (eval_*), called by the runtime at eval steps
     state_dict / load_state_dict  method state kept in checkpoints (rollout buffers, controllers)
-    export(model, run, info)      the final export (default: a transformers GPT-2 LM folder)
+    export(model, run, info, files)  the final export (default: a transformers GPT-2 LM folder)
 
 The runtime divides every micro-batch's `loss_sum` by the count of the WHOLE optimizer step (all
 micro-batches, all ranks), summed from the batches' `.count` before any forward pass, so that
@@ -31,6 +31,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from qatune.data.pipeline import DataConfig
+from qatune.data.plan import BatchConfig
+from qatune.train.config import EvalConfig, ModelConfig
+from qatune.train.distributed import barrier
+from qatune.train.export import export_lm
 from qatune.train.step import Precision, evaluate_sums
 
 
@@ -64,11 +69,34 @@ class StepPlan(Protocol):
     def micro_batches(self, step: int, rank: int, world_size: int) -> list[BatchLike]: ...
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """The settings of the run that a method reads, typed: the config's shared sections. The
+    runtime's own (devices, strategy, precision, checkpoints, logging) are not here: a method
+    never needs them."""
+
+    model: ModelConfig
+    data: DataConfig
+    batch: BatchConfig
+    eval: EvalConfig
+    seed: int  # the held-out split, the data order, sampling
+    epochs: int
+    max_steps: int | None
+    loss_chunk: int  # label rows per LM-head chunk
+
+    @classmethod
+    def of(cls, cfg) -> RunSettings:
+        """The shared settings of a whole `qatune train` config."""
+        return cls(cfg.model, cfg.data, cfg.batch, cfg.eval, cfg.seed, cfg.epochs, cfg.max_steps, cfg.loss_chunk)
+
+
 @dataclass
 class RunContext:
-    """What the runtime tells a method about the run it is part of."""
+    """What the runtime tells a method about the run it is part of: the shared settings, the
+    method's own config section (the one its `config_sections` names), and the run's state."""
 
-    cfg: Any  # the TrainConfig
+    settings: RunSettings
+    section: Any  # the method's own config section (DPOConfig, RewardConfig, RLConfig), None for sft
     tokenizer: Any
     device: torch.device
     precision: Precision
@@ -79,9 +107,22 @@ class RunContext:
     model: nn.Module | None = None  # the plain GPT-2 (unwrapped), once built
     reference: nn.Module | None = None  # frozen initial weights, for methods with `needs_reference`
 
+    @classmethod
+    def for_method(cls, cfg, method, *args, **kwargs) -> RunContext:
+        """The context of a run of `method` with the whole config `cfg`: its settings and the
+        method's section; `args` as the fields after `section`."""
+        section = getattr(cfg, method.config_sections[0]) if method.config_sections else None
+        return cls(RunSettings.of(cfg), section, *args, **kwargs)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        """Every rank waits here until all have arrived (nothing in a single process): a method
+        that writes a file on rank 0 for the others to read waits here, and never calls
+        torch.distributed itself."""
+        barrier()
 
 
 # What every method's progress line starts with: (metric key, format text). The runtime writes
@@ -108,6 +149,11 @@ class Method:
     # The final metrics the export's model card lists: (metric key, what it is).
     summary_fields: tuple[tuple[str, str], ...] = (("loss", "training loss (last step)"),)
     config_sections: tuple[str, ...] = ()  # the config sections that apply to this method only
+    # What the runtime refuses for this method, and why (None: the method supports it). The
+    # runtime checks these before `setup`, so a method never reads the strategy or the ranks.
+    fsdp_unsupported: str | None = None  # strategy fsdp
+    accumulation_unsupported: str | None = None  # batch.accumulation > 1
+    fixed_world_size: bool = False  # a resume must run on as many ranks as the run started on
 
     @classmethod
     def resolve_config(cls, cfg):
@@ -160,7 +206,6 @@ class Method:
         """What the export's qatune.json records beside the weights (template, max_len …)."""
         return {}
 
-    def export(self, model: nn.Module, run: RunContext, info: dict) -> Path | None:
-        from qatune.train.export import export_lm
-
-        return export_lm(model, run, info, self)
+    def export(self, model: nn.Module, run: RunContext, info: dict, files: dict[str, str]) -> Path | None:
+        """`files`: what the runtime writes beside the weights (qatune.json, the model card)."""
+        return export_lm(model, run, info, files)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import importlib
 
 from qatune.errors import UserError
-from qatune.train.methods.base import Method
+from qatune.train.method import Method
 
 METHODS: dict[str, str] = {
-    "sft": "qatune.train.methods.sft:SFT",
-    "dpo": "qatune.train.methods.dpo:DPO",
-    "reward": "qatune.train.methods.reward:Reward",
-    "grpo": "qatune.train.methods.grpo:GRPO",
-    "ppo": "qatune.train.methods.ppo:PPO",
+    "sft": "qatune.methods.sft:SFT",
+    "dpo": "qatune.methods.dpo:DPO",
+    "reward": "qatune.methods.reward:Reward",
+    "grpo": "qatune.methods.grpo:GRPO",
+    "ppo": "qatune.methods.ppo:PPO",
 }
 
 

@@ -30,21 +30,22 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from qatune.data.batching import model_inputs
 from qatune.data.plan import split_holdout
 from qatune.errors import MethodStop, UserError
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.kernels.logprobs import fused_logprob_loss
 from qatune.kernels.loss import select_labelled
-from qatune.rl.config import RLConfig
+from qatune.methods.online.config import RLConfig
+from qatune.model.unwrap import backbone
 from qatune.rl.experience import PER_TOKEN, Experience, RLBatch, make_batch
 from qatune.rl.kl import KLController, kl_k1, kl_k3
 from qatune.rl.losses import clipped_surrogate
 from qatune.rl.prompts import Prompt, encode_prompts
 from qatune.rl.rewards import RewardFn, Sample, model_reward, programmatic_reward, score
 from qatune.rl.rollout import Rollout, sample_rollout
-from qatune.train.methods.base import STEP_FIELDS, Method, RunContext
-from qatune.train.methods.sft import model_inputs
-from qatune.train.step import backbone, global_sum, lm_weight, scored_rows_only
+from qatune.train.method import STEP_FIELDS, Method, RunContext
+from qatune.train.step import global_sum, lm_weight, scored_rows_only
 
 
 class KLOutOfBand(MethodStop):
@@ -111,6 +112,13 @@ class OnlineRL(Method):
         ("kl", "training KL to the starting model (last rollout)"),
     )
     train_without_dropout = True  # the ratio pi / pi_old compares it with the rollout's eval forward
+    fsdp_unsupported = "rollouts decode with the whole model on every rank"
+    accumulation_unsupported = (
+        "an optimizer step trains on its share of the rollout (rl.prompts_per_rollout x rl.group_size / "
+        "rl.minibatches responses), split into micro-batches of batch.size; set rl.minibatches for more steps "
+        "per rollout"
+    )
+    fixed_world_size = True  # the rollouts' prompt streams and generators are per rank
     # name -> (metric keys, y label): each key's curve, its held-out `eval_<key>` as markers
     plots = {
         "reward": (("reward", "sampled_reward"), "reward (held-out: greedy, sampled)"),
@@ -153,21 +161,8 @@ class OnlineRL(Method):
 
     def setup(self, run: RunContext) -> None:
         super().setup(run)
-        cfg, rl = run.cfg, run.cfg.rl
+        cfg, rl = run.settings, run.section
         self.rl: RLConfig = rl
-        if cfg.strategy == "fsdp":
-            raise UserError(
-                f"method {self.name}: strategy fsdp is not supported (rollouts decode with the whole model on "
-                "every rank); use ddp"
-            )
-        if cfg.batch.accumulation != 1:
-            raise UserError(
-                f"batch.accumulation does not apply to method {self.name}: an optimizer step trains on its share of "
-                "the rollout (rl.prompts_per_rollout x rl.group_size / rl.minibatches responses), split into "
-                "micro-batches of batch.size; set rl.minibatches for more steps per rollout"
-            )
-        if run.plan_world != run.world_size:
-            raise UserError(f"this {self.name} run was started on {run.plan_world} rank(s); resume it on as many")
         if rl.prompts_per_rollout % run.world_size:
             n = rl.prompts_per_rollout
             raise UserError(f"rl.prompts_per_rollout={n} does not split evenly over {run.world_size} ranks")
@@ -198,7 +193,7 @@ class OnlineRL(Method):
         self.policy_module = model  # subclasses that wrap the model point this at the wrapper
 
     def plan(self, run: RunContext) -> OnlinePlan:
-        cfg, rl = run.cfg, self.rl
+        cfg, rl = run.settings, self.rl
         if cfg.max_steps is not None:
             steps = cfg.max_steps
         else:
@@ -244,7 +239,7 @@ class OnlineRL(Method):
 
     def _split(self, experiences: list[Experience]) -> list[RLBatch]:
         """Micro-batches of batch.size responses (or tokens), each packed into rows."""
-        size, by_tokens = self.run.cfg.batch.size, self.run.cfg.batch.unit == "tokens"
+        size, by_tokens = self.run.settings.batch.size, self.run.settings.batch.unit == "tokens"
         groups, current, used = [], [], 0
         for e in experiences:
             n = len(e) if by_tokens else 1

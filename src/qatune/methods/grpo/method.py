@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 
 from qatune.errors import UserError
+from qatune.methods.online import OnlineRL, policy_loss
 from qatune.rl.advantages import group_advantages
 from qatune.rl.experience import Experience, RLBatch
-from qatune.rl.online import OnlineRL, policy_loss
 from qatune.rl.rollout import Rollout
-from qatune.train.methods.base import RunContext, StepOutput
+from qatune.train.method import RunContext, StepOutput
 
 
 class GRPO(OnlineRL):
@@ -54,7 +54,7 @@ class GRPO(OnlineRL):
 
     def step(self, model, batch: RLBatch, monitor: bool = False) -> StepOutput:
         rl = self.rl
-        chunk = self.run.cfg.loss_chunk
+        chunk = self.run.settings.loss_chunk
         loss, _, metrics = policy_loss(model, batch, rl.clip, rl.rollout.temperature, self.kl.value, chunk)
         return StepOutput(loss, batch.count, metrics)
 

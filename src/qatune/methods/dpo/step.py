@@ -1,11 +1,9 @@
-"""One forward of a packed pair batch -> the DPO or reward-model loss sum and metric sums.
+"""One forward of a packed pair batch -> the DPO loss sum and metric sums.
 
 DPO: the policy's hidden states of both responses of every pair come from one forward; the LM
 head scores only response positions, chunk by chunk over whole pairs, with the gradients formed
 in the same pass (`fused_logprob_loss`): no `tokens x vocab` tensor lives beyond one chunk. The
 reference's log-probs come from a no-grad forward of the reference model (or from a cache).
-
-Reward model: the scalar head reads each response's last token (before its EOS).
 """
 
 from __future__ import annotations
@@ -17,18 +15,7 @@ import torch
 from qatune.data.preference.batching import PairBatch
 from qatune.kernels.logprobs import DEFAULT_CHUNK, fused_logprob_loss, segment_sum, token_logprobs
 from qatune.kernels.loss import select_labelled
-from qatune.train.preference_loss import (
-    DPOConfig,
-    RewardConfig,
-    bradley_terry_losses,
-    dpo_losses,
-    dpo_metric_sums,
-    reward_metric_sums,
-)
-
-
-def model_inputs(batch: PairBatch) -> dict:
-    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
+from qatune.methods.dpo.loss import DPOConfig, dpo_losses, dpo_metric_sums
 
 
 def scored_rows(hidden: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,14 +64,3 @@ def dpo_loss_sum(
     args = (rows, lm_weight, targets, batch.bounds, pair_losses, chunk_size, head_dtype)
     loss = fused_logprob_loss(*args, weight_grad_into_grad=weight_grad_into_grad)
     return loss, dpo_metric_sums(policy, ref_logps, cfg.beta)
-
-
-def reward_loss_sum(
-    scores: torch.Tensor, batch: PairBatch, cfg: RewardConfig, use_margin: bool = True
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(sum of the per-pair Bradley-Terry losses, metric sums) from the scores (2P,) of `batch`."""
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
-    chosen, rejected = scores[0::2], scores[1::2]
-    margin = batch.margins.to(scores.device, scores.dtype) if use_margin else None
-    loss = bradley_terry_losses(chosen, rejected, margin, cfg.center_coefficient).sum()
-    return loss, reward_metric_sums(chosen, rejected)
