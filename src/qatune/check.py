@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from qatune.data.batching import pad_id
 from qatune.data.encode import encode_pieces, strip_final_eos
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.pipeline import read_and_encode
@@ -146,7 +147,7 @@ def check_mask(report: CheckReport, sample: Sample, cfg, template, tokenizer) ->
     kept = [e for e in sample.examples if e is not None][:EXAMPLES_PER_CHECK]
     from qatune.data.plan import make_batch
 
-    batch = make_batch(kept, "packed", cfg.data.max_len, tokenizer.pad_token_id or 0)
+    batch = make_batch(kept, "packed", cfg.data.max_len, pad_id(tokenizer))
     in_batch = int((batch.targets != IGNORE).sum())
     labels = sum(len([t for t in e.labels[1:] if t != IGNORE]) for e in kept)
     problems = []
@@ -444,7 +445,7 @@ def run_checks(cfg, sample_size: int = 64, workdir: str | os.PathLike | None = N
     model = make_model(cfg.model, len(tokenizer))
     max_len = min(cfg.data.max_len, model.config.n_positions)
     kept = [e for e in sample.examples if e is not None and len(e) <= max_len]
-    check_step_invariance(report, model.to(device), kept[:EXAMPLES_PER_CHECK], cfg, tokenizer.pad_token_id or 0)
+    check_step_invariance(report, model.to(device), kept[:EXAMPLES_PER_CHECK], cfg, pad_id(tokenizer))
     with tempfile.TemporaryDirectory(prefix="qatune-check-") as tmp:
         export_dir = check_round_trip(report, cfg, tokenizer, sample_size, Path(workdir or tmp))
         check_export(report, export_dir, kept[0])

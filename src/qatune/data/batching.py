@@ -153,3 +153,12 @@ def model_inputs(batch) -> dict:
     """The forward's keyword arguments of a collated batch (a Batch or a PairBatch): token ids,
     per-document positions and document ids (block-causal attention over packed rows)."""
     return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
+
+
+def pad_id(tokenizer) -> int:
+    """The token id that fills padding: the tokenizer's pad token, else its EOS. Padding is masked
+    out of attention and loss, so any valid id computes the same; EOS is what `load_tokenizer`
+    makes the pad token (GPT-2 has none), so every path pads alike. 0 without a tokenizer."""
+    if tokenizer is None:
+        return 0
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

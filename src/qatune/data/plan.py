@@ -43,6 +43,17 @@ def split_holdout(n: int, fraction: float, max_examples: int | None, seed: int) 
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
+def held_out_split(
+    items: Sequence, given: Sequence | None, fraction: float, max_examples: int | None, seed: int
+) -> tuple[list, list]:
+    """(training items, held-out items): every item trains and `given` is held out when the caller
+    brings a held-out set; otherwise a seeded split of `items` (`split_holdout`)."""
+    if given is not None:
+        return list(items), list(given)
+    train_idx, eval_idx = split_holdout(len(items), fraction, max_examples, seed)
+    return [items[i] for i in train_idx], [items[i] for i in eval_idx]
+
+
 def fill_by_tokens(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
     """Consecutive groups whose token count stays within `budget` (padded: rows x longest row)."""
     groups: list[list[int]] = []

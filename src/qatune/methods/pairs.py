@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from qatune.data.plan import ExamplePlan, split_holdout
+from qatune.data.batching import pad_id
+from qatune.data.plan import ExamplePlan, held_out_split
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
 from qatune.errors import UserError
@@ -70,16 +71,14 @@ class PairMethod(Method):
         if too_long is not None:
             raise UserError(f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}")
         tok = run.tokenizer
-        self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        self.pad_id = pad_id(tok)
         self.eos_id = tok.eos_token_id if tok is not None else run.model.config.vocab_size - 1
         self.capacity = 2 * self.max_len if cfg.batch.strategy == "packed" else 1
-        if self.eval_pairs is not None:  # indices after the training pairs': one index space for caches
-            self.train_items = [PairItem(i, p) for i, p in enumerate(self.pairs)]
-            held_out = [PairItem(len(self.pairs) + i, p) for i, p in enumerate(self.eval_pairs)]
-        else:
-            train_idx, eval_idx = split_holdout(len(self.pairs), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
-            self.train_items = [PairItem(i, self.pairs[i]) for i in train_idx]
-            held_out = [PairItem(i, self.pairs[i]) for i in eval_idx]
+        # one index space for caches: the caller's held-out pairs come after the training pairs
+        items = [PairItem(i, p) for i, p in enumerate(self.all_pairs())]
+        given = items[len(self.pairs) :] if self.eval_pairs is not None else None
+        split = (cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+        self.train_items, held_out = held_out_split(items[: len(self.pairs)], given, *split)
         size = cfg.eval.batch_size
         self.held_out = [self.collate(held_out[s : s + size]) for s in range(0, len(held_out), size)]
 

@@ -18,16 +18,10 @@ from qatune.kernels.loss import select_labelled
 from qatune.methods.dpo.loss import DPOConfig, dpo_losses, dpo_metric_sums
 
 
-def scored_rows(hidden: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hidden rows (N, d) and targets (N,) of the response positions, in row-major order
-    (`hidden` may already be those rows: a forward with `outputs=batch.label_index`)."""
-    return select_labelled(hidden, batch.targets, batch.label_index)
-
-
 @torch.no_grad()
 def sequence_logps(hidden, lm_weight, batch: PairBatch, chunk_size=DEFAULT_CHUNK, head_dtype=None) -> torch.Tensor:
     """log pi(response | prompt) per sequence (2P,), interleaved chosen/rejected; no gradient."""
-    rows, targets = scored_rows(hidden, batch)
+    rows, targets = select_labelled(hidden, batch.targets, batch.label_index)
     logp = token_logprobs(rows, lm_weight, targets, chunk_size, head_dtype)
     return segment_sum(logp, batch.row_seq, 2 * batch.n_pairs)
 
@@ -44,7 +38,7 @@ def dpo_loss_sum(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(sum of the per-pair DPO losses, metric sums) for the policy's hidden states of `batch`.
     weight_grad_into_grad: as `qatune.kernels.loss.rows_loss_sum`."""
-    rows, targets = scored_rows(hidden, batch)
+    rows, targets = select_labelled(hidden, batch.targets, batch.label_index)
     n_seq = 2 * batch.n_pairs
     acc = torch.promote_types(hidden.dtype, torch.float32)  # the log-probs' dtype (fp32 under autocast)
     ref_logps = ref_logps.to(device=hidden.device, dtype=acc)

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qatune.data.batching import model_inputs
-from qatune.data.plan import split_holdout
+from qatune.data.batching import model_inputs, pad_id
+from qatune.data.plan import held_out_split
 from qatune.errors import MethodStop, UserError
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.kernels.logprobs import fused_logprob_loss
@@ -173,21 +173,19 @@ class OnlineRL(Method):
             n = rl.rollout.max_new_tokens
             raise UserError(f"rl.rollout.max_new_tokens={n} leaves no prompt room in {self.context} tokens")
         prompts, cut = encode_prompts(self.items, run.tokenizer, budget)
+        given = None
         if self.eval_items is not None:
-            self.train_prompts = prompts
-            self.eval_prompts, eval_cut = encode_prompts(list(self.eval_items), run.tokenizer, budget)
+            given, eval_cut = encode_prompts(list(self.eval_items), run.tokenizer, budget)
             cut += eval_cut
-        else:
-            train_idx, eval_idx = split_holdout(len(prompts), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
-            self.train_prompts = [prompts[i] for i in train_idx]
-            self.eval_prompts = [prompts[i] for i in eval_idx]
+        split = (cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+        self.train_prompts, self.eval_prompts = held_out_split(prompts, given, *split)
         self.prompts_cut = cut
         if self.reward_fn is None:
             self.reward_fn = make_reward(rl.reward, run.tokenizer.eos_token_id, run.device)
         self.kl = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
         tok = run.tokenizer
         self.eos_id = tok.eos_token_id
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.pad_id = pad_id(tok)
         self.seed = cfg.seed
         self.local_prompts = rl.prompts_per_rollout // run.world_size
         self.policy_module = model  # subclasses that wrap the model point this at the wrapper

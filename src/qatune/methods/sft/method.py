@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from qatune.data.batching import Batch, model_inputs
+from qatune.data.batching import Batch, model_inputs, pad_id
 from qatune.data.example import EncodedExample
-from qatune.data.plan import ExamplePlan, eval_batches, make_batch, split_holdout
+from qatune.data.plan import ExamplePlan, eval_batches, held_out_split, make_batch
 from qatune.errors import UserError
 from qatune.kernels.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
 from qatune.methods.sft.monitor import monitor_targets
@@ -82,14 +82,9 @@ class SFT(Method):
         if too_long:
             n = len(self.examples[too_long[0]])
             raise UserError(f"example {too_long[0]} has {n} tokens, over max_len {self.max_len}")
-        if self.eval_examples is not None:  # the caller brings its own held-out set: no split
-            self.train_set, eval_set = list(self.examples), list(self.eval_examples)
-        else:
-            train_idx, eval_idx = split_holdout(len(self.examples), cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
-            self.train_set = [self.examples[i] for i in train_idx]
-            eval_set = [self.examples[i] for i in eval_idx]
-        tok = run.tokenizer
-        self.pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        split = (cfg.eval.fraction, cfg.eval.max_examples, cfg.seed)
+        self.train_set, eval_set = held_out_split(self.examples, self.eval_examples, *split)
+        self.pad_id = pad_id(run.tokenizer)
         self.held_out = eval_batches(eval_set, cfg.batch.strategy, self.max_len, self.pad_id, cfg.eval.batch_size)
 
     def plan(self, run: RunContext) -> ExamplePlan:
