@@ -52,7 +52,7 @@ def run_qatune(args, work: Path, compile_model: bool) -> dict:
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.launch import fit
     from qatune.methods.config import TrainConfig
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     tok = tokenizer()
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)

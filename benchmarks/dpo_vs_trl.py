@@ -125,7 +125,7 @@ def load_pairs(path: Path, max_len: int):
 
 def dpo_accuracy(policy_dir: Path, work: Path, args, name: str) -> float:
     """Share of pairs whose implicit reward is higher for chosen (pi_ref = the initial weights)."""
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     policy, reference = from_pretrained(policy_dir).eval(), from_pretrained(work / "init").eval()
     wins = 0

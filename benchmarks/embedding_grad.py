@@ -70,7 +70,7 @@ def dpo_steps(work: Path, n_train: int):
     from qatune.data.preference.batching import collate_pairs
     from qatune.methods.dpo.loss import DPOConfig
     from qatune.methods.dpo.step import dpo_loss_sum, sequence_logps
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     args = dpo_vs_trl.parse_args(["--n-train", str(n_train)])
     dpo_vs_trl.prepare(args, work)

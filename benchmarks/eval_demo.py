@@ -20,7 +20,7 @@ from benchmarks.harness import emit
 from qatune.cli import main as qatune
 from qatune.demo.run import DemoSettings, run_demo, train_config
 from qatune.demo.task import make_task
-from qatune.model.checkpoint import export_hf
+from qatune.model.hf_io import export_hf
 from qatune.model.tokenizer import load_tokenizer
 from qatune.train.runtime import make_model
 

@@ -105,7 +105,7 @@ def run_qatune(args, work: Path) -> dict:
     from qatune.config import from_dict
     from qatune.launch import train
     from qatune.methods.config import TrainConfig
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     cfg = from_dict(
         TrainConfig,
@@ -162,7 +162,7 @@ def run_trl(args, work: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from qatune.generation.metrics import exact_match
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     tok, dataset = harness.library_side(work / "prompts.jsonl", padding_side=None)
 
@@ -323,7 +323,7 @@ def main(argv=None) -> None:
 
 
 def _load(folder: Path):
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     return from_pretrained(folder)
 

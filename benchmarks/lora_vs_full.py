@@ -59,8 +59,8 @@ def run_side(s: PlanSetup, steps: int, alpha: float, memory: bool) -> dict:
     from qatune.methods.sft import SFT
     from qatune.model.gpt2 import GPT2
     from qatune.model.lora import LoRAConfig, apply_lora
+    from qatune.train.checkpoints import trainable_state_dict
     from qatune.train.optim import OptimConfig, build_optimizer
-    from qatune.train.state import trainable_state_dict
     from qatune.train.step import Precision, accumulate, optimizer_step
     from qatune.utils.malloc import keep_freed_memory
 

@@ -199,8 +199,8 @@ def train_sft_start(task: Task, work: Path, args) -> Path:
 def load_policy(path: Path, config):
     """A GPT-2 from an export folder, or from a checkpoint's state (a PPO checkpoint holds the
     policy under `backbone.` beside its value head)."""
-    from qatune.model.checkpoint import from_pretrained
     from qatune.model.gpt2 import GPT2
+    from qatune.model.hf_io import from_pretrained
 
     if (path / "model.safetensors").exists():
         return from_pretrained(path)
@@ -279,7 +279,7 @@ def evaluate(task: Task, model, sft_model, seed: int) -> dict:
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    from qatune.train.state import list_checkpoints
+    from qatune.train.checkpoints import list_checkpoints
 
     return list_checkpoints(run_dir / "checkpoints")
 
@@ -409,7 +409,7 @@ def arm_grpo(task: Task, work: Path, sft: Path, args, beta: float, name: str) ->
 
 
 def run_task(task: Task, work: Path, args) -> dict:
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
     from qatune.train.metrics import read_metrics
 
     t0 = time.perf_counter()

@@ -57,8 +57,8 @@ def make_model(args, folder: Path) -> Path:
     import torch
 
     from qatune.data.templates import get_template
-    from qatune.model.checkpoint import export_hf
     from qatune.model.gpt2 import GPT2, GPT2Config
+    from qatune.model.hf_io import export_hf
     from qatune.model.tokenizer import load_tokenizer
 
     torch.manual_seed(0)

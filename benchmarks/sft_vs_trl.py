@@ -147,7 +147,7 @@ def run_qatune(args, work: Path, name: str = "qatune", max_steps: int | None = N
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.launch import fit
     from qatune.methods.config import TrainConfig
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     t_start = time.perf_counter()
     tok = harness.tokenizer()
@@ -191,7 +191,7 @@ def micro_batches(args, work: Path):
     order, on CPU) for measurements that step the model in one process."""
     from qatune.data.pipeline import DataConfig, load_examples
     from qatune.data.plan import make_batch
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     data = DataConfig(sources=[str(work / "train.jsonl")], template="raw", max_len=args.max_len)
     examples = load_examples(data, harness.tokenizer()).examples
@@ -204,7 +204,7 @@ def run_trl(args, work: Path, side: str) -> dict:
     from transformers import GPT2LMHeadModel
     from trl import SFTConfig, SFTTrainer
 
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     t_start = time.perf_counter()
     tok, dataset = harness.library_side(work / "train.jsonl")

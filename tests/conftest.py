@@ -109,7 +109,7 @@ def make_tiny_run(hf_tiny_dir, gpt2_tokenizer, tmp_path_factory):
     import json
 
     from qatune.data.templates import get_template
-    from qatune.model.checkpoint import export_hf, from_pretrained
+    from qatune.model.hf_io import export_hf, from_pretrained
 
     def make(template: str):
         run = tmp_path_factory.mktemp(f"run_{template}")

@@ -82,6 +82,6 @@ def facts_config(facts: dict, *overrides: str) -> TrainConfig:
 
 def sft_model(facts: dict):
     """A fresh copy of the SFT starting point."""
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     return from_pretrained(Path(facts["root"]) / "sft" / "export")

@@ -14,7 +14,7 @@ from qatune.data.records import Message
 from qatune.data.templates import get_template
 from qatune.generation.chat import ChatSession, StreamDecoder
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.hf_io import export_hf, from_pretrained
 
 SYSTEM = "You are terse."
 GREEDY5 = SamplingConfig(max_new_tokens=5)

@@ -15,7 +15,7 @@ from qatune.data.encode import encode_records
 from qatune.data.example import EncodedExample
 from qatune.data.records import Message, Record
 from qatune.data.templates import TEMPLATES, get_template
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.hf_io import export_hf, from_pretrained
 
 TINY_CPU = Path(__file__).parents[1] / "configs" / "tiny-cpu.yaml"
 QUESTION = "Ai thua đội Broncos ở vòng bảng?"

@@ -17,7 +17,7 @@ from qatune.config import ConfigError
 from qatune.data.records import DataError
 from qatune.errors import RunError, UserError
 from qatune.export import CheckpointFolderError
-from qatune.model.checkpoint import CheckpointError
+from qatune.model.hf_io import CheckpointError
 from qatune.model.tokenizer import TokenizerError
 
 

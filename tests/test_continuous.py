@@ -11,7 +11,7 @@ import torch
 from qatune.generation.continuous import ContinuousBatcher, QueueFull, Sequence
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.generation.textstream import TextStream, held_back
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 
 
 @pytest.fixture(scope="module", autouse=True)

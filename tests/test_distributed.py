@@ -29,8 +29,8 @@ from qatune.config import load_config
 from qatune.methods.config import TrainConfig
 from qatune.model.gpt2 import GPT2Config
 from qatune.model.lora import TARGETS as LORA_TARGETS
-from qatune.train.dist_checkpoint import is_sharded, saved_world_size
 from qatune.train.metrics import read_metrics
+from qatune.train.sharded_checkpoints import is_sharded, saved_world_size
 
 CONFIG = """
 out_dir: {out}
@@ -341,7 +341,7 @@ def test_lora_sharded_checkpoint_holds_the_adapters_and_resumes_identically(runs
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The last sharded checkpoint exports (seeded base rebuilt + adapters merged) as the run did.
     from qatune.export import load_checkpoint_model
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     model, meta = load_checkpoint_model(runs / "runs" / "fsdp_lora" / "checkpoints" / "step_00000004")
     exported = from_pretrained(runs / "runs" / "fsdp_lora" / "export").state_dict()

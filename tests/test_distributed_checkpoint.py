@@ -11,9 +11,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.train.dist_checkpoint import is_sharded, load_sharded, save_sharded, saved_world_size
+from qatune.train.checkpoints import latest_checkpoint, list_checkpoints
 from qatune.train.optim import OptimConfig, build_optimizer, build_scheduler
-from qatune.train.state import latest_checkpoint, list_checkpoints
+from qatune.train.sharded_checkpoints import is_sharded, load_sharded, save_sharded, saved_world_size
 
 SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=97)
 
@@ -88,7 +88,7 @@ def test_keeps_the_newest_and_a_failed_write_leaves_the_previous_latest(tmp_path
 
 
 def test_single_process_checkpoints_report_world_size_1(tmp_path):
-    from qatune.train.state import save_checkpoint
+    from qatune.train.checkpoints import save_checkpoint
 
     model, optimizer, scheduler = _trained(0)
     path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)

@@ -15,7 +15,7 @@ from qatune.data.templates import get_template
 from qatune.generation.batch import read_records
 from qatune.generation.metrics import normalize_answer
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 
 QUESTIONS = ["What is two plus two?", "Name a colour.", "Thủ đô của Việt Nam là gì?", "Why is the sky blue?", "Say hi."]
 MAX_NEW = 6

@@ -9,7 +9,7 @@ from qatune.data.templates import get_template
 from qatune.generation.batch import read_records
 from qatune.generation.metrics import exact_match
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 
 
 @pytest.fixture(scope="module")

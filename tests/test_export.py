@@ -13,7 +13,7 @@ from qatune.cli import main
 from qatune.data.encode import encode_pieces
 from qatune.data.records import Message
 from qatune.data.templates import TEMPLATES, get_template
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.hf_io import export_hf, from_pretrained
 
 
 def as_dicts(messages: list[Message]) -> list[dict]:
@@ -117,7 +117,7 @@ def test_a_sharded_checkpoint_exports_too(tiny_model, tokenizer_dir, tmp_path):
     from qatune.config import dump_yaml
     from qatune.methods.config import TrainConfig
     from qatune.train.config import ModelConfig
-    from qatune.train.dist_checkpoint import save_sharded
+    from qatune.train.sharded_checkpoints import save_sharded
 
     cfg = TrainConfig(model=ModelConfig(init="random", n_layer=2, n_embd=64, n_head=4, n_positions=128))
     optimizer = torch.optim.AdamW(tiny_model.parameters())

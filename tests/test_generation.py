@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qatune.generation.sampling import SamplingConfig, filter_logits, generate_ids
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 
 EOS = 50256
 

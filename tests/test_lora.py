@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qatune.kernels.loss import response_loss_sum
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 from qatune.model.lora import (
     LoRAConfig,
     adapter_state_dict,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from qatune.model.checkpoint import CheckpointError, export_hf, from_pretrained
 from qatune.model.gpt2 import GPT2
+from qatune.model.hf_io import CheckpointError, export_hf, from_pretrained
 
 
 def hf_model(folder):

@@ -11,7 +11,7 @@ import huggingface_hub
 import pytest
 
 from qatune.cli import main
-from qatune.model.checkpoint import CheckpointError, from_pretrained
+from qatune.model.hf_io import CheckpointError, from_pretrained
 from qatune.model.tokenizer import TokenizerError, load_tokenizer
 
 

@@ -24,8 +24,8 @@ from tests.rl_facts import facts_config, items, sft_model
 
 from qatune.config import load_config
 from qatune.methods.config import TrainConfig
+from qatune.train.checkpoints import list_checkpoints
 from qatune.train.metrics import read_metrics
-from qatune.train.state import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

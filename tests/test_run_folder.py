@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 from tests.test_train_resume import config  # noqa: F401 (fixture)
 
+import qatune.train.checkpoints as state
 import qatune.train.runtime as runtime
-import qatune.train.state as state
 from qatune.cli import main
 from qatune.data.plan import BatchConfig, plan_run
+from qatune.train.checkpoints import list_checkpoints, load_checkpoint
 from qatune.train.run_dir import RunLock
-from qatune.train.state import list_checkpoints, load_checkpoint
 
 
 def train(cfg_path, *args: str) -> int:

@@ -22,7 +22,7 @@ from qatune.cli import main
 from qatune.data.encode import tokenize_with_eos
 from qatune.data.templates import get_template
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 
 EOS = 50256
 QUESTION = "What is the boiling point of water?"

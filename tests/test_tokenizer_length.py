@@ -13,7 +13,7 @@ import pytest
 from qatune.data.encode import encode_records
 from qatune.data.records import Record
 from qatune.data.templates import get_template
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.hf_io import export_hf, from_pretrained
 from qatune.model.reward import RewardModel, export_reward_hf
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import load_tokenizer_for

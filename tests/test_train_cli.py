@@ -9,7 +9,7 @@ import torch
 
 from qatune.cli import main
 from qatune.methods.sft.step import train_step
-from qatune.model.checkpoint import from_pretrained
+from qatune.model.hf_io import from_pretrained
 from qatune.train.step import Precision
 
 pytestmark = pytest.mark.slow

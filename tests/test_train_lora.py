@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qatune.train.state import list_checkpoints
+from qatune.train.checkpoints import list_checkpoints
 from test_train_resume import KILL_AT_STEP_8, run_cli
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qatune.methods.config import TrainConfig
-from qatune.model.checkpoint import export_hf, from_pretrained
+from qatune.model.hf_io import export_hf, from_pretrained
 from qatune.train.config import ModelConfig
 from qatune.train.runtime import make_model
 

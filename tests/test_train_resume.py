@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tests.processes import kill_in_optimizer_step, run_cli
 
 from qatune.model.gpt2 import GPT2, GPT2Config
-from qatune.train.state import latest_checkpoint, list_checkpoints, load_checkpoint
+from qatune.train.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ KILL_AT_STEP_8 = kill_in_optimizer_step(8)
 KILL_IN_SECOND_CHECKPOINT_WRITE = """
 import os, signal
 import torch
-import qatune.train.state as state
+import qatune.train.checkpoints as state
 _real = torch.save
 _count = [0]
 def save(obj, f, *a, **k):

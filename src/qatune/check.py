@@ -302,7 +302,7 @@ def _train(cfg, tokenizer, resume: bool = False, on_step=None):
 
 def check_round_trip(report: CheckReport, cfg, tokenizer, sample_size: int, workdir: Path) -> Path:
     """Returns the straight run's export folder (for the export and chat template checks)."""
-    from qatune.model.checkpoint import read_hf_state_dict
+    from qatune.model.hf_io import read_hf_state_dict
 
     straight = _train(_round_trip_config(cfg, workdir, "straight", sample_size), tokenizer)
 
@@ -327,7 +327,7 @@ def check_round_trip(report: CheckReport, cfg, tokenizer, sample_size: int, work
 def check_export(report: CheckReport, export_dir: Path, example: EncodedExample) -> None:
     from transformers import GPT2LMHeadModel
 
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     ids = torch.tensor([example.input_ids[:64]])
     hf = GPT2LMHeadModel.from_pretrained(export_dir).eval()

@@ -1,7 +1,7 @@
 """`qatune export`'s sources: a training checkpoint (`<run>/checkpoints/step_*/`, single-process
 or sharded) as a plain model plus what an export needs (the run's template, max_len and the
 step), and the model card written beside it. (The export at the end of a run is
-`qatune.train.export`; both write the folder with `qatune.model.checkpoint.export_hf`.)
+`qatune.train.export`; both write the folder with `qatune.model.hf_io.export_hf`.)
 
     model, meta = load_checkpoint_model(Path("runs/x/checkpoints/step_00000400"))
     export_hf(model, out, tokenizer, {"qatune.json": ...}, meta["template"], meta["max_len"])
@@ -29,13 +29,13 @@ from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.lora import apply_lora, merge_lora
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import EXPORT_DIR, read_meta
+from qatune.train.checkpoints import STATE_FILE, load_trainable_state_dict
 from qatune.train.method import Method
 from qatune.train.model_card import CARD_FILE, final_metrics, model_card
 from qatune.train.runtime import make_model
-from qatune.train.state import STATE_FILE, load_trainable_state_dict
 
 STEP_NAME = re.compile(r"^step_(\d{8})$")
-DCP_DIR = "dcp"  # as in dist_checkpoint (imported lazily there: it pulls torch.distributed.checkpoint)
+DCP_DIR = "dcp"  # as in sharded_checkpoints (imported lazily here: it pulls torch.distributed.checkpoint)
 
 
 class CheckpointFolderError(UserError):
@@ -66,7 +66,7 @@ def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
         model = GPT2(_config_from_shapes(shapes, cfg, path))
     model = model.to_empty(device="cpu")
     if sharded:
-        from qatune.train.dist_checkpoint import load_sharded
+        from qatune.train.sharded_checkpoints import load_sharded
 
         step = load_sharded(path, model)["step"]
     else:
@@ -93,7 +93,7 @@ def _lora_checkpoint_model(path: Path, cfg) -> tuple[GPT2, int]:
     model = make_model(cfg.model, vocab)
     apply_lora(model, cfg.model.lora)
     if (path / DCP_DIR).is_dir():
-        from qatune.train.dist_checkpoint import load_sharded
+        from qatune.train.sharded_checkpoints import load_sharded
 
         step = load_sharded(path, model)["step"]
     else:

@@ -22,9 +22,9 @@ from qatune.methods.sft import SFT
 from qatune.model.gpt2 import GPT2
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import CHECKPOINTS_DIR
+from qatune.train.checkpoints import latest_checkpoint
 from qatune.train.distributed import setup, teardown
 from qatune.train.runtime import TrainResult, make_model, model_tokenizer, run
-from qatune.train.state import latest_checkpoint
 
 
 def train(

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from qatune.model.checkpoint import CheckpointError, from_pretrained
 from qatune.model.gpt2 import GPT2
+from qatune.model.hf_io import CheckpointError, from_pretrained
 from qatune.utils.hub import looks_like_local_path
 
 EXPORT_DIR = "export"  # a run folder's final Hugging Face export

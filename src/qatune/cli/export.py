@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from qatune.export import exported_card, is_checkpoint_folder, load_checkpoint_model
-    from qatune.model.checkpoint import export_hf, from_pretrained
+    from qatune.model.hf_io import export_hf, from_pretrained
     from qatune.runs import META_FILE, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.train.model_card import CARD_FILE
 

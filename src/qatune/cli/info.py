@@ -17,8 +17,8 @@ def add_parser(sub) -> None:
 
 
 def config_of(model: str):
-    from qatune.model.checkpoint import config_from_hf, resolve_checkpoint_dir
     from qatune.model.gpt2 import SIZES
+    from qatune.model.hf_io import config_from_hf, resolve_checkpoint_dir
 
     if model in SIZES:  # offline: the named sizes are data
         return SIZES[model]

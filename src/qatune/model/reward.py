@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qatune.model.checkpoint import (
+from qatune.model.gpt2 import GPT2
+from qatune.model.hf_io import (
     CheckpointError,
     _tokenizer_settings,
     config_from_hf,
@@ -29,7 +30,6 @@ from qatune.model.checkpoint import (
     read_hf_state_dict,
     resolve_checkpoint_dir,
 )
-from qatune.model.gpt2 import GPT2
 from qatune.utils.files import atomic_dir
 
 SCORE_KEY = "score.weight"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from qatune.model.checkpoint import export_hf
+from qatune.model.hf_io import export_hf
 from qatune.model.lora import has_lora, merge_lora, save_adapter
 from qatune.model.unwrap import backbone
 from qatune.runs import ADAPTER_DIR, EXPORT_DIR, META_FILE
-from qatune.train.dist_checkpoint import full_state_dict
 from qatune.train.model_card import CARD_FILE, final_metrics, model_card
+from qatune.train.sharded_checkpoints import full_state_dict
 
 
 def _json_default(x):

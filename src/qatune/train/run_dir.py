@@ -26,7 +26,7 @@ import yaml
 from qatune.config import ConfigError
 from qatune.errors import UserError
 from qatune.runs import CHECKPOINTS_DIR
-from qatune.train.state import list_checkpoints
+from qatune.train.checkpoints import list_checkpoints
 
 LOCK_FILE = ".lock"
 

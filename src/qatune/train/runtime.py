@@ -29,14 +29,14 @@ import torch
 
 from qatune.config import dump_yaml, from_dict, to_dict
 from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
-from qatune.model.checkpoint import build_model
 from qatune.model.dropout import disable_dropout
 from qatune.model.gpt2 import GPT2, SIZES
+from qatune.model.hf_io import build_model
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
 from qatune.model.unwrap import backbone
 from qatune.runs import CHECKPOINTS_DIR
+from qatune.train.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from qatune.train.config import ModelConfig
-from qatune.train.dist_checkpoint import is_sharded, load_sharded, save_sharded, saved_world_size
 from qatune.train.distributed import check_precision, wrap_ddp, wrap_fsdp
 from qatune.train.export import export_files, gathered
 from qatune.train.grad_norms import layer_grad_norms
@@ -46,7 +46,7 @@ from qatune.train.optim import build_optimizer, build_scheduler
 from qatune.train.plots import write_plots
 from qatune.train.progress import Progress
 from qatune.train.run_dir import RunLock, check_resume, prepare_fresh
-from qatune.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
+from qatune.train.sharded_checkpoints import is_sharded, load_sharded, save_sharded, saved_world_size
 from qatune.train.step import Precision, accumulate, model_device, optimizer_step, phase
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic

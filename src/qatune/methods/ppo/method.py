@@ -61,7 +61,7 @@ def load_critic(name: str) -> tuple[nn.Module, torch.Tensor | None]:
     import json
     from pathlib import Path
 
-    from qatune.model.checkpoint import from_pretrained
+    from qatune.model.hf_io import from_pretrained
 
     config = Path(name) / "config.json"
     architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []

@@ -53,7 +53,7 @@ class Reward(PairMethod):
         self.head = None
         name = run.settings.model.name
         if Path(name).is_dir() and is_reward_model(name):
-            from qatune.model.checkpoint import read_hf_state_dict
+            from qatune.model.hf_io import read_hf_state_dict
 
             self.head = read_hf_state_dict(Path(name))[SCORE_KEY]
 

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 checkpoints in and out.
+"""Hugging Face `transformers` GPT-2 folders in and out (weights and config; not the training
+checkpoints of a run, which are `qatune.train.checkpoints`).
 
 In: a hub name (`gpt2-large`, through huggingface_hub, safetensors preferred) or a local folder in
 the `transformers` layout. Every key is mapped strictly: a missing, unexpected or mis-shaped

@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from qatune.train.checkpoints import STATE_FILE, checkpoint_name, prune_checkpoints, rng_state, set_rng_state
 from qatune.train.distributed import barrier
-from qatune.train.state import STATE_FILE, checkpoint_name, prune_checkpoints, rng_state, set_rng_state
 
 DCP_DIR = "dcp"
 # Frozen parameters (a LoRA run's base) are rebuilt from the config, not checkpointed; loading

@@ -1,4 +1,5 @@
-"""Checkpoints: everything a killed run needs to continue to the same numbers.
+"""Training checkpoints of a single process: everything a killed run needs to continue to the same
+numbers (sharded ones: `sharded_checkpoints`; Hugging Face model folders: `qatune.model.hf_io`).
 
 A checkpoint is a folder `checkpoints/step_00000123/` holding `state.pt` (model, optimizer,
 scheduler, grad scaler, RNG states, step = data position) and `config.yaml`. It is written into a
