@@ -63,7 +63,8 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, in
             for alias in node.names:
                 sub = f"{base}.{alias.name}"
                 found.append((sub if sub in known else base, node.lineno))
-    return [(m, line) for m, line in found if m == PACKAGE or m.startswith(PACKAGE + ".")]
+    ours = [(m, line) for m, line in found if m == PACKAGE or m.startswith(PACKAGE + ".")]
+    return sorted(set(ours), key=lambda x: (x[1], x[0]))  # `from a import b, c`: one edge per module
 
 
 def graph() -> dict[str, list[tuple[str, int]]]:

@@ -9,7 +9,6 @@ the metrics are computed from that file's records.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from qatune.errors import UserError
 from qatune.generation.batch import PromptItem, generate_to_file
 from qatune.generation.metrics import summarize, summarize_by_source
 from qatune.generation.sampling import SamplingConfig
-from qatune.kernels.loss import response_loss_sum
+from qatune.kernels.loss import perplexity, response_loss_sum
 from qatune.model.gpt2 import GPT2
 
 SHOWN_EXAMPLES = 5
@@ -58,8 +57,7 @@ def prompt_item(record: Record, template: Template) -> PromptItem:
 
 def _loss_entry(total: float, count: int, examples: int) -> dict:
     loss = total / count if count else float("nan")
-    perplexity = math.exp(loss) if count else float("nan")
-    return {"response_loss": loss, "perplexity": perplexity, "label_tokens": count, "examples": examples}
+    return {"response_loss": loss, "perplexity": perplexity(loss), "label_tokens": count, "examples": examples}
 
 
 @torch.inference_mode()

@@ -13,6 +13,8 @@ accumulation gives exactly the large-batch loss.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -231,3 +233,8 @@ def reference_loss_sum(hidden: torch.Tensor, lm_weight: torch.Tensor, targets: t
     logits = F.linear(hidden, lm_weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean loss per token): inf past ~709.78, where exp overflows a double; nan stays nan."""
+    return math.inf if loss > 709 else math.exp(loss)

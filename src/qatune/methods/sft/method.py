@@ -10,7 +10,6 @@ sample of at most one prompt position per 8 labels.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Sequence
 
@@ -20,14 +19,10 @@ from qatune.data.batching import Batch, model_inputs, pad_id
 from qatune.data.example import EncodedExample
 from qatune.data.plan import ExamplePlan, eval_batches, held_out_split, make_batch
 from qatune.errors import UserError
-from qatune.kernels.loss import DEFAULT_CHUNK, response_loss_sum, rows_loss_sum
+from qatune.kernels.loss import DEFAULT_CHUNK, perplexity, response_loss_sum, rows_loss_sum
 from qatune.methods.sft.monitor import monitor_targets
 from qatune.train.method import STEP_FIELDS, Method, RunContext, StepOutput
 from qatune.train.step import evaluate_sums, lm_weight, phase, scored_rows_only
-
-
-def perplexity(loss: float) -> float:
-    return math.inf if loss > 709 else math.exp(loss)  # exp overflows a double past ~709.78; nan stays nan
 
 
 def lm_eval_metrics(loss_sum: float, count: int) -> dict:
