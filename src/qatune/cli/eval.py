@@ -184,6 +184,7 @@ def fit_to_contexts(args: argparse.Namespace, context: int) -> None:
     """The default max_new_tokens, as `generate` picks it, for the smaller context of the model and
     the --compare model: both answer the same prompts with the same settings."""
     from qatune.cli.generate import fit_max_new_tokens
+    from qatune.runs import resolve_model_path
 
     if args.compare:
         context = min(context, _context_of(resolve_model_path(args.compare)))
