@@ -319,3 +319,19 @@ def _block(model, block, x, attention, layer: int, kv_cache, rows, extra):
     if model.activation_checkpointing and model.training and kv_cache is None:
         return checkpoint(block, x, attention, layer, kv_cache, rows, *extra, use_reentrant=False)
     return block(x, attention, layer, kv_cache, rows, *extra)
+
+
+def forward_positions(input_ids, position_ids, kv_cache, outputs, context: int):
+    """(cached length, position ids) of a forward: 0..T-1 after the cache's length by default;
+    positions at or beyond `context` are an error, checked on host tensors only (on a GPU, .max()
+    would make the host wait for the device every forward; training batches are checked when
+    they are built)."""
+    B, T = input_ids.shape
+    past = kv_cache.length if kv_cache is not None else 0
+    if outputs is not None and kv_cache is not None:
+        raise ValueError("outputs (selected positions) cannot be combined with a KV cache")
+    if position_ids is None:
+        position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+    if position_ids.device.type == "cpu" and position_ids.max() >= context:
+        raise ValueError(f"position {int(position_ids.max())} exceeds the context of {context}")
+    return past, position_ids

@@ -28,6 +28,7 @@ from qatune.model.attention import (  # noqa: F401
     attention_for,
     causal_mask,
     document_lengths,
+    forward_positions,
     packed_attention_kernel,
     packed_kernel,
     run_blocks,
@@ -153,6 +154,11 @@ class GPT2(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The (vocab, d) matrix of the output head: GPT-2 ties it to the token embedding."""
+        return self.wte.weight
+
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits for the given hidden states; the head is tied to the token embedding."""
         return F.linear(hidden, self.wte.weight)
@@ -184,15 +190,7 @@ class GPT2(nn.Module):
             would reach the optimizer).
         """
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
-        if outputs is not None and kv_cache is not None:
-            raise ValueError("outputs (selected positions) cannot be combined with a KV cache")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        # Checked on host tensors only: on a GPU, .max() would make the host wait for the device
-        # every forward (training batches are checked when they are built).
-        if position_ids.device.type == "cpu" and position_ids.max() >= self.config.n_positions:
-            raise ValueError(f"position {int(position_ids.max())} exceeds the context of {self.config.n_positions}")
+        past, position_ids = forward_positions(input_ids, position_ids, kv_cache, outputs, self.config.n_positions)
         attention = self.attention_for(B, T, past, doc_ids, attention_mask, kv_cache, input_ids.device)
         input_ids, position_ids = attention.drop_padding(input_ids), attention.drop_padding(position_ids)
         tokens = F.embedding(input_ids, self.wte.weight, sparse=True) if sparse_embedding_grad else self.wte(input_ids)
