@@ -360,3 +360,36 @@ def test_v4_rope_fields_are_read(hf_dirs, tmp_path):
         500000.0,
         32,
     )
+
+
+def test_dropout_is_switched_off_in_either_family(hf_dirs, tmp_path):
+    from qatune.model.dropout import disable_dropout
+
+    model = from_pretrained(hf_dirs("llama"), dropout=0.1)
+    assert model.config.dropout == 0.1 and model.layers[0].self_attn.dropout == 0.1
+    changed = disable_dropout(model)
+    assert changed == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert model.config.dropout == 0.0 and model.layers[1].self_attn.dropout == 0.0
+
+
+def test_smollm2_135m_shape_has_the_published_parameter_count():
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    from qatune.model.llama import SIZES
+
+    config = SIZES["smollm2-135m"]
+    with torch.device("meta"):
+        ours = Llama(config)
+        theirs = LlamaForCausalLM(
+            HFConfig(
+                num_hidden_layers=30,
+                hidden_size=576,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                intermediate_size=1536,
+                vocab_size=49152,
+                tie_word_embeddings=True,
+            )
+        )
+    assert ours.num_parameters() == theirs.num_parameters() == 134_515_008

@@ -117,6 +117,23 @@ class LlamaConfig:
         return asdict(self)
 
 
+# Published shapes as data, for random-init runs and plans (SmolLM2-135M: 134,515,008 parameters).
+SIZES: dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(
+        n_layer=30,
+        n_embd=576,
+        n_head=9,
+        n_kv_head=3,
+        head_dim=64,
+        d_ff=1536,
+        n_positions=8192,
+        vocab_size=49152,
+        rope=Rope(theta=100000.0),
+        tie_embeddings=True,
+    ),
+}
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), in float32 and cast back before the weight,
     as Llama's reference code does: the same numbers in bf16 as the checkpoint's own code."""
