@@ -123,6 +123,21 @@ def test_logits_match_transformers(case):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_bf16_logits_are_transformers_own(case):
+    """In bf16 the norms and rotations round where the checkpoint's own code rounds (float32
+    RMSNorm cast back before the weight, cos/sin cast to the activations' dtype): on CPU the
+    logits are the same bits."""
+    from transformers import AutoModelForCausalLM
+
+    _, folder = case
+    ours = from_pretrained(folder, dtype=torch.bfloat16).eval()
+    # (loaded as bf16, not cast with .to(): that would also round transformers' rotary frequencies)
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = ids_of((2, 40))
+    with torch.no_grad():
+        assert torch.equal(ours.lm_head(ours(ids)), ref(ids).logits)
+
+
 def test_logits_match_transformers_with_left_padding(case):
     _, folder = case
     ours, ref = from_pretrained(folder).eval(), reference(folder)
