@@ -24,8 +24,9 @@ class KVCache:
     so that padded prompts never attend to their padding during decoding.
     """
 
-    def __init__(self, n_layer: int, kv_heads: int, head_dim: int, batch: int, max_len: int, device, dtype) -> None:
-        shape = (n_layer, batch, kv_heads, max_len, head_dim)
+    def __init__(self, config, batch: int, max_len: int, device, dtype) -> None:
+        # any family's config: n_layer, n_kv_head (key/value heads: fewer than query heads with GQA), head_dim
+        shape = (config.n_layer, batch, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)

@@ -54,6 +54,10 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @property
+    def n_kv_head(self) -> int:
+        return self.n_head  # every head has its own keys and values (no grouped-query attention)
+
+    @property
     def d_ff(self) -> int:
         return 4 * self.n_embd
 
@@ -209,8 +213,8 @@ class GPT2(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        p, c = self.wte.weight, self.config
-        return KVCache(c.n_layer, c.n_head, c.head_dim, batch, max_len, p.device, p.dtype)
+        p = self.wte.weight
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)
 
 
 def config_for(name: str) -> GPT2Config:

@@ -314,5 +314,5 @@ class Llama(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        p, c = self.embed_tokens.weight, self.config
-        return KVCache(c.n_layer, c.n_kv_head, c.head_dim, batch, max_len, p.device, p.dtype)
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)
