@@ -31,6 +31,7 @@ from qatune.model.gpt2 import GPT2Config
 from qatune.model.lora import TARGETS as LORA_TARGETS
 from qatune.train.config import TrainConfig
 from qatune.train.dist_checkpoint import is_sharded, saved_world_size
+from qatune.train.methods import METHODS
 from qatune.train.metrics import read_metrics
 
 CONFIG = """
@@ -48,7 +49,6 @@ threads: 1
 tensorboard: false
 plots: false
 """
-register_toy_method()  # at import: the spawned workers import this module too
 TINY = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=50257)  # 50257 rows: uneven shards
 # The same global batch: 2 ranks x accumulation 1 (the YAML) = 1 process x accumulation 2. Steps
 # take examples in one shuffled order, so 2 ranks x 2 micro-batches of 2 examples hold the same 8
@@ -147,6 +147,7 @@ def _count_fsdp_reduces(out: Path, rank: int) -> None:
 
 
 def _worker(rank: int, cfg_path: str, ports: list[int]) -> None:
+    register_toy_method()
     cfg_path = Path(cfg_path)
     jobs = [("ddp", DDP, False), ("fsdp_resumed", FSDP, True), ("fsdp_offload", FSDP_OFFLOAD, False)]
     jobs.append(("toy_ddp", [*DDP, f"method={TOY}"], False))
@@ -198,7 +199,13 @@ def runs(tmp_path_factory, tokenizer_dir) -> Path:
 
     _resume_copy(root / "runs", "fsdp", "fsdp_resumed")
     _resume_copy(root / "runs", "fsdp", "one_rank_resumed")
-    _train(cfg, "toy_single", [*SINGLE, f"method={TOY}"])
+    # Registered for this one run only: a registry entry left behind would show in every later test
+    # that lists the methods (the spawned workers register their own).
+    register_toy_method()
+    try:
+        _train(cfg, "toy_single", [*SINGLE, f"method={TOY}"])
+    finally:
+        METHODS.pop(TOY)
     mp.spawn(_worker, args=(str(cfg), [_free_port() for _ in range(8)]), nprocs=2, join=True)
     # The 2-rank checkpoint on 1 process: same global batch, both micro-batches of each step here.
     _train(cfg, "one_rank_resumed", ["strategy=none"], resume=True)
