@@ -84,6 +84,7 @@ def test_merged_model_equals_the_adapter_model(base):
     make_nonzero(base)
     merged = merge_lora(base)
     assert not any("lora" in k for k in merged.state_dict())
+    # W + s*B@A folded once vs x@W + s*(x@A)@B: fp32 rounding ~1e-7 of O(1) logits (measured <= 2.2e-8)
     torch.testing.assert_close(logits(merged), logits(base), rtol=0, atol=1e-5)
     # Untouched tensors are shared with the adapted model, not copied.
     assert merged.wte.weight.data_ptr() == base.wte.weight.data_ptr()
@@ -107,7 +108,7 @@ def test_peft_loads_our_adapter_with_the_same_logits(base, hf_tiny_dir, tmp_path
     assert set(get_peft_model_state_dict(hf)) == ours
     with torch.no_grad():
         theirs = hf(IDS).logits
-    torch.testing.assert_close(theirs, logits(base), rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs, logits(base), rtol=0, atol=1e-5)  # peft's fp32 order: measured <= 2.2e-8
 
     # And back: a fresh model loads the adapter (applying it first) to the same logits.
     again = from_pretrained(hf_tiny_dir).eval()
@@ -129,7 +130,7 @@ def test_loads_an_adapter_peft_trained(hf_tiny_dir, tmp_path):
     ours = from_pretrained(hf_tiny_dir).eval()
     load_adapter(ours, tmp_path / "peft")
     with torch.no_grad():
-        torch.testing.assert_close(logits(ours), hf(IDS).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits(ours), hf(IDS).logits, rtol=0, atol=1e-5)  # fp32: measured <= 1.5e-8
 
 
 def test_adapter_errors_name_the_file_and_field(base, tmp_path):
@@ -191,4 +192,5 @@ def test_activation_checkpointing_and_bf16_give_the_same_gradients(base):
     assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
     low = grads(False, torch.bfloat16)
     for n in plain:
+        # bf16 keeps 8 bits (~0.4% per rounding) through the backward: 5% of the scale (measured <= 0.35 of it)
         torch.testing.assert_close(low[n], plain[n], rtol=0.1, atol=0.05 * plain[n].abs().max().item())

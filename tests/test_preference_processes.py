@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tests.processes import kill_in_optimizer_step, run_cli
+from tests.tolerances import assert_weights_match, lrs_of
 
 from qatune.config import load_config
 from qatune.methods.config import TrainConfig
@@ -64,11 +65,10 @@ def train_here(cfg_path: Path, name: str, *overrides: str) -> None:
 def assert_same_weights(a: Path, b: Path, exact: bool = True) -> None:
     wa, wb = load_file(str(a / "export" / "model.safetensors")), load_file(str(b / "export" / "model.safetensors"))
     assert wa.keys() == wb.keys()
-    for k in wa:
-        if exact:
-            assert torch.equal(wa[k], wb[k]), k
-        else:
-            assert (wa[k] - wb[k]).abs().max() <= 1e-5, k
+    if exact:
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), [k for k in wa if not torch.equal(wa[k], wb[k])]
+    else:
+        assert_weights_match(wa, wb, lrs_of(read_metrics(a)))
 
 
 @pytest.mark.parametrize("method", ["dpo", "reward"])
@@ -122,7 +122,7 @@ def test_two_rank_ddp_matches_one_process(tmp_path, tokenizer_dir):
         for rs, rd in zip(single, ddp):
             assert rd["pairs"] == rs["pairs"] == 4
             for key in ("loss", "grad_norm", *keys, *(f"eval_{k}" for k in ("loss", *keys))):
-                if key in rs:
+                if key in rs:  # fp32 means of O(1) values: rounding ~1e-6 (measured <= 7e-7 on 3 kernel sets)
                     assert rd[key] == pytest.approx(rs[key], rel=1e-4, abs=1e-5), (method, rs["step"], key)
         assert_same_weights(runs / f"single_{method}", runs / f"ddp_{method}", exact=False)
     assert (runs / "ddp_dpo" / "reference_logps.pt").exists()

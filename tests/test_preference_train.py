@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.tolerances import assert_weights_match, lrs_of
 
 from qatune.cli import main
 from qatune.config import load_config
@@ -88,12 +89,11 @@ def test_accumulation_and_precomputed_reference_give_the_same_run(dpo_runs, othe
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         for key in ("loss", "grad_norm", "reward_accuracy", "margin", "logp_chosen", "eval_loss", "eval_margin"):
-            if key in ra:
+            if key in ra:  # fp32 means of O(1) values: rounding ~1e-6 (measured <= 2e-6 rel on 3 kernel sets)
                 assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-5), (other, ra["step"], key)
     wa = load_file(str(dpo_runs / "dpo" / "export" / "model.safetensors"))
     wb = load_file(str(dpo_runs / other / "export" / "model.safetensors"))
-    for key in wa:
-        assert (wa[key] - wb[key]).abs().max() <= 1e-5, key
+    assert_weights_match(wa, wb, lrs_of(a))
     assert (dpo_runs / other / "reference_logps.pt").exists() == (other == "dpo_precomputed")
 
 

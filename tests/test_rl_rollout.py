@@ -55,6 +55,7 @@ def test_recorded_logprobs_equal_a_fresh_forward_with_left_padding():
             assert out.mask[i].tolist() == [True] * n + [False] * (out.mask.shape[1] - n)
             lp, ent, hidden = fresh(policy, prompt, response, 0.7)
             ref_lp, _, _ = fresh(reference, prompt, response, 0.7)
+            # KV-cached decoding vs one full forward, fp32 log-probs of size ~10: measured <= 1e-6
             torch.testing.assert_close(out.logprobs[i, :n], lp, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.entropy[i, :n], ent, atol=1e-5, rtol=0)
             torch.testing.assert_close(out.ref_logprobs[i, :n], ref_lp, atol=1e-5, rtol=0)
@@ -97,4 +98,4 @@ def test_packed_training_batch_lines_up_with_the_recorded_logprobs():
         keep = b.targets != IGNORE
         logp = torch.log_softmax(policy.lm_head(hidden[keep]) / 0.7, dim=-1)
         chosen = logp.gather(-1, b.targets[keep][:, None]).squeeze(-1)
-    torch.testing.assert_close(chosen, rl.old_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chosen, rl.old_logprobs, atol=1e-5, rtol=0)  # fp32 log-probs of size ~10

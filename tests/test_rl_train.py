@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tests.processes import kill_in_optimizer_step, run_cli
 from tests.rl_facts import facts_config, items, sft_model
+from tests.tolerances import assert_weights_match, lrs_of
 
 from qatune.config import load_config
 from qatune.methods.config import TrainConfig
@@ -158,6 +159,7 @@ def test_two_gloo_ranks_train_what_one_process_does(facts, method):
     assert [r["step"] for r in one if "reward" in r] == [r["step"] for r in two if "reward" in r]
     for a, b in zip(one, two):  # the rollout's metrics at the steps that sample one (PPO: every 2nd)
         assert b.get("reward") == a.get("reward") and b.get("response_length") == a.get("response_length")
+        # fp32 policy losses of O(0.1): measured <= 3e-7 on AVX-512/AVX2/plain kernels
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5) and b["grad_norm"] == pytest.approx(
             a["grad_norm"], rel=1e-3
         )
@@ -167,9 +169,7 @@ def test_two_gloo_ranks_train_what_one_process_does(facts, method):
     start = load_file(str(Path(facts["root"]) / "sft" / "export" / "model.safetensors"))
     wa = load_file(str(runs / f"{method}_one_process" / "export" / "model.safetensors"))
     wb = load_file(str(runs / f"{method}_ddp" / "export" / "model.safetensors"))
-    # The embedding rows of tokens the policy almost never samples get gradients near rounding
-    # level, which Adam scales up to lr-sized steps: those differ; every other weight agrees.
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k != "transformer.wte.weight") <= 1e-4
+    assert_weights_match(wa, wb, lrs_of(one))  # bounds relative to the steps' lr: see tests/tolerances.py
     update_a = torch.cat([(wa[k] - start[k]).flatten() for k in wa])
     update_b = torch.cat([(wb[k] - start[k]).flatten() for k in wa])
     assert float((update_a - update_b).norm() / update_a.norm()) <= 0.01
@@ -203,6 +203,7 @@ def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_pat
         for i, (prompt, response) in enumerate(zip(sampled.prompt_ids, sampled.response_ids)):
             hidden = wrapped.critic(torch.tensor([prompt + response]))[0, len(prompt) - 1 : -1]
             expected = wrapped.value_head(hidden).squeeze(-1)
+            # batched vs one sequence, fp32 values of O(1): measured <= 1e-6
             torch.testing.assert_close(values[i, : len(response)], expected, atol=1e-5, rtol=0)
             assert (values[i, len(response) :] == 0).all()
 

@@ -111,4 +111,6 @@ def test_clip_folded_into_fused_adamw_matches_clipping_the_gradients(norm_scale)
         plain.step()
         assert folded.grad_norm == pytest.approx(float(reference), rel=1e-5)
         for p, q in zip(models[0].parameters(), models[1].parameters()):
+            # fused vs plain AdamW on random (never near-zero) gradients: the update (lr 1e-2) agrees to
+            # fp32 rounding, 1e-6 absolute is 1e-4 of it (measured 6e-8)
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

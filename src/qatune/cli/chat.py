@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
-from qatune.cli.generate import add_sampling_options, sampling_from_args
+from qatune.cli.generate import add_sampling_options, fit_max_new_tokens, sampling_from_args
 from qatune.errors import UserError
 
 HELP = "/reset clears the conversation, /exit quits"
@@ -38,8 +38,7 @@ def make_session(args: argparse.Namespace):
     template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
     model = load_model(args.model, default_device(args.device))
     context = min(args.context or model.config.n_positions, model.config.n_positions)
-    if args.max_new_tokens is None:  # half the context for the reply, at most 256 tokens
-        args.max_new_tokens = min(256, context // 2)
+    fit_max_new_tokens(args, context, cap=256)  # a chat reply may run longer than generate's default
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     return ChatSession(model, tokenizer, template, sampling_from_args(args), context)
 

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     add_sampling_options(p)
     add_tokenizer_option(p)
     add_device_option(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, max_new_tokens=None)  # None: 128, or half the smallest model's context
 
 
 def default_out(model: str) -> Path:
@@ -126,8 +126,9 @@ def run(args: argparse.Namespace) -> int:
     meta = read_meta(model_path)
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     out = Path(args.out) if args.out else default_out(args.model)
-    settings = EvalSettings(sampling_from_args(args), args.batch_size, args.examples)
     context = _context_of(model_path)
+    fit_to_contexts(args, context)
+    settings = EvalSettings(sampling_from_args(args), args.batch_size, args.examples)
     data = data_config(args, meta, context, model_path)
     from qatune.model.reward import is_reward_model
 
@@ -177,6 +178,17 @@ def run_reward(args, model_path: str, data, tokenizer, out: Path, device) -> int
     print("\n".join(lines))
     print(f"wrote {out / 'report.md'} and {out / 'report.json'}")
     return 0
+
+
+def fit_to_contexts(args: argparse.Namespace, context: int) -> None:
+    """The default max_new_tokens, as `generate` picks it, for the smaller context of the model and
+    the --compare model: both answer the same prompts with the same settings."""
+    from qatune.cli.generate import fit_max_new_tokens
+    from qatune.runs import resolve_model_path
+
+    if args.compare:
+        context = min(context, _context_of(resolve_model_path(args.compare)))
+    fit_max_new_tokens(args, context)
 
 
 def _context_of(model_path: str) -> int:

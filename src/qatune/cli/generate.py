@@ -23,6 +23,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false")
 
 
+def fit_max_new_tokens(args: argparse.Namespace, context: int, cap: int = SamplingConfig.max_new_tokens) -> None:
+    """--max-new-tokens left unset (None): `cap`, or half the context when that is smaller, so the
+    prompt keeps the other half (the demo's 64-token model answers in up to 32 tokens)."""
+    if args.max_new_tokens is None:
+        args.max_new_tokens = min(cap, context // 2)
+
+
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(
         max_new_tokens=args.max_new_tokens,
@@ -109,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
     items = prompt_items(args, template)
     model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = min(SamplingConfig.max_new_tokens, model.config.n_positions // 2)
+    fit_max_new_tokens(args, model.config.n_positions)
     sampling = sampling_from_args(args)
     if args.out:
         return write_records(args, model, tokenizer, items, template, sampling)

@@ -150,12 +150,25 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                 return load_file(str(f))
             return torch.load(f, map_location="cpu", weights_only=True)
     if (folder / "model.safetensors.index.json").exists():
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        sd = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            sd.update(load_file(str(folder / shard)))
-        return sd
+        return _read_shards(folder, folder / "model.safetensors.index.json")
     raise CheckpointError(f"{folder} holds no weights (looked for {', '.join(_WEIGHT_FILES)})")
+
+
+def _read_shards(folder: Path, index_file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint; every tensor the index names must be in its shard."""
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    sd = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).exists():
+            raise CheckpointError(f"{index_file}: shard {shard!r} is missing")
+        tensors = load_file(str(folder / shard))
+        absent = [k for k, f in weight_map.items() if f == shard and k not in tensors]
+        if absent:
+            raise CheckpointError(
+                f"{folder / shard}: holds no tensor {absent[0]!r}, which {index_file.name} places there"
+            )
+        sd.update(tensors)
+    return sd
 
 
 def hf_to_qatune(hf_sd: dict[str, torch.Tensor], model: GPT2, source: str = "checkpoint") -> dict[str, torch.Tensor]:

@@ -1,0 +1,73 @@
+"""Which model file serves a checkpoint: the one place that dispatches on config.json's model_type.
+
+Every family's model has the same interface (`GPT2` is the reference): `forward(input_ids,
+position_ids, doc_ids, attention_mask, kv_cache, outputs, sparse_embedding_grad)` returning the
+final-norm hidden states, `lm_head(hidden)`, `head_weight`, `new_kv_cache(batch, max_len)`,
+`num_parameters()`, and the `activation_checkpointing` and `attention_kernel` attributes. GPT-2
+is the default: a config.json without model_type is GPT-2's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qatune.model import hf_io as gpt2_hf_io
+from qatune.model import llama_hf_io
+from qatune.model.gpt2 import GPT2
+from qatune.model.hf_io import CheckpointError, resolve_checkpoint_dir
+from qatune.model.llama import Llama
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: type[nn.Module]
+    from_pretrained: Callable[..., nn.Module]  # (folder or hub name, dtype, dropout) -> model
+    export_hf: Callable[..., Path]  # (model, out_dir, tokenizer, extra_files) -> out_dir
+
+
+GPT2_FAMILY = Family("gpt2", GPT2, gpt2_hf_io.from_pretrained, gpt2_hf_io.export_hf)
+LLAMA_FAMILY = Family("llama", Llama, llama_hf_io.from_pretrained, llama_hf_io.export_hf)
+# config.json's model_type -> family
+FAMILIES: dict[str, Family] = {"gpt2": GPT2_FAMILY, **dict.fromkeys(llama_hf_io.ARCHITECTURES, LLAMA_FAMILY)}
+
+
+def family_for(model_type: str | None, source: str = "config.json") -> Family:
+    family = FAMILIES.get(model_type or "gpt2")
+    if family is None:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+        )
+    return family
+
+
+def family_of(model: nn.Module) -> Family:
+    for family in (GPT2_FAMILY, LLAMA_FAMILY):
+        if isinstance(model, family.model_class):
+            return family
+    raise TypeError(f"{type(model).__name__} is not a model of a known family")
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, dropout: float | None = None
+) -> nn.Module:
+    """A model of whichever family the checkpoint's config.json names, with its weights."""
+    folder = resolve_checkpoint_dir(name_or_path)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    return family_for(model_type, str(config_file)).from_pretrained(folder, dtype=dtype, dropout=dropout)
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, extra_files=None, **options) -> Path:
+    """Write `model` as the transformers folder of its own family (GPT-2 also takes `template`
+    and `max_len`, see `qatune.model.hf_io.export_hf`)."""
+    return family_of(model).export_hf(model, out_dir, tokenizer, extra_files, **options)
