@@ -84,7 +84,9 @@ def method(cls, rl: RLConfig, beta: float, chunk: int = 5):
     """A method with just what `experiences` and `step` read (no data, no runtime)."""
     m = cls([])
     m.rl, m.kl = rl, KLController(beta)
-    m.run = SimpleNamespace(device=torch.device("cpu"), settings=SimpleNamespace(loss_chunk=chunk))
+    one_process = lambda values: values  # RunContext.sum_over_ranks in a single process
+    settings = SimpleNamespace(loss_chunk=chunk)
+    m.run = SimpleNamespace(device=torch.device("cpu"), settings=settings, sum_over_ranks=one_process)
     return m
 
 

@@ -36,7 +36,7 @@ from qatune.data.plan import BatchConfig
 from qatune.train.config import EvalConfig, ModelConfig
 from qatune.train.distributed import barrier
 from qatune.train.export import export_lm
-from qatune.train.step import Precision, evaluate_sums
+from qatune.train.step import Precision, evaluate_sums, global_sum
 
 
 @dataclass
@@ -123,6 +123,12 @@ class RunContext:
         that writes a file on rank 0 for the others to read waits here, and never calls
         torch.distributed itself."""
         barrier()
+
+    @staticmethod
+    def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the ranks, in place (as is in a single process): the one
+        collective a method's own statistics need (a rollout's KL, whitening over all ranks)."""
+        return global_sum(values)
 
 
 # What every method's progress line starts with: (metric key, format text). The runtime writes

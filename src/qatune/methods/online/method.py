@@ -45,7 +45,7 @@ from qatune.rl.prompts import Prompt, encode_prompts
 from qatune.rl.rewards import RewardFn, Sample, model_reward, programmatic_reward, score
 from qatune.rl.rollout import Rollout, sample_rollout
 from qatune.train.method import STEP_FIELDS, Method, RunContext
-from qatune.train.step import global_sum, lm_weight, scored_rows_only
+from qatune.train.step import lm_weight, scored_rows_only
 
 
 class KLOutOfBand(MethodStop):
@@ -305,7 +305,7 @@ class OnlineRL(Method):
             **extra,
         }
         local = torch.tensor([len(samples), float(kl.sum())], dtype=torch.float64, device=run.device)
-        n_all, kl_all = global_sum(local).tolist()
+        n_all, kl_all = run.sum_over_ranks(local).tolist()
         mean_kl = kl_all / n_all
         low, high = rl.kl_band
         if not low <= mean_kl <= high:
@@ -387,7 +387,7 @@ class OnlineRL(Method):
             part += [sum(len(g.ids) for g in gens), sum(g.stopped_at_eos for g in gens), float(kl.sum())]
             sums += torch.tensor(part, dtype=torch.float64)
         policy.train(was_training)
-        n, reward, exact, s_reward, s_exact, length, eos, kl = global_sum(sums.to(run.device)).tolist()
+        n, reward, exact, s_reward, s_exact, length, eos, kl = run.sum_over_ranks(sums.to(run.device)).tolist()
         out = {"eval_reward": reward / n, "eval_sampled_reward": s_reward / n, "eval_kl": kl / n}
         out.update(eval_response_length=length / n, eval_eos_rate=eos / n)
         if any(p.reference is not None for p in self.eval_prompts):

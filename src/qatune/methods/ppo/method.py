@@ -31,7 +31,6 @@ from qatune.rl.kl import penalized_rewards
 from qatune.rl.losses import clipped_value_loss
 from qatune.rl.rollout import Rollout
 from qatune.train.method import StepOutput
-from qatune.train.step import global_sum
 
 
 class PolicyWithValue(nn.Module):
@@ -118,11 +117,13 @@ class PPO(OnlineRL):
         values = sampled.values if self.wrapped.critic is None else self.critic_values(sampled)
         scores = scores.to(device)
         if rl.whiten_rewards:
-            scores = masked_whiten(scores[None], torch.ones_like(scores[None], dtype=torch.bool), reduce=global_sum)[0]
+            scores = masked_whiten(
+                scores[None], torch.ones_like(scores[None], dtype=torch.bool), reduce=self.run.sum_over_ranks
+            )[0]
         rewards, _ = penalized_rewards(scores, sampled.logprobs, sampled.ref_logprobs, mask, self.kl.value)
         advantages, returns = gae(rewards, values, mask, rl.gamma, rl.lam)
         if rl.whiten_advantages:
-            advantages = masked_whiten(advantages, mask, reduce=global_sum)
+            advantages = masked_whiten(advantages, mask, reduce=self.run.sum_over_ranks)
         per_token = [t.detach().float().cpu() for t in (sampled.logprobs, sampled.ref_logprobs, advantages)]
         per_token += [returns.detach().float().cpu(), values.detach().float().cpu()]
         out = []
