@@ -1,7 +1,8 @@
 """Training methods on the shared runtime, by the name the config's `method:` key gives.
 
 Each entry is `module:Class`, imported when chosen, so a method's own dependencies load only
-when it is used. A method class has `from_config(cfg, tokenizer, rank)`, which loads its data.
+when it is used. A method class has `from_config(settings, tokenizer, rank)`, which loads its data as the run's
+shared settings (`RunSettings`: `settings.data`) say.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from qatune.errors import UserError
-from qatune.train.method import Method
+from qatune.train.method import Method, RunSettings
 
 METHODS: dict[str, str] = {
     "sft": "qatune.methods.sft:SFT",
@@ -30,4 +31,4 @@ def method_class(name: str) -> type[Method]:
 
 def build_method(cfg, tokenizer, rank: int = 0) -> Method:
     """The method `cfg.method` names, with its data loaded."""
-    return method_class(cfg.method).from_config(cfg, tokenizer, rank)
+    return method_class(cfg.method).from_config(RunSettings.of(cfg), tokenizer, rank)

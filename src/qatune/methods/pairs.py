@@ -18,7 +18,7 @@ from qatune.data.plan import ExamplePlan, held_out_split
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
 from qatune.errors import UserError
-from qatune.train.method import Method, RunContext
+from qatune.train.method import Method, RunContext, RunSettings
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ class PairMethod(Method):
         self.eval_pairs = list(eval_pairs) if eval_pairs is not None else None
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, rank: int = 0):
+    def from_config(cls, settings: RunSettings, tokenizer, rank: int = 0):
         from qatune.data.preference.pipeline import load_pairs
 
-        loaded = load_pairs(cfg.data, tokenizer)
+        loaded = load_pairs(settings.data, tokenizer)
         if rank == 0:
             print(f"data: {loaded.report.summary()}", file=sys.stderr)
         return cls(loaded.pairs, loaded.template.to_dict(), meta={"data_report": loaded.report.to_dict()})

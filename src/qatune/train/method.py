@@ -169,8 +169,8 @@ class Method:
         return replace(cfg)
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, rank: int = 0) -> Method:
-        """The method with its data loaded as `cfg` says (`qatune train` calls this)."""
+    def from_config(cls, settings: RunSettings, tokenizer, rank: int = 0) -> Method:
+        """The method with its data loaded as `settings.data` says (`qatune train` calls this)."""
         raise NotImplementedError
 
     def setup(self, run: RunContext) -> None:

@@ -44,7 +44,7 @@ from qatune.rl.losses import clipped_surrogate
 from qatune.rl.prompts import Prompt, encode_prompts
 from qatune.rl.rewards import RewardFn, Sample, model_reward, programmatic_reward, score
 from qatune.rl.rollout import Rollout, sample_rollout
-from qatune.train.method import STEP_FIELDS, Method, RunContext
+from qatune.train.method import STEP_FIELDS, Method, RunContext, RunSettings
 from qatune.train.step import lm_weight, scored_rows_only
 
 
@@ -147,14 +147,14 @@ class OnlineRL(Method):
         return replace(cfg, rl=replace(cfg.rl, group_size=cls.default_group_size))
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, rank: int = 0):
+    def from_config(cls, settings: RunSettings, tokenizer, rank: int = 0):
         from qatune.data.readers import read_records
         from qatune.generation.evaluate import prompt_item
 
-        if not cfg.data.sources:
+        if not settings.data.sources:
             raise UserError("data.sources is empty: give the prompts (with reference answers) to sample from")
-        read = read_records(cfg.data.sources, cfg.data.mapping, cfg.data.skip_bad, cfg.data.limit)
-        template = cfg.data.get_template()
+        read = read_records(settings.data.sources, settings.data.mapping, settings.data.skip_bad, settings.data.limit)
+        template = settings.data.get_template()
         return cls([prompt_item(r, template) for r in read.records], template=template.to_dict())
 
     # --- setup ------------------------------------------------------------------------------

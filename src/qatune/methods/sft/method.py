@@ -21,7 +21,7 @@ from qatune.data.plan import ExamplePlan, eval_batches, held_out_split, make_bat
 from qatune.errors import UserError
 from qatune.kernels.loss import DEFAULT_CHUNK, perplexity, response_loss_sum, rows_loss_sum
 from qatune.methods.sft.monitor import monitor_targets
-from qatune.train.method import STEP_FIELDS, Method, RunContext, StepOutput
+from qatune.train.method import STEP_FIELDS, Method, RunContext, RunSettings, StepOutput
 from qatune.train.step import evaluate_sums, lm_weight, phase, scored_rows_only
 
 
@@ -53,10 +53,10 @@ class SFT(Method):
         self.chunk_size = chunk_size
 
     @classmethod
-    def from_config(cls, cfg, tokenizer, rank: int = 0) -> SFT:
+    def from_config(cls, settings: RunSettings, tokenizer, rank: int = 0) -> SFT:
         from qatune.data.pipeline import load_examples
 
-        loaded = load_examples(cfg.data, tokenizer)
+        loaded = load_examples(settings.data, tokenizer)
         if rank == 0:
             print(f"data: {loaded.report.summary()}", file=sys.stderr)
             for line in loaded.report.messages():
