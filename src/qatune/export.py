@@ -1,7 +1,9 @@
-"""`qatune export`'s sources: a training checkpoint (`<run>/checkpoints/step_*/`, single-process
-or sharded) as a plain model plus what an export needs (the run's template, max_len and the
-step), and the model card written beside it. (The export at the end of a run is
-`qatune.train.export`; both write the folder with `qatune.model.hf_io.export_hf`.)
+"""`qatune export`: any saved model as a transformers folder (`export_saved`): a run folder (its
+final export), an exported folder, a hub name, or a training checkpoint
+(`<run>/checkpoints/step_*/`, single-process or sharded) loaded as a plain model plus what an
+export needs (the run's template, max_len and the step), with a model card made from its run.
+(The export at the end of a run is `qatune.train.export`; both write the folder with
+`qatune.model.hf_io.export_hf`.)
 
     model, meta = load_checkpoint_model(Path("runs/x/checkpoints/step_00000400"))
     export_hf(model, out, tokenizer, {"qatune.json": ...}, meta["template"], meta["max_len"])
@@ -26,9 +28,10 @@ from qatune.errors import UserError
 from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
+from qatune.model.hf_io import export_hf, from_pretrained
 from qatune.model.lora import apply_lora, merge_lora
 from qatune.model.tokenizer import load_tokenizer
-from qatune.runs import EXPORT_DIR, read_meta
+from qatune.runs import EXPORT_DIR, META_FILE, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.train.checkpoints import STATE_FILE, load_trainable_state_dict
 from qatune.train.method import Method
 from qatune.train.model_card import CARD_FILE, final_metrics, model_card
@@ -157,3 +160,34 @@ def exported_card(source: Path, meta: dict) -> str | None:
     method = method_class(cfg.method) if cfg.method in METHODS else Method
     metrics = final_metrics(run_dir, meta.get("steps"))
     return model_card(cfg, info, metrics, method.summary_fields, method.title, method.config_sections)
+
+
+def export_saved(model: str, out: str, tokenizer: str | None = None) -> tuple[Path, int]:
+    """`qatune export`: what `model` names (a run folder, an exported folder, a checkpoint of a
+    run or a hub name) as a transformers folder `out`, with its qatune.json and model card; the
+    tokenizer config gets the run's template and context. Returns (out, parameter count)."""
+    source = Path(model)
+    if is_checkpoint_folder(source):
+        lm, meta = load_checkpoint_model(source)
+        tok = checkpoint_tokenizer(source, tokenizer, meta.pop("tokenizer"))
+        card = exported_card(source, meta)
+    else:
+        path = resolve_model_path(model)
+        lm = from_pretrained(path)
+        meta = read_meta(path)
+        tok = load_tokenizer_for(model, tokenizer)
+        card = exported_card(Path(path), meta or {}) if Path(path).is_dir() else None
+    extra = {META_FILE: json.dumps(meta, indent=2, ensure_ascii=False) + "\n"} if meta else {}
+    if card is not None:  # the model card: what the weights are, as the hub shows it
+        extra[CARD_FILE] = card
+    meta = meta or {}
+    written = export_hf(lm, out, tok, extra, meta.get("template"), meta.get("max_len"))
+    return written, lm.num_parameters()
+
+
+def checkpoint_tokenizer(checkpoint: Path, explicit: str | None, configured: str | None):
+    """--tokenizer, else the run's own export's tokenizer, else the run config's setting."""
+    run_export = checkpoint.parent.parent / EXPORT_DIR
+    if explicit is None and (run_export / "tokenizer_config.json").exists():
+        return load_tokenizer(run_export)
+    return load_tokenizer(explicit or configured)
