@@ -159,7 +159,7 @@ def exported_card(source: Path, meta: dict) -> str | None:
     info.update(meta, method=cfg.method)
     method = method_class(cfg.method) if cfg.method in METHODS else Method
     metrics = final_metrics(run_dir, meta.get("steps"))
-    return model_card(cfg, info, metrics, method.summary_fields, method.title, method.config_sections)
+    return model_card(cfg, info, metrics, method)
 
 
 def export_saved(model: str, out: str, tokenizer: str | None = None) -> tuple[Path, int]:

@@ -32,7 +32,7 @@ def export_files(cfg, run_dir: Path, info: dict, method) -> dict[str, str]:
     the model card from the run's resolved config, `info` and the final metrics in metrics.jsonl.
     method: the Method (class or instance) whose fields, title and config sections the card shows."""
     metrics = final_metrics(run_dir, info.get("steps"))
-    card = model_card(cfg, info, metrics, method.summary_fields, method.title, method.config_sections)
+    card = model_card(cfg, info, metrics, method)
     return {META_FILE: meta_text(info), CARD_FILE: card}
 
 

@@ -155,6 +155,7 @@ class Method:
     # The final metrics the export's model card lists: (metric key, what it is).
     summary_fields: tuple[tuple[str, str], ...] = (("loss", "training loss (last step)"),)
     config_sections: tuple[str, ...] = ()  # the config sections that apply to this method only
+    pipeline_tag = "text-generation"  # what the export is, as the model card tells the hub
     # What the runtime refuses for this method, and why (None: the method supports it). The
     # runtime checks these before `setup`, so a method never reads the strategy or the ranks.
     fsdp_unsupported: str | None = None  # strategy fsdp

@@ -5,7 +5,7 @@ pipeline_tag), then what the weights are: the base model, the data (sources, rec
 examples kept), the method and the settings it ran with, and the run's final metrics as its
 metrics.jsonl holds them.
 
-    text = model_card(cfg, info, final_metrics(run_dir, steps), fields)
+    text = model_card(cfg, info, final_metrics(run_dir, steps), method)
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def hub_datasets(sources: list) -> list[str]:
     return list(dict.fromkeys(s.name for s in expanded if isinstance(s, HubSource)))
 
 
-def front_matter(cfg, info: dict) -> str:
+def front_matter(cfg, info: dict, pipeline_tag: str) -> str:
     base, license_ = base_model(cfg)
     method = info.get("method", cfg.method)
     front: dict = {"library_name": "transformers"}
@@ -93,7 +93,7 @@ def front_matter(cfg, info: dict) -> str:
     datasets = hub_datasets(cfg.data.sources)
     if datasets:
         front["datasets"] = datasets
-    front["pipeline_tag"] = "text-classification" if method == "reward" else "text-generation"
+    front["pipeline_tag"] = pipeline_tag
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
 
 
@@ -146,11 +146,11 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def model_card(cfg, info: dict, metrics: dict, fields, title: str = "", sections: tuple[str, ...] = ()) -> str:
+def model_card(cfg, info: dict, metrics: dict, method_class) -> str:
     """The card of an export of a run with resolved config `cfg`. info: the export's qatune.json
-    (method, data_report …); metrics: `final_metrics` of the run; fields: (metric key, label) of
-    the metrics to list (`Method.summary_fields`); title, sections: the method's (`Method.title`,
-    `Method.config_sections`)."""
+    (method, data_report …); metrics: `final_metrics` of the run; method_class: the Method (class
+    or instance) whose declared summary fields, title, config sections and pipeline tag it shows."""
+    fields, title, sections = method_class.summary_fields, method_class.title, method_class.config_sections
     method = info.get("method", cfg.method)
     base, _ = base_model(cfg)
     start = f"`{cfg.model.name}`" + (f" (base model `{base}`)" if base and base != cfg.model.name else "")
@@ -176,4 +176,4 @@ def model_card(cfg, info: dict, metrics: dict, fields, title: str = "", sections
         *metric_lines(metrics, fields),
         "",
     ]
-    return front_matter(cfg, info) + "\n" + "\n".join(lines)
+    return front_matter(cfg, info, method_class.pipeline_tag) + "\n" + "\n".join(lines)

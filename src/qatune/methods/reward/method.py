@@ -36,6 +36,7 @@ class Reward(PairMethod):
         ("eval_loss", "eval {:.4f}"),
         ("eval_accuracy", "eval acc {:.2f}"),
     )
+    pipeline_tag = "text-classification"  # the export is a GPT2ForSequenceClassification
     summary_fields = (
         ("eval_loss", "held-out Bradley-Terry loss"),
         ("eval_accuracy", "held-out pair accuracy (chosen scores higher)"),
