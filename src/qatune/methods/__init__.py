@@ -1,8 +1,10 @@
-"""Training methods on the shared runtime, by the name the config's `method:` key gives.
+"""The training methods, one folder each (sft/, dpo/, reward/, ppo/, grpo/; pairs.py and online/
+hold what two of them share), by the name the config's `method:` key gives.
 
-Each entry is `module:Class`, imported when chosen, so a method's own dependencies load only
-when it is used. A method class has `from_config(settings, tokenizer, rank)`, which loads its data as the run's
-shared settings (`RunSettings`: `settings.data`) say.
+Each registry entry is `module:Class`, imported when chosen, so a method's own dependencies load
+only when it is used: a new method is its folder and one line here. A method class has
+`from_config(settings, tokenizer, rank)`, which loads its data as the run's shared settings
+(`RunSettings`: `settings.data`) say.
 """
 
 from __future__ import annotations
