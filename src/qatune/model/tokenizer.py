@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from qatune.errors import UserError
+from qatune.model.packaged_tokenizers import is_packaged, packaged_folder
 from qatune.utils.hub import looks_like_local_path, offline_mode, unreachable_message, unreachable_reason
 
 ENV_VAR = "QATUNE_TOKENIZER"
@@ -42,9 +43,13 @@ def _from_vocab_merges(vocab: Path, merges: Path):
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """A fast GPT-2 tokenizer with EOS and pad set; fails with a message naming the location."""
+    """A fast GPT-2 tokenizer with EOS and pad set; fails with a message naming the location. A
+    name of `packaged_tokenizers.PACKAGED` (`qwen2.5`) loads the folder converted from a pip
+    package's vocabulary (built on first use)."""
     location = tokenizer_location(name_or_path)
     path = Path(location)
+    if is_packaged(location):
+        path = packaged_folder(location)
     if path.is_file() and path.name == "vocab.json":
         path = path.parent
     if path.is_dir():
