@@ -47,9 +47,9 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     name of `packaged_tokenizers.PACKAGED` (`qwen2.5`) loads the folder converted from a pip
     package's vocabulary (built on first use)."""
     location = tokenizer_location(name_or_path)
-    path = Path(location)
     if is_packaged(location):
-        path = packaged_folder(location)
+        return _with_eos(_load_as_is(packaged_folder(location)), location)
+    path = Path(location)
     if path.is_file() and path.name == "vocab.json":
         path = path.parent
     if path.is_dir():
@@ -64,6 +64,15 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     else:
         tok = _from_hub(location)
     return _with_eos(tok, location)
+
+
+def _load_as_is(folder: Path):
+    """tokenizer.json with its own normalizer and pre-tokenizer. GPT2TokenizerFast would not do:
+    in transformers 5 it replaces them with GPT-2's byte-level regex and no normalizer, and Qwen's
+    vocabulary then splits "hậu-hậu" as `-`, `h` where Qwen's own encoder has `-h`."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 def _from_hub(name: str):
