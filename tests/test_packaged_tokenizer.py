@@ -70,7 +70,7 @@ def assert_same_as_package(tok, reference, texts: list[str]) -> None:
 
 def test_equals_the_package_encoder_token_for_token_on_real_text(qwen, qwen_reference, data_dir):  # noqa: F811
     texts = shared_texts(data_dir)
-    assert len(texts) > 1000 and any("ư" in t for t in texts)  # Vietnamese is in there
+    assert len(texts) > 500 and any("ư" in t for t in texts)  # Vietnamese is in there
     assert_same_as_package(qwen, qwen_reference, texts)
 
 
