@@ -99,7 +99,8 @@ PACKAGED = {
 
 
 def is_packaged(name: str | os.PathLike | None) -> bool:
-    return isinstance(name, str) and name.lower() in PACKAGED
+    """A name of PACKAGED, unless a file or folder of that name is where qatune runs (that wins)."""
+    return isinstance(name, str) and name.lower() in PACKAGED and not Path(name).exists()
 
 
 def cache_root() -> Path:
@@ -113,8 +114,6 @@ def resource_path(name: str) -> Path:
     """The tiktoken file the package installed; a one-line error when the package is missing."""
     vocab = PACKAGED[name.lower()]
     try:
-        import importlib
-
         module = importlib.import_module(vocab.module)
         import tiktoken  # noqa: F401  (the converter reads the file with it)
     except ImportError as e:
