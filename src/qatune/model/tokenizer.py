@@ -123,6 +123,6 @@ def _with_eos(tok, location: str):
     # (1024 for gpt2, an export's context) would only make transformers warn "Token indices
     # sequence length is longer than ..." for a text encoded whole before qatune cuts it. So no
     # limit here: transformers' own value for "none" (VERY_LARGE_INTEGER). An export writes the
-    # context into its tokenizer_config.json (`model.checkpoint.export_hf`).
+    # context into its tokenizer_config.json (`model.hf_io.export_hf`).
     tok.model_max_length = int(1e30)
     return tok
