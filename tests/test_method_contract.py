@@ -15,6 +15,7 @@ from qatune.errors import UserError
 from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
 from qatune.methods.online.config import RLConfig
+from qatune.model.gpt2 import GPT2Config
 from qatune.train.method import RunContext, RunSettings
 from qatune.train.runtime import check_method_fits
 from qatune.train.step import Precision
@@ -71,3 +72,20 @@ def test_padding_uses_the_pad_token_else_eos_on_every_path(gpt2_tokenizer):
     assert pad_id(SimpleNamespace(pad_token_id=7, eos_token_id=1)) == 7
     assert pad_id(None) == 0
     assert pad_id(gpt2_tokenizer) == gpt2_tokenizer.eos_token_id  # load_tokenizer sets pad = EOS
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_runtime_sets_activation_checkpointing_on_every_network_a_method_trains(on):
+    """PPO with a separate critic trains two GPT-2s inside its wrapper: the runtime's setting
+    reaches both (the method does not set it)."""
+    from qatune.methods.ppo.method import PolicyWithValue
+    from qatune.model.gpt2 import GPT2
+    from qatune.train.runtime import _Run
+
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    policy, critic = GPT2(config), GPT2(config)
+    run = _Run.__new__(_Run)  # just the wrapping step of a run
+    run.cfg = TrainConfig(method="ppo", activation_checkpointing=on)
+    run.ctx = SimpleNamespace(device=torch.device("cpu"))
+    run._wrap(PolicyWithValue(policy, critic))
+    assert policy.activation_checkpointing is on and critic.activation_checkpointing is on
