@@ -15,6 +15,16 @@ what makes it that method:
     state_dict / load_state_dict  method state kept in checkpoints (rollout buffers, controllers)
     export(model, run, info, files)  the final export (default: a transformers GPT-2 LM folder)
 
+and declares what it reads and what the runtime must refuse for it:
+
+    from_config(settings, ...)    its data, loaded as the run's typed `RunSettings` say
+    config_sections               its own config section (`run.section`), e.g. ("dpo",)
+    fsdp_unsupported, accumulation_unsupported, fixed_world_size   checked by the runtime before setup
+    pipeline_tag, title           what its export is, for the model card
+
+A method never touches the wrappers (DDP, compile: `qatune.model.unwrap`), activation
+checkpointing or torch.distributed: it asks the context (`run.barrier()`, `run.sum_over_ranks`).
+
 The runtime divides every micro-batch's `loss_sum` by the count of the WHOLE optimizer step (all
 micro-batches, all ranks), summed from the batches' `.count` before any forward pass, so that
 micro-batch x accumulation x ranks gives exactly the large-batch gradient whatever the method.
