@@ -15,7 +15,7 @@ from tests.test_preference_train import write_pairs
 from qatune.config import load_config
 from qatune.methods import method_class
 from qatune.methods.config import TrainConfig
-from qatune.methods.online import method as online
+from qatune.methods.online import loss as online
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.model.unwrap import backbone
 from qatune.train.runtime import make_model, run

@@ -201,4 +201,3 @@ class GPT2(DecoderLM):
         tokens = F.embedding(input_ids, self.wte.weight, sparse=True) if sparse_embedding_grad else self.wte(input_ids)
         x = self.drop(tokens + self.wpe(position_ids))
         return run_blocks(self, self.h, x, attention, kv_cache, outputs, self.ln_f)
-

@@ -300,4 +300,3 @@ class Llama(DecoderLM):
         angles = position_ids[..., None].float() * self._inv_freq[device]
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-

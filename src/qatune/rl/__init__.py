@@ -4,7 +4,7 @@ training run.
     rollout.py     sample responses with the KV-cache decoder, recording policy and reference
                    log-probs (and values) token by token as they are generated
     rewards.py     programmatic rewards against the record's reference answer (exact match, F1,
-                   GSM8K's "#### N"), or a reward model
+                   GSM8K's "#### N"), or a reward model (`make_reward` picks one by name)
     kl.py          the per-token KL penalty to the reference and its fixed / adaptive controller
     advantages.py  GAE, whitening, GRPO's group-normalized advantages
     losses.py      the clipped surrogate and the clipped value loss

@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -113,3 +114,13 @@ def score(reward_fn: RewardFn, samples: Sequence[Sample], no_eos_penalty: float 
     if no_eos_penalty:
         rewards -= no_eos_penalty * torch.tensor([not s.stopped_at_eos for s in samples], dtype=torch.float32)
     return rewards
+
+
+def make_reward(name: str, eos_id: int, device) -> RewardFn:
+    """A programmatic reward by name, or a reward model from a folder (`method: reward`'s export)."""
+    if not Path(name).exists():
+        return programmatic_reward(name)
+    from qatune.model.reward import load_reward_model
+
+    model = load_reward_model(name).to(device).eval()
+    return model_reward(lambda seqs: model.score_ids(seqs, eos_id))

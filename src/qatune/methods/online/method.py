@@ -30,22 +30,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qatune.data.batching import model_inputs, pad_id
+from qatune.data.batching import pad_id
 from qatune.data.plan import held_out_split
 from qatune.errors import MethodStop, UserError
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.kernels.logprobs import fused_logprob_loss
-from qatune.kernels.loss import select_labelled
 from qatune.methods.online.config import RLConfig
 from qatune.model.unwrap import backbone
 from qatune.rl.experience import PER_TOKEN, Experience, RLBatch, make_batch
-from qatune.rl.kl import KLController, kl_k1, kl_k3
-from qatune.rl.losses import clipped_surrogate
+from qatune.rl.kl import KLController, kl_k1
 from qatune.rl.prompts import Prompt, encode_prompts
-from qatune.rl.rewards import RewardFn, Sample, model_reward, programmatic_reward, score
+from qatune.rl.rewards import RewardFn, Sample, make_reward, score
 from qatune.rl.rollout import Rollout, sample_rollout
 from qatune.train.method import STEP_FIELDS, Method, RunContext, RunSettings
-from qatune.train.step import lm_weight, scored_rows_only
 
 
 class KLOutOfBand(MethodStop):
@@ -430,55 +426,7 @@ def _exact(prediction: str, reference: str) -> bool:
     return bool(exact_match(prediction, reference))
 
 
-def policy_loss(model, batch: RLBatch, clip: float, temperature: float, kl_coef: float, chunk: int):
-    """(sum over the micro-batch's response tokens of the clipped surrogate + kl_coef * KL_k3, the
-    model's output, summed metrics with the batch's rollout statistics). Through the fused LM
-    head: each chunk's log-probs give its tokens' losses and gradients while its logits exist (3
-    head matmuls per token)."""
-    b = batch.batch
-    cut = scored_rows_only(model, b.label_index)
-    out = model(**model_inputs(b), **cut)
-    hidden = out[0] if isinstance(out, tuple) else out
-    rows, targets = select_labelled(hidden, b.targets, b.label_index)
-    old, adv, ref = batch.old_logprobs, batch.advantages, batch.ref_logprobs
-    sums: dict = {}
-
-    def loss_fn(logp: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        surrogate, clipped = clipped_surrogate(logp, old[start:end], adv[start:end], clip)
-        kl = kl_k3(logp, ref[start:end])
-        log_ratio = (logp - old[start:end]).detach()
-        parts = {
-            "policy_loss_sum": surrogate.detach().sum(),
-            "clipped_tokens": clipped.sum(),
-            "kl_k3_sum": kl.detach().sum(),
-            "approx_kl_sum": (0.5 * log_ratio**2).sum(),  # KL(pi_old || pi) to second order
-        }
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
-        return (surrogate + kl_coef * kl).sum() if kl_coef else surrogate.sum()
-
-    n = rows.shape[0]
-    bounds = [*range(0, n, chunk), n]  # the loss couples no two tokens: any split into chunks will do
-    into_grad = cut.get("sparse_embedding_grad", False)
-    args = (rows / temperature, lm_weight(model), targets, bounds, loss_fn, chunk)
-    loss = fused_logprob_loss(*args, weight_grad_into_grad=into_grad)
-    sums.update(batch.rollout_stats or {})  # counted once per rollout, on the micro-batch that carries them
-    return loss, out, sums
-
-
 def experience_state(e: Experience) -> dict:
     state = {"prompt_ids": e.prompt_ids, "response_ids": e.response_ids}
     state.update({name: getattr(e, name) for name in PER_TOKEN})
     return state
-
-
-def make_reward(name: str, eos_id: int, device) -> RewardFn:
-    """A programmatic reward by name, or a reward model from a folder (`method: reward`'s export)."""
-    from pathlib import Path
-
-    if not Path(name).exists():
-        return programmatic_reward(name)
-    from qatune.model.reward import load_reward_model
-
-    model = load_reward_model(name).to(device).eval()
-    return model_reward(lambda seqs: model.score_ids(seqs, eos_id))
