@@ -2,13 +2,13 @@
 
     result = run(method, model, tokenizer, cfg)
 
-`run` trains `model` with a method (`qatune.train.method.Method`) as the config says (its
-runtime settings: `qatune.methods.config.TrainConfig`; `qatune.launch.train` builds the method a
-config names and calls this). The runtime owns what every method shares — device and precision, wrapping (DDP,
+`run` trains `model` with a method (`qatune.train.method.Method`) as the config says
+(`qatune.methods.config.TrainConfig`; `qatune.launch.train` builds the method a config names and
+calls this). The runtime owns what every method shares — device and precision, wrapping (DDP,
 FSDP2, activation checkpointing, compile), the optimizer and schedule, accumulation with global
 normalization (`qatune.train.step.accumulate`), clipping, checkpoints and resume, metrics, plots,
-eval calls, stop signals and export; a method (`qatune.methods`) supplies its data plan and
-its step. `fit` is the shortcut for supervised fine-tuning on examples a caller already holds.
+eval calls, stop signals and export; a method (`qatune.methods`) supplies its data plan and its
+step, and reads only its typed settings and its own config section (`RunContext`).
 """
 
 from __future__ import annotations
