@@ -79,7 +79,7 @@ class PlanSetup:
     packed: bool = False  # rows hold several examples: a (B, 1, T, T) block-causal mask is built
     attention: str = "flash"  # which SDPA kernel: what it saves for backward
     device: str = "cuda"
-    chunk_size: int = 2048
+    chunk_size: int = 2048  # the LM head's chunk: kernels.loss.DEFAULT_CHUNK (not imported: this stays torch-free)
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from typing import Literal
 from qatune.data.pipeline import DataConfig
 from qatune.data.plan import BatchConfig
 from qatune.errors import UserError
+from qatune.kernels.loss import DEFAULT_CHUNK
 from qatune.methods.dpo.loss import DPOConfig
 from qatune.methods.online.config import RLConfig
 from qatune.methods.reward.loss import RewardConfig
@@ -54,7 +55,7 @@ class TrainConfig:
     # Data parallelism under torchrun: none (one process), ddp (replicas), fsdp (ZeRO-3 shards).
     strategy: Literal["none", "ddp", "fsdp"] = "none"
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # used when strategy is fsdp
-    loss_chunk: int = 2048  # label rows per LM-head chunk
+    loss_chunk: int = DEFAULT_CHUNK  # label rows per LM-head chunk
     seed: int = 0  # the held-out split, the data order, random init, dropout and sampling
     device: str | None = None  # default: cuda if available, else cpu
     threads: int | None = None  # CPU threads (torch.set_num_threads); None = PyTorch's default
