@@ -39,6 +39,14 @@ SKIPPED = {
 TINY_MODEL = ["model.init=random", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
 SMALL_DATA = ["data.limit=24"]
 SMALL_RUN = ["max_steps=2", *SMALL_DATA]
+# What each method's progress line must show on its last step (the step line and the held-out part).
+PROGRESS_SHOWN = {
+    "sft": ("loss ", "tok/s", "eval ", "ppl "),
+    "dpo": ("loss ", "acc ", "margin ", "eval acc "),
+    "reward": ("loss ", "acc ", "margin ", "eval acc "),
+    "ppo": ("loss ", "reward ", "KL ", "eval reward "),
+    "grpo": ("loss ", "reward ", "KL ", "eval reward "),
+}
 SMALL_RL = ["rl.prompts_per_rollout=2", "rl.rollout.max_new_tokens=8"]
 # Offline: a hub data set is replaced by the README's own example file (the workspace writes
 # my_data.jsonl), and a hub model that a command loads weights of by a tiny GPT-2 folder that

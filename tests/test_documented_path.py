@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from documented import (
+    PROGRESS_SHOWN,
     SFT_COPIES,
     SFT_RUN,
     SMALL_RL,
@@ -162,6 +163,8 @@ def test_method_trains_with_its_defaults(method, tmp_path, data_dir, tokenizer_d
     run = check_train(result, work)
     assert yaml.safe_load((run / "config.yaml").read_text())["method"] == method
     assert re.search(r"train .*2/2", result.output), str(result)  # rich's bar, finished
+    for shown in PROGRESS_SHOWN[method]:  # the fields the method declares, on the bar
+        assert shown in result.output, (shown, result.output[-2000:])
 
 
 # --- the README's commands and the demo's -------------------------------------------------------

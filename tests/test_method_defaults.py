@@ -1,6 +1,6 @@
 """Every method through `qatune train` as a user types it: the method's defaults, only the keys it
-cannot do without (its data), tiny size overrides, and the progress display on — on a pipe
-(plain lines) and on a terminal (a pseudo-terminal, so rich draws its bar). The run folder's
+cannot do without (its data), tiny size overrides, and the progress display on a pipe (plain
+lines; the terminal, where rich draws its bar, is test_documented_path's). The run folder's
 config.yaml records the settings the method resolved, and a resume from that file continues.
 """
 
@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import re
-import select
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from tests.documented import PROGRESS_SHOWN as SHOWN
 from tests.processes import run_cli
 
 from qatune.runs import CHECKPOINTS_DIR
@@ -27,14 +24,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"sft": "qa", "dpo": "pairs", "reward": "pairs", "ppo": "qa", "grpo": "qa"}
-# What each method's progress line must show on its last step (the step line and the held-out part).
-SHOWN = {
-    "sft": ("loss ", "tok/s", "eval ", "ppl "),
-    "dpo": ("loss ", "acc ", "margin ", "eval acc "),
-    "reward": ("loss ", "acc ", "margin ", "eval acc "),
-    "ppo": ("loss ", "reward ", "KL ", "eval reward "),
-    "grpo": ("loss ", "reward ", "KL ", "eval reward "),
-}
 # Only what the method needs from the user (its data) and sizes that make it quick.
 CONFIG = """\
 method: {method}
@@ -80,36 +69,6 @@ def pipe_run(root):
     return run
 
 
-def pty_run(root: Path, method: str) -> tuple[int, str]:
-    """The same with stderr a pseudo-terminal: (exit code, what the terminal received)."""
-    master, slave = os.openpty()
-    env = {**os.environ, "COLUMNS": "250", "TERM": "xterm"}
-    code = "import sys\nfrom qatune.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    args = [sys.executable, "-c", code, "train", str(config_file(root, method, "pty")), f"name={method}"]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
-    os.close(slave)
-    chunks = []
-    while True:  # drain the terminal while the run writes to it (a full pty buffer would block it)
-        ready, _, _ = select.select([master], [], [], 300)
-        if not ready:
-            proc.kill()
-            break
-        try:
-            data = os.read(master, 65536)
-        except OSError:  # EIO: the child closed its end
-            break
-        if not data:
-            break
-        chunks.append(data)
-    rc = proc.wait(timeout=60)
-    os.close(master)
-    return rc, b"".join(chunks).decode("utf-8", errors="replace")
-
-
-def _plain(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
-
-
 @pytest.mark.parametrize("method", list(DATA))
 def test_every_method_trains_from_its_defaults_with_progress_on_a_pipe(pipe_run, method):
     proc, run_dir = pipe_run(method)
@@ -121,17 +80,6 @@ def test_every_method_trains_from_its_defaults_with_progress_on_a_pipe(pipe_run,
         assert shown in last[-1], (shown, last[-1])
     assert read_metrics(run_dir)[-1]["step"] == 2
     assert (run_dir / "export" / "README.md").is_file()
-
-
-@pytest.mark.parametrize("method", list(DATA))
-def test_every_method_trains_with_the_progress_bar_on_a_terminal(root, method):
-    rc, text = pty_run(root, method)
-    screen = _plain(text)
-    assert rc == 0, screen[-3000:]
-    assert "Traceback" not in screen
-    assert "2/2" in screen, screen[-3000:]  # rich's step counter
-    for shown in SHOWN[method]:
-        assert shown in screen, (shown, screen[-2000:])
 
 
 @pytest.mark.parametrize(
