@@ -346,6 +346,15 @@ class DecoderLM(nn.Module):
 
     attention_kernel = "auto"  # how packed rows attend: auto = FlexAttention on GPU, per-document SDPA on CPU
 
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Random init as GPT-2 and transformers' initializer_range do: N(0, 0.02) for every matrix
+        and embedding, zero biases (norm weights keep their 1)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
     def attention_for(self, B, T, past, doc_ids, attention_mask, kv_cache, device) -> Attention:
         """The attention kernel of one forward pass (`attention_for` above)."""
         dropout = self.training and self.config.dropout > 0

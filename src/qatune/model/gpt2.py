@@ -152,13 +152,6 @@ class GPT2(DecoderLM):
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
     @property
     def head_weight(self) -> torch.Tensor:
         """The (vocab, d) matrix of the output head: GPT-2 ties it to the token embedding."""

@@ -171,6 +171,15 @@ def _read_shards(folder: Path, index_file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_keys(source: str, missing: list[str], unexpected: list[str]) -> None:
+    """One error naming the checkpoint's missing and unexpected tensors (the first 8 of each)."""
+    if not (missing or unexpected):
+        return
+    named = [(what, keys) for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    parts = [f"{what} keys: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}" for what, keys in named]
+    raise CheckpointError(f"{source}: " + "; ".join(parts))
+
+
 def hf_to_qatune(hf_sd: dict[str, torch.Tensor], model: GPT2, source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Map HF GPT-2 keys to ours, strictly: every parameter present once, right shape."""
     expected = model.state_dict()
@@ -193,14 +202,7 @@ def hf_to_qatune(hf_sd: dict[str, torch.Tensor], model: GPT2, source: str = "che
         if tuple(tensor.shape) != want:
             raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")
         out[k] = (tensor.t() if k.endswith(_CONV1D) else tensor).contiguous()
-    missing = [k for k in expected if k not in out]
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"{source}: " + "; ".join(parts))
+    check_keys(source, [k for k in expected if k not in out], unexpected)
     if tied_head is not None and not torch.equal(tied_head, out["wte.weight"]):
         raise CheckpointError(f"{source}: lm_head.weight differs from the token embedding; qatune ties them")
     return out

@@ -249,14 +249,6 @@ class Llama(DecoderLM):
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # per device, built on first use
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # transformers' initializer_range (0.02) for every matrix; RMSNorm weights start at 1.
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
     @property
     def head_weight(self) -> torch.Tensor:
         """The (vocab, d) matrix of the output head: the token embedding when tied."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qatune.model.hf_io import CheckpointError, read_hf_state_dict, resolve_checkpoint_dir
+from qatune.model.hf_io import CheckpointError, check_keys, read_hf_state_dict, resolve_checkpoint_dir
 from qatune.model.llama import ROPE_TYPES, Llama, LlamaConfig, Rope
 from qatune.utils.files import atomic_dir
 
@@ -224,14 +224,7 @@ def hf_to_qatune(hf_sd: dict[str, torch.Tensor], model: Llama, source: str = "ch
                 f"{source}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[k].shape)}"
             )
         out[k] = tensor
-    missing = [_theirs(k) for k in expected if k not in out]
-    if unexpected or missing:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}")
-        raise CheckpointError(f"{source}: " + "; ".join(parts))
+    check_keys(source, [_theirs(k) for k in expected if k not in out], unexpected)
     if tied_head is not None and not torch.equal(tied_head, out["embed_tokens.weight"]):
         raise CheckpointError(
             f"{source}: lm_head.weight differs from the token embedding but tie_word_embeddings is true"
