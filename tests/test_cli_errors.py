@@ -114,3 +114,21 @@ def test_the_installed_entry_point_reports_a_user_error_in_one_line(tmp_path):
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and proc.stdout == "" and len(lines) == 1
     assert lines[0].startswith(f"qatune train: error: {config}: unknown config key 'data.max_lenn'")
+
+
+def test_overrides_may_follow_the_options():
+    """`qatune train c.yaml --resume optim.lr=1e-4`: argparse alone refused the override after an option."""
+    from qatune.cli import parse
+
+    args = parse(["train", "c.yaml", "data.max_len=64", "--resume", "optim.lr=1e-4", "--no-progress"])
+    assert args.overrides == ["data.max_len=64", "optim.lr=1e-4"] and args.resume and not args.progress
+    assert parse(["check", "c.yaml", "--sample", "8", "data.max_len=64"]).overrides == ["data.max_len=64"]
+
+
+@pytest.mark.parametrize("argv", [["train", "c.yaml", "--resume", "--bogus"], ["info", "gpt2", "a=b"]])
+def test_other_extra_arguments_are_still_refused(argv, capsys):
+    from qatune.cli import parse
+
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
