@@ -27,8 +27,8 @@ from qatune.config import load_config
 from qatune.errors import UserError
 from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
+from qatune.model.families import export_hf, from_pretrained
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
-from qatune.model.hf_io import export_hf, from_pretrained
 from qatune.model.lora import apply_lora, merge_lora
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import EXPORT_DIR, META_FILE, load_tokenizer_for, read_meta, resolve_model_path
@@ -181,7 +181,7 @@ def export_saved(model: str, out: str, tokenizer: str | None = None) -> tuple[Pa
     if card is not None:  # the model card: what the weights are, as the hub shows it
         extra[CARD_FILE] = card
     meta = meta or {}
-    written = export_hf(lm, out, tok, extra, meta.get("template"), meta.get("max_len"))
+    written = export_hf(lm, out, tok, extra, template=meta.get("template"), max_len=meta.get("max_len"))
     return written, lm.num_parameters()
 
 
