@@ -211,3 +211,23 @@ def test_export_cli_writes_the_llama_architecture(llama_run, tmp_path, capsys):
     ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, reference(llama_run / "export")(ids).logits)
+
+
+def test_a_llama_training_checkpoint_exports_with_its_base_folders_shape(llama_run, tmp_path):
+    from qatune.config import dump_yaml
+    from qatune.methods.config import TrainConfig
+    from qatune.train.checkpoints import save_checkpoint
+    from qatune.train.config import ModelConfig
+
+    model = from_pretrained(llama_run / "export")
+    with torch.no_grad():  # weights that differ from the base, as after training
+        model.layers[1].mlp.up_proj.weight.mul_(1.5)
+        model.output.weight.add_(0.01)
+    cfg = TrainConfig(model=ModelConfig(name=str(llama_run / "export")))
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = save_checkpoint(tmp_path / "checkpoints", 5, model, optimizer, None, config_yaml=dump_yaml(cfg))
+    assert main(["export", str(folder), str(tmp_path / "out")]) == 0
+    exported = from_pretrained(tmp_path / "out")
+    assert isinstance(exported, Llama) and exported.config == model.config
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert json.loads((tmp_path / "out" / "qatune.json").read_text())["steps"] == 5

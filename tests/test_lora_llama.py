@@ -132,3 +132,27 @@ def test_targets_of_the_other_family_and_mismatched_adapters_are_refused(hf_dirs
     save_adapter(gpt2, tmp_path / "gpt2", cfg)
     with pytest.raises(ValueError, match=r"adapter_config.json: fan_in_fan_out=True, but Llama-family weights"):
         load_adapter(from_pretrained(hf_dirs("llama")), tmp_path / "gpt2")
+
+
+def test_export_merges_an_adapter_peft_trained_into_its_base(hf_dirs, tmp_path, capsys):  # noqa: F811
+    """`qatune export BASE OUT --adapter DIR`: the merged folder gives peft's adapted logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qatune.cli import main
+
+    folder = hf_dirs("llama")
+    torch.manual_seed(1)
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], init_lora_weights=False)
+    hf = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), peft_cfg).eval()
+    hf.save_pretrained(tmp_path / "adapter")
+    assert main(["export", str(folder), str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'merged'} (")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        adapted = hf(IDS).logits
+        assert not torch.allclose(adapted, AutoModelForCausalLM.from_pretrained(folder)(IDS).logits)
+        torch.testing.assert_close(merged(IDS).logits, adapted, rtol=0, atol=1e-5)
+    assert main(["export", str(folder), str(tmp_path / "bad"), "--adapter", str(tmp_path / "nothing")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err and not (tmp_path / "bad").exists()
