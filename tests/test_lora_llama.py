@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from tests.test_llama import (
     hf_dirs,  # noqa: F401  (the fixture: random folders written by transformers)
@@ -156,3 +157,37 @@ def test_export_merges_an_adapter_peft_trained_into_its_base(hf_dirs, tmp_path, 
         torch.testing.assert_close(merged(IDS).logits, adapted, rtol=0, atol=1e-5)
     assert main(["export", str(folder), str(tmp_path / "bad"), "--adapter", str(tmp_path / "nothing")]) == 2
     assert "adapter_config.json" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_adapter_gradients_equal_pefts(hf_dirs, tmp_path):  # noqa: F811
+    """One training step's view: the chunked response loss through qatune's adapters gives peft's
+    gradients for every lora_A and lora_B (fp32), with activation checkpointing on."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qatune.kernels.loss import response_loss_sum
+
+    folder = hf_dirs("qwen2")
+    ours = from_pretrained(folder).train()
+    cfg = LoRAConfig(r=4, alpha=8)
+    apply_lora(ours, cfg)
+    make_nonzero(ours)
+    save_adapter(ours, tmp_path / "adapter", cfg)
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter", is_trainable=True).train()
+    targets = ids_of((2, 20), seed=5)
+    ours.activation_checkpointing = True
+    loss, count = response_loss_sum(ours(IDS), ours.head_weight, targets)
+    (loss / count).backward()
+    ref = F.cross_entropy(theirs(IDS).logits.flatten(0, 1), targets.flatten())
+    ref.backward()
+    torch.testing.assert_close(loss / count, ref, rtol=1e-5, atol=1e-6)
+    grads = {
+        k.removeprefix("base_model.model.model.").replace(".default", ""): p.grad
+        for k, p in theirs.named_parameters()
+        if p.requires_grad
+    }
+    ours_grads = {n: p.grad for n, p in adapter_state_dict(ours).items()}
+    assert grads.keys() == ours_grads.keys()
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
