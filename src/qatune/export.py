@@ -27,9 +27,11 @@ from qatune.config import load_config
 from qatune.errors import UserError
 from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
+from qatune.model.attention import DecoderLM
+from qatune.model.families import export_hf, from_pretrained, read_config
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
-from qatune.model.hf_io import export_hf, from_pretrained
-from qatune.model.lora import apply_lora, merge_lora
+from qatune.model.llama import Llama
+from qatune.model.lora import apply_lora, load_adapter, merge_lora
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import EXPORT_DIR, META_FILE, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.train.checkpoints import STATE_FILE, load_trainable_state_dict
@@ -50,7 +52,7 @@ def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and (bool(STEP_NAME.match(path.name)) or (path / STATE_FILE).is_file())
 
 
-def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
+def load_checkpoint_model(path: Path) -> tuple[DecoderLM, dict]:
     """The model weights of checkpoint `path`, and {template, max_len, steps, truncation, tokenizer}."""
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
@@ -66,7 +68,7 @@ def load_checkpoint_model(path: Path) -> tuple[GPT2, dict]:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
     with torch.device("meta"):
-        model = GPT2(_config_from_shapes(shapes, cfg, path))
+        model = _model_for(shapes, cfg, path)
     model = model.to_empty(device="cpu")
     if sharded:
         from qatune.train.sharded_checkpoints import load_sharded
@@ -112,6 +114,16 @@ def _dcp_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     metadata = FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
     prefix = "model."
     return {k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix) and hasattr(v, "size")}
+
+
+def _model_for(shapes: dict[str, tuple[int, ...]], cfg, path: Path) -> DecoderLM:
+    """A Llama-family checkpoint (its embedding is `embed_tokens`) has the shape of its base
+    folder's config.json; a GPT-2 one is rebuilt from the saved shapes."""
+    if "embed_tokens.weight" not in shapes:
+        return GPT2(_config_from_shapes(shapes, cfg, path))
+    if not (Path(cfg.model.name) / "config.json").is_file():
+        raise CheckpointFolderError(f"{path}: model.name {cfg.model.name!r} is not a local folder with config.json")
+    return Llama(read_config(cfg.model.name))
 
 
 def _config_from_shapes(shapes: dict[str, tuple[int, ...]], cfg, path: Path) -> GPT2Config:
@@ -162,11 +174,15 @@ def exported_card(source: Path, meta: dict) -> str | None:
     return model_card(cfg, info, metrics, method)
 
 
-def export_saved(model: str, out: str, tokenizer: str | None = None) -> tuple[Path, int]:
+def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: str | None = None) -> tuple[Path, int]:
     """`qatune export`: what `model` names (a run folder, an exported folder, a checkpoint of a
     run or a hub name) as a transformers folder `out`, with its qatune.json and model card; the
-    tokenizer config gets the run's template and context. Returns (out, parameter count)."""
+    tokenizer config gets the run's template and context. `adapter`: a LoRA adapter in peft's
+    format (a run's adapter/, or one peft saved) merged into `model` first; the base's model card
+    is then not copied (it describes other weights). Returns (out, parameter count)."""
     source = Path(model)
+    if adapter is not None and is_checkpoint_folder(source):
+        raise UserError(f"{source}: --adapter merges into a model folder or hub name, not a training checkpoint")
     if is_checkpoint_folder(source):
         lm, meta = load_checkpoint_model(source)
         tok = checkpoint_tokenizer(source, tokenizer, meta.pop("tokenizer"))
@@ -176,12 +192,15 @@ def export_saved(model: str, out: str, tokenizer: str | None = None) -> tuple[Pa
         lm = from_pretrained(path)
         meta = read_meta(path)
         tok = load_tokenizer_for(model, tokenizer)
-        card = exported_card(Path(path), meta or {}) if Path(path).is_dir() else None
+        card = exported_card(Path(path), meta or {}) if Path(path).is_dir() and adapter is None else None
+        if adapter is not None:
+            load_adapter(lm, adapter)
+            lm = merge_lora(lm)
     extra = {META_FILE: json.dumps(meta, indent=2, ensure_ascii=False) + "\n"} if meta else {}
     if card is not None:  # the model card: what the weights are, as the hub shows it
         extra[CARD_FILE] = card
     meta = meta or {}
-    written = export_hf(lm, out, tok, extra, meta.get("template"), meta.get("max_len"))
+    written = export_hf(lm, out, tok, extra, template=meta.get("template"), max_len=meta.get("max_len"))
     return written, lm.num_parameters()
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qatune.model.gpt2 import GPT2
-from qatune.model.hf_io import CheckpointError, from_pretrained
+from qatune.model.attention import DecoderLM
+from qatune.model.families import from_pretrained
+from qatune.model.hf_io import CheckpointError
 from qatune.utils.hub import looks_like_local_path
 
 EXPORT_DIR = "export"  # a run folder's final Hugging Face export
@@ -44,7 +45,8 @@ def read_meta(model_path: str) -> dict | None:
     return json.loads(f.read_text(encoding="utf-8")) if f.exists() else None
 
 
-def load_model(name_or_path: str, device: torch.device) -> GPT2:
+def load_model(name_or_path: str, device: torch.device) -> DecoderLM:
+    """The model of whichever family the folder's config.json names (GPT-2, Llama, Qwen …)."""
     return from_pretrained(resolve_model_path(name_or_path)).to(device)
 
 

@@ -31,13 +31,15 @@ def add_parser(sub) -> None:
 def make_session(args: argparse.Namespace):
     from qatune.data.templates import get_template
     from qatune.generation.chat import ChatSession
+    from qatune.model.families import context_length
     from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.utils.device import default_device
 
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
     model = load_model(args.model, default_device(args.device))
-    context = min(args.context or model.config.n_positions, model.config.n_positions)
+    limit = context_length(model.config)
+    context = min(args.context or limit, limit)
     fit_max_new_tokens(args, context, cap=256)  # a chat reply may run longer than generate's default
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     return ChatSession(model, tokenizer, template, sampling_from_args(args), context)

@@ -192,7 +192,10 @@ def fit_to_contexts(args: argparse.Namespace, context: int) -> None:
 
 
 def _context_of(model_path: str) -> int:
-    config = Path(model_path) / "config.json"
-    if config.exists():
-        return int(json.loads(config.read_text()).get("n_positions", 1024))
+    """The positions the model runs, from its config.json (GPT-2's n_positions, a Llama-family
+    max_position_embeddings or sliding window); 1024 for a hub name not yet downloaded."""
+    from qatune.model.families import context_length, read_config
+
+    if (Path(model_path) / "config.json").exists():
+        return context_length(read_config(model_path))
     return 1024

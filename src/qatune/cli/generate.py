@@ -108,6 +108,7 @@ def prompt_items(args: argparse.Namespace, template) -> list:
 
 def run(args: argparse.Namespace) -> int:
     from qatune.data.templates import get_template
+    from qatune.model.families import context_length
     from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.utils.device import default_device
 
@@ -116,14 +117,14 @@ def run(args: argparse.Namespace) -> int:
     items = prompt_items(args, template)
     model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
-    fit_max_new_tokens(args, model.config.n_positions)
+    fit_max_new_tokens(args, context_length(model.config))
     sampling = sampling_from_args(args)
     if args.out:
         return write_records(args, model, tokenizer, items, template, sampling)
     from qatune.generation.batch import prompt_budget, prompt_ids
     from qatune.generation.sampling import generate_ids
 
-    budget = prompt_budget(model.config.n_positions, sampling.max_new_tokens)
+    budget = prompt_budget(context_length(model.config), sampling.max_new_tokens)
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
         ids = [prompt_ids(tokenizer, item, budget)[0] for item in chunk]

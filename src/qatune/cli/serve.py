@@ -16,6 +16,9 @@ from qatune.cli.common import add_device_option, add_tokenizer_option
 from qatune.errors import UserError
 
 API_KEY_ENV = "QATUNE_API_KEY"
+# The default context when the model's is longer: the KV cache is preallocated for max_batch rows
+# of 1.25 x context tokens, which at Llama 3's 131,072 would be tens of GB before the first request.
+DEFAULT_MAX_CONTEXT = 8192
 
 
 def add_parser(sub) -> None:
@@ -33,6 +36,11 @@ def add_parser(sub) -> None:
     p.add_argument("--system-prompt", default=None, help="system text used when a conversation brings none")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="sequences allowed to wait; beyond, 429 (default 64)")
+    p.add_argument(
+        "--context",
+        type=int,
+        help=f"tokens one request may hold, prompt and reply (default: the model's, at most {DEFAULT_MAX_CONTEXT:,})",
+    )
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     add_tokenizer_option(p)
     add_device_option(p)
@@ -64,29 +72,30 @@ def build_server(args: argparse.Namespace):
 
     from qatune.data.templates import get_template
     from qatune.generation.continuous import ContinuousBatcher
+    from qatune.model.families import context_length
     from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.serve.app import ServedModel, create_app
     from qatune.serve.engine import AsyncEngine
     from qatune.utils.device import default_device
 
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise UserError("--max-batch and --max-queue must be at least 1")
+    if args.max_batch < 1 or args.max_queue < 1 or (args.context is not None and args.context < 2):
+        raise UserError("--max-batch and --max-queue must be at least 1, --context at least 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = read_meta(resolve_model_path(args.model)) or {}
     template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
     model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
-    config = model.config
+    context = min(args.context or DEFAULT_MAX_CONTEXT, context_length(model.config))
     served = ServedModel(
         args.name or model_name(args.model),
         tokenizer,
         template,
-        config.n_positions,
-        config.vocab_size,
+        context,
+        model.config.vocab_size,
         int(time.time()),
     )
-    engine = AsyncEngine(ContinuousBatcher(model, tokenizer, args.max_batch, args.max_queue))
+    engine = AsyncEngine(ContinuousBatcher(model, tokenizer, args.max_batch, args.max_queue, context))
     return create_app(engine, served, args.api_key), engine, served
 
 

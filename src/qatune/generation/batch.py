@@ -19,7 +19,8 @@ from qatune.data.encode import encode_pieces
 from qatune.errors import UserError
 from qatune.generation.metrics import score
 from qatune.generation.sampling import SamplingConfig, generate_ids
-from qatune.model.gpt2 import GPT2
+from qatune.model.attention import DecoderLM
+from qatune.model.families import context_length
 from qatune.utils.files import write_text_atomic
 
 
@@ -129,7 +130,7 @@ def append_batch(out: Path, records: list[dict]) -> None:
 
 
 def generate_to_file(
-    model: GPT2,
+    model: DecoderLM,
     tokenizer,
     items: Sequence[PromptItem],
     out: str | os.PathLike,
@@ -147,7 +148,7 @@ def generate_to_file(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    budget = prompt_budget(model.config.n_positions, sampling.max_new_tokens)
+    budget = prompt_budget(context_length(model.config), sampling.max_new_tokens)
     check_or_write_meta(out, {**(settings or {}), "sampling": asdict(sampling), "n_items": len(items)})
     done = read_done(out, items)
     todo = [i for i in range(len(items)) if i not in done]

@@ -10,7 +10,8 @@ from qatune.data.records import Message
 from qatune.data.templates import Template
 from qatune.errors import UserError
 from qatune.generation.sampling import Generation, SamplingConfig, generate_ids
-from qatune.model.gpt2 import GPT2
+from qatune.model.attention import DecoderLM
+from qatune.model.families import context_length
 
 
 class StreamDecoder:
@@ -45,10 +46,10 @@ class ChatSession:
     """The conversation so far; `reply` adds a user turn and the model's answer."""
 
     def __init__(
-        self, model: GPT2, tokenizer, template: Template, sampling: SamplingConfig, context: int | None = None
+        self, model: DecoderLM, tokenizer, template: Template, sampling: SamplingConfig, context: int | None = None
     ):
         self.model, self.tokenizer, self.template, self.sampling = model, tokenizer, template, sampling
-        self.context = min(context or model.config.n_positions, model.config.n_positions)
+        self.context = min(context or context_length(model.config), context_length(model.config))
         self.prompt_budget = self.context - sampling.max_new_tokens
         if self.prompt_budget < 1:
             raise UserError(

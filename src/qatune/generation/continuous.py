@@ -33,7 +33,8 @@ import torch
 
 from qatune.generation.sampling import SamplingConfig, next_token
 from qatune.generation.textstream import TextStream
-from qatune.model.gpt2 import GPT2, KVCache
+from qatune.model.attention import DecoderLM, KVCache
+from qatune.model.families import context_length
 
 
 class QueueFull(RuntimeError):
@@ -83,17 +84,21 @@ class ContinuousBatcher:
     """Runs sequences submitted from any thread; `step` (one scheduling iteration) and
     `serve_forever` run on one thread of their own."""
 
-    def __init__(self, model: GPT2, tokenizer, max_batch: int = 8, max_waiting: int = 64) -> None:
+    def __init__(
+        self, model: DecoderLM, tokenizer, max_batch: int = 8, max_waiting: int = 64, context: int | None = None
+    ) -> None:
+        """context: the most tokens (prompt + generated) one sequence may hold; the model's own by
+        default, never more. The cache holds max_batch x 1.25 x context keys and values."""
         if max_batch < 1 or max_waiting < 0:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
-        self.context = model.config.n_positions
+        self.context = min(context or context_length(model.config), context_length(model.config))
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.width = self.context + max(1, self.context // 4)
         self.cache = model.new_kv_cache(max_batch, self.width)
-        self.device = model.wte.weight.device
+        self.device = model.head_weight.device
         self.running: list[Sequence] = []  # running[i] lives in cache row i
         self.waiting: deque[Sequence] = deque()
         self.wakeup = threading.Condition()

@@ -27,7 +27,7 @@ from qatune.generation.batch import PromptItem, generate_to_file
 from qatune.generation.metrics import summarize, summarize_by_source
 from qatune.generation.sampling import SamplingConfig
 from qatune.kernels.loss import perplexity, response_loss_sum
-from qatune.model.gpt2 import GPT2
+from qatune.model.attention import DecoderLM
 
 SHOWN_EXAMPLES = 5
 
@@ -61,13 +61,13 @@ def _loss_entry(total: float, count: int, examples: int) -> dict:
 
 
 @torch.inference_mode()
-def response_loss(model: GPT2, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 8) -> dict:
+def response_loss(model: DecoderLM, examples: Sequence[EncodedExample], pad_id: int, batch_size: int = 8) -> dict:
     """Mean cross-entropy over all response tokens, overall and per source.
 
     Rows of similar length are batched, right-padded; with causal attention a real token never
     sees a pad, so no mask is needed and each row's sum equals the example's alone."""
     model.eval()
-    device = model.wte.weight.device
+    device = model.head_weight.device
     sums: dict[str, list[float]] = {}
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for start in range(0, len(order), batch_size):
@@ -75,7 +75,7 @@ def response_loss(model: GPT2, examples: Sequence[EncodedExample], pad_id: int, 
         batch = collate([[e] for e in chunk], pad_id).to(device)
         hidden = model(batch.input_ids, position_ids=batch.position_ids)
         for row, example in enumerate(chunk):
-            part, n = response_loss_sum(hidden[row], model.wte.weight, batch.targets[row])
+            part, n = response_loss_sum(hidden[row], model.head_weight, batch.targets[row])
             acc = sums.setdefault(example.source, [0.0, 0, 0])
             acc[0] += float(part)
             acc[1] += n
@@ -120,7 +120,7 @@ def data_warnings(truncation: dict) -> list[str]:
 
 
 def evaluate_model(
-    model: GPT2,
+    model: DecoderLM,
     tokenizer,
     data: DataConfig,
     generations_file: str | Path,

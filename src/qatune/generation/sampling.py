@@ -14,7 +14,8 @@ import torch
 
 from qatune.errors import UserError
 from qatune.generation.settings import SamplingConfig
-from qatune.model.gpt2 import GPT2
+from qatune.model.attention import DecoderLM
+from qatune.model.families import context_length
 
 
 @dataclass
@@ -62,7 +63,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
         if not p:
-            raise UserError(f"prompt {i} is empty; GPT-2 needs at least one token to condition on")
+            raise UserError(f"prompt {i} is empty; the model needs at least one token to condition on")
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
@@ -79,7 +80,7 @@ class Decoder:
     the policy and one for the reference model side by side on the same tokens.
     """
 
-    def __init__(self, model: GPT2, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True):
+    def __init__(self, model: DecoderLM, ids: torch.Tensor, mask: torch.Tensor, max_new: int, use_cache: bool = True):
         self.model = model
         self.ids, self.mask = ids, mask
         self.cache = model.new_kv_cache(ids.shape[0], ids.shape[1] + max_new) if use_cache else None
@@ -109,7 +110,7 @@ def room_for(prompt_width: int, max_new_tokens: int, context: int) -> int:
 
 @torch.inference_mode()
 def generate_ids(
-    model: GPT2,
+    model: DecoderLM,
     prompts: list[list[int]],
     eos_id: int,
     cfg: SamplingConfig,
@@ -120,10 +121,10 @@ def generate_ids(
     sequence (slow; kept as the reference the cached path is tested against). `on_token`, if
     given, receives each step's new token per row (EOS for rows already done), for streaming."""
     model.eval()
-    device = model.wte.weight.device
+    device = model.head_weight.device
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
-    max_new = room_for(P, cfg.max_new_tokens, model.config.n_positions)
+    max_new = room_for(P, cfg.max_new_tokens, context_length(model.config))
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     decoder = Decoder(model, ids, mask, max_new, use_cache)
     out = torch.full((B, max_new), eos_id, dtype=torch.long, device=device)

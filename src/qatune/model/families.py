@@ -55,6 +55,25 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(f"{type(model).__name__} is not a model of a known family")
 
 
+def context_length(config) -> int:
+    """Positions a model of `config` runs: its n_positions, or a shorter sliding window (Mistral,
+    Qwen: positions past the window are refused rather than attended differently, see llama.py)."""
+    window = getattr(config, "sliding_window", None)
+    return min(config.n_positions, window or config.n_positions)
+
+
+def read_config(folder: str | os.PathLike):
+    """The model config (GPT2Config or LlamaConfig) a local folder's config.json describes, without
+    reading its weights."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    hf = json.loads(config_file.read_text())
+    if family_for(hf.get("model_type"), str(config_file)) is LLAMA_FAMILY:
+        return llama_hf_io.config_from_hf(hf, source=str(config_file))
+    return gpt2_hf_io.config_from_hf(hf)
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, dropout: float | None = None
 ) -> nn.Module:

@@ -1,4 +1,5 @@
-"""LoRA adapters on qatune's GPT-2: apply, disable, merge, and save/load in peft's format.
+"""LoRA adapters on qatune's GPT-2 and Llama-family models: apply, disable, merge, and save/load
+in peft's format.
 
 LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685) freezes a weight W (out x in) and learns
 a low-rank update: y = x W^T + b + (alpha / r) * B(A(dropout(x))), with A (r x in) and B (out x r).
@@ -11,14 +12,20 @@ model computes exactly the base model at step 0.
 
     apply_lora(model, LoRAConfig(r=16, alpha=32))   # in place; every base parameter frozen
     with adapters_disabled(model): ...              # the base model (DPO/PPO/GRPO reference)
-    plain = merge_lora(model)                       # a plain GPT2 with W + (alpha/r) B @ A
-    save_adapter(model, "run/adapter", base_model="gpt2")   # peft.PeftModel.from_pretrained loads it
+    plain = merge_lora(model)                       # a plain model with W + (alpha/r) B @ A
+    save_adapter(model, "run/adapter", cfg, base_model="gpt2")   # peft.PeftModel.from_pretrained loads it
     load_adapter(model, "run/adapter")              # and back onto our model
 
-peft's layout for transformers' GPT2LMHeadModel: tensors `base_model.model.transformer.h.{i}.
-{target}.lora_A.weight` (r x in) and `.lora_B.weight` (out x r). HF's GPT-2 stores its projections
-as Conv1D (in x out), so the adapter config says `fan_in_fan_out: true`; the factors themselves
-have the same shapes as for a Linear, which is why they are saved untransposed.
+Targets are named per family (`Layout`): GPT-2's `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
+`mlp.c_proj`; the Llama family's `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`,
+`down_proj`, as peft and TRL configs name them. By default every one of them is adapted.
+
+peft's layout: tensors `base_model.model.<transformers module name>.lora_A.weight` (r x in) and
+`.lora_B.weight` (out x r), e.g. `base_model.model.transformer.h.0.attn.c_attn.lora_A.weight` for
+GPT2LMHeadModel and `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` for
+LlamaForCausalLM (and Qwen2/Qwen3/Mistral, which name their modules alike). HF's GPT-2 stores its
+projections as Conv1D (in x out), so its adapter config says `fan_in_fan_out: true`; the factors
+themselves have the same shapes as for a Linear, which is why they are saved untransposed.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,15 +45,58 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from qatune.errors import UserError
+from qatune.model.attention import DecoderLM
 from qatune.model.gpt2 import GPT2
+from qatune.model.llama import Llama
+from qatune.model.names import LLAMA_LORA_TARGETS
 from qatune.model.names import LORA_TARGETS as TARGETS
 from qatune.model.unwrap import plain_name
 from qatune.utils.files import atomic_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# peft's key prefix for a PeftModelForCausalLM around transformers' GPT2LMHeadModel.
-PEFT_PREFIX = "base_model.model.transformer."
+PEFT_MODEL = "base_model.model."  # peft's prefix before the transformers model's own module names
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps the matrices LoRA adapts, and what peft calls them."""
+
+    family: str
+    blocks: str  # the ModuleList of blocks in qatune's model
+    targets: dict[str, str]  # target name (as `lora.targets` says it) -> module path inside a block
+    hf_root: str  # transformers' module holding the blocks: our `h.0...` is its `transformer.h.0...`
+    fan_in_fan_out: bool  # transformers stores the weights in x out (GPT-2's Conv1D)
+
+    @property
+    def peft_prefix(self) -> str:
+        return f"{PEFT_MODEL}{self.hf_root}."
+
+    def resolve(self, targets: list[str] | None) -> list[str]:
+        """The configured targets (None: all of this family's), checked against this family."""
+        if targets is None:
+            return list(self.targets)
+        wrong = [t for t in targets if t not in self.targets]
+        if wrong:
+            raise UserError(
+                f"lora.targets {wrong} are not {self.family} matrices; {self.family}'s are {', '.join(self.targets)}"
+            )
+        return list(targets)
+
+    def module_names(self, n_layer: int, targets: list[str]) -> list[str]:
+        return [f"{self.blocks}.{i}.{self.targets[t]}" for i in range(n_layer) for t in targets]
+
+
+GPT2_LORA = Layout("GPT-2", "h", {t: t for t in TARGETS}, "transformer", fan_in_fan_out=True)
+LLAMA_LORA = Layout("Llama-family", "layers", dict(LLAMA_LORA_TARGETS), "model", fan_in_fan_out=False)
+
+
+def layout_of(model: nn.Module) -> Layout:
+    if isinstance(model, GPT2):
+        return GPT2_LORA
+    if isinstance(model, Llama):
+        return LLAMA_LORA
+    raise TypeError(f"LoRA does not know where the matrices of a {type(model).__name__} are")
 
 
 @dataclass
@@ -56,10 +106,12 @@ class LoRAConfig:
     r: int = 16  # rank of the update
     alpha: float = 32.0  # the update is scaled by alpha / r, so lr need not change with r
     dropout: float = 0.0  # dropout on the adapter's input only (train mode); the base path has none
-    # Which matrices of every block get an adapter. All four by default: adapting only attention
-    # (the LoRA paper's choice) trails full fine-tuning on instruction data, adapting every linear
-    # layer closes most of the gap (QLoRA, Dettmers et al. 2023, section 4).
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    # Which matrices of every block get an adapter: GPT-2's attn.c_attn, attn.c_proj, mlp.c_fc,
+    # mlp.c_proj; the Llama family's q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    # None = every one of the model's (peft's "all-linear"): adapting only attention (the LoRA
+    # paper's choice) trails full fine-tuning on instruction data, adapting every linear layer
+    # closes most of the gap (QLoRA, Dettmers et al. 2023, section 4).
+    targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -68,10 +120,13 @@ class LoRAConfig:
             raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.targets is None:
+            return
         self.targets = list(self.targets)
-        unknown = [t for t in self.targets if t not in TARGETS]
+        known = (*TARGETS, *LLAMA_LORA_TARGETS)
+        unknown = [t for t in self.targets if t not in known]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise UserError(f"lora.targets {self.targets} must be distinct names among {', '.join(TARGETS)}")
+            raise UserError(f"lora.targets {self.targets} must be distinct names among {', '.join(known)}")
 
     @property
     def scaling(self) -> float:
@@ -121,24 +176,23 @@ def has_lora(model: nn.Module) -> bool:
     return any(True for _ in lora_modules(model))
 
 
-def apply_lora(model: GPT2, cfg: LoRAConfig) -> list[str]:
+def apply_lora(model: DecoderLM, cfg: LoRAConfig) -> list[str]:
     """Freeze every parameter of `model` and put an adapter on each target of every block, in place.
 
-    Call it on the plain model, before DDP/FSDP/compile wrap it. Returns the adapted modules' names.
-    """
+    Call it on the plain model, before DDP/FSDP/compile wrap it. Returns the adapted modules' names
+    (`h.0.attn.c_attn`, `layers.0.self_attn.q_proj`, ...)."""
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
+    layout = layout_of(model)
+    names = layout.module_names(model.config.n_layer, layout.resolve(cfg.targets))
     model.requires_grad_(False)
-    names = []
-    for i, block in enumerate(model.h):
-        for target in cfg.targets:
-            parent_name, child = target.split(".")
-            parent = getattr(block, parent_name)
-            base = getattr(parent, child)
-            if not isinstance(base, nn.Linear):
-                raise TypeError(f"h.{i}.{target} is a {type(base).__name__}, not an nn.Linear")
-            setattr(parent, child, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout))
-            names.append(f"h.{i}.{target}")
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear")
+        setattr(parent, child, LoRALinear(base, cfg.r, cfg.alpha, cfg.dropout))
     return names
 
 
@@ -214,8 +268,9 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     return out
 
 
-def merge_lora(model: GPT2) -> GPT2:
-    """A plain GPT2 (no adapters) whose targeted weights are W + (alpha/r) B @ A; the export.
+def merge_lora(model: DecoderLM) -> DecoderLM:
+    """A plain model of the same family (no adapters) whose targeted weights are W + (alpha/r) B @ A;
+    the export.
 
     The adapted model is left as it is; tensors that merging does not change are shared, not
     copied. A model without adapters is returned unchanged."""
@@ -228,7 +283,7 @@ def merge_lora(model: GPT2) -> GPT2:
     with torch.no_grad():
         state = merged_state_dict(dict(model.state_dict()), scaling.pop())
     with torch.device("meta"):
-        plain = GPT2(model.config)
+        plain = type(model)(model.config)
     plain.load_state_dict(state, assign=True)
     plain.train(model.training)
     return plain.requires_grad_(False)
@@ -239,18 +294,22 @@ def merge_lora(model: GPT2) -> GPT2:
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, cfg: LoRAConfig, base_model: str | None = None) -> Path:
     """Write `adapter_config.json` + `adapter_model.safetensors` atomically, in peft's layout for
-    transformers' GPT2LMHeadModel. `base_model` is recorded as `base_model_name_or_path`."""
+    the model's transformers class (GPT2LMHeadModel, LlamaForCausalLM, ...). `base_model` is
+    recorded as `base_model_name_or_path`."""
     from peft import LoraConfig  # the config file is peft's own serialization of its config
 
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
+    layout = layout_of(model)
+    state = adapter_state_dict(model)
+    tensors = {layout.peft_prefix + k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     if not tensors:
         raise ValueError("the model has no LoRA adapters to save")
     peft_cfg = LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.targets),  # matched by suffix: "attn.c_proj" is not "mlp.c_proj"
-        fan_in_fan_out=True,  # HF GPT-2's projections are Conv1D (in x out)
+        # matched by suffix: GPT-2's "attn.c_proj" is not "mlp.c_proj"; Llama's names are unique
+        target_modules=layout.resolve(cfg.targets),
+        fan_in_fan_out=layout.fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model,
@@ -283,8 +342,10 @@ def _neutral(value) -> bool:
     return value is None or value is False or value == "none" or (isinstance(value, (dict, list)) and not value)
 
 
-def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
-    """Our LoRAConfig from a peft `adapter_config.json`; anything we cannot reproduce is an error."""
+def read_adapter_config(adapter_dir: str | os.PathLike, model: nn.Module | None = None) -> LoRAConfig:
+    """Our LoRAConfig from a peft `adapter_config.json` for `model`'s family (GPT-2 when no model is
+    given); anything we cannot reproduce is an error."""
+    layout = GPT2_LORA if model is None else layout_of(model)
     path = Path(adapter_dir) / ADAPTER_CONFIG
     try:
         raw = json.loads(path.read_text())
@@ -297,11 +358,18 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> LoRAConfig:
     for key in _UNSUPPORTED:
         if not _neutral(raw.get(key)):
             raise UserError(f"{path}: {key}={raw[key]!r} is not supported by qatune's LoRA")
-    if raw.get("fan_in_fan_out") is False:
-        raise UserError(f"{path}: fan_in_fan_out=false, but GPT-2's projections are Conv1D (in x out)")
-    targets = [t for t in TARGETS if _peft_matches(raw.get("target_modules"), f"transformer.h.0.{t}")]
+    if bool(raw.get("fan_in_fan_out")) != layout.fan_in_fan_out:
+        stored = "in x out (Conv1D)" if layout.fan_in_fan_out else "out x in (nn.Linear)"
+        raise UserError(
+            f"{path}: fan_in_fan_out={raw.get('fan_in_fan_out')!r}, but {layout.family} weights are stored {stored}"
+        )
+    first_block = f"{layout.hf_root}.{layout.blocks}.0"
+    wanted = raw.get("target_modules")
+    targets = [t for t, where in layout.targets.items() if _peft_matches(wanted, f"{first_block}.{where}")]
     if not targets:
-        raise UserError(f"{path}: target_modules={raw.get('target_modules')!r} match none of {', '.join(TARGETS)}")
+        raise UserError(
+            f"{path}: target_modules={wanted!r} match none of {layout.family}'s {', '.join(layout.targets)}"
+        )
     try:
         r, alpha, dropout = int(raw["r"]), float(raw["lora_alpha"]), float(raw.get("lora_dropout") or 0.0)
         return LoRAConfig(r=r, alpha=alpha, dropout=dropout, targets=targets)
@@ -319,16 +387,17 @@ def _peft_matches(target_modules, key: str) -> bool:
     return any(key == t or key.endswith(f".{t}") for t in target_modules or ())
 
 
-def load_adapter(model: GPT2, adapter_dir: str | os.PathLike) -> LoRAConfig:
-    """Load a peft LoRA adapter (saved by `save_adapter` or by peft for GPT2LMHeadModel) onto
-    `model`: adapters are applied first if the model has none. Strict: every adapter tensor
-    present once, with its shape. Returns the adapter's config."""
+def load_adapter(model: DecoderLM, adapter_dir: str | os.PathLike) -> LoRAConfig:
+    """Load a peft LoRA adapter (saved by `save_adapter`, or by peft for the model's transformers
+    class) onto `model`: adapters are applied first if the model has none. Strict: every adapter
+    tensor present once, with its shape. Returns the adapter's config."""
     adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir)
+    layout = layout_of(model)
+    cfg = read_adapter_config(adapter_dir, model)
     if not has_lora(model):
         apply_lora(model, cfg)
     have = {name: m for name, m in lora_modules(model)}
-    want = {f"h.{i}.{t}" for i in range(model.config.n_layer) for t in cfg.targets}
+    want = set(layout.module_names(model.config.n_layer, cfg.targets))
     if set(have) != want or any(m.r != cfg.r or m.scaling != cfg.scaling for m in have.values()):
         raise UserError(f"{adapter_dir}: the model's adapters differ from the adapter's config (r, alpha, targets)")
     file = adapter_dir / ADAPTER_WEIGHTS
@@ -337,7 +406,7 @@ def load_adapter(model: GPT2, adapter_dir: str | os.PathLike) -> LoRAConfig:
     saved = load_file(str(file))
     expected = adapter_state_dict(model)
     # peft writes its keys without the adapter name; some versions keep ".default": accept both.
-    by_name = {_strip_peft(k): k for k in saved}
+    by_name = {_strip_peft(k, layout): k for k in saved}
     missing = [k for k in expected if k not in by_name]
     unexpected = [by_name[k] for k in by_name if k not in expected]
     if missing or unexpected:
@@ -359,5 +428,6 @@ def load_adapter(model: GPT2, adapter_dir: str | os.PathLike) -> LoRAConfig:
     return cfg
 
 
-def _strip_peft(key: str) -> str:
-    return key.removeprefix(PEFT_PREFIX).replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+def _strip_peft(key: str, layout: Layout) -> str:
+    key = key.removeprefix(layout.peft_prefix)
+    return key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
