@@ -89,3 +89,37 @@ def test_offline_mode_names_the_cache(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     with pytest.raises(CheckpointError, match=r"^'org/model' is not a local folder and not in the local cache"):
         from_pretrained("org/model")
+
+
+def test_a_sharded_hub_checkpoint_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    """Models of a few GB are sharded on the hub (an index + shards, no model.safetensors): the hub
+    path fetches the index and every shard it names. Here the real huggingface_hub reads a cache
+    laid out as its downloads leave it."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from qatune.model import families
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**shape, vocab_size=256))
+    hf.save_pretrained(tmp_path / "written", max_shard_size="40KB")
+    assert not (tmp_path / "written" / "model.safetensors").exists()
+    repo = tmp_path / "cache" / "models--org--tiny-llama"
+    commit = "0" * 40
+    shutil.copytree(tmp_path / "written", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    model = families.from_pretrained("org/tiny-llama")
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(model(ids)), hf.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    # A shard missing from the cache: the model is not there, and the message says where to look.
+    next((repo / "snapshots" / commit).glob("model-00002-of-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="not in the local cache"):
+        families.from_pretrained("org/tiny-llama")

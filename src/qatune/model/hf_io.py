@@ -38,6 +38,7 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 # Non-parameter buffers that older HF checkpoints carry (the causal mask); safe to ignore.
 _BUFFERS = (".attn.bias", ".attn.masked_bias")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_SHARD_INDEX = "model.safetensors.index.json"
 
 
 class CheckpointError(UserError):
@@ -133,6 +134,8 @@ def _hub_files(repo: str, local_files_only: bool) -> Path | None:
                 return Path(config_file).parent
             except EntryNotFoundError:  # LocalEntryNotFoundError too: try the next weights file
                 continue
+        if _hub_shards(repo, local_files_only):
+            return Path(config_file).parent
     except Exception:
         if local_files_only:  # not cached, an invalid repo id, a broken cache: the real attempt says what
             return None
@@ -142,6 +145,21 @@ def _hub_files(repo: str, local_files_only: bool) -> Path | None:
     return Path(config_file).parent  # no weights on the hub: read_hf_state_dict names the folder
 
 
+def _hub_shards(repo: str, local_files_only: bool) -> bool:
+    """Download a sharded checkpoint (models over a few GB: the index and every shard it names);
+    False when the repo has no safetensors index."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = huggingface_hub.hf_hub_download(repo, _SHARD_INDEX, local_files_only=local_files_only)
+    except EntryNotFoundError:
+        return False
+    for shard in sorted(set(json.loads(Path(index).read_text())["weight_map"].values())):
+        huggingface_hub.hf_hub_download(repo, shard, local_files_only=local_files_only)
+    return True
+
+
 def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     for name in _WEIGHT_FILES:
         f = folder / name
@@ -149,8 +167,8 @@ def read_hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
             if name.endswith(".safetensors"):
                 return load_file(str(f))
             return torch.load(f, map_location="cpu", weights_only=True)
-    if (folder / "model.safetensors.index.json").exists():
-        return _read_shards(folder, folder / "model.safetensors.index.json")
+    if (folder / _SHARD_INDEX).exists():
+        return _read_shards(folder, folder / _SHARD_INDEX)
     raise CheckpointError(f"{folder} holds no weights (looked for {', '.join(_WEIGHT_FILES)})")
 
 
