@@ -146,3 +146,18 @@ def test_generate_killed_mid_run_resumes_to_the_same_file(hf_tiny_dir, gpt2_toke
     # ... to exactly the records of an uninterrupted run.
     assert main(["generate", *[a if a != str(out) else str(tmp_path / "full.jsonl") for a in bigger]]) == 0
     assert resumed == read_records(tmp_path / "full.jsonl")
+
+
+def test_a_system_prompt_keeps_every_accepted_answer():
+    """A SQuAD-style row with a `system` field becomes a conversation; its answers are still all
+    references (exact match against any of them), not only the first."""
+    from qatune.data.layouts import to_records
+    from qatune.data.templates import get_template
+    from qatune.generation.evaluate import prompt_item
+
+    row = {"question": "Who?", "context": "Ann met Bo.", "answers": ["Ann", "ann", "Ann."], "system": "Be brief."}
+    (record,) = to_records(row, "squad", None, "q.jsonl", "q.jsonl:1")
+    assert record.is_conversation
+    item = prompt_item(record, get_template("chat"))
+    assert item.reference == "Ann" and item.references == ["Ann", "ann", "Ann."]
+    assert "Be brief." in item.text and "Ann met Bo." in item.text

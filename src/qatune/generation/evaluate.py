@@ -43,16 +43,18 @@ def prompt_item(record: Record, template: Template) -> PromptItem:
     """The generation prompt of a record: its prompt through the template, or for a conversation,
     the history up to its last assistant turn; the reference is that answer."""
     reference = strip_final_eos(record.reference)
+    # Every accepted answer (SQuAD-style sets), also when a system prompt made the record a conversation.
+    references = [strip_final_eos(r) for r in record.references] if record.references else None
     if not record.is_conversation:
         text = template.render_prompt(record.prompt, record.context)
-        references = [strip_final_eos(r) for r in record.references] if record.references else None
         return PromptItem(record.where, record.source, record.prompt, text, reference, references)
     last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
     history = record.messages[:last]
     if not history or history[-1].role != "user":
         raise UserError(f"{record.where}: the last assistant turn does not answer a user turn")
     pieces = template.generation_pieces(history)
-    return PromptItem(record.where, record.source, history[-1].content, "".join(pieces), reference, pieces=pieces)
+    text = "".join(pieces)
+    return PromptItem(record.where, record.source, history[-1].content, text, reference, references, pieces)
 
 
 def _loss_entry(total: float, count: int, examples: int) -> dict:
