@@ -18,7 +18,7 @@ from qatune.data.preference.truncation import PAIR_POLICIES
 from qatune.data.readers import ReadResult, read_records
 from qatune.data.records import DataError
 from qatune.data.report import DataReport, TruncationCounts
-from qatune.data.templates import Template, get_template
+from qatune.data.templates import Template, bind_template, get_template
 from qatune.data.truncation import POLICIES, apply, plan
 
 
@@ -92,4 +92,4 @@ def load_examples(cfg: DataConfig, tokenizer, progress: Callable[[int], None] | 
     report = DataReport(
         len(read.records), read.skipped, read.skip_reasons, counts, dict(read.layouts), read.warnings, read.notes
     )
-    return LoadResult(examples, report, dict(read.layouts), cfg.get_template())
+    return LoadResult(examples, report, dict(read.layouts), bind_template(cfg.get_template(), tokenizer))
