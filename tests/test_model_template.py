@@ -180,3 +180,17 @@ def test_the_pipeline_trains_on_the_model_template(qwen_folder, tmp_path):  # no
     loaded = load_examples(DataConfig(sources=[str(data)], template="model"), tok)
     assert loaded.template.chat_template == tok.chat_template
     assert tok.decode([t for t in loaded.examples[0].labels if t != IGNORE]) == "Yo<|im_end|>"
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_a_gpt2_export_keeps_the_models_template_as_it_is(bound, qwen_folder, tiny_model, tmp_path):  # noqa: F811
+    """Bound (a run's saved template, with its Jinja text) or not (`template: model` from a config
+    alone): the exported tokenizer's chat template is the tokenizer's own, unchanged."""
+    from transformers import AutoTokenizer
+
+    from qatune.model.hf_io import export_hf
+
+    tok = load_tokenizer(qwen_folder)
+    template = bind_template(get_template("model"), tok) if bound else get_template("model")
+    export_hf(tiny_model, tmp_path / "out", tok, template=template.to_dict(), max_len=64)
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == tok.chat_template
