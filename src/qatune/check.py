@@ -40,7 +40,6 @@ from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.model_template import ModelTemplate
 from qatune.data.pipeline import read_and_encode
 from qatune.data.report import TruncationCounts
-from qatune.data.templates import bind_template
 from qatune.data.truncation import DROP_WARN_SHARE, apply, best_policy, plan
 from qatune.errors import UserError
 from qatune.utils.device import default_device
@@ -534,7 +533,7 @@ def run_checks(cfg, sample_size: int = 64, workdir: str | os.PathLike | None = N
         raise UserError(f"qatune check: method {cfg.method!r} is not checked yet; it checks method sft")
     report = CheckReport()
     tokenizer = load_tokenizer(cfg.tokenizer or model_tokenizer(cfg.model))
-    template = bind_template(cfg.data.get_template(), tokenizer)
+    template = cfg.data.get_template(tokenizer)
     sample, report.notes = load_sample(cfg, tokenizer, sample_size)
     report.notes += own_template_note(template, tokenizer)
     render_example(report, sample, tokenizer)

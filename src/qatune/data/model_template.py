@@ -87,7 +87,10 @@ class ModelTemplate:
 
     def _jinja(self) -> str:
         if self.chat_template is None:
-            raise ChatTemplateError("template 'model' renders through a tokenizer's chat template: bind it first")
+            raise ChatTemplateError(
+                "template 'model' renders through a tokenizer's chat template: bind it to the tokenizer first "
+                "(qatune.data.templates.bind_template, or DataConfig.get_template(tokenizer))"
+            )
         return self.chat_template
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, marked: bool) -> tuple[str, list]:
