@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.chat_templates import LLAMA3_TEMPLATE, qwen_cache, qwen_folder, with_template  # noqa: F401
+from tests.chat_templates import CHATML_MARKED, LLAMA3_TEMPLATE, qwen_cache, qwen_folder, with_template  # noqa: F401
 from tests.test_check import TINY
 
 from qatune.check import CheckReport, check_chat_template, load_sample
@@ -96,3 +96,38 @@ def test_a_tokenizer_with_its_own_template_trained_with_qatunes_gets_a_note(qwen
     ]
     assert own_template_note(bind_template(get_template("model"), qwen), qwen) == []
     assert own_template_note(get_template("chat"), load_tokenizer(tokenizer_dir)) == []  # GPT-2 has none
+
+
+def check_on(template_text: str, qwen_folder: Path, tmp_path: Path):  # noqa: F811
+    """The chat template check, a folder with `template_text` as both the training tokenizer and the export."""
+    folder = with_template(qwen_folder, tmp_path / "tok", template_text)
+    cfg, overrides = config(tmp_path, [conversations(tmp_path / "chats.jsonl")], folder)
+    cfg = load_config(TrainConfig, cfg, overrides)
+    tokenizer = load_tokenizer(folder)
+    sample, _ = load_sample(cfg, tokenizer, 4)
+    report = CheckReport()
+    check_chat_template(report, folder, sample, cfg.data.get_template(tokenizer), tokenizer)
+    return report.results[0]
+
+
+def test_a_template_with_generation_markers_has_its_mask_compared_too(qwen_folder, tmp_path):  # noqa: F811
+    result = check_on(CHATML_MARKED, qwen_folder, tmp_path)
+    assert result.status == "PASS", result.detail
+    assert result.detail.endswith("generation prompts; the assistant mask = the loss tokens")
+
+
+def test_a_generation_prompt_ending_in_a_space_fails_where_the_answer_took_the_space(qwen_folder, tmp_path):  # noqa: F811
+    """ "A: " + "Không có gì." renders "A: Không …": tokenized whole, the space belongs to " Không",
+    so training's prompt ends at "A:" while apply_chat_template's generation prompt "A: " ends in
+    a lone " " token the model never saw before an answer."""
+    spaced = (
+        "{%- for m in messages %}{%- if m.role == 'assistant' %}{{- 'A: ' + m.content + '<|im_end|>\\n' }}"
+        "{%- else %}{{- 'Q: ' + m.content + '\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- 'A: ' }}{%- endif %}"
+    )
+    result = check_on(spaced, qwen_folder, tmp_path)
+    assert result.status == "FAIL"
+    assert result.detail == (
+        f"4 of 4 records differ from apply_chat_template, e.g. {tmp_path / 'chats.jsonl'}:1: the generation prompt, "
+        "token 25: training has nothing (it ends), apply_chat_template has 220 ' '"
+    )

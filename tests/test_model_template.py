@@ -84,9 +84,9 @@ def test_ids_are_apply_chat_templates_and_the_loss_is_each_answer_and_its_end_to
     history = messages[:-1]
     want = hf_ids(hf.apply_chat_template(as_dicts(history), tokenize=True, add_generation_prompt=True))
     assert generation_ids(get_template("model"), history, tok) == want == enc.input_ids[: enc.response_start]
-    assert stop_ids(get_template("model"), tok) == [tok.eos_token_id, tok.convert_tokens_to_ids(END[family])] or (
-        tok.eos_token == END[family] and stop_ids(get_template("model"), tok) == [tok.eos_token_id]
-    )
+    # An answer ends at EOS or the end-of-turn token (Llama 3's folder has <|eot_id|> as its EOS).
+    end = [] if tok.eos_token == END[family] else [tok.convert_tokens_to_ids(END[family])]
+    assert stop_ids(get_template("model"), tok) == [tok.eos_token_id, *end]
 
 
 def test_the_mask_is_transformers_assistant_mask_of_the_marked_template(qwen_folder, tmp_path):  # noqa: F811
