@@ -86,3 +86,5 @@ def test_a_raw_template_whose_history_merges_across_answers_fails_the_chat_templ
     out = capsys.readouterr().out
     assert rc == 1
     assert "failed: chat template" in out and "tokenize differently through apply_chat_template" in out
+    # The first record's prompt parts where " 1" + "23" became " 123".
+    assert f"e.g. {data}:1, token 2: training has 352 ' 1', apply_chat_template has 17031 ' 123'" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from tests.chat_templates import qwen_cache, qwen_folder  # noqa: F401  (fixtures)
 
 from qatune.model.tokenizer import ENV_VAR, TokenizerError, load_tokenizer
 
@@ -40,3 +41,28 @@ def test_a_folder_without_tokenizer_files_is_named(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="is not a folder with tokenizer files"):
         load_tokenizer(tmp_path / "missing" / "tok")
+
+
+@pytest.mark.parametrize("tokenizer_class", ["Qwen2Tokenizer", "PreTrainedTokenizerFast", None])
+def test_a_model_folders_tokenizer_loads_as_autotokenizer_loads_it(tokenizer_class, qwen_folder, tmp_path):  # noqa: F811
+    """A Qwen2.5 folder (Qwen2Tokenizer), a Llama 3 folder (PreTrainedTokenizerFast) and a bare
+    tokenizer.json keep their own pre-tokenizer and normalizer: GPT2TokenizerFast, which loaded them
+    before, puts GPT-2's byte-level regex in place of Qwen's and splits "hậu-hậu" as `-`, `h`."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "tok"
+    shutil.copytree(qwen_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    if tokenizer_class is None:
+        (folder / "tokenizer_config.json").unlink()
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+    else:
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    text = "hậu-hậu 12345 Xin chào<|im_start|>user\n"
+    ours, auto = load_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    assert ours(text)["input_ids"] == auto(text)["input_ids"]
+    assert ours("-hậu")["input_ids"] == [2832, 125285]  # Qwen's "-h" token, as Qwen's own encoder has it
+    assert ours.chat_template == auto.chat_template
+    assert ours.eos_token == "<|endoftext|>"

@@ -8,7 +8,9 @@ the runtime's accumulation, checkpoint, resume and export — on a sample of the
   accumulation        one micro-batch of N == N/2 micro-batches of 2 accumulated (loss, gradients)
   save / resume       2 steps straight == 1 step, a kill, --resume, 1 step (the runtime, for real)
   export              the export loads in transformers with the same logits
-  chat template       the exported tokenizer's chat template gives the ids training feeds the model
+  chat template       the exported tokenizer's apply_chat_template gives the ids training feeds the
+                      model (for `template: model`, whole conversations, generation prompts and, where
+                      the template marks them, the assistant mask), or names the first differing token
   truncation          what max_len and the policy do to the sample (WARN: over 2% dropped)
   memory plan         the planner's peak for this config against the device's memory
 
@@ -32,8 +34,10 @@ from pathlib import Path
 import torch
 
 from qatune.data.batching import pad_id
-from qatune.data.encode import encode_pieces, strip_final_eos
+from qatune.data.chat_template import QATUNE_JINJA
+from qatune.data.encode import encode_pieces, record_messages, strip_final_eos
 from qatune.data.example import IGNORE, EncodedExample
+from qatune.data.model_template import ModelTemplate
 from qatune.data.pipeline import read_and_encode
 from qatune.data.report import TruncationCounts
 from qatune.data.truncation import DROP_WARN_SHARE, apply, best_policy, plan
@@ -113,10 +117,38 @@ def trained_answers(record, train_on_turns: str) -> list[str]:
     return answers if train_on_turns == "all" else answers[-1:]
 
 
+def loss_runs(labels: list[int]) -> list[list[int]]:
+    """The runs of consecutive loss tokens."""
+    runs, run = [], []
+    for t in [*labels, IGNORE]:
+        if t != IGNORE:
+            run.append(t)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs
+
+
+def chat_mask_problem(record, enc, template: ModelTemplate, tokenizer, train_on_turns: str) -> str | None:
+    """`mask_problem` for the model's own chat template: each run of loss tokens reads one answer
+    (up to the whitespace the template trims) followed by the template's end-of-turn token."""
+    answers = trained_answers(record, train_on_turns)
+    end = template.end_of_turn().strip()
+    runs = [tokenizer.decode(run).strip() for run in loss_runs(enc.labels)]
+    for text, answer in zip(runs, answers):
+        if not text.endswith(end) or text[: len(text) - len(end)].strip() != answer.strip():
+            return f"the loss reads {text[:60]!r} for the answer {answer[:40]!r} + {end!r}"
+    if len(runs) != len(answers):
+        return f"{len(runs)} trained segments for {len(answers)} answers"
+    return None
+
+
 def mask_problem(record, enc, template, tokenizer, train_on_turns: str) -> str | None:
     """What is wrong with one example's loss mask, or None. The loss must read, answer by answer,
     exactly the record's answer (up to the whitespace the template puts before it) followed by
     EOS: any other text in the loss is prompt or template text the model would learn to write."""
+    if isinstance(template, ModelTemplate):
+        return chat_mask_problem(record, enc, template, tokenizer, train_on_turns)
     eos = tokenizer.eos_token_id
     answers = trained_answers(record, train_on_turns)
     loss = [t for t in enc.labels if t != IGNORE]
@@ -156,8 +188,9 @@ def check_mask(report: CheckReport, sample: Sample, cfg, template, tokenizer) ->
         problems.append(f"{len(bad)} of {len(sample.records)} records put other text in the loss, e.g. {where}: {what}")
     if in_batch != labels:
         problems.append(f"the packed batch has {in_batch} loss positions for {labels} label tokens")
+    end = template.end_of_turn().strip() if isinstance(template, ModelTemplate) else "EOS"
     detail = "; ".join(problems) or (
-        f"{len(sample.records)} records: the loss is exactly each answer + EOS, no prompt token; the packed "
+        f"{len(sample.records)} records: the loss is exactly each answer + {end}, no prompt token; the packed "
         f"batch carries {in_batch} loss positions = its examples' label tokens"
     )
     report.add("mask audit", not problems, detail)
@@ -350,24 +383,41 @@ def chat_messages(record) -> list[dict]:
     return [chat_message("user", record.prompt, record.context)]
 
 
-def check_chat_template(report: CheckReport, export_dir: Path, sample: Sample, template, tokenizer) -> None:
+def first_difference(ours: list[int], theirs: list[int], tokenizer) -> str:
+    """Where two id lists part: "token 12: training has 151645 '<|im_end|>', apply_chat_template has 198 '\\n'"."""
+    i = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    side = lambda ids: f"{ids[i]} {tokenizer.decode([ids[i]])!r}" if i < len(ids) else "nothing (it ends)"
+    return f"token {i}: training has {side(ours)}, apply_chat_template has {side(theirs)}"
+
+
+def hf_template_tokenizer(export_dir: Path):
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(export_dir)
     # Ids are compared, never fed to a model: a prompt longer than the context (one truncation will
     # cut) is still compared, without transformers' "sequence length is longer" warning.
     hf.model_max_length = int(1e30)
+    return hf
+
+
+def _ids(out) -> list[int]:
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def check_chat_template(report: CheckReport, export_dir: Path, sample: Sample, template, tokenizer) -> None:
+    if isinstance(template, ModelTemplate):
+        return check_model_chat_template(report, export_dir, sample, template, tokenizer)
+    hf = hf_template_tokenizer(export_dir)
     compared, skipped, bad = 0, 0, []
     for record, enc in zip(sample.records, sample.encodings):
         messages = chat_messages(record)
         if not messages or messages[-1]["role"] != "user":
             skipped += 1
             continue
-        got = hf.apply_chat_template(messages, add_generation_prompt=True)
-        got = list(got["input_ids"] if hasattr(got, "keys") else got)
+        got = _ids(hf.apply_chat_template(messages, add_generation_prompt=True))
         compared += 1
         if got != enc.input_ids[: enc.response_start]:
-            bad.append(record.where)
+            bad.append(f"{record.where}, {first_difference(enc.input_ids[: enc.response_start], got, tokenizer)}")
     detail = f"{compared} of {len(sample.records)} records: apply_chat_template == the prompt ids training uses"
     if bad:
         detail = (
@@ -377,6 +427,45 @@ def check_chat_template(report: CheckReport, export_dir: Path, sample: Sample, t
     if skipped:
         detail += f"; {skipped} records with no user turn before the answer not compared"
     report.add("chat template", not bad and compared > 0, detail)
+
+
+def model_template_problem(record, enc, template: ModelTemplate, hf, tokenizer) -> str | None:
+    """How training's ids for one record differ from apply_chat_template's (the whole conversation,
+    the generation prompt before the final answer, and the assistant mask where the template has
+    generation markers), or None."""
+    messages = template.chat(record_messages(record))
+    whole = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=False)
+    if _ids(whole) != enc.input_ids:
+        return "the conversation, " + first_difference(enc.input_ids, _ids(whole), tokenizer)
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = _ids(hf.apply_chat_template(messages[:last], tokenize=True, add_generation_prompt=True))
+    if prompt != enc.input_ids[: enc.response_start]:
+        return "the generation prompt, " + first_difference(enc.input_ids[: enc.response_start], prompt, tokenizer)
+    if template.has_generation_markers:
+        mask = hf.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ours = [int(label != IGNORE) for label in enc.labels]
+        if list(mask["assistant_masks"]) != ours:
+            at = next(i for i, (a, b) in enumerate(zip(ours, mask["assistant_masks"])) if a != b)
+            return f"the assistant mask, token {at}: training {'trains' if ours[at] else 'masks'} it, transformers not"
+    return None
+
+
+def check_model_chat_template(report: CheckReport, export_dir: Path, sample: Sample, template, tokenizer) -> None:
+    """`template: model`: training's ids are apply_chat_template's, token for token, through the
+    exported tokenizer (its own chat template, as it is)."""
+    hf = hf_template_tokenizer(export_dir)
+    bad = []
+    for record, enc in zip(sample.records, sample.encodings):
+        if (problem := model_template_problem(record, enc, template, hf, tokenizer)) is not None:
+            bad.append(f"{record.where}: {problem}")
+    n = len(sample.records)
+    mask = "; the assistant mask = the loss tokens" if template.has_generation_markers else ""
+    detail = (
+        f"{len(bad)} of {n} records differ from apply_chat_template, e.g. {bad[0]}"
+        if bad
+        else f"{n} records: apply_chat_template == training's ids, whole conversations and generation prompts{mask}"
+    )
+    report.add("chat template", not bad and n > 0, detail)
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -427,6 +516,15 @@ def check_memory(report: CheckReport, cfg, model_config, sample: Sample, device:
 # --- all of it ---------------------------------------------------------------------------------
 
 
+def own_template_note(template, tokenizer) -> list[str]:
+    """A note when the tokenizer brings a chat template of its own (not one qatune exported) and the
+    run uses one of qatune's templates instead."""
+    jinja = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, ModelTemplate) or not isinstance(jinja, str) or jinja.startswith(QATUNE_JINJA):
+        return []
+    return [f"note: the tokenizer has its own chat template; data.template=model trains with it (now: {template.name})"]
+
+
 def run_checks(cfg, sample_size: int = 64, workdir: str | os.PathLike | None = None) -> CheckReport:
     from qatune.model.tokenizer import load_tokenizer
     from qatune.train.runtime import make_model, model_tokenizer
@@ -435,8 +533,9 @@ def run_checks(cfg, sample_size: int = 64, workdir: str | os.PathLike | None = N
         raise UserError(f"qatune check: method {cfg.method!r} is not checked yet; it checks method sft")
     report = CheckReport()
     tokenizer = load_tokenizer(cfg.tokenizer or model_tokenizer(cfg.model))
-    template = cfg.data.get_template()
+    template = cfg.data.get_template(tokenizer)
     sample, report.notes = load_sample(cfg, tokenizer, sample_size)
+    report.notes += own_template_note(template, tokenizer)
     render_example(report, sample, tokenizer)
     check_mask(report, sample, cfg, template, tokenizer)
     check_truncation(report, sample)

@@ -1,4 +1,5 @@
 """A qatune template as a Jinja chat template, for `tokenizer.apply_chat_template` in transformers.
+(The model's own template, `template: model`, is Jinja already and is exported as it is.)
 
 The Jinja text renders a conversation exactly as `Template.render_conversation` /
 `generation_pieces` do: the system text once at the start (the first system message, else the
@@ -22,8 +23,11 @@ from __future__ import annotations
 
 import string
 
+from qatune.data.model_template import ModelTemplate
 from qatune.data.records import DataError
 from qatune.data.templates import Template
+
+QATUNE_JINJA = "{#- qatune template "  # how every template qatune exports begins
 
 
 def jinja_string(text: str) -> str:
@@ -58,7 +62,11 @@ def format_to_jinja(fmt: str, values: dict[str, str], key: str) -> str:
     return "{{ " + " ~ ".join(parts) + " }}" if parts else ""
 
 
-def to_jinja(template: Template) -> str:
+def to_jinja(template: Template | ModelTemplate) -> str | None:
+    """The Jinja text; for the model's own chat template (`template: model`) that text itself, as
+    it is (None when it was never bound to a tokenizer: then the tokenizer's own stays)."""
+    if isinstance(template, ModelTemplate):
+        return template.chat_template
     template.validate()
     default_system = "none" if template.system_prompt is None else jinja_string(template.system_prompt)
     prefix = jinja_string(template.response_prefix)
@@ -77,7 +85,7 @@ def to_jinja(template: Template) -> str:
         )
     name = "".join(ch for ch in template.name if ch.isalnum() or ch in " -_.")
     return (
-        f"{{#- qatune template {name}: renders what training renders -#}}"
+        f"{QATUNE_JINJA}{name}: renders what training renders -#}}"
         f"{{%- set ns = namespace(system={default_system}, found=false) -%}}"
         "{%- for message in messages -%}"
         "{%- if message['role'] == 'system' and not ns.found -%}"

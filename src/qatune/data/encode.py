@@ -8,6 +8,11 @@ tokenized whole would break at BPE boundaries: GPT-2 tokenizes "Answer: " as [An
 EOS: the literal text `<|endoftext|>` anywhere in the data becomes the EOS id (never its 7 character
 tokens). A response that already ends with the literal text (t0 completions all do) has it removed
 before the real EOS is appended, so every response ends with exactly one EOS, and it is in the loss.
+
+The model's own chat template (`template: model`) is the exception to segment-by-segment: there
+the whole rendered conversation is tokenized at once, as `apply_chat_template` tokenizes it, and
+the labels are the tokens that overlap the template's assistant spans (`model_template`), so the
+ids are apply_chat_template's token for token. The template writes its own end-of-turn token.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from qatune.data.example import EOS_TEXT, IGNORE
-from qatune.data.records import Record
+from qatune.data.model_template import ModelTemplate
+from qatune.data.records import DataError, Message, Record
 from qatune.data.templates import Template
 from qatune.errors import UserError
 
@@ -61,7 +67,7 @@ def strip_final_eos(text: str) -> str:
 
 def encode_records(
     records: Sequence[Record],
-    template: Template,
+    template: Template | ModelTemplate,
     tokenizer,
     train_on_turns: str = "all",
     chunk_size: int = 2048,
@@ -70,6 +76,8 @@ def encode_records(
     """Encode all records with batched fast tokenization; `progress(n)` is called after each chunk."""
     if train_on_turns not in TURNS:
         raise UserError(f"train_on_turns must be one of {', '.join(TURNS)}, got {train_on_turns!r}")
+    if isinstance(template, ModelTemplate):
+        return encode_chat_records(records, template.bind(tokenizer), tokenizer, train_on_turns, chunk_size, progress)
     eos = tokenizer.eos_token_id
     out: list[Encoding] = []
     for start in range(0, len(records), chunk_size):
@@ -93,6 +101,94 @@ def encode_records(
         if progress:
             progress(len(chunk))
     return out
+
+
+def record_messages(record: Record) -> list[Message]:
+    """A record as a conversation, answers without a literal end-of-text (the template writes its
+    own end of turn)."""
+    if record.is_conversation:
+        messages = record.messages
+    else:
+        messages = [Message("user", record.prompt, record.context), Message("assistant", record.response)]
+    return [Message(m.role, strip_final_eos(m.content), m.context) if m.role == "assistant" else m for m in messages]
+
+
+def chat_spans(record: Record, template: ModelTemplate, train_on_turns: str) -> tuple[str, list[tuple[int, int]]]:
+    """The record rendered by the chat template, and the character spans that carry loss."""
+    text, spans = template.render_with_spans(template.chat(record_messages(record)), record.where)
+    if not spans:
+        raise DataError(f"{record.where}: the chat template{template.of_source()} renders no assistant turn")
+    return text, spans if train_on_turns == "all" else spans[-1:]
+
+
+def span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> tuple[list[int], int]:
+    """Labels: a token's id where it overlaps a span (the rule of transformers' assistant mask, so
+    a token that straddles a span's edge is trained), IGNORE elsewhere; and the first token of the
+    last span (where "the response" starts, for truncation)."""
+    labels = [IGNORE] * len(ids)
+    start = len(ids)
+    k = 0
+    for i, (a, b) in enumerate(offsets):
+        while k < len(spans) and a >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if b > spans[k][0]:
+            labels[i] = ids[i]
+            if k == len(spans) - 1:
+                start = min(start, i)
+    return labels, start
+
+
+def encode_chat_records(
+    records: Sequence[Record],
+    template: ModelTemplate,
+    tokenizer,
+    train_on_turns: str,
+    chunk_size: int,
+    progress: Callable[[int], None] | None,
+) -> list[Encoding]:
+    """Each record's whole rendered text tokenized at once (no special tokens added: the template
+    writes BOS itself, as apply_chat_template tokenizes), labels from the assistant spans."""
+    out: list[Encoding] = []
+    for start in range(0, len(records), chunk_size):
+        chunk = records[start : start + chunk_size]
+        rendered = [chat_spans(r, template, train_on_turns) for r in chunk]
+        tokens = tokenizer(
+            [text for text, _ in rendered],
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+        )
+        for record, (_, spans), ids, offsets in zip(chunk, rendered, tokens["input_ids"], tokens["offset_mapping"]):
+            labels, response_start = span_labels(list(ids), offsets, spans)
+            out.append(Encoding(list(ids), labels, response_start, record.source, record.where))
+        if progress:
+            progress(len(chunk))
+    return out
+
+
+def generation_ids(template: Template | ModelTemplate, messages: list[Message], tokenizer) -> list[int]:
+    """The ids a model continues from for a history that ends in a user turn, encoded as training
+    encoded the history: qatune's templates segment by segment (`encode_pieces`), the model's own
+    chat template whole, = apply_chat_template(history, add_generation_prompt=True)."""
+    if isinstance(template, ModelTemplate):
+        text = template.bind(tokenizer).generation_prompt(messages)
+        return list(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    return encode_pieces(template.generation_pieces(messages), tokenizer)
+
+
+def stop_ids(template: Template | ModelTemplate, tokenizer) -> list[int]:
+    """The ids that end an answer: EOS, and the end-of-turn token the model's chat template writes
+    after each answer (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`), which is what a model trained
+    on that template writes when it is done."""
+    ids = [tokenizer.eos_token_id]
+    if isinstance(template, ModelTemplate):
+        end = template.bind(tokenizer).end_of_turn().strip()
+        end_ids = tokenizer(end, add_special_tokens=False)["input_ids"] if end else []
+        if len(end_ids) == 1 and end_ids[0] not in ids:
+            ids.append(end_ids[0])
+    return ids
 
 
 def encode_pieces(pieces: list[str], tokenizer) -> list[int]:

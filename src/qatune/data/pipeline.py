@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 from qatune.data.encode import TURNS, Encoding, encode_records
 from qatune.data.example import EncodedExample
+from qatune.data.model_template import ModelTemplate
 from qatune.data.preference.truncation import PAIR_POLICIES
 from qatune.data.readers import ReadResult, read_records
 from qatune.data.records import DataError
 from qatune.data.report import DataReport, TruncationCounts
-from qatune.data.templates import Template, get_template
+from qatune.data.templates import Template, bind_template, get_template
 from qatune.data.truncation import POLICIES, apply, plan
 
 
@@ -28,7 +29,9 @@ class DataConfig:
     # mappings {hub: name, config, split, data_files, streaming, revision} / {path: folder, split}
     sources: list[str | dict] = field(default_factory=list)
     mapping: dict[str, str] | None = None  # e.g. {"prompt": "q", "response": "a"}; replaces layout detection
-    template: str | dict = "plain"  # plain | raw | alpaca | chat | hh, or a template dict (see templates.py)
+    # plain | raw | alpaca | chat | hh, model (the tokenizer's own Jinja chat template, see model_template.py),
+    # or a template dict (see templates.py)
+    template: str | dict = "plain"
     system_prompt: str | None = None  # system text for the chat template
     max_len: int = 1024
     # cut_response | drop | cut_prompt_left | cut_prompt_middle | error; preference pairs: cut_pair | drop | error
@@ -50,8 +53,11 @@ class DataConfig:
         if self.limit is not None and self.limit < 0:
             raise DataError(f"data.limit: {self.limit} is negative")
 
-    def get_template(self) -> Template:
-        return get_template(self.template, self.system_prompt)
+    def get_template(self, tokenizer=None) -> Template | ModelTemplate:
+        """The configured template; given the tokenizer, ready to render with it (`template: model`
+        takes the tokenizer's chat template, `bind_template`)."""
+        template = get_template(self.template, self.system_prompt)
+        return bind_template(template, tokenizer) if tokenizer is not None else template
 
 
 @dataclass
@@ -59,7 +65,7 @@ class LoadResult:
     examples: list[EncodedExample]
     report: DataReport
     layouts: dict[str, str]
-    template: Template  # save `template.to_dict()` with the run, for generation
+    template: Template | ModelTemplate  # save `template.to_dict()` with the run, for generation
 
 
 def read_and_encode(
@@ -92,4 +98,4 @@ def load_examples(cfg: DataConfig, tokenizer, progress: Callable[[int], None] | 
     report = DataReport(
         len(read.records), read.skipped, read.skip_reasons, counts, dict(read.layouts), read.warnings, read.notes
     )
-    return LoadResult(examples, report, dict(read.layouts), cfg.get_template())
+    return LoadResult(examples, report, dict(read.layouts), cfg.get_template(tokenizer))

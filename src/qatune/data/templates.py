@@ -10,6 +10,9 @@ is always prompted exactly as it was trained.
     tpl.render_conversation(messages)                     # [(text, trainable), ...] for training
     tpl.generation_pieces(history_ending_in_user_turn)    # the segments to continue, for `qatune chat`
 
+`get_template("model")` is the model's own Jinja chat template instead (`model_template.ModelTemplate`,
+bound to a tokenizer with `bind_template`): same method names, whole-conversation rendering.
+
 The response is never part of a template string: it is tokenized separately and EOS is appended.
 A template whose prompt ends in a word or punctuation mark ("Answer:") sets `response_prefix`
 " ": GPT-2 writes a space before the next word as part of that word's token (" Paris"), so the
@@ -19,10 +22,11 @@ answer is trained as the token sequence the pretrained model itself would produc
 from __future__ import annotations
 
 import dataclasses
-import string
 from dataclasses import dataclass
 
 from qatune.data.example import EOS_TEXT
+from qatune.data.format_fields import check_fields
+from qatune.data.model_template import MODEL, ModelTemplate
 from qatune.data.records import DataError, Message
 
 ALPACA_HEAD = "Below is an instruction that describes a task"
@@ -87,9 +91,13 @@ class Template:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Template:
+    def from_dict(cls, d: dict) -> Template | ModelTemplate:
+        """A template saved by `to_dict` or written in a config; `name: model` (or a saved Jinja
+        `chat_template`) is the model's own chat template (`ModelTemplate`)."""
         if not isinstance(d, dict):
             raise DataError(f"template: expected a name or a mapping, got {type(d).__name__}")
+        if d.get("name") == MODEL or "chat_template" in d:
+            return ModelTemplate.from_dict(d)
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:
@@ -109,20 +117,6 @@ class Template:
         check_fields("system", self.system, {"system"}, {"system"})
         if not isinstance(self.response_prefix, str):
             raise DataError("template: field 'response_prefix' must be a string")
-
-
-def check_fields(key: str, fmt: str, allowed: set[str], required: set[str]) -> None:
-    if not isinstance(fmt, str):
-        raise DataError(f"template: field {key!r} must be a string")
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
-    except ValueError as e:
-        raise DataError(f"template: field {key!r}: {e} (write a literal brace as {{{{ or }}}})") from None
-    bad = names - allowed
-    if bad:
-        raise DataError(f"template: field {key!r} uses {{{sorted(bad)[0]}}}; allowed: {sorted(allowed)}")
-    if not required <= names:
-        raise DataError(f"template: field {key!r} must contain {' and '.join('{' + r + '}' for r in sorted(required))}")
 
 
 TEMPLATES: dict[str, Template] = {
@@ -158,15 +152,28 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def get_template(name_or_dict: str | dict | Template, system_prompt: str | None = None) -> Template:
-    """A named template ("plain", "raw", "alpaca", "chat", "hh") or one defined by a dict; `system_prompt`
-    sets the system text used when a record brings none."""
-    if isinstance(name_or_dict, Template):
+def get_template(
+    name_or_dict: str | dict | Template | ModelTemplate, system_prompt: str | None = None
+) -> Template | ModelTemplate:
+    """A named template ("plain", "raw", "alpaca", "chat", "hh"), the model's own chat template
+    ("model", see `model_template`), or one defined by a dict; `system_prompt` sets the system text
+    used when a record brings none."""
+    if isinstance(name_or_dict, (Template, ModelTemplate)):
         tpl = name_or_dict
     elif isinstance(name_or_dict, str):
-        if name_or_dict not in TEMPLATES:
-            raise DataError(f"unknown template {name_or_dict!r}; named templates: {', '.join(TEMPLATES)}")
-        tpl = TEMPLATES[name_or_dict]
+        if name_or_dict == MODEL:
+            tpl = ModelTemplate()
+        elif name_or_dict not in TEMPLATES:
+            names = ", ".join([*TEMPLATES, MODEL])
+            raise DataError(f"unknown template {name_or_dict!r}; named templates: {names}")
+        else:
+            tpl = TEMPLATES[name_or_dict]
     else:
         tpl = Template.from_dict(name_or_dict)
     return dataclasses.replace(tpl, system_prompt=system_prompt) if system_prompt is not None else tpl
+
+
+def bind_template(template: Template | ModelTemplate, tokenizer) -> Template | ModelTemplate:
+    """The template ready to render with `tokenizer`: `model` takes the tokenizer's chat template
+    and special tokens; qatune's own templates need nothing from it."""
+    return template.bind(tokenizer) if isinstance(template, ModelTemplate) else template

