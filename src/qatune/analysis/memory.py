@@ -27,7 +27,8 @@ import torch
 
 from qatune.analysis.activations import ActivationPlan, plan_activations
 from qatune.analysis.setup import OPTIMIZERS, PRECISIONS, PlanSetup
-from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.model.gpt2 import GPT2Config
+from qatune.model.info import ModelConfig, build
 
 GiB = 1024**3
 GB = 1e9
@@ -37,11 +38,17 @@ ADAM_STEP_BYTES = 4  # torch.optim.AdamW keeps `step` as one fp32 scalar tensor 
 
 
 @functools.lru_cache(maxsize=16)
-def parameter_shapes(config: GPT2Config) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(name, shape) of every parameter of our model (built on the meta device: no memory)."""
+def parameter_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of every parameter of our model of either family (built on the meta device:
+    no memory; a tied head is one tensor)."""
     with torch.device("meta"):
-        model = GPT2(config)
+        model = build(config)
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def block_parameters(config: ModelConfig) -> int:
+    """Parameters of one block (GPT-2: 12 d^2 + 13 d), counted on block 0 of the real model."""
+    return sum(math.prod(shape) for name, shape in parameter_shapes(config) if name.startswith(("h.0.", "layers.0.")))
 
 
 def lora_shapes(config: GPT2Config, r: int, targets: tuple[str, ...]) -> list[tuple[int, ...]]:
@@ -66,7 +73,7 @@ def shard_numel(shape: tuple[int, ...], world: int, rank: int, padded: bool = Fa
 
 
 def per_rank_state_bytes(
-    config: GPT2Config,
+    config: ModelConfig,
     world_size: int,
     zero_stage: int,
     precision: str = "fp32",
@@ -178,7 +185,7 @@ def _placement(s: PlanSetup, st: ModelState) -> tuple[dict[str, int], dict[str, 
 
 def _transients(s: PlanSetup, st: ModelState) -> dict[str, int]:
     c, prec = s.config, s.prec
-    block_params = 12 * c.n_embd**2 + 13 * c.n_embd
+    block_params = block_parameters(c)
     out = {
         # Full fine-tuning: embedding backward makes a dense V x d gradient, then adds it to wte.grad.
         "embedding gradient": c.vocab_size * c.n_embd * prec.grad if not s.lora_r else 0,
