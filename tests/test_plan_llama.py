@@ -15,7 +15,7 @@ from tests.test_llama import CASES, hf_dirs  # noqa: F401 (the fixture)
 from qatune.analysis.activations import LOSS_CHUNKED, plan_activations
 from qatune.analysis.compute import attention_flops_per_token, dense_flops_per_token, plan_compute
 from qatune.analysis.measure import compare, measure_step
-from qatune.analysis.memory import model_state
+from qatune.analysis.memory import advice, model_state
 from qatune.analysis.setup import PlanSetup
 from qatune.cli import main
 from qatune.model.families import from_pretrained
@@ -119,12 +119,22 @@ def test_lora_and_long_sliding_windows_are_refused(capsys):
         PlanSetup(replace(GQA, sliding_window=64), seq_len=128)
 
 
+def test_advice_for_a_llama_model_tries_no_lora():
+    lines = advice(PlanSetup(SIZES["smollm2-135m"], seq_len=2048, micro_batch=4), 10**9, "1 GB")
+    assert lines[0].startswith("does not fit in 1 GB") and lines[-1].startswith("does not fit even with")
+    assert "LoRA" not in lines[-1] and "ZeRO-3 on 8 GPUs" in lines[-1]
+
+
 def test_plan_of_a_named_llama_size(capsys):
     assert main(["plan", "--model", "smollm2-135m", "--seq-len", "2048", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["state"]["params"] == 134_515_008
     assert out["compute"]["dense"] == dense_flops_per_token(SIZES["smollm2-135m"]) * 2048
     assert not out["corrections"]  # the GPT-2 figures are not this model's
+    assert main(["plan", "--model", "smollm2-135m", "--seq-len", "2048"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("smollm2-135m: L=30 d=576 h=9 kv=3 hd=64 ff=1536 V=49152, 134.5M parameters")
+    assert "rotary cos, sin" in text and "final RMSNorm" in text and "Figures often misquoted" not in text
 
 
 @pytest.fixture(scope="module")
