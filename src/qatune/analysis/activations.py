@@ -54,6 +54,7 @@ import math
 from dataclasses import dataclass
 
 from qatune.analysis.setup import LORA_TARGETS, PlanSetup
+from qatune.analysis.shapes import attention_width, block_matmul_weights, is_gpt2
 from qatune.model.gpt2 import packed_attention_kernel
 
 INDEX_BYTES = 8  # int64 token and position ids, saved by the two embedding lookups
@@ -84,15 +85,18 @@ def _round_up(n: int, k: int) -> int:
 
 
 def attention_saved(s: PlanSetup) -> dict[str, int]:
+    """What SDPA saves. d is the query width n_head * head_dim and kv the key/value width
+    n_kv_head * head_dim (both d for GPT-2): fused kernels save the grouped keys and values as they
+    are (`enable_gqa`); the math kernel saves them expanded to every query head (measured)."""
     if s.packed:
         return _packed_attention_saved(s)
     B, T, c = s.micro_batch, s.seq_len, s.config
-    E, d, h, a = B * T, c.n_embd, c.n_head, s.prec.act
+    E, d, kv, h, a = B * T, attention_width(c), c.n_kv_head * c.head_dim, c.n_head, s.prec.act
     if s.attention == "math":
         up = 4 if s.device == "cpu" else a  # CPU's math kernel upcasts 16-bit q, k, v to fp32
         return {"q, k, v": 3 * E * d * up, "softmax probabilities": B * h * T * T * up, "attention output": E * d * a}
     lse_rows = T if s.attention == "flash" else _round_up(T, 32)  # memory-efficient: padded to 32 queries
-    return {"q, k, v": 3 * E * d * a, "attention output": E * d * a, "logsumexp": B * h * lse_rows * 4}
+    return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, "logsumexp": B * h * lse_rows * 4}
 
 
 def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
@@ -102,11 +106,13 @@ def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
     plan's rows hold two documents of T/2 (as `measure`'s synthetic batch), which only the math
     kernel's probabilities depend on."""
     B, T, c = s.micro_batch, s.seq_len, s.config
-    E, d, h, a = B * T, c.n_embd, c.n_head, s.prec.act
+    E, d, kv, h, a = B * T, attention_width(c), c.n_kv_head * c.head_dim, c.n_head, s.prec.act
     joined = {"attention output, joined (c_proj input)": E * d * a}
     if packed_attention_kernel(s.device) == "documents" and s.attention == "math":
         up = 4 if s.device == "cpu" else a
         squares = B * ((T // 2) ** 2 + (T - T // 2) ** 2)
+        if kv != d:  # grouped keys/values: the kernel saves its expanded copies, nothing more (measured)
+            return {"q, k, v (k, v expanded)": 3 * E * d * up, "softmax probabilities": h * squares * up, **joined}
         return {
             "q, k, v": 3 * E * d * up,
             "softmax probabilities": h * squares * up,
@@ -115,11 +121,13 @@ def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
             **joined,
         }
     # CPU flash per document, or FlexAttention (assumed to save what flash does; no GPU measured it)
-    return {"q, k, v": 3 * E * d * a, "attention output": E * d * a, "logsumexp": B * h * T * 4, **joined}
+    return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, "logsumexp": B * h * T * 4, **joined}
 
 
 def block_saved(s: PlanSetup) -> dict[str, int]:
     """Bytes one transformer block saves for backward (no checkpointing), by tensor."""
+    if not is_gpt2(s.config):
+        return llama_block_saved(s)
     E, d = s.tokens, s.config.n_embd
     a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
     # A matmul saves its input only to compute its weight's gradient: with LoRA a frozen matrix
@@ -144,6 +152,8 @@ def last_block_saved(s: PlanSetup) -> dict[str, int]:
     (measured exact in fp32 and bf16 against the saved-tensor ledger). Spans that start after
     their document's first token attend through a lower-right causal mask, which SDPA turns into
     an additive mask of the query dtype (m x n per span)."""
+    if not is_gpt2(s.config):
+        return llama_last_block_saved(s)
     E, R, d, h = s.tokens, s.last_block_rows, s.config.n_embd, s.config.n_head
     a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
     needs = {t: (not s.lora_r) or t in s.lora_targets for t in LORA_TARGETS}
@@ -199,6 +209,80 @@ def first_block_saved(s: PlanSetup) -> dict[str, int]:
     return out
 
 
+# ---------------------------------------------------------------- the Llama family
+
+
+def rms_norm_saved(s: PlanSetup, rows: int, width: int, readers: int, heads: int = 1) -> int:
+    """What `llama.RMSNorm` (computed in fp32) saves over `rows` x `width`: its fp32 input (the
+    input itself when fp32, else an upcast copy), the normalized rows before the weight (fp32, or
+    cast back to a 16-bit input's dtype: the weight's product needs them), the rsqrt (one fp32
+    per row and head), and its output as the input of the `readers` matmuls that read it: one
+    tensor, or under autocast one 16-bit copy per matmul (autocast casts activations per op).
+    The input's bytes are the residual stream's; for Qwen3's q/k norms (readers 0: the rotation
+    after them saves only cos and sin) the projection's, `act`."""
+    x = s.prec.residual if readers or heads == 1 else s.prec.act
+    outputs = (readers if s.prec.autocast else min(readers, 1)) * rows * width * s.prec.act
+    return rows * width * (4 + x) + rows * heads * 4 + outputs
+
+
+def _qk_norms(s: PlanSetup, q_rows: int, kv_rows: int) -> dict[str, int]:
+    c = s.config
+    if not c.qk_norm:
+        return {}
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    both = rms_norm_saved(s, q_rows, q, 0, c.n_head) + rms_norm_saved(s, kv_rows, kv, 0, c.n_kv_head)
+    return {"q/k RMSNorm per head (Qwen3)": both}
+
+
+def llama_block_saved(s: PlanSetup) -> dict[str, int]:
+    """One Llama-family block (measured with the saved-tensor ledger, fp32 and bf16 autocast):
+    two RMSNorms, q/k norms (Qwen3), the rotated q and k and v (SDPA's saves, `attention_saved`;
+    the rotation itself saves only cos and sin, shared by all blocks), the SwiGLU MLP's gate and
+    up outputs, SiLU output and their product (4 x E x d_ff). Under autocast q, k, v each cast the
+    attention norm's fp32 output, gate and up the MLP norm's: 5 copies."""
+    E, c, a = s.tokens, s.config, s.prec.act
+    out = {
+        "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(s, E, c.n_embd, 3),
+        "RMSNorm (MLP): input, normalized, rsqrt, gate/up inputs": rms_norm_saved(s, E, c.n_embd, 2),
+        **_qk_norms(s, E, E),
+    }
+    out.update(attention_saved(s))
+    out["SwiGLU: gate, up, SiLU output, product (down_proj input)"] = 4 * E * c.d_ff * a
+    return out
+
+
+def llama_last_block_saved(s: PlanSetup) -> dict[str, int]:
+    """The last block cut to the R label-span rows (`LastBlockRows`): the attention norm, k, v and
+    their rotation on every token; q_proj's input gathered at the rows, the rows' cos and sin
+    (gathered copies), and everything after on the rows (measured exact against the ledger)."""
+    E, R, c, a = s.tokens, s.last_block_rows, s.config, s.prec.act
+    q, kv, h = attention_width(c), c.n_kv_head * c.head_dim, c.n_head
+    spans = s.label_spans()
+    out = {
+        "RMSNorm (attention), k/v inputs on every token": rms_norm_saved(s, E, c.n_embd, 2),
+        "q_proj input (gathered rows)": R * c.n_embd * a,
+        "rotary cos, sin at the rows": 2 * R * c.head_dim * s.prec.residual,
+        **_qk_norms(s, R, E),
+    }
+    if s.attention == "math":  # per span: q, and k, v expanded to every query head, probabilities
+        up = 4 if s.device == "cpu" else a
+        out["q, k, v (per span, k and v expanded to the query heads)"] = (
+            h * c.head_dim * up * sum(m + 2 * n for m, n in spans)
+        )
+        out["softmax probabilities"] = h * sum(m * n for m, n in spans) * up
+    else:  # under autocast the rotated (fp32) keys are cast per span: only the spans' documents
+        k_rows = sum(n for _, n in spans) if s.prec.autocast else E
+        out["q, k, v (k, v of every token; q at the rows)"] = R * q * a + (k_rows + E) * kv * a
+        out["attention output"] = R * q * a
+        out["logsumexp"] = h * R * 4
+    out["attention output, joined (o_proj input)"] = R * q * a
+    out["masks of spans after their document's start"] = sum(m * n for m, n in spans if 1 < m < n) * a
+    out["RMSNorm (MLP) on the rows, gate/up inputs"] = rms_norm_saved(s, R, c.n_embd, 2)
+    out["SwiGLU on the rows"] = 4 * R * c.d_ff * a
+    out["row index (int64)"] = R * INDEX_BYTES
+    return out
+
+
 LOSS_CHUNKED = "loss: grad_h, grad_w"
 
 
@@ -238,7 +322,7 @@ def _weight_copies(s: PlanSetup) -> int:
     if not s.prec.autocast:
         return 0
     c, a = s.config, s.prec.act
-    copies = 12 * c.n_embd**2 * a * c.n_layer
+    copies = block_matmul_weights(c) * a * c.n_layer
     if s.lora_r:  # block 0's frozen matmuls whose input needs no gradient keep no copy
         grad, d = _input_needs_grad_in_block_0(s), c.n_embd
         weights = {"attn.c_attn": 3 * d * d, "attn.c_proj": d * d, "mlp.c_fc": 4 * d * d, "mlp.c_proj": 4 * d * d}
@@ -282,16 +366,23 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     E, d, L = s.tokens, c.n_embd, c.n_layer
     per_block = block_saved(s)
     # With LoRA the embeddings are frozen: the lookups save no ids (and see first_block_saved).
-    saved = {"embedding ids": 0 if s.lora_r else 2 * E * INDEX_BYTES}
+    # GPT-2 looks up tokens and positions, the Llama family tokens only.
+    saved = {"embedding ids": 0 if s.lora_r else (2 if is_gpt2(c) else 1) * E * INDEX_BYTES}
     if s.checkpointing:
         saved["block inputs (checkpointed)"] = L * E * d * s.prec.residual
     else:
+        if not is_gpt2(c):  # one cos and one sin (E x head_dim) serve every block (measured)
+            saved["rotary cos, sin (shared by the blocks)"] = 2 * E * c.head_dim * s.prec.residual
         saved["transformer blocks"] = _blocks_saved(s, per_block)
     # The chunked loss reads the label rows only: the model gathers them before the final
     # LayerNorm (saving the int64 positions), or its cut last block already returns them.
     n = s.head_rows
     gather = n * INDEX_BYTES if s.loss == "chunked" and not s.last_block_cut else 0
-    saved["final LayerNorm (on the rows the loss reads)"] = n * d * s.prec.residual + 2 * n * _stat_bytes(s) + gather
+    if is_gpt2(c):
+        final = n * d * s.prec.residual + 2 * n * _stat_bytes(s)
+        saved["final LayerNorm (on the rows the loss reads)"] = final + gather
+    else:
+        saved["final RMSNorm (on the rows the loss reads)"] = rms_norm_saved(s, n, d, readers=0) + gather
     saved.update(loss_saved(s))
     loss_fwd, loss_bwd = loss_transients(s)
     weight_copies = _weight_copies(s)
@@ -301,7 +392,7 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     # freed per matmul; measured on gpt2: +170 MB at the end of a checkpointed bf16 forward for
     # full fine-tuning, +0 MB with LoRA).
     cached = _lora_copies(s) if s.lora_r else weight_copies
-    one_block = sum(per_block.values()) + 12 * d * d * s.prec.act * s.prec.autocast
+    one_block = sum(per_block.values()) + block_matmul_weights(c) * s.prec.act * s.prec.autocast
     return ActivationPlan(
         per_block=per_block,
         saved=saved,

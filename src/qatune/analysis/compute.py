@@ -1,18 +1,22 @@
 """Compute plan: FLOPs per token and per step, split into dense matmuls, attention and LM head.
 
 Counted as PyTorch's `torch.utils.flop_counter` counts: 2 FLOPs per multiply-add of a matmul, bias
-adds and elementwise work (LayerNorm, GELU, softmax) not counted. Per token, forward + backward:
+adds and elementwise work (norms, GELU/SiLU, rotary, softmax) not counted. Per token, forward +
+backward, written here for GPT-2 (the Llama family's shapes are in `analysis.shapes`: W = its
+block matmul weights, d * (2 n_head + 2 n_kv_head) * head_dim + 3 d d_ff with GQA and SwiGLU, and
+d_att = n_head * head_dim in place of d in the attention term):
 - dense: 6 * 12*L*d^2 (the "6N" rule with N = the 12*L*d^2 weights of the block matmuls; biases
   and LayerNorm, 13*L*d more parameters, do no matmul work),
 - attention: 12 * L * T * d: QK^T and AV are 2*T*d multiply-adds each per token and layer in
-  forward, twice that in backward. This counts the full T x T square, as the counter does for
-  the math kernel; a causal flash kernel skips the masked half of the tiles, so the work the GPU
-  really does is about 6*L*T*d, while CUDA flash backward also recomputes QK^T (the counter's
-  CUDA formula: 14*L*T*d). The T in it is the row width; packed rows attend per document
-  (per-document SDPA on CPU, FlexAttention skipping masked tiles on GPU), so for them it is an
-  upper bound: their work is the sum of n_doc^2 over each row's documents, not T^2.
+  forward, twice that in backward (per query head: grouped key/value heads save no work). This
+  counts the full T x T square, as the counter does for the math kernel; a causal flash kernel
+  skips the masked half of the tiles, so the work the GPU really does is about 6*L*T*d, while
+  CUDA flash backward also recomputes QK^T (the counter's CUDA formula: 14*L*T*d). The T in it
+  is the row width; packed rows attend per document (per-document SDPA on CPU, FlexAttention
+  skipping masked tiles on GPU), so for them it is an upper bound: their work is the sum
+  of n_doc^2 over each row's documents, not T^2.
 - LM head: 6 * V * d per *labelled* token with our chunked loss (2 forward + 4 backward, all
-  done in the loss's forward), per token with full logits.
+  done in the loss's forward), per token with full logits; tied or not, the same matmuls.
 LoRA (frozen base, checked exactly against the counter): a frozen matmul needs no weight
 gradient, so its backward is one matmul (4 per weight per token, not 6); in block 0 the matmuls up
 to the first adapted one read inputs computed from the frozen embeddings alone, which need no
@@ -23,8 +27,8 @@ recompute reruns the adapters' forward too, and with mlp.c_proj adapted it canno
 that matmul (its adapter saves A's output, computed after it): 24*L*d^2, less B's last product.
 Activation checkpointing recomputes each block's forward once, up to the last tensor backward
 needs (PyTorch's non-reentrant checkpoint stops early: the MLP's output projection is not rerun):
-+ 16*L*d^2 + 4*L*T*d per token (hardware FLOPs; MFU is quoted on model FLOPs, without the
-recompute, the PaLM convention).
++ 16*L*d^2 + 4*L*T*d per token (Llama family: every block matmul but down_proj, twice) (hardware
+FLOPs; MFU is quoted on model FLOPs, without the recompute, the PaLM convention).
 
 Note: the PyTorch FLOP counter has no formula for CPU's flash-attention op
 (`_scaled_dot_product_flash_attention_for_cpu`), so on CPU it reports attention as 0 unless SDPA
@@ -34,23 +38,35 @@ runs its math kernel; `measure` states which it compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from qatune.analysis.accelerators import Accelerator, peak_tflops
 from qatune.analysis.setup import PlanSetup
+from qatune.analysis.shapes import attention_width, block_matmul_weights, block_matmuls, recomputed_matmuls
+from qatune.analysis.shapes import every_token_matmuls as kv_matmuls
 from qatune.errors import UserError
-from qatune.model.gpt2 import GPT2Config
+
+if TYPE_CHECKING:
+    from qatune.model.info import ModelConfig
 
 
-def dense_flops_per_token(c: GPT2Config) -> int:
-    return 6 * 12 * c.n_layer * c.n_embd**2
+def dense_flops_per_token(c: ModelConfig) -> int:
+    return 6 * c.n_layer * block_matmul_weights(c)
 
 
-def attention_flops_per_token(c: GPT2Config, seq_len: int) -> int:
-    return 12 * c.n_layer * seq_len * c.n_embd
+def attention_flops_per_token(c: ModelConfig, seq_len: int) -> int:
+    return 12 * c.n_layer * seq_len * attention_width(c)
 
 
-def head_flops_per_token(c: GPT2Config) -> int:
+def head_flops_per_token(c: ModelConfig) -> int:
     return 6 * c.vocab_size * c.n_embd
+
+
+def recompute_flops_per_token(c: ModelConfig, seq_len: int) -> int:
+    """Checkpointing's rerun forward: the block matmuls but the last, and the attention."""
+    shapes = block_matmuls(c)
+    dense = 2 * sum(shapes[t][0] * shapes[t][1] for t in recomputed_matmuls(c))
+    return c.n_layer * (dense + 4 * seq_len * attention_width(c))
 
 
 @dataclass
@@ -83,7 +99,7 @@ def plan_compute(s: PlanSetup) -> ComputePlan:
     c, tokens = s.config, s.tokens
     head_tokens = s.label_tokens if s.loss == "chunked" else tokens
     # Recompute stops early once the last saved tensor is back, so mlp.c_proj (8*d^2) is not rerun.
-    recompute = (16 * c.n_layer * c.n_embd**2 + 4 * c.n_layer * s.seq_len * c.n_embd) * tokens if s.checkpointing else 0
+    recompute = recompute_flops_per_token(c, s.seq_len) * tokens if s.checkpointing else 0
     dense = dense_flops_per_token(c) * tokens
     head = head_flops_per_token(c) * head_tokens
     if s.lora_r:
@@ -102,18 +118,19 @@ def plan_compute(s: PlanSetup) -> ComputePlan:
 
 def last_block_cut_flops_per_row(s: PlanSetup) -> tuple[int, int]:
     """(forward + backward, checkpointing's recompute) FLOPs of the last block at one position
-    outside the label spans, which `LastBlockRows` does not compute: attn.c_proj, mlp.c_fc and
-    mlp.c_proj and their adapters (c_attn still runs on every token: keys and values).
+    outside the label spans, which `LastBlockRows` does not compute: every block matmul but the
+    keys' and values' (GPT-2: attn.c_proj, mlp.c_fc and mlp.c_proj; c_attn still runs on every
+    token; the Llama family also skips q_proj there) and their adapters.
     Trained matmuls cost 6 per weight, frozen ones 4 (no weight gradient); the recompute reruns
     their forward (2) up to the last saved tensor (see plan_compute and the module docstring)."""
     d, r = s.config.n_embd, s.lora_r
-    shapes = _matmul_shapes(d)
-    rows = ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    shapes = block_matmuls(s.config)
+    rows = tuple(t for t in shapes if t not in kv_matmuls(s.config))
     per_weight = 4 if s.lora_r else 6
     dense = per_weight * sum(shapes[t][0] * shapes[t][1] for t in rows)
     adapters = [t for t in rows if r and t in s.lora_targets]
     dense += 6 * r * sum(sum(shapes[t]) for t in adapters)
-    recompute = 2 * (d * d + 4 * d * d)  # attn.c_proj and mlp.c_fc
+    recompute = 2 * sum(shapes[t][0] * shapes[t][1] for t in rows if t in recomputed_matmuls(s.config))
     if r:
         recompute += 2 * r * sum(sum(shapes[t]) for t in adapters)
         if "mlp.c_proj" in s.lora_targets:  # rerun through mlp.c_proj and its A, not B's product
@@ -121,15 +138,10 @@ def last_block_cut_flops_per_row(s: PlanSetup) -> tuple[int, int]:
     return dense, recompute
 
 
-def _matmul_shapes(d: int) -> dict[str, tuple[int, int]]:
-    """(in, out) of each block matmul, in the order the forward runs them."""
-    return {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
-
-
 def lora_dense_flops_per_token(s: PlanSetup) -> int:
     """Block matmuls and adapters under LoRA, forward + backward (see the module docstring)."""
     c, r = s.config, s.lora_r
-    shapes = _matmul_shapes(c.n_embd)
+    shapes = block_matmuls(c)
     fans = sum(sum(shapes[t]) for t in s.lora_targets)
     total = 4 * 12 * c.n_layer * c.n_embd**2 + 6 * r * c.n_layer * fans
     for name, (fan_in, fan_out) in shapes.items():  # block 0 up to its first adapter: no input gradient
@@ -142,7 +154,7 @@ def lora_dense_flops_per_token(s: PlanSetup) -> int:
 def lora_recompute_flops_per_token(s: PlanSetup) -> int:
     """Block matmuls and adapters rerun by checkpointing under LoRA (attention not included)."""
     c, r = s.config, s.lora_r
-    shapes = _matmul_shapes(c.n_embd)
+    shapes = block_matmuls(c)
     adapters = 2 * r * c.n_layer * sum(sum(shapes[t]) for t in s.lora_targets)
     if "mlp.c_proj" in s.lora_targets:  # rerun through mlp.c_proj and its A; B's product is not needed
         return 24 * c.n_layer * c.n_embd**2 + adapters - 2 * r * c.n_layer * c.n_embd
@@ -170,7 +182,7 @@ def step_time(s: PlanSetup, acc: Accelerator, mfu: float) -> StepTime:
     return StepTime(acc.key, peak, mfu, seconds, tokens / seconds)
 
 
-def seq_len_table(config: GPT2Config, seq_lens=(256, 512, 1024), label_fraction: float = 0.5) -> list[dict]:
+def seq_len_table(config: ModelConfig, seq_lens=(256, 512, 1024), label_fraction: float = 0.5) -> list[dict]:
     """Per-token FLOPs at several T, the attention share, and the per-sequence cost factor from one
     T to the next: the O(L*T^2*d) attention term alone would make 512 -> 1024 4x; the dense part grows
     only as T, so the whole grows less."""

@@ -9,6 +9,9 @@
 - Gradient noise scale B_simple = tr(Σ) / |G|² from per-example gradients (McCandlish et al., 2018).
 - Per-layer gradient norms and update-to-weight ratios for one AdamW step.
 
+Any model family (GPT-2, Llama): the loss runs through the model's `head_weight` (the tied
+embedding, or the untied head), and layers are named as the family names them.
+
 Per-example gradients are computed one example at a time (one backward each, exact) and folded
 into running sums, so memory stays at a few copies of the parameters, whatever the sample size.
 """
@@ -21,11 +24,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.errors import UserError
 from qatune.kernels.loss import response_loss_sum
-from qatune.model.gpt2 import GPT2
 from qatune.train.grad_norms import layer_of
 
 NORMALIZATIONS = ("sum", "mean")
@@ -48,17 +51,17 @@ def segment_targets(ex: EncodedExample) -> tuple[list[int], list[int]]:
     return prompt + [IGNORE], response + [IGNORE]
 
 
-def _flat_grad(model: GPT2, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+def _flat_grad(model: nn.Module, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-def example_gradient(model: GPT2, ex: EncodedExample) -> tuple[torch.Tensor, int]:
+def example_gradient(model: nn.Module, ex: EncodedExample) -> tuple[torch.Tensor, int]:
     """(gradient of the example's summed response loss as one flat fp32 vector, label count)."""
-    ids, targets = _example_tensors(ex, model.wte.weight.device)
+    ids, targets = _example_tensors(ex, model.head_weight.device)
     hidden = model(ids)
-    loss, n = response_loss_sum(hidden, model.wte.weight, targets)
+    loss, n = response_loss_sum(hidden, model.head_weight, targets)
     return _flat_grad(model, loss).float(), n
 
 
@@ -158,7 +161,7 @@ def length_bins(lengths: Sequence[int], n_bins: int) -> list[list[int]]:
 
 
 def per_example_analysis(
-    model: GPT2, examples: Sequence[EncodedExample], n_bins: int = 4, progress: Iterable | None = None
+    model: nn.Module, examples: Sequence[EncodedExample], n_bins: int = 4, progress: Iterable | None = None
 ) -> dict:
     """Per-example squared norms, their power-law fits against length, the variance across
     examples per length bin, and the noise scale — under both normalizations.
@@ -222,18 +225,20 @@ def per_example_analysis(
 # ---------------------------------------------------------------- segment shares (unmasked)
 
 
-def segment_gradients(model: GPT2, examples: Sequence[EncodedExample]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+def segment_gradients(
+    model: nn.Module, examples: Sequence[EncodedExample]
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Gradients of the summed instruction-token loss and of the summed response-token loss over
     the examples, from ONE forward pass and two backward passes through it."""
-    device = model.wte.weight.device
+    device = model.head_weight.device
     g_prompt = g_resp = None
     n_prompt = n_resp = 0
     for ex in examples:
         ids = torch.tensor([ex.input_ids], device=device)
         tp, tr = (torch.tensor([t], device=device) for t in segment_targets(ex))
         hidden = model(ids)
-        lp, np_ = response_loss_sum(hidden, model.wte.weight, tp)
-        lr, nr = response_loss_sum(hidden, model.wte.weight, tr)
+        lp, np_ = response_loss_sum(hidden, model.head_weight, tp)
+        lr, nr = response_loss_sum(hidden, model.head_weight, tr)
         gp = _flat_grad(model, lp, retain_graph=True).double()
         gr = _flat_grad(model, lr).double()
         g_prompt = gp if g_prompt is None else g_prompt + gp
@@ -242,7 +247,7 @@ def segment_gradients(model: GPT2, examples: Sequence[EncodedExample]) -> tuple[
     return g_prompt, g_resp, n_prompt, n_resp
 
 
-def segment_shares(model: GPT2, examples: Sequence[EncodedExample]) -> dict:
+def segment_shares(model: nn.Module, examples: Sequence[EncodedExample]) -> dict:
     """With the loss on all tokens (normalized by all of them), the instruction's and the
     response's parts of the gradient: their norms, their share of the summed norms, the cosine."""
     was_training = model.training
@@ -268,7 +273,7 @@ def segment_shares(model: GPT2, examples: Sequence[EncodedExample]) -> dict:
 
 
 def per_layer_step(
-    model: GPT2, examples: Sequence[EncodedExample], lr: float = 1e-4, weight_decay: float = 0.0
+    model: nn.Module, examples: Sequence[EncodedExample], lr: float = 1e-4, weight_decay: float = 0.0
 ) -> list[dict]:
     """One optimizer step of training (the runtime's `accumulate` with the SFT step, then
     `optimizer_step`: AdamW, no clipping) on the response-only, token-normalized loss of
@@ -281,7 +286,7 @@ def per_layer_step(
 
     work = copy.deepcopy(model)
     work.eval()
-    device = work.wte.weight.device
+    device = work.head_weight.device
     if sum(e.n_label_tokens for e in examples) == 0:
         raise UserError("the examples carry no label tokens")
     precision = Precision("fp32", device)

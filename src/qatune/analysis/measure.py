@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -31,11 +31,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from qatune.analysis.setup import PlanSetup
+from qatune.analysis.shapes import attention_width, is_gpt2
 from qatune.data.batching import Batch
 from qatune.data.example import IGNORE
 from qatune.errors import UserError
 from qatune.methods.sft import SFT
-from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.model.gpt2 import GPT2Config
+from qatune.model.info import build
+from qatune.model.llama import LlamaConfig, Rope
 from qatune.model.lora import LoRAConfig, apply_lora
 from qatune.train.optim import OptimConfig, build_optimizer
 from qatune.train.step import Precision, accumulate, optimizer_step
@@ -193,7 +196,7 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
         base = _rss_kb("VmRSS") * 1024
 
     torch.manual_seed(seed)
-    model = GPT2(s.config).to(device)
+    model = build(s.config).to(device)
     if s.lora_r:  # as the runtime does it: base frozen, adapters on the planned targets
         apply_lora(model, LoRAConfig(r=s.lora_r, targets=list(s.lora_targets)))
     model.train()
@@ -298,14 +301,23 @@ def estimate_step_seconds(hardware_flops: int, trainable: int, rates: dict[str, 
 
 def setup_to_json(s: PlanSetup) -> str:
     d = {f.name: getattr(s, f.name) for f in fields(s)}
-    d["config"] = s.config.to_dict()
+    d["config"] = {"family": "gpt2" if is_gpt2(s.config) else "llama", **s.config.to_dict()}
     d["lora_targets"] = list(s.lora_targets)
     return json.dumps(d)
 
 
+def config_from_dict(d: dict) -> GPT2Config | LlamaConfig:
+    """The inverse of `setup_to_json`'s config: its family, the Llama family's rope and eos ids."""
+    d = dict(d)
+    if d.pop("family", "gpt2") == "gpt2":
+        return GPT2Config(**d)
+    eos = d.get("eos_token_id")
+    return LlamaConfig(**{**d, "rope": Rope(**d["rope"]), "eos_token_id": tuple(eos) if isinstance(eos, list) else eos})
+
+
 def setup_from_json(text: str) -> PlanSetup:
     d = json.loads(text)
-    d["config"] = GPT2Config(**d["config"])
+    d["config"] = config_from_dict(d["config"])
     d["lora_targets"] = tuple(d["lora_targets"])
     return PlanSetup(**d)
 
@@ -337,7 +349,10 @@ def warm_up_setup(s: PlanSetup) -> PlanSetup:
     of RSS (a tiny model's first step peaked at 150 MB, its second at 49 MB; gpt2 at seq 256 x 4
     was 150 MB above the plan with or without LoRA), whatever the model's size. The plan counts
     tensors (as `torch.cuda.max_memory_allocated` does), so the subprocess runs this first."""
-    tiny = GPT2Config(n_layer=1, n_embd=64, n_head=4, n_positions=s.config.n_positions, vocab_size=s.config.vocab_size)
+    if is_gpt2(s.config):
+        tiny = GPT2Config(1, 64, 4, n_positions=s.config.n_positions, vocab_size=s.config.vocab_size)
+    else:  # the same switches (biases, q/k norms, tied head), a tiny shape
+        tiny = replace(s.config, n_layer=1, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=128)
     return s.with_(config=tiny, micro_batch=1, seq_len=min(s.seq_len, 64))
 
 
@@ -364,10 +379,11 @@ def compare(s: PlanSetup, m: Measurement, rates: dict[str, float] | None = None)
 
     plan, compute = plan_memory(s), plan_compute(s)
     c = s.config
-    attention = compute.attention + (4 * c.n_layer * s.seq_len * c.n_embd * s.tokens if s.checkpointing else 0)
+    width = attention_width(c)  # d for GPT-2
+    attention = compute.attention + (4 * c.n_layer * s.seq_len * width * s.tokens if s.checkpointing else 0)
     # The counter's view of attention: math kernel = our 12*L*T*d; fused kernels add the backward's
     # QK^T recompute (14*L*T*d); CPU flash = nothing.
-    seen = {"math": attention, "fused": attention + 2 * c.n_layer * s.seq_len * c.n_embd * s.tokens, "none": 0}
+    seen = {"math": attention, "fused": attention + 2 * c.n_layer * s.seq_len * width * s.tokens, "none": 0}
     flops = compute.hardware_flops - attention + seen[m.attention_counted]
     rows = [
         ("parameters", plan.state.weights, m.params, "bytes"),

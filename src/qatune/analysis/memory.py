@@ -27,7 +27,9 @@ import torch
 
 from qatune.analysis.activations import ActivationPlan, plan_activations
 from qatune.analysis.setup import OPTIMIZERS, PRECISIONS, PlanSetup
-from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.analysis.shapes import is_gpt2
+from qatune.model.gpt2 import GPT2Config
+from qatune.model.info import ModelConfig, build
 
 GiB = 1024**3
 GB = 1e9
@@ -37,11 +39,17 @@ ADAM_STEP_BYTES = 4  # torch.optim.AdamW keeps `step` as one fp32 scalar tensor 
 
 
 @functools.lru_cache(maxsize=16)
-def parameter_shapes(config: GPT2Config) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """(name, shape) of every parameter of our model (built on the meta device: no memory)."""
+def parameter_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(name, shape) of every parameter of our model of either family (built on the meta device:
+    no memory; a tied head is one tensor)."""
     with torch.device("meta"):
-        model = GPT2(config)
+        model = build(config)
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def block_parameters(config: ModelConfig) -> int:
+    """Parameters of one block (GPT-2: 12 d^2 + 13 d), counted on block 0 of the real model."""
+    return sum(math.prod(shape) for name, shape in parameter_shapes(config) if name.startswith(("h.0.", "layers.0.")))
 
 
 def lora_shapes(config: GPT2Config, r: int, targets: tuple[str, ...]) -> list[tuple[int, ...]]:
@@ -66,7 +74,7 @@ def shard_numel(shape: tuple[int, ...], world: int, rank: int, padded: bool = Fa
 
 
 def per_rank_state_bytes(
-    config: GPT2Config,
+    config: ModelConfig,
     world_size: int,
     zero_stage: int,
     precision: str = "fp32",
@@ -178,10 +186,12 @@ def _placement(s: PlanSetup, st: ModelState) -> tuple[dict[str, int], dict[str, 
 
 def _transients(s: PlanSetup, st: ModelState) -> dict[str, int]:
     c, prec = s.config, s.prec
-    block_params = 12 * c.n_embd**2 + 13 * c.n_embd
+    block_params = block_parameters(c)
     out = {
         # Full fine-tuning: embedding backward makes a dense V x d gradient, then adds it to wte.grad.
-        "embedding gradient": c.vocab_size * c.n_embd * prec.grad if not s.lora_r else 0,
+        # An untied embedding has no other gradient: its .grad becomes that tensor, no copy
+        # (measured on a 50k-vocabulary Llama: the backward's peak is 12.9 MB below the tied rule).
+        "embedding gradient": c.vocab_size * c.n_embd * prec.grad if not s.lora_r and _tied(c) else 0,
         # ZeRO-3/FSDP: the current block's parameters gathered, plus the next one prefetched.
         "gathered parameters": 2 * block_params * prec.weight if s.zero >= 3 and s.gpus > 1 else 0,
         # DDP's reducer copies gradients into its buckets (gradient_as_bucket_view=False, the default).
@@ -190,6 +200,10 @@ def _transients(s: PlanSetup, st: ModelState) -> dict[str, int]:
         "optimizer temporaries": 0,
     }
     return out
+
+
+def _tied(c: ModelConfig) -> bool:
+    return is_gpt2(c) or c.tie_embeddings
 
 
 def _phases(s, dev, acts: ActivationPlan, tr, first: bool) -> dict[str, int]:
@@ -271,6 +285,8 @@ def advice(s: PlanSetup, capacity: int, where: str) -> list[str]:
         ("CPU offload of optimizer state", dict(zero=max(s.zero, 1), offload="optimizer")),
         ("LoRA r=16 on attention", dict(lora_r=16, lora_targets=("attn.c_attn", "attn.c_proj"))),
     ]
+    if not is_gpt2(s.config):  # LoRA is planned for GPT-2's matrices only
+        tries = tries[:-1]
     tries = [(label, change) for label, change in tries if any(getattr(s, k) != v for k, v in change.items())]
     for label, change in tries:  # one change alone
         alt = s.with_(**change)

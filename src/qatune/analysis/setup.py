@@ -20,7 +20,7 @@ from qatune.errors import UserError
 from qatune.model.names import LORA_TARGETS as TARGETS
 
 if TYPE_CHECKING:  # torch-free at import: `qatune plan --help` reads this module's tables
-    from qatune.model.gpt2 import GPT2Config
+    from qatune.model.info import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ LORA_TARGETS = TARGETS
 
 @dataclass(frozen=True)
 class PlanSetup:
-    config: GPT2Config
+    config: ModelConfig  # GPT-2 or the Llama family
     seq_len: int = 1024
     micro_batch: int = 1
     accum: int = 1
@@ -105,6 +105,14 @@ class PlanSetup:
             (
                 self.offload == "none" or self.zero >= 1 or self.gpus == 1,
                 "offload needs a ZeRO stage >= 1 (or one GPU)",
+            ),
+            (
+                self.seq_len <= (getattr(self.config, "sliding_window", None) or self.seq_len),
+                f"seq_len {self.seq_len} exceeds the sliding window of {getattr(self.config, 'sliding_window', 0)}",
+            ),
+            (
+                not self.lora_r or not hasattr(self.config, "model_type"),
+                "LoRA plans are GPT-2 only for now (its four matrix names); plan a Llama-family model without --lora-r",
             ),
         ]
         for ok, message in checks:

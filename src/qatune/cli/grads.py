@@ -55,12 +55,13 @@ def run(args: argparse.Namespace) -> int:
 
     from qatune.analysis.grads import per_example_analysis, per_layer_step, segment_shares
     from qatune.analysis.grads_report import summary_lines, write_outputs
-    from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
+    from qatune.model.families import from_pretrained
+    from qatune.runs import load_tokenizer_for, read_meta, resolve_model_path
     from qatune.utils.device import default_device
 
     torch.manual_seed(args.seed)
     model_path = resolve_model_path(args.model)
-    model = load_model(model_path, default_device(args.device))
+    model = from_pretrained(model_path).to(default_device(args.device))  # either family, by model_type
     tokenizer = load_tokenizer_for(model_path, args.tokenizer)
     examples = sample_examples(args, tokenizer, read_meta(model_path))
     if len(examples) < 8:

@@ -1,4 +1,4 @@
-"""`qatune plan`: memory and compute plan for fine-tuning a GPT-2, and, with --measure, one real
+"""`qatune plan`: memory and compute plan for fine-tuning a GPT-2 or Llama-family model, and, with --measure, one real
 training step of that configuration measured against the plan."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from qatune.analysis.accelerators import ACCELERATORS, get_accelerator
 from qatune.analysis.setup import ATTENTION, LORA_TARGETS, LOSSES, OFFLOADS, OPTIMIZERS, PRECISIONS, PlanSetup
+from qatune.analysis.shapes import is_gpt2
 from qatune.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,9 +27,14 @@ CORRECTIONS = [
 ]
 
 
+def corrections(s: PlanSetup) -> list[str]:
+    """The GPT-2 figures often misquoted: printed with GPT-2 plans only."""
+    return CORRECTIONS if is_gpt2(s.config) else []
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="memory and compute plan for a fine-tuning run", description=__doc__)
-    p.add_argument("--model", default="gpt2-large", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl, or a folder")
+    p.add_argument("--model", default="gpt2-large", help="a size (gpt2 … gpt2-xl, smollm2-135m) or a folder")
     p.add_argument("--seq-len", type=int, default=1024, help="row width T (tokens per row)")
     p.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch per GPU")
     p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -55,14 +61,11 @@ def add_parser(sub) -> None:
 
 
 def config_for_model(model: str):
-    from qatune.model.gpt2 import SIZES
+    from qatune.cli.info import config_of
+    from qatune.model.info import SIZES
     from qatune.runs import resolve_model_path
 
-    if model in SIZES:
-        return SIZES[model]
-    from qatune.cli.info import config_of
-
-    return config_of(resolve_model_path(model))
+    return SIZES[model] if model in SIZES else config_of(resolve_model_path(model))
 
 
 def setup_from_args(args: argparse.Namespace, device: str = "cuda") -> PlanSetup:
@@ -115,7 +118,8 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
     from qatune.analysis.memory import GB, advice
 
     c, st = s.config, plan.state
-    print(f"{s.name}: L={c.n_layer} d={c.n_embd} h={c.n_head} V={c.vocab_size}, {st.params / 1e6:.1f}M parameters")
+    heads = f"h={c.n_head}" + (f" kv={c.n_kv_head} hd={c.head_dim} ff={c.d_ff}" if not is_gpt2(c) else "")
+    print(f"{s.name}: L={c.n_layer} d={c.n_embd} {heads} V={c.vocab_size}, {st.params / 1e6:.1f}M parameters")
     print(
         f"  seq {s.seq_len} x micro-batch {s.micro_batch} x accum {s.accum} x {s.gpus} GPU(s); {s.precision} "
         f"({s.prec.note}); {s.optimizer}; ZeRO-{s.zero}; offload {s.offload}; checkpointing "
@@ -141,7 +145,7 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
     print("\nCompute per micro-batch (forward + backward, model FLOPs)")
     for label, n in (
         ("dense matmuls (6N)", compute.dense),
-        ("attention (12*L*T*d)", compute.attention),
+        ("attention (12*L*T*h*hd)", compute.attention),
         ("LM head (labelled tokens)", compute.lm_head),
         ("recompute (checkpointing)", compute.recompute),
     ):
@@ -163,8 +167,9 @@ def print_plan(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> None:
             f"{r.get('per_token_factor', 1):>9.3f}{r.get('per_sequence_factor', 1):>7.2f}"
         )
     print("  (GFLOP per token; x = factor over the previous T; a pure T^2 cost: 4x per sequence, 512 -> 1024)")
-    print("\nFigures often misquoted")
-    for line in CORRECTIONS:
+    if corrections(s):
+        print("\nFigures often misquoted")
+    for line in corrections(s):
         print(f"  - {line}")
 
 
@@ -203,7 +208,7 @@ def plan_json(s: PlanSetup, plan: MemoryPlan, acc, mfu: float) -> dict:
         },
         "step_time": asdict(t),
         "seq_len_table": seq_len_table(s.config, label_fraction=s.label_fraction),
-        "corrections": CORRECTIONS,
+        "corrections": corrections(s),
         "notes": plan.notes,
     }
 
