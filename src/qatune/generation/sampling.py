@@ -120,7 +120,7 @@ def generate_ids(
     sequence (slow; kept as the reference the cached path is tested against). `on_token`, if
     given, receives each step's new token per row (EOS for rows already done), for streaming."""
     model.eval()
-    device = model.wte.weight.device
+    device = model.head_weight.device
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
     max_new = room_for(P, cfg.max_new_tokens, model.config.n_positions)

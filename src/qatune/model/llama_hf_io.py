@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qatune.model.hf_io import CheckpointError, check_keys, read_hf_state_dict, resolve_checkpoint_dir
+from qatune.model.hf_io import (
+    CheckpointError,
+    _tokenizer_settings,
+    check_keys,
+    read_hf_state_dict,
+    resolve_checkpoint_dir,
+)
 from qatune.model.llama import ROPE_TYPES, Llama, LlamaConfig, Rope
 from qatune.utils.files import atomic_dir
 
@@ -246,21 +252,34 @@ def from_pretrained(
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
-    config = config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    hf = json.loads(config_file.read_text())
+    config = config_from_hf(hf, source=str(config_file))
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
+    state = read_hf_state_dict(folder)
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        # a reward model's backbone (its head: qatune.model.reward): it has no LM head, so the
+        # embedding serves as one
+        state.pop("score.weight", None)
+        config = dataclasses.replace(config, tie_embeddings=True)
     with torch.device("meta"):
         model = Llama(config)
-    sd = hf_to_qatune(read_hf_state_dict(folder), model, source=str(folder))
+    sd = hf_to_qatune(state, model, source=str(folder))
     model.load_state_dict(sd, assign=True)
     return model.to(dtype)
 
 
 def export_hf(
-    model: Llama, out_dir: str | os.PathLike, tokenizer=None, extra_files: dict[str, str] | None = None
+    model: Llama,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+    template: dict | None = None,
+    max_len: int | None = None,
 ) -> Path:
     """Write a transformers folder atomically: config.json, generation_config.json,
-    model.safetensors, and the tokenizer when given."""
+    model.safetensors, and the tokenizer when given (with `template` as its Jinja chat_template
+    and `max_len` as its model_max_length, as `qatune.model.hf_io.export_hf` writes them)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         hf_config = config_to_hf(model.config)
@@ -270,6 +289,7 @@ def export_hf(
         save_file(qatune_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+            _tokenizer_settings(tmp, template, max_len or model.config.n_positions)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out_dir

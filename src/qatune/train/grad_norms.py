@@ -12,10 +12,11 @@ from qatune.train.step import Precision, global_sum, model_device
 
 
 def layer_of(param_name: str) -> str:
-    """Group parameters by layer: 'embeddings', 'h.0' … 'h.{L-1}', 'ln_f'."""
-    if param_name.startswith(("wte.", "wpe.")):
+    """Group parameters by layer: 'embeddings', the blocks ('h.0' … 'h.{L-1}' in GPT-2,
+    'layers.0' … in a Llama), then the rest by their first name ('ln_f', 'norm', 'output')."""
+    if param_name.startswith(("wte.", "wpe.", "embed_tokens.")):
         return "embeddings"
-    if param_name.startswith("h."):
+    if param_name.startswith(("h.", "layers.")):
         return ".".join(param_name.split(".")[:2])
     return param_name.split(".")[0]
 
