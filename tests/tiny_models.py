@@ -28,6 +28,7 @@ def tiny_lm(family: str, vocab_size: int = 97, n_positions: int = 128, n_embd: i
         d_ff=48,
         n_positions=n_positions,
         vocab_size=vocab_size,
+        eos_token_id=vocab_size - 1,  # GPT-2's convention: EOS is the last id
     )
     model = Llama(config)
     with torch.no_grad():
