@@ -178,6 +178,14 @@ def test_sft_loss_goes_down_and_the_export_is_the_trained_model(name, model_dirs
 
     tokenizer = AutoTokenizer.from_pretrained(run / "export")
     assert tokenizer.model_max_length == 128 and "Question:" in tokenizer.chat_template  # the run's plain template
+    # `qatune export` of the last checkpoint writes the run's own export again
+    from qatune.export import export_saved
+
+    again, _ = export_saved(str(latest_checkpoint(run / "checkpoints")), str(tmp_path / "again"))
+    a, b = (load_file(str(folder / "model.safetensors")) for folder in (run / "export", again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
+    assert config(again) == config(run / "export")
 
 
 def test_sigkill_then_resume_is_bit_identical(model_dirs, tmp_path, tokenizer_dir, data_dir):
