@@ -240,12 +240,4 @@ def scored_rows_only(model, index: torch.Tensor | None, tied_head: bool = True) 
     torch.compile, whose graph would change with every batch's rows."""
     if index is None or compiled(model):
         return {}
-    return {"outputs": index, "sparse_embedding_grad": tied_head and _head_is_embedding(model)}
-
-
-def _head_is_embedding(model) -> bool:
-    """Whether the LM head is the token embedding (GPT-2, tied Llamas). An untied head's gradient
-    must come through autograd: written into `.grad`, no AccumulateGrad hook (DDP's) would see it."""
-    lm = backbone(model)
-    weight = lm.head_weight
-    return any(isinstance(m, torch.nn.Embedding) and m.weight is weight for m in lm.children())
+    return {"outputs": index, "sparse_embedding_grad": tied_head}
