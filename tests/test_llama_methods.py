@@ -179,6 +179,10 @@ def test_sft_loss_goes_down_and_the_export_is_the_trained_model(name, model_dirs
 
     tokenizer = AutoTokenizer.from_pretrained(run / "export")
     assert tokenizer.model_max_length == 128 and "Question:" in tokenizer.chat_template  # the run's plain template
+    card = (run / "export" / "README.md").read_text()  # the model card names the architecture
+    assert name in yaml.safe_load(card.split("---")[1])["tags"]
+    assert f"{ {'llama': 'Llama', 'qwen2': 'Qwen2'}[name] } trained with qatune" in card
+    assert json.loads((run / "export" / "qatune.json").read_text())["model_type"] == name
     # `qatune export` of the last checkpoint writes the run's own export again
     from qatune.export import export_saved
 

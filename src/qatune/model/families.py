@@ -71,6 +71,11 @@ def family_of(model: nn.Module) -> Family:
     raise TypeError(f"{type(model).__name__} is not a model of a known family")
 
 
+def model_type(model: nn.Module) -> str:
+    """config.json's model_type of `model` (GPT-2's config has none: "gpt2")."""
+    return getattr(model.config, "model_type", "gpt2")
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, dropout: float | None = None
 ) -> nn.Module:

@@ -359,7 +359,8 @@ class _Run:
             if cfg.plots:
                 write_plots(self.run_dir, self.method.plots)
             if cfg.export:
-                info = {**self.method.export_info(), "steps": steps, **final_eval}
+                info = {**self.method.export_info(), "model_type": families.model_type(self.ctx.model), "steps": steps}
+                info.update(final_eval)
                 files = export_files(cfg, self.run_dir, info, self.method)
                 export_dir = self.method.export(model, ctx, info, files)
         return TrainResult(self.run_dir, steps, final_eval, export_dir, history)
