@@ -31,7 +31,7 @@ from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
 from qatune.model import llama_hf_io
 from qatune.model.attention import DecoderLM
-from qatune.model.families import export_hf, from_pretrained, model_type
+from qatune.model.families import context_length, export_hf, from_pretrained, model_type
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.llama import Llama
 from qatune.model.lora import apply_lora, merge_lora
@@ -85,7 +85,7 @@ def _meta(cfg, model: DecoderLM, step: int) -> dict:
     return {
         "model_type": model_type(model),
         "template": cfg.data.get_template().to_dict(),
-        "max_len": min(cfg.data.max_len, model.config.n_positions),
+        "max_len": min(cfg.data.max_len, context_length(model)),
         "steps": step,
         "truncation": cfg.data.truncation,
         "tokenizer": cfg.tokenizer,

@@ -76,6 +76,13 @@ def model_type(model: nn.Module) -> str:
     return getattr(model.config, "model_type", "gpt2")
 
 
+def context_length(model: nn.Module) -> int:
+    """The longest sequence `model` runs as its checkpoint does: its positions, or fewer with a
+    sliding window (`qatune.model.llama`: positions at or past the window are refused)."""
+    config = model.config
+    return min(config.n_positions, getattr(config, "sliding_window", None) or config.n_positions)
+
+
 def from_pretrained(
     name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32, dropout: float | None = None
 ) -> nn.Module:

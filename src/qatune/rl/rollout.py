@@ -27,6 +27,7 @@ import torch
 from qatune.errors import UserError
 from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for, sample_from
 from qatune.model.attention import DecoderLM
+from qatune.model.families import context_length
 
 
 @dataclass
@@ -106,7 +107,7 @@ def sample_rollout(
     device = policy.head_weight.device
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
-    max_new = room_for(P, cfg.max_new_tokens, policy.config.n_positions)
+    max_new = room_for(P, cfg.max_new_tokens, context_length(policy))
     decoders = [Decoder(policy, ids, mask, max_new)]
     if reference is not None:
         decoders.append(Decoder(reference, ids, mask, max_new))
