@@ -1,6 +1,7 @@
 """Every method trains a Llama-family model through `qatune train`, as the README prints it (a YAML
 config, progress display on a terminal): a Llama with grouped-query attention and an untied head,
-and a Qwen2 (q/k/v biases, tied head), both random folders written by transformers itself with the
+a Qwen2 (q/k/v biases, tied head), a Qwen3 (q/k norms) and a Mistral (sliding window), random
+folders written by transformers itself with the
 GPT-2 tokenizer's vocabulary (50,257), since qatune's `plain`/`chat` templates and the GPT-2
 tokenizer are what the commands use with them.
 
@@ -50,8 +51,10 @@ SHAPE = dict(
 CASES = {
     "llama": ("LlamaConfig", {}, "LlamaForCausalLM"),  # untied head
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}, "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", {"head_dim": 32}, "Qwen3ForCausalLM"),  # q/k norms, head_dim != d / heads
     "mistral": ("MistralConfig", {"sliding_window": 64}, "MistralForCausalLM"),
 }
+DISPLAY = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}  # how the model card names them
 DATA = {  # what each method reads, and what else it needs
     "sft": ("gsm8k/train.jsonl", []),
     "dpo": ("hh_rlhf_harmless/test.jsonl", []),
@@ -167,7 +170,7 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run) if "loss" in r]
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
 def test_sft_loss_goes_down_and_the_export_is_the_trained_model(name, model_dirs, tmp_path, tokenizer_dir, data_dir):
     base = model_dirs(name)
     settings = {"max_steps": 6, "optim": {"lr": 1e-2, "warmup_steps": 1}, "batch": {"size": 4}}
@@ -182,7 +185,7 @@ def test_sft_loss_goes_down_and_the_export_is_the_trained_model(name, model_dirs
     assert tokenizer.model_max_length == 128 and "Question:" in tokenizer.chat_template  # the run's plain template
     card = (run / "export" / "README.md").read_text()  # the model card names the architecture
     assert name in yaml.safe_load(card.split("---")[1])["tags"]
-    assert f"{ {'llama': 'Llama', 'qwen2': 'Qwen2'}[name] } trained with qatune" in card
+    assert f"{DISPLAY[name]} trained with qatune" in card
     assert json.loads((run / "export" / "qatune.json").read_text())["model_type"] == name
     # `qatune export` of the last checkpoint writes the run's own export again
     from qatune.export import export_saved
