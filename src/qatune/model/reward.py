@@ -115,6 +115,9 @@ def load_reward_model(name_or_path: str | os.PathLike) -> RewardModel:
     if score is None:
         raise CheckpointError(f"{folder}: tensor {SCORE_KEY!r} (the reward head) is missing")
     model = RewardModel(families.from_pretrained(folder))  # the family's loader leaves the score out
+    if score.shape != model.score.weight.shape:
+        want = tuple(model.score.weight.shape)
+        raise CheckpointError(f"{folder}: tensor {SCORE_KEY!r} has shape {tuple(score.shape)}, expected {want}")
     with torch.no_grad():
         model.score.weight.copy_(score)
     return model.float()
