@@ -1,4 +1,5 @@
-"""DPO and reward-model math against plain references: full logits, one sequence at a time, fp64."""
+"""DPO and reward-model math against plain references: full logits, one sequence at a time, fp64;
+for a model of each family (`tests/tiny_models.py`: GPT-2, and a Llama with GQA and an untied head)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.tiny_models import FAMILIES, tiny_lm
 
 from qatune.data.batching import model_inputs
 from qatune.data.preference.batching import collate_pairs
@@ -16,10 +18,9 @@ from qatune.data.preference.encode import EncodedPair
 from qatune.methods.dpo.loss import DPOConfig, dpo_summary
 from qatune.methods.dpo.step import dpo_loss_sum, sequence_logps
 from qatune.methods.reward.loss import RewardConfig, reward_loss_sum, reward_summary
-from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.model.attention import DecoderLM
 from qatune.model.reward import RewardModel
 
-SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=97)
 EOS = 96
 
 
@@ -34,18 +35,26 @@ def random_pairs(n: int, seed: int = 0) -> list[EncodedPair]:
     ]
 
 
-def models(seed: int = 0) -> tuple[GPT2, GPT2]:
-    torch.manual_seed(seed)
-    policy, reference = GPT2(SMALL).double(), GPT2(SMALL).double()
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+def small(family: str, seed: int) -> DecoderLM:
+    return tiny_lm(family, vocab_size=EOS + 1, n_positions=64, seed=seed)
+
+
+def models(family: str, seed: int = 0) -> tuple[DecoderLM, DecoderLM]:
+    policy, reference = small(family, seed).double(), small(family, seed + 1000).double()
     for p in reference.parameters():
         p.requires_grad_(False)
     return policy, reference
 
 
-def plain_logp(model: GPT2, prompt: list[int], response: list[int]) -> torch.Tensor:
+def plain_logp(model: DecoderLM, prompt: list[int], response: list[int]) -> torch.Tensor:
     """log pi(response | prompt): one unpacked sequence, full logits, log_softmax."""
     ids = torch.tensor([prompt + response])
-    logits = F.linear(model(ids), model.wte.weight)[0]
+    logits = F.linear(model(ids), model.head_weight)[0]
     logp = torch.log_softmax(logits, -1)
     n = len(prompt)
     return sum(logp[n - 1 + i, tok] for i, tok in enumerate(response))
@@ -71,8 +80,8 @@ def plain_dpo(policy, reference, pairs, cfg: DPOConfig) -> torch.Tensor:
 
 def packed_dpo(policy, reference, pairs, cfg, capacity=64, chunk=7):
     batch = collate_pairs(pairs, list(range(len(pairs))), pad_id=0, capacity=capacity)
-    ref = sequence_logps(reference(**model_inputs(batch)), reference.wte.weight, batch, chunk)
-    return dpo_loss_sum(policy(**model_inputs(batch)), policy.wte.weight, batch, ref, cfg, chunk)
+    ref = sequence_logps(reference(**model_inputs(batch)), reference.head_weight, batch, chunk)
+    return dpo_loss_sum(policy(**model_inputs(batch)), policy.head_weight, batch, ref, cfg, chunk)
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -90,8 +99,8 @@ def grads(model) -> dict[str, torch.Tensor]:
         DPOConfig(beta=0.5, nll_weight=0.7),
     ],
 )
-def test_dpo_loss_and_gradients_equal_the_plain_reference(cfg):
-    policy, reference = models()
+def test_dpo_loss_and_gradients_equal_the_plain_reference(cfg, family):
+    policy, reference = models(family)
     pairs = random_pairs(5)
     loss, _ = packed_dpo(policy, reference, pairs, cfg)
     loss.backward()
@@ -105,8 +114,8 @@ def test_dpo_loss_and_gradients_equal_the_plain_reference(cfg):
         torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_packed_rows_equal_one_pair_per_row():
-    policy, reference = models(1)
+def test_packed_rows_equal_one_pair_per_row(family):
+    policy, reference = models(family, 1)
     pairs = random_pairs(6, seed=1)
     cfg = DPOConfig(beta=0.1)
     dense, _ = packed_dpo(policy, reference, pairs, cfg, capacity=64)
@@ -120,10 +129,10 @@ def test_packed_rows_equal_one_pair_per_row():
     assert collate_pairs(pairs, list(range(6)), 0, 64).input_ids.shape[0] < 6  # really packed
 
 
-def test_micro_batches_times_accumulation_equal_one_batch():
+def test_micro_batches_times_accumulation_equal_one_batch(family):
     """Loss sums over pairs divided by the step's pair count: (8 pairs, 1 micro-batch) and
     (2 pairs, 4 micro-batches) give the same loss and gradient."""
-    policy, reference = models(2)
+    policy, reference = models(family, 2)
     pairs = random_pairs(8, seed=2)
     cfg = DPOConfig(beta=0.2)
     whole, _ = packed_dpo(policy, reference, pairs, cfg)
@@ -139,25 +148,26 @@ def test_micro_batches_times_accumulation_equal_one_batch():
         torch.testing.assert_close(g_whole[name], g, msg=name)
 
 
-def test_the_policys_cut_forward_and_sparse_embedding_gradient_equal_the_plain_reference():
+def test_the_policys_cut_forward_and_sparse_embedding_gradient_equal_the_plain_reference(family):
     """The DPO step's fast path: the policy returns only the response rows (`outputs=`), its token
-    embedding's gradient is sparse and the head's weight gradient goes straight into `.grad`;
-    over two micro-batches the gradients still equal the plain reference's."""
+    embedding's gradient is sparse (a tied head's: an untied Llama's embedding keeps its dense one)
+    and the head's weight gradient goes straight into `.grad`; over two micro-batches the gradients
+    still equal the plain reference's."""
     from qatune.train.step import scored_rows_only
 
-    policy, reference = models(3)
+    policy, reference = models(family, 3)
     pairs, cfg = random_pairs(6, seed=3), DPOConfig(beta=0.4, nll_weight=0.2)
     total = 0.0
     for part in (pairs[:3], pairs[3:]):
         batch = collate_pairs(part, list(range(3)), pad_id=0, capacity=64)
-        ref = sequence_logps(reference(**model_inputs(batch)), reference.wte.weight, batch, 7)
+        ref = sequence_logps(reference(**model_inputs(batch)), reference.head_weight, batch, 7)
         cut = scored_rows_only(policy, batch.label_index)
         assert cut["sparse_embedding_grad"]
         hidden = policy(**model_inputs(batch), **cut)
-        loss, _ = dpo_loss_sum(hidden, policy.wte.weight, batch, ref, cfg, 7, weight_grad_into_grad=True)
+        loss, _ = dpo_loss_sum(hidden, policy.head_weight, batch, ref, cfg, 7, weight_grad_into_grad=True)
         loss.backward()
         total += float(loss.detach())
-    assert policy.wte.weight.grad.layout == torch.strided  # what the optimizer and clipping read
+    assert policy.head_weight.grad.layout == torch.strided  # what the optimizer and clipping read
     got = grads(policy)
     want_loss = plain_dpo(policy, reference, pairs, cfg)
     want_loss.backward()
@@ -168,8 +178,8 @@ def test_the_policys_cut_forward_and_sparse_embedding_gradient_equal_the_plain_r
         torch.testing.assert_close(got[name], want[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_first_step_with_a_frozen_copy_is_log2_and_reward_accuracy_zero():
-    policy, _ = models(3)
+def test_first_step_with_a_frozen_copy_is_log2_and_reward_accuracy_zero(family):
+    policy, _ = models(family, 3)
     reference = copy.deepcopy(policy).requires_grad_(False)
     pairs = random_pairs(4, seed=3)
     loss, sums = packed_dpo(policy, reference, pairs, DPOConfig(beta=0.1))
@@ -209,9 +219,8 @@ def plain_score(rm: RewardModel, prompt, response) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("center", [0.0, 0.05])
-def test_reward_loss_and_gradients_equal_the_plain_reference(center):
-    torch.manual_seed(4)
-    rm = RewardModel(GPT2(SMALL)).double()
+def test_reward_loss_and_gradients_equal_the_plain_reference(center, family):
+    rm = RewardModel(small(family, 4)).double()
     pairs = random_pairs(5, seed=4)
     batch = collate_pairs(pairs, list(range(5)), pad_id=0, capacity=64, eos_id=EOS)
     scores = rm(**model_inputs(batch), last_token=batch.last_token)
@@ -230,13 +239,12 @@ def test_reward_loss_and_gradients_equal_the_plain_reference(center):
     assert 0.0 <= summary["accuracy"] <= 1.0 and summary["score_std"] >= 0.0
 
 
-def test_exported_reward_model_scores_equal_in_transformers(tmp_path):
+def test_exported_reward_model_scores_equal_in_transformers(tmp_path, family):
     from transformers import AutoModelForSequenceClassification
 
     from qatune.model.reward import export_reward_hf, load_reward_model
 
-    torch.manual_seed(5)
-    rm = RewardModel(GPT2(SMALL))
+    rm = RewardModel(small(family, 5))
     with torch.no_grad():  # random biases and norms too, so a mapping slip cannot hide
         for name, p in rm.named_parameters():
             if name.endswith("bias") or ".ln_" in name:
@@ -244,7 +252,11 @@ def test_exported_reward_model_scores_equal_in_transformers(tmp_path):
     sequences = [p.prompt_ids + p.chosen_ids for p in random_pairs(6, seed=5)]
     ours = rm.score_ids(sequences, eos_id=EOS)
     out = export_reward_hf(rm, tmp_path / "rm")
-    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    hf, info = AutoModelForSequenceClassification.from_pretrained(out, output_loading_info=True)
+    classes = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
+    assert type(hf).__name__ == classes[family]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # an untied LM head is left out
+    hf.eval()
     width = max(len(s) for s in sequences) + 2
     ids = torch.tensor([s + [EOS] * (width - len(s)) for s in sequences])  # EOS-padded, like a tokenizer would
     with torch.no_grad():

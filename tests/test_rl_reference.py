@@ -15,7 +15,8 @@ Log-probs come from one unpacked sequence at a time, full logits, log_softmax of
 code packs several responses per row (block-causal) and runs its fused, chunked LM head. Inputs and
 models are fp64: loss and gradients agree to ~1e-12 relative to the sum of the terms' sizes. The
 experiences are computed in the rollout's dtype (fp64 here) and handed over as fp32 tensors: one
-rounding, 2^-24 relative.
+rounding, 2^-24 relative. The steps are checked for a model of each family (`tests/tiny_models.py`:
+GPT-2, and a Llama with GQA and an untied head).
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.tiny_models import FAMILIES, tiny_lm
 
 from qatune.methods.grpo import GRPO
 from qatune.methods.online.config import RLConfig
 from qatune.methods.ppo.method import PPO, PolicyWithValue
-from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.model.attention import DecoderLM
 from qatune.rl.experience import Experience, make_batch
 from qatune.rl.kl import KLController
 from qatune.rl.rollout import Rollout, RolloutConfig
 
-SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=97)
 EOS = 96
 TEMPERATURE = 0.7
 FP32_ROUNDING = 2.0**-24  # |fl32(x) - x| <= 2^-24 |x|
@@ -49,10 +50,10 @@ def sequences(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     return [(word(rng.randint(1, 6)), word(rng.randint(1, 6)) + [EOS] * (i % 2)) for i in range(n)]
 
 
-def plain_logps(model: GPT2, prompt: list[int], response: list[int]) -> torch.Tensor:
+def plain_logps(model: DecoderLM, prompt: list[int], response: list[int]) -> torch.Tensor:
     """log pi_T(response_t | prompt, response_<t) per response token: one sequence, full logits."""
     hidden = model(torch.tensor([prompt + response]))[0]
-    logp = torch.log_softmax(F.linear(hidden / TEMPERATURE, model.wte.weight), -1)
+    logp = torch.log_softmax(F.linear(hidden / TEMPERATURE, model.head_weight), -1)
     rows = torch.arange(len(response)) + len(prompt) - 1
     return logp[rows, torch.tensor(response)]
 
@@ -90,7 +91,7 @@ def method(cls, rl: RLConfig, beta: float, chunk: int = 5):
     return m
 
 
-def random_experiences(model: GPT2, seqs, seed: int, values=None) -> list[Experience]:
+def random_experiences(model: DecoderLM, seqs, seed: int, values=None) -> list[Experience]:
     """Experiences with the policy's own log-probs moved by noise (ratios from ~0.5 to ~2: both
     clips active), a reference elsewhere, advantages of either sign."""
     g = torch.Generator().manual_seed(seed)
@@ -115,9 +116,13 @@ def surrogate(logp, old, adv, clip):
     return -torch.minimum(a, b), b < a
 
 
-def test_grpo_step_equals_the_clipped_surrogate_plus_k3_per_sequence():
-    torch.manual_seed(0)
-    model = GPT2(SMALL).double()
+def small(family: str, seed: int) -> DecoderLM:
+    return tiny_lm(family, vocab_size=EOS + 1, n_positions=64, seed=seed).double()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grpo_step_equals_the_clipped_surrogate_plus_k3_per_sequence(family):
+    model = small(family, 0)
     seqs = sequences(7, seed=1)
     exps = random_experiences(model, seqs, seed=2)
     rl, beta = RLConfig(clip=0.2, rollout=RolloutConfig(temperature=TEMPERATURE)), 0.3
@@ -150,9 +155,9 @@ def test_grpo_step_equals_the_clipped_surrogate_plus_k3_per_sequence():
     assert_same_grads(got, grads(model), terms)
 
 
-def test_ppo_step_equals_the_clipped_surrogate_plus_clipped_value_loss_per_sequence():
-    torch.manual_seed(3)
-    model = PolicyWithValue(GPT2(SMALL)).double()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ppo_step_equals_the_clipped_surrogate_plus_clipped_value_loss_per_sequence(family):
+    model = PolicyWithValue(small(family, 3)).double()
     torch.nn.init.normal_(model.value_head.weight, std=0.5)  # values that vary (they start at 0)
     seqs = sequences(6, seed=4)
     with torch.no_grad():
@@ -270,13 +275,13 @@ def test_grpo_experiences_equal_group_relative_advantages(scale):
         assert e.returns is None and e.old_values is None
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("beta", [0.0, 0.1])
-def test_a_group_with_equal_rewards_moves_the_policy_only_through_the_kl_term(beta):
+def test_a_group_with_equal_rewards_moves_the_policy_only_through_the_kl_term(beta, family):
     """Its advantages are 0, so the surrogate adds no gradient; with beta > 0 the k3 term pulls
     the group's tokens toward the reference (the reference here is not the policy: k3's gradient
     vanishes where they agree)."""
-    torch.manual_seed(11)
-    model, reference = GPT2(SMALL).double(), GPT2(SMALL).double()
+    model, reference = small(family, 11), small(family, 12)
     G = 4
     seqs = sequences(G, seed=12)
     with torch.no_grad():

@@ -1,11 +1,15 @@
 """Rollouts: the log-probs, entropies and values recorded while sampling equal a fresh forward pass
 of the same tokens (fp32, 1e-5), with left-padded prompts of different lengths; ends recorded;
-sampling seeded."""
+sampling seeded. For a model of each family (`tests/tiny_models.py`: GPT-2, and a Llama with GQA
+and an untied head)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from tests.tiny_models import FAMILIES, tiny_lm
 
+from qatune.model.attention import DecoderLM
 from qatune.model.gpt2 import GPT2, GPT2Config
 from qatune.rl.rollout import RolloutConfig, sample_rollout
 
@@ -13,7 +17,9 @@ EOS = 63
 CFG = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=64)
 
 
-def models():
+def models(family: str = "gpt2"):
+    if family != "gpt2":
+        return llama_models()
     torch.manual_seed(0)
     policy, reference = GPT2(CFG), GPT2(CFG)
     with torch.no_grad():  # random biases and LayerNorm affine: nothing hides behind zeros and ones
@@ -24,10 +30,18 @@ def models():
     return policy, reference
 
 
+def llama_models():
+    policy, reference = (tiny_lm("llama", vocab_size=CFG.vocab_size, n_positions=64, seed=s) for s in (0, 1))
+    with torch.no_grad():  # the head's EOS row along the mean final hidden state: some rows stop at EOS
+        mean = policy(torch.randint(0, EOS, (4, 16), generator=torch.Generator().manual_seed(0))).mean((0, 1))
+        policy.head_weight[EOS] = 2.0 * mean / mean.norm() ** 2
+    return policy, reference
+
+
 PROMPTS = [[5, 9, 2, 7, 1], [3], [11, 12, 13], [40, 41, 42, 43, 44, 45, 46]]
 
 
-def fresh(model: GPT2, prompt: list[int], response: list[int], temperature: float):
+def fresh(model: DecoderLM, prompt: list[int], response: list[int], temperature: float):
     """Log-prob and entropy of each response token and the hidden state that predicted it, from one
     forward pass over prompt + response alone (no padding, no cache)."""
     ids = torch.tensor([prompt + response])
@@ -37,8 +51,9 @@ def fresh(model: GPT2, prompt: list[int], response: list[int], temperature: floa
     return chosen, -(logp.exp() * logp).sum(-1), hidden
 
 
-def test_recorded_logprobs_equal_a_fresh_forward_with_left_padding():
-    policy, reference = models()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_logprobs_equal_a_fresh_forward_with_left_padding(family):
+    policy, reference = models(family)
     head = torch.nn.Linear(CFG.n_embd, 1)
     value = lambda h: head(h).squeeze(-1)
     cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
@@ -76,13 +91,14 @@ def test_rollout_is_seeded_and_leaves_the_policy_in_training_mode():
     assert policy.training
 
 
-def test_packed_training_batch_lines_up_with_the_recorded_logprobs():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_training_batch_lines_up_with_the_recorded_logprobs(family):
     """Experiences packed into rows (block-causal, positions restarted): the labelled positions of a
     training forward give back the log-probs recorded while sampling, token for token."""
     from qatune.data.example import IGNORE
     from qatune.rl.experience import Experience, make_batch
 
-    policy, reference = models()
+    policy, reference = models(family)
     cfg = RolloutConfig(max_new_tokens=12, temperature=0.7)
     out = sample_rollout(policy, PROMPTS, EOS, cfg, torch.Generator().manual_seed(1), reference)
     experiences = [

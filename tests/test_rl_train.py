@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from tests.processes import kill_in_optimizer_step, run_cli
 from tests.rl_facts import facts_config, items, sft_model
+from tests.tiny_models import FAMILIES, tiny_lm
 from tests.tolerances import assert_weights_match, lrs_of
 
 from qatune.config import load_config
@@ -208,16 +209,17 @@ def test_ppo_with_a_separate_critic_reads_its_values_per_response(facts, tmp_pat
             assert (values[i, len(response) :] == 0).all()
 
 
-def test_a_reward_model_folder_as_critic_gives_its_trunk_and_score_head(tmp_path):
-    """rl.value_model=<reward model export>: the critic is the reward model's GPT-2 and the value
-    head starts from its score head (PPO's value initialized from the reward, as in InstructGPT)."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_reward_model_folder_as_critic_gives_its_trunk_and_score_head(tmp_path, family):
+    """rl.value_model=<reward model export>: the critic is the reward model's language model (GPT-2,
+    or a Llama whose untied LM head the export leaves out) and the value head starts from its score
+    head (PPO's value initialized from the reward, as in InstructGPT)."""
     from qatune.methods.ppo.method import load_critic
-    from qatune.model.gpt2 import GPT2, GPT2Config
     from qatune.model.reward import RewardModel, export_reward_hf
 
-    torch.manual_seed(0)
-    rm = RewardModel(GPT2(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)))
+    rm = RewardModel(tiny_lm(family, vocab_size=64, n_positions=16, n_embd=16))
     critic, score = load_critic(str(export_reward_hf(rm, tmp_path / "rm")))
+    assert type(critic) is type(rm.backbone)
     assert torch.equal(score, rm.score.weight)
     ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():

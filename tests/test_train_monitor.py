@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tests.test_train_step import SMALL, examples_of_varied_lengths
+from tests.tiny_models import FAMILIES, tiny_lm
 
 from qatune.data.batching import collate
 from qatune.data.example import IGNORE
@@ -48,9 +49,16 @@ def test_prompt_loss_equals_a_direct_count(packed, monkeypatch):
     assert train_step(model, [batch], Precision("fp32", torch.device("cpu"))).prompt_loss is None
 
 
-def test_fit_logs_layer_norms_clip_rate_and_prompt_loss(tmp_path):
-    torch.manual_seed(0)
-    model = GPT2(SMALL)
+# the layers the norms are grouped by, per family (`qatune.train.grad_norms.layer_of`)
+LAYERS = {
+    "gpt2": {"embeddings", "h.0", "h.1", "ln_f"},
+    "llama": {"embeddings", "layers.0", "layers.1", "norm", "output"},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fit_logs_layer_norms_clip_rate_and_prompt_loss(tmp_path, family):
+    model = tiny_lm(family)
     cfg = TrainConfig(name="mon", out_dir=str(tmp_path), max_steps=6, tensorboard=False, plots=True, export=False)
     cfg.batch.size, cfg.batch.unit = 2, "examples"
     cfg.monitor.every, cfg.monitor.clip_window = 2, 3
@@ -64,7 +72,7 @@ def test_fit_logs_layer_norms_clip_rate_and_prompt_loss(tmp_path):
         assert r["clip_rate"] == pytest.approx(sum(clipped) / len(clipped))
         if "grad_norm_layers" in r:
             layers = r["grad_norm_layers"]
-            assert set(layers) == {"embeddings", "h.0", "h.1", "ln_f"}
+            assert set(layers) == LAYERS[family]
             # the per-layer norms add up (in squares) to the global pre-clip norm
             assert math.sqrt(sum(v * v for v in layers.values())) == pytest.approx(r["grad_norm"], rel=1e-5)
             assert r["prompt_loss"] > 0

@@ -58,6 +58,19 @@ def test_no_decay_on_biases_layernorm_and_embeddings():
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
+def test_a_llamas_embedding_and_norms_are_not_decayed_its_untied_head_is():
+    from tests.tiny_models import tiny_lm
+
+    model = tiny_lm("llama")
+    decay, no_decay = decay_split(model)
+    assert "embed_tokens.weight" in no_decay and "norm.weight" in no_decay and "output.weight" in decay
+    assert {n for n in decay if n.startswith("layers.0.")} == {
+        f"layers.0.{m}.weight"
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+        + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+
+
 def test_decay_only_shrinks_matrices_by_lr_times_wd():
     """With zero gradients AdamW's update is the decay alone: w <- w * (1 - lr * wd)."""
     model = GPT2(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=8, vocab_size=11))

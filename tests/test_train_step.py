@@ -1,4 +1,5 @@
-"""The loss normalization of an optimizer step: accumulation, packing, and the chunked loss."""
+"""The loss normalization of an optimizer step: accumulation, packing, and the chunked loss, for a
+model of each family (`tests/tiny_models.py`: GPT-2, and a Llama with GQA and an untied head)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,18 @@ import random
 
 import pytest
 import torch
+from tests.tiny_models import FAMILIES, tiny_lm
 from tests.train_helpers import step_batches
 
 from qatune.data.example import IGNORE, EncodedExample
 from qatune.data.plan import BatchConfig, make_batch, plan_run
 from qatune.kernels.loss import reference_loss_sum
 from qatune.methods.sft.step import train_step
-from qatune.model.gpt2 import GPT2, GPT2Config
+from qatune.model.attention import DecoderLM
+from qatune.model.gpt2 import GPT2Config
 from qatune.train.step import Precision
 
-SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=97)
+SMALL = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, vocab_size=97)  # tiny_lm("gpt2")'s shape
 PAD = 0
 
 
@@ -31,7 +34,7 @@ def examples_of_varied_lengths(n: int = 8, seed: int = 0) -> list[EncodedExample
     return out
 
 
-def grads_after(model: GPT2, batches) -> tuple[float, dict[str, torch.Tensor]]:
+def grads_after(model: DecoderLM, batches) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     stats = train_step(model, batches, Precision("fp32", torch.device("cpu")))
     return stats.loss, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -44,10 +47,9 @@ def assert_same(a: dict, b: dict, rtol: float) -> None:
         assert err < rtol, f"{name}: relative difference {err:.2e}"
 
 
-@pytest.fixture
-def model() -> GPT2:
-    torch.manual_seed(0)
-    return GPT2(SMALL).double()  # fp64 so that the comparisons test the math, not rounding
+@pytest.fixture(params=FAMILIES)
+def model(request) -> DecoderLM:
+    return tiny_lm(request.param).double()  # fp64 so that the comparisons test the math, not rounding
 
 
 @pytest.mark.parametrize("strategy", ["packed", "grouped"])
@@ -65,10 +67,10 @@ def test_accumulation_invariance(model, strategy):
     assert_same(grads_a, grads_b, 1e-10)
 
 
-def test_accumulation_invariance_fp32():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_accumulation_invariance_fp32(family):
     """In fp32 the two splits agree within 1e-6 relative."""
-    torch.manual_seed(0)
-    model = GPT2(SMALL)
+    model = tiny_lm(family)
     exs = examples_of_varied_lengths()
     one = grads_after(model, [make_batch(exs, "packed", 128, PAD)])
     four = grads_after(model, [make_batch(exs[i : i + 2], "packed", 128, PAD) for i in range(0, 8, 2)])
@@ -84,7 +86,7 @@ def test_normalized_by_label_tokens_of_whole_step(model):
     batches = [make_batch([e], "grouped", 128, PAD) for e in exs]
     loss, _ = grads_after(model, batches)
     with torch.no_grad():
-        sums = [float(reference_loss_sum(model(b.input_ids), model.wte.weight, b.targets)) for b in batches]
+        sums = [float(reference_loss_sum(model(b.input_ids), model.head_weight, b.targets)) for b in batches]
     count = sum(b.n_label_tokens for b in batches)
     assert count == sum(e.n_label_tokens for e in exs)  # every response token is predicted once
     assert loss == pytest.approx(sum(sums) / count, rel=1e-12)

@@ -3,14 +3,16 @@ final export), an exported folder, a hub name, or a training checkpoint
 (`<run>/checkpoints/step_*/`, single-process or sharded) loaded as a plain model plus what an
 export needs (the run's template, max_len and the step), with a model card made from its run.
 (The export at the end of a run is `qatune.train.export`; both write the folder with
-`qatune.model.hf_io.export_hf`.)
+`qatune.model.families.export_hf`, as the model's own family.)
 
     model, meta = load_checkpoint_model(Path("runs/x/checkpoints/step_00000400"))
     export_hf(model, out, tokenizer, {"qatune.json": ...}, meta["template"], meta["max_len"])
 
-The model's shape is read from the saved tensors (no base model download); only the number of
+A GPT-2's shape is read from the saved tensors (no base model download); only the number of
 heads is not in a tensor's shape: it comes from the run's config (a shape override or the named
-size) or the base model folder's config.json. A LoRA run's checkpoint holds the adapters only: the
+size) or the base model folder's config.json. A Llama-family model (rotary settings, GQA, norms:
+more than shapes say) takes its config from the base model folder's config.json, and the saved
+tensors must have the shapes it gives. A LoRA run's checkpoint holds the adapters only: the
 base is rebuilt as training built it (`model.name`, or the seed for random init), the adapters are
 loaded onto it and merged.
 """
@@ -27,8 +29,9 @@ from qatune.config import load_config
 from qatune.errors import UserError
 from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
+from qatune.model import llama_hf_io
 from qatune.model.attention import DecoderLM
-from qatune.model.families import export_hf, from_pretrained, read_config
+from qatune.model.families import context_length, export_hf, from_pretrained, model_type
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.llama import Llama
 from qatune.model.lora import apply_lora, load_adapter, merge_lora
@@ -67,9 +70,7 @@ def load_checkpoint_model(path: Path) -> tuple[DecoderLM, dict]:
     if not sharded:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
-    with torch.device("meta"):
-        model = _model_for(shapes, cfg, path)
-    model = model.to_empty(device="cpu")
+    model = _model_from_shapes(shapes, cfg, path).to_empty(device="cpu")
     if sharded:
         from qatune.train.sharded_checkpoints import load_sharded
 
@@ -80,17 +81,18 @@ def load_checkpoint_model(path: Path) -> tuple[DecoderLM, dict]:
     return model, _meta(cfg, model, step)
 
 
-def _meta(cfg, model: GPT2, step: int) -> dict:
+def _meta(cfg, model: DecoderLM, step: int) -> dict:
     return {
+        "model_type": model_type(model),
         "template": cfg.data.get_template().to_dict(),
-        "max_len": min(cfg.data.max_len, model.config.n_positions),
+        "max_len": min(cfg.data.max_len, context_length(model.config)),
         "steps": step,
         "truncation": cfg.data.truncation,
         "tokenizer": cfg.tokenizer,
     }
 
 
-def _lora_checkpoint_model(path: Path, cfg) -> tuple[GPT2, int]:
+def _lora_checkpoint_model(path: Path, cfg) -> tuple[DecoderLM, int]:
     """The base built as `train` builds it (seeded, so a random init is the same), the checkpoint's
     adapters loaded onto it, merged."""
     vocab = len(load_tokenizer(cfg.tokenizer)) if cfg.model.init == "random" else 0
@@ -116,14 +118,26 @@ def _dcp_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {k[len(prefix) :]: tuple(v.size) for k, v in metadata.items() if k.startswith(prefix) and hasattr(v, "size")}
 
 
-def _model_for(shapes: dict[str, tuple[int, ...]], cfg, path: Path) -> DecoderLM:
-    """A Llama-family checkpoint (its embedding is `embed_tokens`) has the shape of its base
-    folder's config.json; a GPT-2 one is rebuilt from the saved shapes."""
+def _model_from_shapes(shapes: dict[str, tuple[int, ...]], cfg, path: Path) -> DecoderLM:
+    """The saved model on the meta device: a Llama-family one (embed_tokens) as its base folder's
+    config.json says, checked against the saved shapes; else a GPT-2 of the saved shapes."""
     if "embed_tokens.weight" not in shapes:
-        return GPT2(_config_from_shapes(shapes, cfg, path))
-    if not (Path(cfg.model.name) / "config.json").is_file():
-        raise CheckpointFolderError(f"{path}: model.name {cfg.model.name!r} is not a local folder with config.json")
-    return Llama(read_config(cfg.model.name))
+        with torch.device("meta"):
+            return GPT2(_config_from_shapes(shapes, cfg, path))
+    base = Path(cfg.model.name) / "config.json"
+    if not base.is_file():
+        raise CheckpointFolderError(
+            f"{path}: a Llama-family checkpoint needs its base model's config.json; model.name "
+            f"{cfg.model.name!r} is not a local folder with one"
+        )
+    with torch.device("meta"):
+        model = Llama(llama_hf_io.config_from_hf(json.loads(base.read_text()), source=str(base)))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(k for k in want.keys() | shapes.keys() if want.get(k) != shapes.get(k))
+    if wrong:
+        k = wrong[0]
+        raise CheckpointFolderError(f"{path}: tensor {k!r} is saved as {shapes.get(k)}, but {base} gives {want.get(k)}")
+    return model
 
 
 def _config_from_shapes(shapes: dict[str, tuple[int, ...]], cfg, path: Path) -> GPT2Config:

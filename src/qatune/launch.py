@@ -19,7 +19,7 @@ from qatune.errors import UserError
 from qatune.methods import build_method
 from qatune.methods.config import TrainConfig
 from qatune.methods.sft import SFT
-from qatune.model.gpt2 import GPT2
+from qatune.model.attention import DecoderLM
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import CHECKPOINTS_DIR
 from qatune.train.checkpoints import latest_checkpoint
@@ -46,7 +46,7 @@ def train(
 
 
 def fit(
-    model: GPT2,
+    model: DecoderLM,
     tokenizer,
     examples: Sequence[EncodedExample],
     cfg: TrainConfig,

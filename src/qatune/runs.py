@@ -5,9 +5,9 @@
     model = load_model("runs/large-v1", torch.device("cuda"))
 
 A run folder (`<out_dir>/<name>/`) holds config.yaml, metrics.jsonl, checkpoints/ and, at the end,
-export/ — a transformers GPT-2 folder with qatune.json beside the weights. Anything that is not a
-run folder (a model folder, a hub name) is used as it is. The CLI, a server and a notebook all
-read runs through this module.
+export/ — a transformers folder of the model's family (GPT-2, Llama, Qwen2 …) with qatune.json
+beside the weights. Anything that is not a run folder (a model folder, a hub name) is used as it
+is. The CLI, a server and a notebook all read runs through this module.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from qatune.model import families
 from qatune.model.attention import DecoderLM
-from qatune.model.families import from_pretrained
 from qatune.model.hf_io import CheckpointError
 from qatune.utils.hub import looks_like_local_path
 
@@ -46,8 +46,8 @@ def read_meta(model_path: str) -> dict | None:
 
 
 def load_model(name_or_path: str, device: torch.device) -> DecoderLM:
-    """The model of whichever family the folder's config.json names (GPT-2, Llama, Qwen …)."""
-    return from_pretrained(resolve_model_path(name_or_path)).to(device)
+    """The model of a run (its export), an exported folder or a hub name, of its own family."""
+    return families.from_pretrained(resolve_model_path(name_or_path)).to(device)
 
 
 def load_tokenizer_for(model_path: str, explicit: str | None):

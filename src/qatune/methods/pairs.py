@@ -18,6 +18,7 @@ from qatune.data.plan import ExamplePlan, held_out_split
 from qatune.data.preference.batching import PairBatch, collate_pairs
 from qatune.data.preference.encode import EncodedPair
 from qatune.errors import UserError
+from qatune.model.families import context_length
 from qatune.train.method import Method, RunContext, RunSettings
 
 
@@ -66,7 +67,7 @@ class PairMethod(Method):
         super().setup(run)
         cfg = run.settings
         self.chunk_size = cfg.loss_chunk
-        self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
+        self.max_len = min(cfg.data.max_len, context_length(run.model.config))
         too_long = next((p for p in self.all_pairs() if p.longest > self.max_len), None)
         if too_long is not None:
             raise UserError(f"{too_long.where}: {too_long.longest} tokens in one sequence, over max_len {self.max_len}")

@@ -30,11 +30,27 @@ class Family:
     name: str
     model_class: type[nn.Module]
     from_pretrained: Callable[..., nn.Module]  # (folder or hub name, dtype, dropout) -> model
-    export_hf: Callable[..., Path]  # (model, out_dir, tokenizer, extra_files) -> out_dir
+    export_hf: Callable[..., Path]  # (model, out_dir, tokenizer, extra_files, template, max_len) -> out_dir
+    hf_config: Callable[[nn.Module, int | None], dict]  # (model, eos id) -> its config.json
+    hf_state: Callable[[nn.Module], dict[str, torch.Tensor]]  # model -> tensors by checkpoint name
 
 
-GPT2_FAMILY = Family("gpt2", GPT2, gpt2_hf_io.from_pretrained, gpt2_hf_io.export_hf)
-LLAMA_FAMILY = Family("llama", Llama, llama_hf_io.from_pretrained, llama_hf_io.export_hf)
+GPT2_FAMILY = Family(
+    "gpt2",
+    GPT2,
+    gpt2_hf_io.from_pretrained,
+    gpt2_hf_io.export_hf,
+    lambda model, eos_id: gpt2_hf_io.config_to_hf(model.config, eos_id),
+    gpt2_hf_io.qatune_to_hf,
+)
+LLAMA_FAMILY = Family(
+    "llama",
+    Llama,
+    llama_hf_io.from_pretrained,
+    llama_hf_io.export_hf,
+    lambda model, eos_id: llama_hf_io.config_to_hf(model.config),  # the config's own eos ids
+    llama_hf_io.qatune_to_hf,
+)
 # config.json's model_type -> family
 FAMILIES: dict[str, Family] = {"gpt2": GPT2_FAMILY, **dict.fromkeys(llama_hf_io.ARCHITECTURES, LLAMA_FAMILY)}
 
@@ -53,6 +69,11 @@ def family_of(model: nn.Module) -> Family:
         if isinstance(model, family.model_class):
             return family
     raise TypeError(f"{type(model).__name__} is not a model of a known family")
+
+
+def model_type(model: nn.Module) -> str:
+    """config.json's model_type of `model` (GPT-2's config has none: "gpt2")."""
+    return getattr(model.config, "model_type", "gpt2")
 
 
 def context_length(config) -> int:
@@ -86,7 +107,14 @@ def from_pretrained(
     return family_for(model_type, str(config_file)).from_pretrained(folder, dtype=dtype, dropout=dropout)
 
 
-def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, extra_files=None, **options) -> Path:
-    """Write `model` as the transformers folder of its own family (GPT-2 also takes `template`
-    and `max_len`, see `qatune.model.hf_io.export_hf`)."""
-    return family_of(model).export_hf(model, out_dir, tokenizer, extra_files, **options)
+def export_hf(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    extra_files=None,
+    template: dict | None = None,
+    max_len: int | None = None,
+) -> Path:
+    """Write `model` as the transformers folder of its own family; with a tokenizer, `template`
+    becomes its Jinja chat_template and `max_len` its model_max_length (`qatune.model.hf_io.export_hf`)."""
+    return family_of(model).export_hf(model, out_dir, tokenizer, extra_files, template=template, max_len=max_len)

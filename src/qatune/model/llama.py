@@ -135,7 +135,9 @@ SIZES: dict[str, LlamaConfig] = {
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), in float32 and cast back before the weight,
-    as Llama's reference code does: the same numbers in bf16 as the checkpoint's own code."""
+    as Llama's reference code does: the same numbers in bf16 as the checkpoint's own code. fp64
+    stays fp64 (not rounded to fp32 as `x.float()` would): the fp64 equivalence tests compare the
+    math, and an fp32 norm flips last bits between two orderings of the same sums (packed rows)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -143,7 +145,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 

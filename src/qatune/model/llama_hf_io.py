@@ -252,12 +252,19 @@ def from_pretrained(
     config_file = folder / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{folder} has no config.json")
-    config = config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    hf = json.loads(config_file.read_text())
+    config = config_from_hf(hf, source=str(config_file))
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
+    state = read_hf_state_dict(folder)
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+        # a reward model's backbone (its head: qatune.model.reward): it has no LM head, so the
+        # embedding serves as one
+        state.pop("score.weight", None)
+        config = dataclasses.replace(config, tie_embeddings=True)
     with torch.device("meta"):
         model = Llama(config)
-    sd = hf_to_qatune(read_hf_state_dict(folder), model, source=str(folder))
+    sd = hf_to_qatune(state, model, source=str(folder))
     model.load_state_dict(sd, assign=True)
     return model.to(dtype)
 

@@ -1,11 +1,12 @@
-"""A reward model: GPT-2 with a scalar head on the last token of the response.
+"""A reward model: a language model of any family with a scalar head on the last token of the response.
 
-The head is `GPT2ForSequenceClassification`'s (`score`: Linear(d, 1) without bias), so the export
-is a `transformers` folder that `AutoModelForSequenceClassification` loads and that gives the same
-scores. The scored token is the last one *before* a final EOS: `transformers` picks the rightmost
-token that is not `pad_token_id`, the export sets pad_token_id = EOS (GPT-2 has no pad token),
-so a sequence scores the same with or without its EOS and with any amount of EOS padding — the
-convention of TRL's GPT-2 reward models too.
+The head is transformers' `*ForSequenceClassification`'s (`score`: Linear(d, 1) without bias;
+GPT2ForSequenceClassification, LlamaForSequenceClassification, Qwen2ForSequenceClassification …),
+so the export is a `transformers` folder that `AutoModelForSequenceClassification` loads and that
+gives the same scores. The scored token is the last one *before* a final EOS: `transformers`
+picks the rightmost token that is not `pad_token_id`, the export sets pad_token_id = EOS (GPT-2
+has no pad token), so a sequence scores the same with or without its EOS and with any amount of
+EOS padding — the convention of TRL's GPT-2 reward models too.
 """
 
 from __future__ import annotations
@@ -19,24 +20,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qatune.model.gpt2 import GPT2
-from qatune.model.hf_io import (
-    CheckpointError,
-    _tokenizer_settings,
-    config_from_hf,
-    config_to_hf,
-    hf_to_qatune,
-    qatune_to_hf,
-    read_hf_state_dict,
-    resolve_checkpoint_dir,
-)
+from qatune.model import families
+from qatune.model.attention import DecoderLM
+from qatune.model.hf_io import CheckpointError, _tokenizer_settings, read_hf_state_dict, resolve_checkpoint_dir
+from qatune.model.llama_hf_io import ARCHITECTURES
 from qatune.utils.files import atomic_dir
 
 SCORE_KEY = "score.weight"
+# config.json's model_type -> the transformers class of its reward model
+CLASSIFIERS = {
+    "gpt2": "GPT2ForSequenceClassification",
+    **{t: a.replace("ForCausalLM", "ForSequenceClassification") for t, a in ARCHITECTURES.items()},
+}
 
 
 class RewardModel(nn.Module):
-    def __init__(self, backbone: GPT2) -> None:
+    def __init__(self, backbone: DecoderLM) -> None:
         super().__init__()
         self.backbone = backbone  # the name the runtime looks for (qatune.train.step.backbone)
         self.score = nn.Linear(backbone.config.n_embd, 1, bias=False)
@@ -49,7 +48,7 @@ class RewardModel(nn.Module):
     def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, last_token=None):
         """Scores (N,) of the positions `last_token` (flat indices into B*T); without it, the
         score of every position (B, T)."""
-        # outputs=last_token: the backbone's last block and final LayerNorm run on those rows only
+        # outputs=last_token: the backbone's last block and final norm run on those rows only
         hidden = self.backbone(
             input_ids, position_ids=position_ids, doc_ids=doc_ids, attention_mask=attention_mask, outputs=last_token
         )
@@ -80,14 +79,19 @@ def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
 
 
 def export_reward_hf(model: RewardModel, out_dir: str | os.PathLike, tokenizer=None, extra_files=None) -> Path:
-    """A `transformers` GPT2ForSequenceClassification folder (num_labels=1, pad_token_id = EOS)."""
+    """A `transformers` *ForSequenceClassification folder of the backbone's family (num_labels=1,
+    pad_token_id = EOS). An untied LM head is not part of a reward model: it is left out."""
     out_dir = Path(out_dir)
+    family = families.family_of(model.backbone)
     with atomic_dir(out_dir) as tmp:
-        hf = config_to_hf(model.config, tokenizer.eos_token_id if tokenizer is not None else None)
-        hf.update(architectures=["GPT2ForSequenceClassification"], pad_token_id=hf["eos_token_id"])
+        hf = family.hf_config(model.backbone, tokenizer.eos_token_id if tokenizer is not None else None)
+        eos = tokenizer.eos_token_id if tokenizer is not None else hf.get("eos_token_id")
+        pad = eos[0] if isinstance(eos, list) else eos
+        hf.update(architectures=[CLASSIFIERS[hf["model_type"]]], pad_token_id=pad)
         hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        state = qatune_to_hf(model.backbone)
+        state = family.hf_state(model.backbone)
+        state.pop("lm_head.weight", None)
         state[SCORE_KEY] = model.score.weight.detach().cpu().contiguous()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -99,25 +103,32 @@ def export_reward_hf(model: RewardModel, out_dir: str | os.PathLike, tokenizer=N
 
 
 def load_reward_model(name_or_path: str | os.PathLike) -> RewardModel:
-    """A reward model from a GPT2ForSequenceClassification folder (num_labels=1)."""
+    """A reward model from a *ForSequenceClassification folder (num_labels=1) of a known family."""
     folder = resolve_checkpoint_dir(name_or_path)
     hf = json.loads((folder / "config.json").read_text())
     labels = hf.get("num_labels", len(hf.get("id2label") or {}) or None)
-    if labels not in (None, 1) or "GPT2ForSequenceClassification" not in (hf.get("architectures") or []):
-        raise CheckpointError(f"{folder} is not a reward model (a GPT2ForSequenceClassification with num_labels=1)")
-    state = read_hf_state_dict(folder)
-    if SCORE_KEY not in state:
+    if labels not in (None, 1) or not _is_classifier(hf):
+        raise CheckpointError(
+            f"{folder} is not a reward model (a {' / '.join(sorted(set(CLASSIFIERS.values())))} with num_labels=1)"
+        )
+    score = read_hf_state_dict(folder).get(SCORE_KEY)
+    if score is None:
         raise CheckpointError(f"{folder}: tensor {SCORE_KEY!r} (the reward head) is missing")
-    score = state.pop(SCORE_KEY)
-    with torch.device("meta"):
-        model = RewardModel(GPT2(config_from_hf(hf)))
-    backbone = hf_to_qatune(state, model.backbone, source=str(folder))
-    model.load_state_dict({**{f"backbone.{k}": v for k, v in backbone.items()}, SCORE_KEY: score}, assign=True)
+    model = RewardModel(families.from_pretrained(folder))  # the family's loader leaves the score out
+    if score.shape != model.score.weight.shape:
+        want = tuple(model.score.weight.shape)
+        raise CheckpointError(f"{folder}: tensor {SCORE_KEY!r} has shape {tuple(score.shape)}, expected {want}")
+    with torch.no_grad():
+        model.score.weight.copy_(score)
     return model.float()
+
+
+def _is_classifier(hf: dict) -> bool:
+    return bool(set(CLASSIFIERS.values()) & set(hf.get("architectures") or []))
 
 
 def is_reward_model(path: str | os.PathLike) -> bool:
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    return "GPT2ForSequenceClassification" in (json.loads(config.read_text()).get("architectures") or [])
+    return _is_classifier(json.loads(config.read_text()))

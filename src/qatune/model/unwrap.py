@@ -1,6 +1,6 @@
 """The model inside its wrappers, and parameter names without them: the one place that knows
 how DDP (`module`), torch.compile (`_orig_mod`) and a method's head wrapper (`backbone`: a value
-or score head around the GPT-2) hold the module they wrap. FSDP2 wraps in place and adds nothing."""
+or score head around the language model) hold the module they wrap. FSDP2 wraps in place and adds nothing."""
 
 from __future__ import annotations
 
@@ -21,12 +21,18 @@ def unwrap(model):
 
 
 def backbone(model):
-    """The GPT-2 inside whatever wraps it: DDP, torch.compile, a method's head wrapper."""
+    """The language model (any family's) inside whatever wraps it: DDP, torch.compile, a method's head wrapper."""
     for attr in (*WRAPPERS, "backbone"):
         inner = getattr(model, attr, None)
         if isinstance(inner, torch.nn.Module):
             return backbone(inner)
     return model
+
+
+def blocks(model) -> torch.nn.ModuleList:
+    """The transformer blocks of the language model inside `model`: GPT-2's `h`, a Llama's `layers`."""
+    lm = backbone(model)
+    return lm.h if hasattr(lm, "h") else lm.layers
 
 
 def compiled(model) -> bool:

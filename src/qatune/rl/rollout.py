@@ -26,7 +26,8 @@ import torch
 
 from qatune.errors import UserError
 from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for, sample_from
-from qatune.model.gpt2 import GPT2
+from qatune.model.attention import DecoderLM
+from qatune.model.families import context_length
 
 
 @dataclass
@@ -84,12 +85,12 @@ def sample_step(
 
 @torch.no_grad()
 def sample_rollout(
-    policy: GPT2,
+    policy: DecoderLM,
     prompts: list[list[int]],
     eos_id: int,
     cfg: RolloutConfig,
     generator: torch.Generator,
-    reference: GPT2 | None = None,
+    reference: DecoderLM | None = None,
     value_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast=None,
 ) -> Rollout:
@@ -103,10 +104,10 @@ def sample_rollout(
     policy.eval()
     if reference is not None:
         reference.eval()
-    device = policy.wte.weight.device
+    device = policy.head_weight.device
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
-    max_new = room_for(P, cfg.max_new_tokens, policy.config.n_positions)
+    max_new = room_for(P, cfg.max_new_tokens, context_length(policy.config))
     decoders = [Decoder(policy, ids, mask, max_new)]
     if reference is not None:
         decoders.append(Decoder(reference, ids, mask, max_new))

@@ -7,10 +7,11 @@ gloo on CPU) and joins the process group; `wrap_ddp` puts the model under
 `DistributedDataParallel`, `wrap_fsdp` shards it with `fully_shard` per transformer block, then
 the root. `run_training` is what `qatune train` calls.
 
-Why the loss may stay outside the model's forward under FSDP2: the loss applies the tied LM head
-(`wte.weight`) to the hidden states after `model(...)` returns. `wte` belongs to the root's
-parameter group, and FSDP2 never reshards the root after forward (its parameters would be
-all-gathered again at once for backward), so `model.wte.weight` is the full, unsharded tensor
+Why the loss may stay outside the model's forward under FSDP2: the loss applies the LM head
+(`head_weight`: GPT-2's tied `wte.weight`, a Llama's `output` or tied embedding) to the hidden
+states after `model(...)` returns. The head belongs to the root's parameter group, and FSDP2 never
+reshards the root after forward (its parameters would be all-gathered again at once for
+backward), so the head's weight is the full, unsharded tensor
 until the root's post-backward, which runs after the loss's gradient reached it. We therefore
 never pass `reshard_after_forward` to the root; the equality tests against a single process
 (tests/test_distributed.py) check the result.
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qatune.errors import UserError
+from qatune.model.unwrap import blocks as model_blocks
 from qatune.utils.device import DTYPES, default_device
 
 # GRADIENT_SUM: each rank's loss is already divided by the label tokens of the whole step, all
@@ -154,10 +156,10 @@ def wrap_fsdp(model: nn.Module, cfg: FSDPConfig) -> nn.Module:
     # Pinned host memory speeds up the copies to a GPU; without a GPU there is nothing to pin.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.cpu_offload else OffloadPolicy()
     common = {"mp_policy": MixedPrecisionPolicy(param_dtype, reduce_dtype), "offload_policy": offload}
-    blocks = getattr(model, "backbone", model).h  # a method's head wrapper holds the GPT-2 as `backbone`
+    blocks = model_blocks(model)  # of the language model, inside a method's head wrapper too
     for block in blocks:
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **common)
-    # The root keeps FSDP2's default (no reshard after forward): the loss uses wte.weight after forward.
+    # The root keeps FSDP2's default (no reshard after forward): the loss uses the head's weight after forward.
     fully_shard(model, **common)
     for module in (*blocks, model):
         # Sum, see GRADIENT_SUM; a plain SUM collective (gloo has no pre-multiplied sum).

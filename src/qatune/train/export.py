@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qatune.model.hf_io import export_hf
+from qatune.model.families import export_hf
 from qatune.model.lora import has_lora, merge_lora, save_adapter
 from qatune.model.unwrap import backbone
 from qatune.runs import ADAPTER_DIR, EXPORT_DIR, META_FILE
@@ -37,7 +37,8 @@ def export_files(cfg, run_dir: Path, info: dict, method) -> dict[str, str]:
 
 
 def export_lm(model, run, info: dict, files: dict[str, str]) -> Path:
-    """`<run>/export`: the GPT-2 as a transformers GPT2LMHeadModel folder, tokenizer (with the
+    """`<run>/export`: the language model as a transformers folder of its family (GPT2LMHeadModel,
+    LlamaForCausalLM, Qwen2ForCausalLM …), tokenizer (with the
     template as its Jinja chat_template and max_len as model_max_length), qatune.json, README.md.
     Under LoRA the adapter goes to `<run>/adapter` (peft's format) and the export is the merged model."""
     target = run.run_dir / EXPORT_DIR
@@ -46,7 +47,7 @@ def export_lm(model, run, info: dict, files: dict[str, str]) -> Path:
         model_cfg = run.settings.model
         save_adapter(lm, run.run_dir / ADAPTER_DIR, model_cfg.lora, base_model=base_model_name(model_cfg))
         lm = merge_lora(lm)
-    return export_hf(lm, target, run.tokenizer, files, info.get("template"), info.get("max_len"))
+    return export_hf(lm, target, run.tokenizer, files, template=info.get("template"), max_len=info.get("max_len"))
 
 
 def base_model_name(model_cfg) -> str | None:

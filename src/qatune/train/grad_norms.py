@@ -12,8 +12,8 @@ from qatune.train.step import Precision, global_sum, model_device
 
 
 def layer_of(param_name: str) -> str:
-    """Group parameters by layer: 'embeddings', then GPT-2's 'h.0' … 'h.{L-1}', 'ln_f' or the
-    Llama family's 'layers.0' … 'layers.{L-1}', 'norm' (and 'output', an untied head)."""
+    """Group parameters by layer: 'embeddings', the blocks ('h.0' … 'h.{L-1}' in GPT-2,
+    'layers.0' … in a Llama), then the rest by their first name ('ln_f', 'norm', 'output')."""
     if param_name.startswith(("wte.", "wpe.", "embed_tokens.")):
         return "embeddings"
     if param_name.startswith(("h.", "layers.")):

@@ -21,6 +21,8 @@ from qatune.train.metrics import read_metrics
 CARD_FILE = "README.md"
 
 # Licenses of the bases this tool names by size; the hub's GPT-2 repositories state MIT.
+# qatune.json's model_type (config.json's) -> how the card names the architecture
+DISPLAY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "distilgpt2")
 KNOWN_LICENSES = {**{n: "mit" for n in GPT2_NAMES}, **{f"openai-community/{n}": "mit" for n in GPT2_NAMES}}
 
@@ -89,7 +91,7 @@ def front_matter(cfg, info: dict, pipeline_tag: str) -> str:
         front["base_model"] = base
     if license_:
         front["license"] = license_
-    front["tags"] = ["qatune", "gpt2", method]
+    front["tags"] = ["qatune", info.get("model_type", "gpt2"), method]
     datasets = hub_datasets(cfg.data.sources)
     if datasets:
         front["datasets"] = datasets
@@ -152,15 +154,16 @@ def model_card(cfg, info: dict, metrics: dict, method_class) -> str:
     or instance) whose declared summary fields, title, config sections and pipeline tag it shows."""
     fields, title, sections = method_class.summary_fields, method_class.title, method_class.config_sections
     method = info.get("method", cfg.method)
+    architecture = DISPLAY_NAMES.get(info.get("model_type", "gpt2"), info.get("model_type"))
     base, _ = base_model(cfg)
     start = f"`{cfg.model.name}`" + (f" (base model `{base}`)" if base and base != cfg.model.name else "")
     if cfg.model.init == "random":
-        start = f"a randomly initialized `{cfg.model.name}`-shaped GPT-2 (seed {cfg.seed})"
+        start = f"a randomly initialized `{cfg.model.name}`-shaped {architecture} (seed {cfg.seed})"
     steps = metrics.get("step", info.get("steps"))
     lines = [
         f"# {cfg.name}",
         "",
-        f"GPT-2 trained with qatune, method `{method}`{f' ({title})' if title else ''}, starting from {start}"
+        f"{architecture} trained with qatune, method `{method}`{f' ({title})' if title else ''}, starting from {start}"
         + (f"; {steps} optimizer steps." if steps is not None else "."),
         "",
         *data_lines(cfg, info),

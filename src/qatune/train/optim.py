@@ -17,9 +17,10 @@ from torch import nn
 
 from qatune.model.unwrap import plain_name
 
-# Parameters never decayed even though they are 2-D: the token/position embeddings. Decay pulls
-# every row toward 0 each step, and a rare token's row, which gets few gradients, would shrink.
-NO_DECAY_MATRICES = ("wte.weight", "wpe.weight")
+# Parameters never decayed even though they are 2-D: the token/position embeddings (GPT-2's wte and
+# wpe, a Llama's embed_tokens). Decay pulls every row toward 0 each step, and a rare token's row,
+# which gets few gradients, would shrink. (An untied Llama head is a linear layer's matrix: decayed.)
+NO_DECAY_MATRICES = ("wte.weight", "wpe.weight", "embed_tokens.weight")
 
 
 @dataclass

@@ -29,8 +29,10 @@ import torch
 
 from qatune.config import dump_yaml, from_dict, to_dict
 from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
+from qatune.model import families
+from qatune.model.attention import DecoderLM
 from qatune.model.dropout import disable_dropout
-from qatune.model.gpt2 import GPT2, SIZES
+from qatune.model.gpt2 import SIZES
 from qatune.model.hf_io import build_model
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
 from qatune.model.unwrap import backbone
@@ -80,9 +82,9 @@ def resolved_config(cfg, method: type[Method], device: torch.device):
     return replace(cfg, model=model, precision=pick_precision(cfg.precision, device))
 
 
-def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
+def make_model(cfg: ModelConfig, vocab_size: int) -> DecoderLM:
     """Random init of a named size (shape overrides allowed, vocab sized to the tokenizer), or
-    pretrained weights from a hub name / local folder."""
+    pretrained weights from a hub name / local folder, of the family its config.json names."""
     if cfg.init == "random":
         if cfg.name not in SIZES:
             raise UserError(f"model.init=random needs a size name ({', '.join(SIZES)}), got {cfg.name!r}")
@@ -90,7 +92,7 @@ def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
         return build_model(cfg.name, random_init=True, vocab_size=vocab_size, dropout=cfg.dropout, **shape)
     if cfg.shape_overrides():
         raise UserError(f"model.{next(iter(cfg.shape_overrides()))} only applies to model.init=random")
-    model = build_model(cfg.name, dropout=cfg.dropout)
+    model = families.from_pretrained(cfg.name, dropout=cfg.dropout)
     if model.config.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but {cfg.name} only {model.config.vocab_size}")
     return model
@@ -115,7 +117,7 @@ def dropout_seed(seed: int, rank: int) -> int:
 
 def run(
     method: Method,
-    model: GPT2,
+    model: DecoderLM,
     tokenizer,
     cfg,
     resume: bool = False,
@@ -136,7 +138,7 @@ def run(
 class _Run:
     """The state of one training run: built once, then `loop`."""
 
-    def __init__(self, method: Method, model: GPT2, tokenizer, cfg, resume, rank, world_size) -> None:
+    def __init__(self, method: Method, model: DecoderLM, tokenizer, cfg, resume, rank, world_size) -> None:
         device = default_device(cfg.device)
         cfg = resolved_config(cfg, type(method), device)
         self.cfg, self.method, self.resume = cfg, method, resume
@@ -183,9 +185,9 @@ class _Run:
         if cfg.strategy == "ddp":
             self.step_model = wrap_ddp(self.step_model, device)  # `trainable` stays unwrapped (eval, export)
 
-    def _plain_model(self) -> GPT2:
-        """A model of the run's shape (adapters included) to gather the trained weights into."""
-        model = GPT2(self.ctx.model.config)
+    def _plain_model(self) -> DecoderLM:
+        """A model of the run's family and shape (adapters included) to gather the trained weights into."""
+        model = type(self.ctx.model)(self.ctx.model.config)
         if self.cfg.model.lora is not None:
             apply_lora(model, self.cfg.model.lora)
         return model
@@ -357,7 +359,8 @@ class _Run:
             if cfg.plots:
                 write_plots(self.run_dir, self.method.plots)
             if cfg.export:
-                info = {**self.method.export_info(), "steps": steps, **final_eval}
+                info = {**self.method.export_info(), "model_type": families.model_type(self.ctx.model), "steps": steps}
+                info.update(final_eval)
                 files = export_files(cfg, self.run_dir, info, self.method)
                 export_dir = self.method.export(model, ctx, info, files)
         return TrainResult(self.run_dir, steps, final_eval, export_dir, history)
@@ -385,7 +388,7 @@ def without_dropout(module: torch.nn.Module, method: Method, cfg: ModelConfig, m
     return module
 
 
-def reference_model(model: GPT2) -> torch.nn.Module:
+def reference_model(model: DecoderLM) -> torch.nn.Module:
     """The frozen initial model: under LoRA the base itself with its adapters off (no copy),
     otherwise a frozen copy of the initial weights."""
     if has_lora(model):

@@ -85,7 +85,8 @@ def phase(name: str):
 
 
 def lm_weight(model) -> torch.Tensor:
-    """The LM head's (vocab, d) matrix of the model in `model` (the token embedding when tied)."""
+    """The output head's (vocab, d) matrix of the language model in `model` (any family's
+    `head_weight`: GPT-2's tied embedding, a Llama's own head or its tied embedding)."""
     return backbone(model).head_weight
 
 

@@ -35,6 +35,7 @@ from qatune.data.plan import held_out_split
 from qatune.errors import MethodStop, UserError
 from qatune.generation.sampling import SamplingConfig, generate_ids
 from qatune.methods.online.config import RLConfig
+from qatune.model.families import context_length
 from qatune.model.unwrap import backbone
 from qatune.rl.experience import PER_TOKEN, Experience, RLBatch, make_batch
 from qatune.rl.kl import KLController, kl_k1
@@ -163,7 +164,7 @@ class OnlineRL(Method):
             n = rl.prompts_per_rollout
             raise UserError(f"rl.prompts_per_rollout={n} does not split evenly over {run.world_size} ranks")
         model = run.model
-        self.context = min(cfg.data.max_len, model.config.n_positions)
+        self.context = min(cfg.data.max_len, context_length(model.config))
         budget = self.context - rl.rollout.max_new_tokens
         if budget < 1:
             n = rl.rollout.max_new_tokens

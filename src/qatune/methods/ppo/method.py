@@ -34,7 +34,7 @@ from qatune.train.method import StepOutput
 
 
 class PolicyWithValue(nn.Module):
-    """The module PPO trains: the policy GPT-2 (`backbone`, what is exported) and a value head on
+    """The module PPO trains: the policy language model (`backbone`, what is exported) and a value head on
     its hidden states or on a separate critic's. forward -> (policy hidden states, values (B, T))."""
 
     def __init__(self, backbone: nn.Module, critic: nn.Module | None = None) -> None:
@@ -46,7 +46,7 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, outputs=None, sparse_embedding_grad=False):
-        """outputs / sparse_embedding_grad: as `GPT2.forward` (hidden states and values at
+        """outputs / sparse_embedding_grad: as the model's forward (hidden states and values at
         `outputs` only); the separate critic runs no head, so its embedding gradient stays dense."""
         inputs = {"position_ids": position_ids, "doc_ids": doc_ids, "outputs": outputs}
         hidden = self.backbone(input_ids, **inputs, sparse_embedding_grad=sparse_embedding_grad)
@@ -56,17 +56,11 @@ class PolicyWithValue(nn.Module):
 
 
 def load_critic(name: str) -> tuple[nn.Module, torch.Tensor | None]:
-    """(critic GPT-2, the score head's weight when `name` is a reward model folder, else None)."""
-    import json
-    from pathlib import Path
+    """(critic language model, the score head's weight when `name` is a reward model folder, else None)."""
+    from qatune.model.families import from_pretrained
+    from qatune.model.reward import is_reward_model, load_reward_model
 
-    from qatune.model.hf_io import from_pretrained
-
-    config = Path(name) / "config.json"
-    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
-    if "GPT2ForSequenceClassification" in architectures:
-        from qatune.model.reward import load_reward_model
-
+    if is_reward_model(name):
         reward = load_reward_model(name)
         return reward.backbone, reward.score.weight.detach().clone()
     return from_pretrained(name), None

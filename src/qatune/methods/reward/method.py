@@ -1,12 +1,13 @@
-"""A reward model on the shared runtime: GPT-2 + a scalar head, Bradley-Terry on preference pairs.
+"""A reward model on the shared runtime: a language model + a scalar head, Bradley-Terry on preference pairs.
 
 Step: one forward of a packed batch of pairs; the head reads each response's last token (before
 its EOS); loss -log sigma(s_chosen - s_rejected - margin) (+ optional centering), a mean over the
 pairs of the step. Metrics: loss, accuracy (chosen scores higher), margin, mean scores and their
 spread; `eval_` the same on the held-out pairs. Export: a transformers
-GPT2ForSequenceClassification (num_labels=1) that gives the same scores.
+*ForSequenceClassification of the model's family (GPT2…, Llama…, Qwen2…; num_labels=1) that
+gives the same scores.
 
-`model.name` may be a reward model folder (a GPT2ForSequenceClassification, e.g. one exported
+`model.name` may be a reward model folder (a *ForSequenceClassification, e.g. one exported
 here): its head is loaded too, so training continues from it; otherwise the head starts random.
 """
 
@@ -27,7 +28,7 @@ from qatune.train.method import STEP_FIELDS, RunContext, StepOutput
 
 class Reward(PairMethod):
     name = "reward"
-    title = "a reward model: GPT-2 with a scalar head, Bradley-Terry on preference pairs"
+    title = "a reward model: the language model with a scalar head, Bradley-Terry on preference pairs"
     config_sections = ("reward",)
     progress_fields = (
         *STEP_FIELDS,
@@ -36,7 +37,7 @@ class Reward(PairMethod):
         ("eval_loss", "eval {:.4f}"),
         ("eval_accuracy", "eval acc {:.2f}"),
     )
-    pipeline_tag = "text-classification"  # the export is a GPT2ForSequenceClassification
+    pipeline_tag = "text-classification"  # the export is a *ForSequenceClassification
     summary_fields = (
         ("eval_loss", "held-out Bradley-Terry loss"),
         ("eval_accuracy", "held-out pair accuracy (chosen scores higher)"),

@@ -21,6 +21,7 @@ from qatune.data.plan import ExamplePlan, eval_batches, held_out_split, make_bat
 from qatune.errors import UserError
 from qatune.kernels.loss import DEFAULT_CHUNK, perplexity, response_loss_sum, rows_loss_sum
 from qatune.methods.sft.monitor import monitor_targets
+from qatune.model.families import context_length
 from qatune.train.method import STEP_FIELDS, Method, RunContext, RunSettings, StepOutput
 from qatune.train.step import evaluate_sums, lm_weight, phase, scored_rows_only
 
@@ -72,7 +73,7 @@ class SFT(Method):
         super().setup(run)
         cfg = run.settings
         self.chunk_size = cfg.loss_chunk
-        self.max_len = min(cfg.data.max_len, run.model.config.n_positions)
+        self.max_len = min(cfg.data.max_len, context_length(run.model.config))
         too_long = [i for i, e in enumerate(self.examples) if len(e) > self.max_len]
         if too_long:
             n = len(self.examples[too_long[0]])
