@@ -130,39 +130,42 @@ class CausalAttention(torch.autograd.Function):
     """softmax(q k^T / sqrt(D) + causal mask) v as three batched matmuls, the scores and the
     softmax in fp32 (at least), the probabilities cast to v's dtype for the last matmul (as the
     flash kernel does). Nothing n x n is kept for backward: the probabilities are recomputed
-    there from q and k (one more q k^T), so memory stays that of q, k, v.
+    there from q and k (one more q k^T), so memory stays that of q, k, v and the output.
 
     Grouped-query attention without copies: the query heads sharing a key/value head are one
     batch entry of (group x n) rows. q (H, n, D), k and v (kv heads, n, D)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
-        ctx.save_for_backward(q, k, v)
-        return torch.bmm(_causal_probs(q, k).to(v.dtype), v).view(q.shape)
+        out = torch.bmm(_causal_probs(q, k).to(v.dtype), v).view(q.shape)
+        ctx.save_for_backward(q, k, v, out)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         kv_heads, _, d = k.shape
         p = _causal_probs(q, k)  # (kv heads, group x n, n)
+        # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O)
+        # (n x D, not n x n, work); the scores' 1/sqrt(D) goes onto dq and dk
+        rowsum = (grad * out).sum(-1, dtype=p.dtype).view(kv_heads, -1, 1)
         grad = grad.reshape(kv_heads, -1, d)
         dv = torch.bmm(p.to(v.dtype).transpose(1, 2), grad)
-        dp = torch.bmm(grad, v.transpose(1, 2)).to(p.dtype)
-        # softmax backward: dS = P * (dP - rowsum(P * dP)), then the 1/sqrt(D) of the scores
-        ds = p.mul_(dp.sub_((p * dp).sum(-1, keepdim=True))).mul_(d**-0.5).to(q.dtype)
-        dq = torch.bmm(ds, k).view(q.shape)
-        dk = torch.bmm(ds.transpose(1, 2), q.reshape(kv_heads, -1, d))
+        ds = p.mul_(torch.sub(torch.bmm(grad, v.transpose(1, 2)), rowsum)).to(q.dtype)
+        dq = torch.bmm(ds, k).mul_(d**-0.5).view(q.shape)
+        dk = torch.bmm(ds.transpose(1, 2), q.reshape(kv_heads, -1, d)).mul_(d**-0.5)
         return dq, dk, dv
 
 
 def _causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(D)) in fp32 (at least): (kv heads, group x n, n)."""
+    """Causal softmax(q k^T / sqrt(D)) in fp32 (at least): (kv heads, group x n, n). The scale,
+    the mask and the cast to fp32 in one pass over the scores."""
     kv_heads, n, d = k.shape
     acc = torch.promote_types(q.dtype, torch.float32)
-    scores = torch.bmm(q.reshape(kv_heads, -1, d), k.transpose(1, 2)).to(acc).mul_(d**-0.5)
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)
-    scores.view(kv_heads, -1, n, n).masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    scores = torch.bmm(q.reshape(kv_heads, -1, d), k.transpose(1, 2))
+    future = torch.full((n, n), float("-inf"), dtype=acc, device=q.device).triu_(1)
+    scores = torch.add(future, scores.view(kv_heads, -1, n, n), alpha=d**-0.5)
+    return torch.softmax(scores, dim=-1).view(kv_heads, -1, n)
 
 
 def document_lengths(doc_ids: torch.Tensor) -> list[int]:
