@@ -117,13 +117,18 @@ def document_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
     kernel reached 20-40 GFLOP/s there, 1.4-3x slower forward + backward at GPT-2's head shapes
     (benchmarks/step_profile.py; numbers in docs/performance.md). In fp32 the flash kernel is the
     faster one, and attention dropout needs SDPA."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not dropout_p:
+    if matmul_attention(q.device.type, q.dtype, dropout_p):
         return CausalAttention.apply(q, k, v)
     # SDPA's CPU flash kernel wants 4-d inputs (3-d runs the slower math path)
     y = F.scaled_dot_product_attention(
         q[None], k[None], v[None], dropout_p=dropout_p, is_causal=True, enable_gqa=_gqa(q[None], k[None])
     )
     return y[0]
+
+
+def matmul_attention(device_type: str, dtype: torch.dtype, dropout_p: float = 0.0) -> bool:
+    """Whether per-document attention runs `CausalAttention` (bf16/fp16 on a CPU, no dropout)."""
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not dropout_p
 
 
 class CausalAttention(torch.autograd.Function):
