@@ -7,9 +7,10 @@ and `optimizer_step`. Each side runs in its own process: it builds the model and
 `--warmup` steps untimed (allocator warm-up; with a compile side, the compilation of the first
 shapes), then `--steps` timed steps. Reported per phase (forward, loss, backward, optimizer, as
 the runtime names them): CPU seconds of the training thread (other processes sharing the cores
-inflate wall time, not CPU time), and for the step the matmul FLOPs it ran (counted by
-`FlopCounterMode` on the same batches) per CPU second, against the CPU-time matmul peak the same
-process measures in the same precision.
+inflate wall time, not CPU time), and for the step the matmul FLOPs it needs (counted by
+`FlopCounterMode` on the same batches in fp32, where CPU's flash attention has no formula: the
+linear layers and the LM head, attention left out) per CPU second, against the CPU-time matmul
+peak the processes measure in the same precision.
 
 A/B: `--base REV` also runs the qatune source of git revision REV (this benchmark's code, REV's
 `src/`), the two sides alternating `--repeats` times, so that both see the same load; medians.
@@ -73,8 +74,8 @@ def build(args, work: Path):
 
 
 def step_flops(args, work: Path, model, batches) -> list[float]:
-    """Matmul FLOPs of each batch's forward + loss + backward (FlopCounterMode: mm, addmm, bmm,
-    SDPA), counted once in fp32 on a copy of the model and kept in the work folder: the work the
+    """Matmul FLOPs of each batch's forward + loss + backward (FlopCounterMode: mm, addmm; CPU
+    flash attention uncounted), counted once in fp32 on a copy of the model and kept in the work folder: the work the
     step needs, the same for every side (a kernel that recomputes, like the bf16 attention's
     backward, does more FLOPs than it is credited with)."""
     import copy
