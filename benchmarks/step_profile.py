@@ -75,9 +75,8 @@ def build(args, work: Path):
 
 def step_flops(args, work: Path, model, batches) -> list[float]:
     """Matmul FLOPs of each batch's forward + loss + backward (FlopCounterMode: mm, addmm; CPU
-    flash attention uncounted), counted once in fp32 on a copy of the model and kept in the work folder: the work the
-    step needs, the same for every side (a kernel that recomputes, like the bf16 attention's
-    backward, does more FLOPs than it is credited with)."""
+    flash attention uncounted), counted once in fp32 on a copy of the model and kept in the work
+    folder: the same for every side."""
     import copy
     import json
 
