@@ -108,3 +108,45 @@ def test_config_attention_reaches_the_model_and_trains_alike(tmp_path):
         losses[kernel] = [r["loss"] for r in result.history]
         assert model.attention_kernel == kernel
     assert losses["documents"] == pytest.approx(losses["dense"], rel=1e-5)  # fp32 means over 3 steps: rounding
+
+
+def _attention_and_grads(fn, q, k, v, grad):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    y = fn(q, k, v)
+    return (y.detach(), *torch.autograd.grad(y, (q, k, v), grad))
+
+
+def _sdpa_causal(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=True)[
+        0
+    ]
+
+
+def test_matmul_attention_equals_sdpa_in_fp64_with_grouped_heads():
+    """The bf16 CPU kernel's math (`CausalAttention`) is causal attention: in fp64 it matches SDPA
+    to rounding, with 4 query heads sharing 2 key/value heads, values and gradients."""
+    from qatune.model.attention import CausalAttention
+
+    torch.manual_seed(0)
+    q, grad = torch.randn(4, 9, 8, dtype=torch.float64), torch.randn(4, 9, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 9, 8, dtype=torch.float64), torch.randn(2, 9, 8, dtype=torch.float64)
+    ours = _attention_and_grads(CausalAttention.apply, q, k, v, grad)
+    for got, want in zip(ours, _attention_and_grads(_sdpa_causal, q, k, v, grad)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_bf16_document_attention_is_as_accurate_as_the_flash_kernel():
+    """In bf16 the per-document kernel takes `CausalAttention`; its error against the fp64 truth
+    (relative Frobenius norm of values and of each gradient) stays within 1.5x of SDPA's flash
+    kernel's own bf16 error (measured: 0.8-1.3x of it at n=128 and 509, head_dim 64)."""
+    from qatune.model.attention import document_causal
+
+    torch.manual_seed(0)
+    q, k, v, grad = (torch.randn(12, 128, 64, dtype=torch.float64) for _ in range(4))
+    truth = _attention_and_grads(_sdpa_causal, q, k, v, grad)
+    low = [t.bfloat16() for t in (q, k, v, grad)]
+    ours = _attention_and_grads(lambda *t: document_causal(*t, 0.0), *low)
+    flash = _attention_and_grads(_sdpa_causal, *low)
+    for name, a, b, want in zip(("out", "dq", "dk", "dv"), ours, flash, truth):
+        err_a, err_b = (float((x.double() - want).norm() / want.norm()) for x in (a, b))
+        assert err_a <= 1.5 * err_b + 1e-4, (name, err_a, err_b)

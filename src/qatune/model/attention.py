@@ -105,10 +105,72 @@ class DocumentAttention:
         for qd, kd, vd in zip(*(t[0].split(self.lengths) for t in (q, k, v))):
             # (n, H, D) -> (1, H, n, D): SDPA's CPU flash kernel wants 4-d inputs (3-d runs the
             # slower math path)
-            qd, kd, vd = (t.transpose(0, 1)[None] for t in (qd, kd, vd))
-            y = F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout_p, is_causal=True, enable_gqa=_gqa(qd, kd))
-            out.append(y[0].transpose(0, 1))
+            qd, kd, vd = (t.transpose(0, 1) for t in (qd, kd, vd))  # (n, H, D) -> (H, n, D)
+            out.append(document_causal(qd, kd, vd, dropout_p).transpose(0, 1))
         return torch.cat(out)[None]
+
+
+def document_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal attention over one document: q (H, n, D), k and v (kv heads, n, D) -> (H, n, D).
+
+    In bf16/fp16 on a CPU, `CausalAttention` (scores by the matmul kernel): SDPA's CPU flash
+    kernel reached 20-40 GFLOP/s there, 1.4-3x slower forward + backward at GPT-2's head shapes
+    (benchmarks/step_profile.py; numbers in docs/performance.md). In fp32 the flash kernel is the
+    faster one, and attention dropout needs SDPA."""
+    if matmul_attention(q.device.type, q.dtype, dropout_p):
+        return CausalAttention.apply(q, k, v)
+    # SDPA's CPU flash kernel wants 4-d inputs (3-d runs the slower math path)
+    y = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], dropout_p=dropout_p, is_causal=True, enable_gqa=_gqa(q[None], k[None])
+    )
+    return y[0]
+
+
+def matmul_attention(device_type: str, dtype: torch.dtype, dropout_p: float = 0.0) -> bool:
+    """Whether per-document attention runs `CausalAttention` (bf16/fp16 on a CPU, no dropout)."""
+    return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not dropout_p
+
+
+class CausalAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(D) + causal mask) v as three batched matmuls, the scores and the
+    softmax in fp32 (at least), the probabilities cast to v's dtype for the last matmul (as the
+    flash kernel does). Nothing n x n is kept for backward: the probabilities are recomputed
+    there from q and k (one more q k^T), so memory stays that of q, k, v and the output.
+
+    Grouped-query attention without copies: the query heads sharing a key/value head are one
+    batch entry of (group x n) rows. q (H, n, D), k and v (kv heads, n, D)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.bmm(_causal_probs(q, k).to(v.dtype), v).view(q.shape)
+        ctx.save_for_backward(q, k, v, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out = ctx.saved_tensors
+        kv_heads, _, d = k.shape
+        p = _causal_probs(q, k)  # (kv heads, group x n, n)
+        # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O)
+        # (n x D, not n x n, work); the scores' 1/sqrt(D) goes onto dq and dk
+        rowsum = (grad * out).sum(-1, dtype=p.dtype).view(kv_heads, -1, 1)
+        grad = grad.reshape(kv_heads, -1, d)
+        dv = torch.bmm(p.to(v.dtype).transpose(1, 2), grad)
+        ds = p.mul_(torch.sub(torch.bmm(grad, v.transpose(1, 2)), rowsum)).to(q.dtype)
+        dq = torch.bmm(ds, k).mul_(d**-0.5).view(q.shape)
+        dk = torch.bmm(ds.transpose(1, 2), q.reshape(kv_heads, -1, d)).mul_(d**-0.5)
+        return dq, dk, dv
+
+
+def _causal_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) in fp32 (at least): (kv heads, group x n, n). The scale,
+    the mask and the cast to fp32 in one pass over the scores."""
+    kv_heads, n, d = k.shape
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.bmm(q.reshape(kv_heads, -1, d), k.transpose(1, 2))
+    future = torch.full((n, n), float("-inf"), dtype=acc, device=q.device).triu_(1)
+    scores = torch.add(future, scores.view(kv_heads, -1, n, n), alpha=d**-0.5)
+    return torch.softmax(scores, dim=-1).view(kv_heads, -1, n)
 
 
 def document_lengths(doc_ids: torch.Tensor) -> list[int]:
@@ -334,7 +396,8 @@ def forward_positions(input_ids, position_ids, kv_cache, outputs, context: int):
         raise ValueError("outputs (selected positions) cannot be combined with a KV cache")
     if position_ids is None:
         position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-    if position_ids.device.type == "cpu" and position_ids.max() >= context:
+    # (not while torch.compile traces: a branch on a tensor's value would break the graph there)
+    if position_ids.device.type == "cpu" and not torch.compiler.is_compiling() and position_ids.max() >= context:
         raise ValueError(f"position {int(position_ids.max())} exceeds the context of {context}")
     return past, position_ids
 

@@ -135,6 +135,14 @@ def run(
         return _Run(method, model, tokenizer, cfg, resume, rank, world_size).loop(progress, on_step)
 
 
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`compile: true`: torch.compile with the token dimension dynamic from the first batch. Packed
+    rows change length every batch; compiled for one length, the graph would be recompiled for
+    the next (automatic dynamic shapes then follow, one recompile later). The forward has no graph
+    break under compile (tests/test_compile.py)."""
+    return torch.compile(model, dynamic=True)
+
+
 class _Run:
     """The state of one training run: built once, then `loop`."""
 
@@ -181,7 +189,7 @@ class _Run:
         self.start, self.elapsed_before = 0, 0.0
         if resume:
             self._restore()
-        self.step_model = torch.compile(self.trainable) if cfg.compile else self.trainable
+        self.step_model = compile_model(self.trainable) if cfg.compile else self.trainable
         if cfg.strategy == "ddp":
             self.step_model = wrap_ddp(self.step_model, device)  # `trainable` stays unwrapped (eval, export)
 
