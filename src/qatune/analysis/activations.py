@@ -120,10 +120,12 @@ def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
             "math kernel on document views: one more E x d (measured)": E * d * up,
             **joined,
         }
-    if packed_attention_kernel(s.device) == "documents" and s.device == "cpu" and s.prec.act == 2:
+    if packed_attention_kernel(s.device) == "documents" and s.device == "cpu" and s.prec.act == 2 and is_gpt2(c):
         # 16-bit on CPU: the matmul kernel (`model.attention.matmul_attention`) saves q, k, v and
-        # its output, no logsumexp (its backward recomputes the softmax)
-        return {"q, k, v": 3 * E * d * a, "attention output": E * d * a, **joined}
+        # its output, no logsumexp (its backward recomputes the softmax). Not a Llama's: under
+        # autocast its rotated q and k are fp32 (rotation in the residual dtype), so SDPA's flash
+        # kernel runs on per-document bf16 casts, as below (measured against the ledger)
+        return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, **joined}
     # CPU flash per document, or FlexAttention (assumed to save what flash does; no GPU measured it)
     return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, "logsumexp": B * h * T * 4, **joined}
 
