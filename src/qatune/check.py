@@ -358,16 +358,19 @@ def check_round_trip(report: CheckReport, cfg, tokenizer, sample_size: int, work
 
 
 def check_export(report: CheckReport, export_dir: Path, example: EncodedExample) -> None:
-    from transformers import GPT2LMHeadModel
+    """transformers' AutoModelForCausalLM (the class the config.json's model_type maps to: GPT-2,
+    Llama, Qwen2 ...) against qatune's own load of the same folder, on the example's first tokens."""
+    from transformers import AutoModelForCausalLM
 
-    from qatune.model.hf_io import from_pretrained
+    from qatune.model.families import from_pretrained
 
     ids = torch.tensor([example.input_ids[:64]])
-    hf = GPT2LMHeadModel.from_pretrained(export_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(export_dir).eval()
     ours = from_pretrained(export_dir).eval()
     with torch.no_grad():
         diff = float((hf(ids).logits - ours.lm_head(ours(ids))).abs().max())
-    report.add("export", diff <= 1e-4, f"transformers GPT2LMHeadModel logits vs qatune's: max difference {diff:.1e}")
+    what = f"transformers {type(hf).__name__} logits vs qatune's: max difference {diff:.1e}"
+    report.add("export", diff <= 1e-4, what)
 
 
 def chat_message(role: str, content: str, context: str = "") -> dict:

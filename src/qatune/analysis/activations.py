@@ -54,7 +54,14 @@ import math
 from dataclasses import dataclass
 
 from qatune.analysis.setup import LORA_TARGETS, PlanSetup
-from qatune.analysis.shapes import attention_width, block_matmul_weights, is_gpt2
+from qatune.analysis.shapes import (
+    attention_width,
+    block_matmul_weights,
+    block_matmuls,
+    input_needs_grad_in_block_0,
+    is_gpt2,
+    lora_matmuls,
+)
 from qatune.model.gpt2 import packed_attention_kernel
 
 INDEX_BYTES = 8  # int64 token and position ids, saved by the two embedding lookups
@@ -330,28 +337,18 @@ def _weight_copies(s: PlanSetup) -> int:
     c, a = s.config, s.prec.act
     copies = block_matmul_weights(c) * a * c.n_layer
     if s.lora_r:  # block 0's frozen matmuls whose input needs no gradient keep no copy
-        grad, d = _input_needs_grad_in_block_0(s), c.n_embd
-        weights = {"attn.c_attn": 3 * d * d, "attn.c_proj": d * d, "mlp.c_fc": 4 * d * d, "mlp.c_proj": 4 * d * d}
-        copies -= sum(w for t, w in weights.items() if not grad[t]) * a
+        grad = input_needs_grad_in_block_0(c, set(lora_matmuls(c, s.lora_targets)))
+        copies -= sum(fan_in * fan_out for t, (fan_in, fan_out) in block_matmuls(c).items() if not grad[t]) * a
         copies += _lora_copies(s)
     return copies
 
 
 def _lora_copies(s: PlanSetup) -> int:
-    """Autocast's 16-bit copies of the LoRA factors A and B of every adapted matrix."""
+    """Autocast's 16-bit copies of the LoRA factors A and B of every adapted matrix: r x (in + out) each."""
     if not s.prec.autocast:
         return 0
     c = s.config
-    return s.lora_r * s.prec.act * c.n_layer * sum(_LORA_FANS[t](c.n_embd) for t in s.lora_targets)
-
-
-# in + out features of each LoRA-targetable matrix, as a function of d.
-_LORA_FANS = {
-    "attn.c_attn": lambda d: 4 * d,
-    "attn.c_proj": lambda d: 2 * d,
-    "mlp.c_fc": lambda d: 5 * d,
-    "mlp.c_proj": lambda d: 5 * d,
-}
+    return s.lora_r * s.prec.act * c.n_layer * sum(sum(fans) for fans in lora_matmuls(c, s.lora_targets).values())
 
 
 def _blocks_saved(s: PlanSetup, per_block: dict[str, int]) -> int:

@@ -20,11 +20,14 @@ d_att = n_head * head_dim in place of d in the attention term):
 LoRA (frozen base, checked exactly against the counter): a frozen matmul needs no weight
 gradient, so its backward is one matmul (4 per weight per token, not 6); in block 0 the matmuls up
 to the first adapted one read inputs computed from the frozen embeddings alone, which need no
-gradient (forward only, 2). The tied head, frozen too, costs 4 * V * d per labelled token. Each
-adapter's A and B cost 6 * r * (in + out) per token like any trained matmul (the first adapted
-matrix of block 0 needs no input gradient through A: 2 * r * in less). Under checkpointing the
-recompute reruns the adapters' forward too, and with mlp.c_proj adapted it cannot stop before
-that matmul (its adapter saves A's output, computed after it): 24*L*d^2, less B's last product.
+gradient (forward only, 2), and its attention backward runs only the matmuls the gradients of
+adapted q, k or v need (none without an adapter on c_attn / q_proj, k_proj, v_proj). The tied
+head, frozen too, costs 4 * V * d per labelled token. Each adapter's A and B cost 6 * r * (in + out)
+per token like any trained matmul (the adapted matrices of block 0 whose input needs no gradient
+need none through A either: 2 * r * in less each). Under checkpointing the
+recompute reruns the adapters' forward too, and with mlp.c_proj (down_proj) adapted it cannot
+stop before that matmul (its adapter saves A's output, computed after it): 24*L*d^2, less B's
+last product. The Llama family: the same rules over its seven matrices (`shapes.lora_matmuls`).
 Activation checkpointing recomputes each block's forward once, up to the last tensor backward
 needs (PyTorch's non-reentrant checkpoint stops early: the MLP's output projection is not rerun):
 + 16*L*d^2 + 4*L*T*d per token (Llama family: every block matmul but down_proj, twice) (hardware
@@ -42,7 +45,15 @@ from typing import TYPE_CHECKING
 
 from qatune.analysis.accelerators import Accelerator, peak_tflops
 from qatune.analysis.setup import PlanSetup
-from qatune.analysis.shapes import attention_width, block_matmul_weights, block_matmuls, recomputed_matmuls
+from qatune.analysis.shapes import (
+    attention_backward_matmuls_in_block_0,
+    attention_width,
+    block_matmul_weights,
+    block_matmuls,
+    input_needs_grad_in_block_0,
+    lora_matmuls,
+    recomputed_matmuls,
+)
 from qatune.analysis.shapes import every_token_matmuls as kv_matmuls
 from qatune.errors import UserError
 
@@ -105,8 +116,11 @@ def plan_compute(s: PlanSetup) -> ComputePlan:
     if s.lora_r:
         dense, head = lora_dense_flops_per_token(s) * tokens, 4 * c.vocab_size * c.n_embd * head_tokens
         if s.checkpointing:
-            recompute = (lora_recompute_flops_per_token(s) + 4 * c.n_layer * s.seq_len * c.n_embd) * tokens
+            recompute = (lora_recompute_flops_per_token(s) + 4 * c.n_layer * s.seq_len * attention_width(c)) * tokens
     attention = attention_flops_per_token(c, s.seq_len) * tokens
+    if s.lora_r:  # block 0's attention backward computes only the gradients its adapters need
+        unused = 4 - attention_backward_matmuls_in_block_0(c, set(lora_matmuls(c, s.lora_targets)))
+        attention -= unused * 2 * s.seq_len * attention_width(c) * tokens
     if s.last_block_cut:  # the positions outside the label spans skip most of the last block
         skipped = tokens - s.last_block_rows
         cut_dense, cut_recompute = last_block_cut_flops_per_row(s)
@@ -123,42 +137,53 @@ def last_block_cut_flops_per_row(s: PlanSetup) -> tuple[int, int]:
     token; the Llama family also skips q_proj there) and their adapters.
     Trained matmuls cost 6 per weight, frozen ones 4 (no weight gradient); the recompute reruns
     their forward (2) up to the last saved tensor (see plan_compute and the module docstring)."""
-    d, r = s.config.n_embd, s.lora_r
+    r = s.lora_r
     shapes = block_matmuls(s.config)
     rows = tuple(t for t in shapes if t not in kv_matmuls(s.config))
     per_weight = 4 if s.lora_r else 6
     dense = per_weight * sum(shapes[t][0] * shapes[t][1] for t in rows)
-    adapters = [t for t in rows if r and t in s.lora_targets]
+    adapted = lora_matmuls(s.config, s.lora_targets) if r else {}
+    adapters = [t for t in rows if t in adapted]
     dense += 6 * r * sum(sum(shapes[t]) for t in adapters)
     recompute = 2 * sum(shapes[t][0] * shapes[t][1] for t in rows if t in recomputed_matmuls(s.config))
     if r:
         recompute += 2 * r * sum(sum(shapes[t]) for t in adapters)
-        if "mlp.c_proj" in s.lora_targets:  # rerun through mlp.c_proj and its A, not B's product
-            recompute += 2 * 4 * d * d - 2 * r * d
+        recompute += _last_matmul_rerun(s.config, adapted, r)
     return dense, recompute
 
 
+def _last_matmul_rerun(c, adapted: dict[str, tuple[int, int]], r: int) -> int:
+    """Per position: an adapted last block matmul (mlp.c_proj, down_proj) has its A's output saved,
+    so the recompute runs through it and its A; B's product is not needed."""
+    last = tuple(block_matmuls(c))[-1]
+    if last not in adapted:
+        return 0
+    fan_in, fan_out = adapted[last]
+    return 2 * fan_in * fan_out - 2 * r * fan_out
+
+
 def lora_dense_flops_per_token(s: PlanSetup) -> int:
-    """Block matmuls and adapters under LoRA, forward + backward (see the module docstring)."""
+    """Block matmuls and adapters under LoRA, forward + backward (see the module docstring): a
+    frozen matmul costs 4 per weight (no weight gradient), an adapter 6 per weight of A and B; in
+    block 0 a matmul whose input depends on no adapter computes no input gradient either (2)."""
     c, r = s.config, s.lora_r
-    shapes = block_matmuls(c)
-    fans = sum(sum(shapes[t]) for t in s.lora_targets)
-    total = 4 * 12 * c.n_layer * c.n_embd**2 + 6 * r * c.n_layer * fans
-    for name, (fan_in, fan_out) in shapes.items():  # block 0 up to its first adapter: no input gradient
-        total -= 2 * fan_in * fan_out
-        if name in s.lora_targets:
-            return total - 2 * r * fan_in
+    adapted = lora_matmuls(c, s.lora_targets)
+    fans = sum(sum(f) for f in adapted.values())
+    total = 4 * c.n_layer * block_matmul_weights(c) + 6 * r * c.n_layer * fans
+    needs = input_needs_grad_in_block_0(c, set(adapted))
+    for name, (fan_in, fan_out) in block_matmuls(c).items():
+        if not needs[name]:
+            total -= 2 * fan_in * fan_out + (2 * r * fan_in if name in adapted else 0)
     return total
 
 
 def lora_recompute_flops_per_token(s: PlanSetup) -> int:
     """Block matmuls and adapters rerun by checkpointing under LoRA (attention not included)."""
     c, r = s.config, s.lora_r
-    shapes = block_matmuls(c)
-    adapters = 2 * r * c.n_layer * sum(sum(shapes[t]) for t in s.lora_targets)
-    if "mlp.c_proj" in s.lora_targets:  # rerun through mlp.c_proj and its A; B's product is not needed
-        return 24 * c.n_layer * c.n_embd**2 + adapters - 2 * r * c.n_layer * c.n_embd
-    return 16 * c.n_layer * c.n_embd**2 + adapters
+    shapes, adapted = block_matmuls(c), lora_matmuls(c, s.lora_targets)
+    adapters = 2 * r * c.n_layer * sum(sum(f) for f in adapted.values())
+    rerun = 2 * sum(shapes[t][0] * shapes[t][1] for t in recomputed_matmuls(c))
+    return c.n_layer * (rerun + _last_matmul_rerun(c, adapted, r)) + adapters
 
 
 @dataclass

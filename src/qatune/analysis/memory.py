@@ -27,8 +27,7 @@ import torch
 
 from qatune.analysis.activations import ActivationPlan, plan_activations
 from qatune.analysis.setup import OPTIMIZERS, PRECISIONS, PlanSetup
-from qatune.analysis.shapes import is_gpt2
-from qatune.model.gpt2 import GPT2Config
+from qatune.analysis.shapes import is_gpt2, lora_matmuls
 from qatune.model.info import ModelConfig, build
 
 GiB = 1024**3
@@ -52,16 +51,11 @@ def block_parameters(config: ModelConfig) -> int:
     return sum(math.prod(shape) for name, shape in parameter_shapes(config) if name.startswith(("h.0.", "layers.0.")))
 
 
-def lora_shapes(config: GPT2Config, r: int, targets: tuple[str, ...]) -> list[tuple[int, ...]]:
-    """Shapes of the LoRA factors A (r x in) and B (out x r) for each targeted matrix of each block."""
-    d = config.n_embd
-    in_out = {"attn.c_attn": (d, 3 * d), "attn.c_proj": (d, d), "mlp.c_fc": (d, 4 * d), "mlp.c_proj": (4 * d, d)}
-    shapes = []
-    for _ in range(config.n_layer):
-        for t in targets:
-            fan_in, fan_out = in_out[t]
-            shapes += [(r, fan_in), (fan_out, r)]
-    return shapes
+def lora_shapes(config: ModelConfig, r: int, targets: tuple[str, ...]) -> list[tuple[int, ...]]:
+    """Shapes of the LoRA factors A (r x in) and B (out x r) for each targeted matrix of each block
+    (the family's target names: GPT-2's `attn.c_attn` ..., the Llama family's `q_proj` ...)."""
+    fans = lora_matmuls(config, targets).values()
+    return [shape for fan_in, fan_out in fans for shape in ((r, fan_in), (fan_out, r))] * config.n_layer
 
 
 def shard_numel(shape: tuple[int, ...], world: int, rank: int, padded: bool = False) -> int:
@@ -242,6 +236,12 @@ def plan_memory(s: PlanSetup) -> MemoryPlan:
         )
     if s.optimizer != "adamw":
         notes.append(f"optimizer {s.optimizer}: {OPTIMIZERS[s.optimizer][1]}")
+    if s.lora_r and not is_gpt2(s.config):
+        notes.append(
+            "LoRA on a Llama-family model: parameters, gradients, optimizer state and FLOPs are exact; activations "
+            "and autocast weight copies are planned as full fine-tuning keeps them, an upper bound (frozen matmuls "
+            "save less)"
+        )
     return MemoryPlan(s, st, acts, device, host, phases, first, allowance, notes)
 
 

@@ -56,7 +56,7 @@ OPTIMIZERS: dict[str, tuple[float, str]] = {
 OFFLOADS = ("none", "optimizer", "all")
 LOSSES = ("chunked", "full")
 ATTENTION = ("flash", "efficient", "math")
-# Matrices LoRA can adapt, by their name inside a block (the default adapts all four, as training does).
+# GPT-2's matrices LoRA can adapt, by their name inside a block (the Llama family's: `shapes.lora_targets`).
 LORA_TARGETS = TARGETS
 
 
@@ -73,7 +73,8 @@ class PlanSetup:
     offload: str = "none"  # "optimizer": optimizer state (+ master, + sharded grads) on the host; "all": + params
     checkpointing: bool = False
     lora_r: int = 0  # 0 = full fine-tuning
-    lora_targets: tuple[str, ...] = LORA_TARGETS
+    # None: all of the family's (GPT-2's four, the Llama family's seven), as `model.lora` adapts by default
+    lora_targets: tuple[str, ...] | None = None
     loss: str = "chunked"  # "chunked": our response-only fused loss; "full": B x T x V logits
     label_fraction: float = 0.5  # share of positions that carry a label (the response)
     packed: bool = False  # rows hold several examples: a (B, 1, T, T) block-causal mask is built
@@ -83,6 +84,11 @@ class PlanSetup:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        from qatune.analysis.shapes import lora_targets
+
+        family_targets = lora_targets(self.config)
+        if self.lora_targets is None:
+            object.__setattr__(self, "lora_targets", family_targets)
         checks = [
             (self.precision in PRECISIONS, f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}"),
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
@@ -99,8 +105,8 @@ class PlanSetup:
             (0.0 <= self.label_fraction <= 1.0, f"label_fraction {self.label_fraction} is outside [0, 1]"),
             (self.lora_r >= 0, f"lora_r {self.lora_r} is negative"),
             (
-                all(t in LORA_TARGETS for t in self.lora_targets),
-                f"LoRA targets must be among {', '.join(LORA_TARGETS)}",
+                all(t in family_targets for t in self.lora_targets) and (len(self.lora_targets) > 0 or not self.lora_r),
+                f"LoRA targets must be among this model's {', '.join(family_targets)}; got {self.lora_targets}",
             ),
             (
                 self.offload == "none" or self.zero >= 1 or self.gpus == 1,
@@ -109,10 +115,6 @@ class PlanSetup:
             (
                 self.seq_len <= (getattr(self.config, "sliding_window", None) or self.seq_len),
                 f"seq_len {self.seq_len} exceeds the sliding window of {getattr(self.config, 'sliding_window', 0)}",
-            ),
-            (
-                not self.lora_r or not hasattr(self.config, "model_type"),
-                "LoRA plans are GPT-2 only for now (its four matrix names); plan a Llama-family model without --lora-r",
             ),
         ]
         for ok, message in checks:

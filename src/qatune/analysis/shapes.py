@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from qatune.model.names import LLAMA_LORA_TARGETS, LORA_TARGETS
+
 if TYPE_CHECKING:  # torch-free at import, as analysis.setup
     from qatune.model.gpt2 import GPT2Config
     from qatune.model.llama import LlamaConfig
@@ -58,3 +60,61 @@ def recomputed_matmuls(c: GPT2Config | LlamaConfig) -> tuple[str, ...]:
     """The block matmuls activation checkpointing reruns: all but the last, whose output no
     backward reads (PyTorch's non-reentrant checkpoint stops once the last saved tensor is back)."""
     return tuple(block_matmuls(c))[:-1]
+
+
+def lora_targets(c: GPT2Config | LlamaConfig) -> tuple[str, ...]:
+    """The matrices LoRA can adapt, by the names `lora.targets` takes: GPT-2's four by their names
+    in the block, the Llama family's seven by peft's (q_proj ... down_proj). Also `model.lora`'s
+    default: all of the family's."""
+    return LORA_TARGETS if is_gpt2(c) else tuple(LLAMA_LORA_TARGETS)
+
+
+def lora_matmul(c: GPT2Config | LlamaConfig, target: str) -> str:
+    """The block matmul (a `block_matmuls` name) a LoRA target adapts: "q_proj" -> "self_attn.q_proj"."""
+    if target not in lora_targets(c):
+        family = "GPT-2" if is_gpt2(c) else "Llama-family"
+        raise ValueError(f"{target!r} is not a {family} LoRA target; they are {', '.join(lora_targets(c))}")
+    return target if is_gpt2(c) else LLAMA_LORA_TARGETS[target]
+
+
+def lora_matmuls(c: GPT2Config | LlamaConfig, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each adapted matmul, by its `block_matmuls` name, in forward order."""
+    adapted = {lora_matmul(c, t) for t in targets}
+    return {name: fans for name, fans in block_matmuls(c).items() if name in adapted}
+
+
+def matmul_stages(c: GPT2Config | LlamaConfig) -> tuple[tuple[str, ...], ...]:
+    """The block matmuls grouped by the input they read, in forward order: GPT-2's c_attn,
+    attn.c_proj, c_fc, mlp.c_proj one each; the Llama family's q/k/v (one normed input), o, gate/up
+    (one normed input), down."""
+    if is_gpt2(c):
+        return tuple((name,) for name in block_matmuls(c))
+    attn, mlp = "self_attn.", "mlp."
+    return (
+        (attn + "q_proj", attn + "k_proj", attn + "v_proj"),
+        (attn + "o_proj",),
+        (mlp + "gate_proj", mlp + "up_proj"),
+        (mlp + "down_proj",),
+    )
+
+
+def input_needs_grad_in_block_0(c: GPT2Config | LlamaConfig, adapted: set[str]) -> dict[str, bool]:
+    """Under LoRA, block 0 reads the frozen embeddings: a matmul's input there needs a gradient only
+    when it depends on an adapter of an earlier stage (matmuls of one stage read the same input)."""
+    out, seen = {}, False
+    for stage in matmul_stages(c):
+        out.update(dict.fromkeys(stage, seen))
+        seen = seen or any(name in adapted for name in stage)
+    return out
+
+
+def attention_backward_matmuls_in_block_0(c: GPT2Config | LlamaConfig, adapted: set[str]) -> int:
+    """Of attention's four backward matmuls (dP = dO V^T, dQ = dS K, dK = dS^T Q, dV = P^T dO),
+    how many block 0 runs under LoRA: its q, k and v come from the frozen embeddings, so each
+    needs a gradient only when its own projection is adapted (GPT-2's c_attn makes all three), and
+    dP only for dQ or dK (measured with the flop counter on the math kernel)."""
+    if is_gpt2(c):
+        q = k = v = "attn.c_attn" in adapted
+    else:
+        q, k, v = (f"self_attn.{name}" in adapted for name in ("q_proj", "k_proj", "v_proj"))
+    return (q or k) + q + k + v

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
-from qatune.cli.generate import add_sampling_options, fit_max_new_tokens, sampling_from_args
+from qatune.cli.generate import add_sampling_options, fit_max_new_tokens, model_template, sampling_from_args
 from qatune.errors import UserError
 
 HELP = "/reset clears the conversation, /exit quits"
@@ -29,19 +29,18 @@ def add_parser(sub) -> None:
 
 
 def make_session(args: argparse.Namespace):
-    from qatune.data.templates import get_template
     from qatune.generation.chat import ChatSession
     from qatune.model.families import context_length
     from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.utils.device import default_device
 
     meta = read_meta(resolve_model_path(args.model)) or {}
-    template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
+    tokenizer = load_tokenizer_for(args.model, args.tokenizer)
+    template = model_template(args, meta, tokenizer, "chat")
     model = load_model(args.model, default_device(args.device))
     limit = context_length(model.config)
     context = min(args.context or limit, limit)
     fit_max_new_tokens(args, context, cap=256)  # a chat reply may run longer than generate's default
-    tokenizer = load_tokenizer_for(args.model, args.tokenizer)
     return ChatSession(model, tokenizer, template, sampling_from_args(args), context)
 
 

@@ -41,6 +41,15 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
     )
 
 
+def model_template(args: argparse.Namespace, meta: dict, tokenizer, default: str):
+    """--template, else the template saved with the model (qatune.json), else `default`, bound to
+    the tokenizer: `--template model` takes the tokenizer's chat template, one read back from
+    qatune.json keeps the Jinja text it was trained with."""
+    from qatune.data.templates import bind_template, get_template
+
+    return bind_template(get_template(args.template or meta.get("template") or default, args.system_prompt), tokenizer)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate answers for prompts", description=__doc__)
     p.add_argument("model", help="a run folder (its export/ is used), a checkpoint folder or a hub name")
@@ -87,13 +96,10 @@ def prompt_items(args: argparse.Namespace, template) -> list:
     """What to answer: --prompt texts, or the records of the data files (with their references)."""
     from qatune.data.readers import read_records
     from qatune.data.records import DataError
-    from qatune.generation.batch import PromptItem
     from qatune.generation.evaluate import prompt_item
 
     if args.prompt:
-        return [
-            PromptItem(f"--prompt {i + 1}", "--prompt", p, template.render_prompt(p)) for i, p in enumerate(args.prompt)
-        ]
+        return [prompt_only(f"--prompt {i + 1}", "--prompt", p, template) for i, p in enumerate(args.prompt)]
     try:
         records = read_records(args.file, parse_mapping(args.mapping), limit=args.limit).records
     except DataError:
@@ -102,25 +108,36 @@ def prompt_items(args: argparse.Namespace, template) -> list:
             raise
         texts = [(f, n, p) for f in args.file for n, p in enumerate(read_prompts(f), 1)]
         texts = texts[: args.limit] if args.limit is not None else texts
-        return [PromptItem(f"{f}:{n}", f, p, template.render_prompt(p)) for f, n, p in texts]
+        return [prompt_only(f"{f}:{n}", f, p, template) for f, n, p in texts]
     return [prompt_item(r, template) for r in records]
 
 
+def prompt_only(where: str, source: str, prompt: str, template):
+    """A prompt with no reference answer, through the template (the model's chat template renders
+    it whole, as apply_chat_template does)."""
+    from qatune.data.model_template import ModelTemplate
+    from qatune.generation.batch import PromptItem
+
+    whole = isinstance(template, ModelTemplate)
+    return PromptItem(where, source, prompt, template.render_prompt(prompt), whole=whole)
+
+
 def run(args: argparse.Namespace) -> int:
-    from qatune.data.templates import get_template
+    from qatune.data.encode import stop_ids
     from qatune.model.families import context_length
     from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
     from qatune.utils.device import default_device
 
     meta = read_meta(resolve_model_path(args.model)) or {}
-    template = get_template(args.template or meta.get("template") or "raw", args.system_prompt)
-    items = prompt_items(args, template)
-    model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
+    template = model_template(args, meta, tokenizer, "raw")
+    items = prompt_items(args, template)
+    stops = stop_ids(template, tokenizer)  # EOS, and the chat template's end of turn (`<|im_end|>`)
+    model = load_model(args.model, default_device(args.device))
     fit_max_new_tokens(args, context_length(model.config))
     sampling = sampling_from_args(args)
     if args.out:
-        return write_records(args, model, tokenizer, items, template, sampling)
+        return write_records(args, model, tokenizer, items, template, sampling, stops)
     from qatune.generation.batch import prompt_budget, prompt_ids
     from qatune.generation.sampling import generate_ids
 
@@ -128,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     for start in range(0, len(items), args.batch_size):
         chunk = items[start : start + args.batch_size]
         ids = [prompt_ids(tokenizer, item, budget)[0] for item in chunk]
-        for item, g in zip(chunk, generate_ids(model, ids, tokenizer.eos_token_id, sampling)):
+        for item, g in zip(chunk, generate_ids(model, ids, stops, sampling)):
             end = "" if g.stopped_at_eos else f"\n[no EOS within {sampling.max_new_tokens} tokens]"
             sys.stdout.write(f"{item.text}{tokenizer.decode(g.ids)}{end}\n")
             if len(items) > 1:
@@ -136,13 +153,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_records(args, model, tokenizer, items, template, sampling) -> int:
+def write_records(args, model, tokenizer, items, template, sampling, stops) -> int:
     from qatune.generation.batch import generate_to_file
     from qatune.generation.evaluate import warnings_for
     from qatune.generation.metrics import summarize
 
     settings = {"model": args.model, "template": template.to_dict()}
-    records = generate_to_file(model, tokenizer, items, args.out, sampling, args.batch_size, settings)
+    records = generate_to_file(model, tokenizer, items, args.out, sampling, args.batch_size, settings, stops=stops)
     print(f"wrote {len(records)} records to {args.out}")
     scored = [r for r in records if r["reference"] is not None]
     if scored:

@@ -12,6 +12,7 @@ from qatune.analysis.accelerators import ACCELERATORS, get_accelerator
 from qatune.analysis.setup import ATTENTION, LORA_TARGETS, LOSSES, OFFLOADS, OPTIMIZERS, PRECISIONS, PlanSetup
 from qatune.analysis.shapes import is_gpt2
 from qatune.errors import UserError
+from qatune.model.names import LLAMA_LORA_TARGETS
 
 if TYPE_CHECKING:
     from qatune.analysis.memory import MemoryPlan
@@ -46,7 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--offload", default="none", choices=list(OFFLOADS), help="CPU offload (optimizer, or all)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
     p.add_argument(
-        "--lora-targets", default=",".join(LORA_TARGETS), help=f"among {','.join(LORA_TARGETS)} (default: all)"
+        "--lora-targets",
+        help=f"GPT-2: among {','.join(LORA_TARGETS)}; Llama family: among {','.join(LLAMA_LORA_TARGETS)} "
+        "(default: all of the model's, as training adapts)",
     )
     p.add_argument("--loss", default="chunked", choices=list(LOSSES), help="chunked response-only, or full logits")
     p.add_argument("--label-fraction", type=float, default=0.5, help="share of positions with a label")
@@ -81,7 +84,7 @@ def setup_from_args(args: argparse.Namespace, device: str = "cuda") -> PlanSetup
         offload=args.offload,
         checkpointing=args.checkpointing,
         lora_r=args.lora_r,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()),
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()) if args.lora_targets else None,
         loss=args.loss,
         label_fraction=args.label_fraction,
         packed=args.packed,

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from qatune.cli.common import add_device_option, add_tokenizer_option
+from qatune.cli.generate import model_template
 from qatune.errors import UserError
 
 API_KEY_ENV = "QATUNE_API_KEY"
@@ -70,7 +71,7 @@ def build_server(args: argparse.Namespace):
     """The app, its engine (not started) and the served model's description, from the options."""
     import torch
 
-    from qatune.data.templates import get_template
+    from qatune.data.encode import stop_ids
     from qatune.generation.continuous import ContinuousBatcher
     from qatune.model.families import context_length
     from qatune.runs import load_model, load_tokenizer_for, read_meta, resolve_model_path
@@ -83,9 +84,9 @@ def build_server(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = read_meta(resolve_model_path(args.model)) or {}
-    template = get_template(args.template or meta.get("template") or "chat", args.system_prompt)
-    model = load_model(args.model, default_device(args.device))
     tokenizer = load_tokenizer_for(args.model, args.tokenizer)
+    template = model_template(args, meta, tokenizer, "chat")
+    model = load_model(args.model, default_device(args.device))
     context = min(args.context or DEFAULT_MAX_CONTEXT, context_length(model.config))
     served = ServedModel(
         args.name or model_name(args.model),
@@ -95,7 +96,10 @@ def build_server(args: argparse.Namespace):
         model.config.vocab_size,
         int(time.time()),
     )
-    engine = AsyncEngine(ContinuousBatcher(model, tokenizer, args.max_batch, args.max_queue, context))
+    # Chat and completions alike end at EOS or the template's end of turn (a ChatML-trained model
+    # writes `<|im_end|>` when done; a completion prompt in that format ends there too).
+    stops = stop_ids(template, tokenizer)
+    engine = AsyncEngine(ContinuousBatcher(model, tokenizer, args.max_batch, args.max_queue, context, stops))
     return create_app(engine, served, args.api_key), engine, served
 
 

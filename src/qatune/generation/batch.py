@@ -36,6 +36,9 @@ class PromptItem:
     reference: str | None = None
     references: list[str] | None = None  # all accepted answers when there are several (the first is `reference`)
     pieces: list[str] | None = None  # a conversation's segments, tokenized apart as in training; joined: `text`
+    # `text` rendered by the model's own chat template: tokenized whole with no special tokens added,
+    # as `generation_ids` and apply_chat_template tokenize it (the template writes BOS itself)
+    whole: bool = False
 
 
 def meta_path(out: Path) -> Path:
@@ -97,7 +100,10 @@ def prompt_ids(tokenizer, item: PromptItem, budget: int) -> tuple[list[int], boo
     """Token ids of the prompt, cut from the left to `budget` tokens when too long: the end holds
     the question and the answer cue, which the model needs most. A literal EOS text in the prompt
     (a chat history's earlier answers end with one) becomes the EOS id, as in training."""
-    ids = encode_pieces(item.pieces or [item.text], tokenizer)
+    if item.whole:
+        ids = list(tokenizer(item.text, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    else:
+        ids = encode_pieces(item.pieces or [item.text], tokenizer)
     return (ids[-budget:], True) if len(ids) > budget else (ids, False)
 
 
@@ -138,8 +144,10 @@ def generate_to_file(
     batch_size: int = 8,
     settings: dict | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    stops: list[int] | None = None,
 ) -> list[dict]:
     """Generate for every item not yet in `out`, appending records; return all records by index.
+    `stops`: the ids that end an answer (`qatune.data.encode.stop_ids`), EOS alone by default.
 
     Remaining prompts are generated shortest first so that a batch holds similar lengths (less
     left padding). Every prompt is left room for `max_new_tokens` in the context, so its output
@@ -156,7 +164,7 @@ def generate_to_file(
     todo.sort(key=lambda i: (len(encoded[i][0]), i))
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        gens = generate_ids(model, [encoded[i][0] for i in chunk], tokenizer.eos_token_id, sampling)
+        gens = generate_ids(model, [encoded[i][0] for i in chunk], stops or tokenizer.eos_token_id, sampling)
         records = [
             make_record(i, items[i], g.ids, g.stopped_at_eos, encoded[i][1], tokenizer) for i, g in zip(chunk, gens)
         ]

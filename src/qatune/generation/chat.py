@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qatune.data.encode import encode_pieces
+from qatune.data.encode import generation_ids, stop_ids
+from qatune.data.model_template import ModelTemplate
 from qatune.data.records import Message
-from qatune.data.templates import Template
+from qatune.data.templates import Template, bind_template
 from qatune.errors import UserError
 from qatune.generation.sampling import Generation, SamplingConfig, generate_ids
 from qatune.model.attention import DecoderLM
@@ -19,14 +20,15 @@ class StreamDecoder:
     character (a Vietnamese letter with two diacritics, an emoji) across tokens; text is written
     only once it decodes without a replacement character, so nothing half-made is ever shown."""
 
-    def __init__(self, tokenizer, write: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer, write: Callable[[str], None], stops: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.write = write
+        self.stops = stops if stops is not None else [tokenizer.eos_token_id]  # never shown
         self.ids: list[int] = []
         self.shown = 0  # characters written so far
 
     def push(self, token: int) -> None:
-        if token == self.tokenizer.eos_token_id:
+        if token in self.stops:
             return
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
@@ -43,12 +45,21 @@ class StreamDecoder:
 
 
 class ChatSession:
-    """The conversation so far; `reply` adds a user turn and the model's answer."""
+    """The conversation so far; `reply` adds a user turn and the model's answer, which ends at EOS
+    or at the template's end-of-turn token (`<|im_end|>` for ChatML: a model trained on its chat
+    template writes that, not EOS, when it is done)."""
 
     def __init__(
-        self, model: DecoderLM, tokenizer, template: Template, sampling: SamplingConfig, context: int | None = None
+        self,
+        model: DecoderLM,
+        tokenizer,
+        template: Template | ModelTemplate,
+        sampling: SamplingConfig,
+        context: int | None = None,
     ):
+        template = bind_template(template, tokenizer)
         self.model, self.tokenizer, self.template, self.sampling = model, tokenizer, template, sampling
+        self.stops = stop_ids(template, tokenizer)
         self.context = min(context or context_length(model.config), context_length(model.config))
         self.prompt_budget = self.context - sampling.max_new_tokens
         if self.prompt_budget < 1:
@@ -62,8 +73,9 @@ class ChatSession:
         self.history = []
 
     def encode(self, messages: list[Message]) -> list[int]:
-        """Segment by segment, exactly as training tokenizes the same conversation."""
-        return encode_pieces(self.template.generation_pieces(messages), self.tokenizer)
+        """Exactly as training tokenizes the same conversation (qatune's templates segment by
+        segment; the model's chat template whole, = apply_chat_template with the generation prompt)."""
+        return generation_ids(self.template, messages, self.tokenizer)
 
     def prompt_ids(self) -> list[int]:
         """The generation prompt of the history, dropping the oldest user/assistant exchanges until
@@ -89,10 +101,8 @@ class ChatSession:
         except ValueError:
             self.history.pop()
             raise
-        stream = StreamDecoder(self.tokenizer, write)
-        [gen] = generate_ids(
-            self.model, [ids], self.tokenizer.eos_token_id, self.sampling, on_token=lambda t: stream.push(t[0])
-        )
+        stream = StreamDecoder(self.tokenizer, write, self.stops)
+        [gen] = generate_ids(self.model, [ids], self.stops, self.sampling, on_token=lambda t: stream.push(t[0]))
         stream.flush()
         self.history.append(Message("assistant", self.tokenizer.decode(gen.ids)))
         return gen

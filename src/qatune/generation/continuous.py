@@ -44,7 +44,8 @@ class QueueFull(RuntimeError):
 @dataclass
 class Output:
     """What a sequence produced since its last output. `finish_reason` is None while it runs, then
-    "stop" (EOS or a stop string), "length" (max_new_tokens reached) or "error" (see `error`)."""
+    "stop" (a stop id: EOS or the chat template's end of turn; or a stop string), "length"
+    (max_new_tokens reached) or "error" (see `error`)."""
 
     text: str
     tokens: int  # tokens generated so far, EOS included
@@ -85,15 +86,23 @@ class ContinuousBatcher:
     `serve_forever` run on one thread of their own."""
 
     def __init__(
-        self, model: DecoderLM, tokenizer, max_batch: int = 8, max_waiting: int = 64, context: int | None = None
+        self,
+        model: DecoderLM,
+        tokenizer,
+        max_batch: int = 8,
+        max_waiting: int = 64,
+        context: int | None = None,
+        stop_ids: list[int] | None = None,
     ) -> None:
         """context: the most tokens (prompt + generated) one sequence may hold; the model's own by
-        default, never more. The cache holds max_batch x 1.25 x context keys and values."""
+        default, never more. The cache holds max_batch x 1.25 x context keys and values.
+        stop_ids: the ids that end a sequence (never part of its text): EOS by default; EOS and the
+        chat template's end-of-turn token for a model trained on it (`qatune.data.encode.stop_ids`)."""
         if max_batch < 1 or max_waiting < 0:
             raise ValueError(f"max_batch must be >= 1 and max_waiting >= 0, got {max_batch} and {max_waiting}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eos_token_id
+        self.stop_ids = frozenset(stop_ids if stop_ids is not None else [tokenizer.eos_token_id])
         self.context = min(context or context_length(model.config), context_length(model.config))
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.width = self.context + max(1, self.context // 4)
@@ -229,7 +238,7 @@ class ContinuousBatcher:
         """Record a sampled token, emit the text it completes; True when the sequence is done."""
         seq.tokens.append(token)
         self.stats["tokens"] += 1
-        eos = seq.sampling.stop_at_eos and token == self.eos_id
+        eos = seq.sampling.stop_at_eos and token in self.stop_ids
         text = "" if eos else seq.stream.push(token)
         if eos or seq.stream.stopped:
             reason = "stop"

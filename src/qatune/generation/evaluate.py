@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from qatune.data.batching import collate
-from qatune.data.encode import strip_final_eos
+from qatune.data.encode import stop_ids, strip_final_eos
 from qatune.data.example import EncodedExample
+from qatune.data.model_template import ModelTemplate
 from qatune.data.pipeline import DataConfig, load_examples
 from qatune.data.readers import read_records
-from qatune.data.records import Record
+from qatune.data.records import Message, Record
 from qatune.data.templates import Template
 from qatune.errors import UserError
 from qatune.generation.batch import PromptItem, generate_to_file
@@ -39,22 +40,40 @@ class EvalSettings:
     examples_shown: int = SHOWN_EXAMPLES
 
 
-def prompt_item(record: Record, template: Template) -> PromptItem:
+def prompt_item(record: Record, template: Template | ModelTemplate) -> PromptItem:
     """The generation prompt of a record: its prompt through the template, or for a conversation,
-    the history up to its last assistant turn; the reference is that answer."""
+    the history up to its last assistant turn; the reference is that answer. The model's own chat
+    template (bound to its tokenizer) renders the history whole: apply_chat_template's prompt."""
     reference = strip_final_eos(record.reference)
     # Every accepted answer (SQuAD-style sets), also when a system prompt made the record a conversation.
     references = [strip_final_eos(r) for r in record.references] if record.references else None
+    if isinstance(template, ModelTemplate):
+        # Earlier answers without a literal end-of-text, as training renders them (`encode.record_messages`).
+        history = [
+            Message(m.role, strip_final_eos(m.content), m.context) if m.role == "assistant" else m
+            for m in record_history(record)
+        ]
+        text = template.generation_prompt(history)
+        return PromptItem(record.where, record.source, history[-1].content, text, reference, references, whole=True)
     if not record.is_conversation:
         text = template.render_prompt(record.prompt, record.context)
         return PromptItem(record.where, record.source, record.prompt, text, reference, references)
+    history = record_history(record)
+    pieces = template.generation_pieces(history)
+    text = "".join(pieces)
+    return PromptItem(record.where, record.source, history[-1].content, text, reference, references, pieces)
+
+
+def record_history(record: Record) -> list[Message]:
+    """The messages the record's answer follows: its prompt (and passage) as a user turn, or a
+    conversation up to its last assistant turn, which must answer a user turn."""
+    if not record.is_conversation:
+        return [Message("user", record.prompt, record.context)]
     last = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
     history = record.messages[:last]
     if not history or history[-1].role != "user":
         raise UserError(f"{record.where}: the last assistant turn does not answer a user turn")
-    pieces = template.generation_pieces(history)
-    text = "".join(pieces)
-    return PromptItem(record.where, record.source, history[-1].content, text, reference, references, pieces)
+    return history
 
 
 def _loss_entry(total: float, count: int, examples: int) -> dict:
@@ -136,8 +155,9 @@ def evaluate_model(
     records = read_records(data.sources, data.mapping, data.skip_bad, data.limit).records
     items = [prompt_item(r, loaded.template) for r in records]
     gen_settings = {"model": label, "template": loaded.template.to_dict(), "data": list(data.sources)}
+    stops = stop_ids(loaded.template, tokenizer)  # EOS, and `<|im_end|>` for a ChatML-trained model
     out = generate_to_file(
-        model, tokenizer, items, generations_file, settings.sampling, settings.batch_size, gen_settings, progress
+        model, tokenizer, items, generations_file, settings.sampling, settings.batch_size, gen_settings, progress, stops
     )
     generation = summarize(out)
     generation["prompts_cut"] = sum(1 for r in out if r["prompt_cut"])

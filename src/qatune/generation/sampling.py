@@ -1,4 +1,5 @@
-"""Batched text generation with a KV cache: greedy, temperature, top-k, top-p, stop at EOS.
+"""Batched text generation with a KV cache: greedy, temperature, top-k, top-p, stop at EOS (or
+any of several stop ids: a chat template's end-of-turn token, `qatune.data.encode.stop_ids`).
 
 Prompts of different lengths are left-padded; padding is masked out of attention and positions
 start at 0 at each prompt's first real token, so a padded prompt generates exactly what it would
@@ -7,7 +8,7 @@ alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,8 @@ from qatune.model.families import context_length
 @dataclass
 class Generation:
     prompt_ids: list[int]
-    ids: list[int]  # generated ids, EOS excluded
-    stopped_at_eos: bool
+    ids: list[int]  # generated ids, the stop id excluded
+    stopped_at_eos: bool  # ended by EOS or another stop id, not by max_new_tokens
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -108,25 +109,40 @@ def room_for(prompt_width: int, max_new_tokens: int, context: int) -> int:
     return max_new
 
 
+def stop_list(stop: int | Sequence[int]) -> list[int]:
+    """One stop id or several, as a list whose first id is the one that pads."""
+    return [stop] if isinstance(stop, int) else list(stop)
+
+
+def first_stop(row: list[int], stops: list[int]) -> int | None:
+    """Index of the first stop id in `row`, None when it has none."""
+    return next((i for i, t in enumerate(row) if t in stops), None)
+
+
 @torch.inference_mode()
 def generate_ids(
     model: DecoderLM,
     prompts: list[list[int]],
-    eos_id: int,
+    stop: int | Sequence[int],
     cfg: SamplingConfig,
     use_cache: bool = True,
     on_token: Callable[[list[int]], None] | None = None,
 ) -> list[Generation]:
-    """Generate for a batch of token-id prompts. Without the cache, every step re-runs the full
-    sequence (slow; kept as the reference the cached path is tested against). `on_token`, if
-    given, receives each step's new token per row (EOS for rows already done), for streaming."""
+    """Generate for a batch of token-id prompts. `stop`: EOS, or several ids any of which ends a
+    row (EOS and a chat template's end-of-turn token); the first also pads. Without the cache,
+    every step re-runs the full sequence (slow; kept as the reference the cached path is tested
+    against). `on_token`, if given, receives each step's new token per row (the first stop id for
+    rows already done), for streaming."""
     model.eval()
+    stops = stop_list(stop)
+    eos_id = stops[0]
     device = model.head_weight.device
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
     max_new = room_for(P, cfg.max_new_tokens, context_length(model.config))
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     decoder = Decoder(model, ids, mask, max_new, use_cache)
+    stop_ids = torch.tensor(stops, device=device)
     out = torch.full((B, max_new), eos_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0
@@ -138,13 +154,13 @@ def generate_ids(
         if on_token is not None:
             on_token(tok.tolist())
         if cfg.stop_at_eos:
-            done |= tok == eos_id
+            done |= torch.isin(tok, stop_ids)
         if done.all():
             break
         decoder.append(tok)
     results = []
     for i, p in enumerate(prompts):
         row = out[i, : n + 1].tolist()
-        stopped = cfg.stop_at_eos and eos_id in row
-        results.append(Generation(p, row[: row.index(eos_id)] if stopped else row, stopped))
+        end = first_stop(row, stops) if cfg.stop_at_eos else None
+        results.append(Generation(p, row if end is None else row[:end], end is not None))
     return results

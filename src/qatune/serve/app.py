@@ -19,7 +19,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from qatune.data.encode import encode_pieces, tokenize_with_eos
+from qatune.data.encode import generation_ids, tokenize_with_eos
+from qatune.data.model_template import ModelTemplate
 from qatune.data.records import Message
 from qatune.data.templates import Template
 from qatune.generation.continuous import QueueFull
@@ -35,7 +36,7 @@ PUBLIC = ("/", "/health")  # the page is a static file; it asks for the key when
 class ServedModel:
     name: str  # the id clients send as `model`
     tokenizer: object
-    template: Template  # renders chat messages exactly as in training
+    template: Template | ModelTemplate  # renders chat messages exactly as in training (bound to the tokenizer)
     context: int
     vocab_size: int  # the model's: a token-id prompt must stay below it
     created: int
@@ -121,12 +122,12 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 def chat_prompt_ids(messages: list[api.ChatMessage], served: ServedModel) -> list[int]:
-    """The conversation through the model's own template, with EOS after earlier answers, exactly
-    as `qatune chat` and training render it."""
+    """The conversation through the model's template, exactly as `qatune chat` and training render
+    it: qatune's templates with EOS after earlier answers, the model's own chat template as
+    apply_chat_template(messages, add_generation_prompt=True)."""
     if messages[-1].role != "user":
         raise api.APIError(400, "The last message must have role 'user': the model answers a user turn.", "messages")
-    pieces = served.template.generation_pieces([Message(m.role, m.content) for m in messages])
-    return encode_pieces(pieces, served.tokenizer)  # segment by segment, as training tokenizes
+    return generation_ids(served.template, [Message(m.role, m.content) for m in messages], served.tokenizer)
 
 
 def completion_prompt_ids(prompt: str | list[int], served: ServedModel) -> list[int]:
