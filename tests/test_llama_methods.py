@@ -331,3 +331,15 @@ def test_a_sliding_window_model_trains_within_its_window(model_dirs, tmp_path, t
     assert json.loads((run / "export" / "qatune.json").read_text())["max_len"] == 64
     assert all(math.isfinite(x) for x in losses(run))
     assert_export_is_the_trained_model(run, base, "MistralForCausalLM")
+
+
+def test_check_passes_on_a_llama_folder(model_dirs, tmp_path, tokenizer_dir, data_dir):
+    """`qatune check CONFIG` on a Llama run: every check runs on the Llama itself (packed =
+    unpacked, accumulation, kill + resume, the export as LlamaForCausalLM) and passes."""
+    config = write_config(tmp_path, "sft", model_dirs("llama"), tokenizer_dir, data_dir)
+    result = run_cli("check", str(config), "--sample", "16", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = " ".join(result.stdout.split())  # rich wraps the table's cells
+    for row in ("mask audit", "packed = unpacked", "accumulation", "save / resume", "export", "chat template"):
+        assert re.search(rf"{re.escape(row)} │ PASS", out), (row, out[-3000:])
+    assert "LlamaForCausalLM logits vs qatune's" in out and "checks passed" in out
