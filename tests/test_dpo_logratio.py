@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.test_preference_math import SMALL, models, plain_logp, random_pairs
+from tests.test_preference_math import EOS, models, plain_logp, random_pairs
 
 from qatune.data.batching import model_inputs
 from qatune.data.preference.batching import collate_pairs
@@ -31,10 +31,10 @@ def test_logratio_is_the_mean_log_ratio_and_goes_negative_when_both_log_probs_fa
 
 
 def test_logratio_of_a_packed_step_equals_the_plain_fp64_log_ratios():
-    policy, reference = models(5)
+    policy, reference = models("gpt2", 5)  # a GPT-2: the nudge below goes through ln_f's bias
     pairs = random_pairs(5, seed=5)
     used = {t for p in pairs for t in p.chosen_ids + p.rejected_ids}
-    spare = min(set(range(SMALL.vocab_size)) - used)
+    spare = min(set(range(EOS + 1)) - used)
     with torch.no_grad():  # a policy that moves probability onto a token no response holds
         policy.load_state_dict(reference.state_dict())
         policy.ln_f.bias.add_(policy.wte.weight[spare] * (20 / policy.wte.weight[spare].norm() ** 2))
@@ -47,7 +47,7 @@ def test_logratio_of_a_packed_step_equals_the_plain_fp64_log_ratios():
         dtype=torch.float64,
     )
     assert (plain < 0).all()  # the case a floored estimate read as 0
-    batch = collate_pairs(pairs, list(range(len(pairs))), pad_id=0, capacity=SMALL.n_positions)
+    batch = collate_pairs(pairs, list(range(len(pairs))), pad_id=0, capacity=policy.config.n_positions)
     with torch.no_grad():
         ref = sequence_logps(reference(**model_inputs(batch)), reference.wte.weight, batch, 7)
         _, sums = dpo_loss_sum(policy(**model_inputs(batch)), policy.wte.weight, batch, ref, DPOConfig(), 7)
