@@ -18,7 +18,7 @@ import math
 
 import pytest
 import yaml
-from tests.chat_templates import hf_ids, qwen_cache, qwen_folder  # noqa: F401  (fixtures)
+from tests.chat_templates import hf_ids, qwen_cache, qwen_folder, with_template  # noqa: F401  (fixtures)
 from tests.test_model_template_generation import QUESTION, yes_then_end
 
 import qatune.methods.online.method as online_mod
@@ -153,3 +153,20 @@ def test_pair_methods_train_with_the_chat_template(method, tok, policy_dir, qwen
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     saved = json.loads((tmp_path / "runs" / method / "export" / "qatune.json").read_text())
     assert saved["template"]["name"] == "model" and saved["template"]["chat_template"] == tok.chat_template
+
+
+def test_a_prompt_whose_end_merges_into_the_answer_is_an_error_naming_the_record(qwen_dir, tmp_path):
+    """A generation prompt ending in a space gives the space to the answer's first token (" Yes"):
+    the conversation does not start with the prompt's ids, so no split of the two is right."""
+    from qatune.data.pipeline import DataConfig
+    from qatune.data.preference.pipeline import load_pairs
+    from qatune.data.records import DataError
+
+    spaced = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tok = load_tokenizer(with_template(qwen_dir, tmp_path / "tok", spaced))
+    [source, _] = write_pairs(tmp_path, 1)
+    with pytest.raises(DataError, match=r"pairs0\.jsonl:1: the chat template's conversation does not start with"):
+        load_pairs(DataConfig(sources=[source], template="model", max_len=128), tok)
