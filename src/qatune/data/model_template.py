@@ -196,8 +196,8 @@ class ModelTemplate:
 
     def render_response(self, response: str) -> str:
         raise ChatTemplateError(
-            "template 'model' renders whole conversations, not an answer alone; preference pairs (DPO, reward) "
-            "and the demo use qatune's templates"
+            "template 'model' renders whole conversations, not an answer alone (preference pairs render each "
+            "[prompt, response] conversation whole: qatune.data.preference.encode); the demo uses qatune's templates"
         )
 
     def render_conversation(self, messages: list[Message]) -> list[tuple[str, bool]]:

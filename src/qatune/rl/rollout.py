@@ -13,19 +13,22 @@ head), so the PPO ratio starts at 1. The filters only shape exploration.
 
 A response's tokens include its EOS when the model stopped (stopping is an action the policy
 takes and is rewarded for); after that, positions are masked. A response that reaches
-`max_new_tokens` without EOS is cut there (`stopped_at_eos` False).
+`max_new_tokens` without EOS is cut there (`stopped_at_eos` False). "EOS" is any of the stop ids
+given: with the model's own chat template also its end-of-turn token (`<|im_end|>`,
+`qatune.data.encode.stop_ids`), which is what a chat model writes when its answer is done; the
+first stop id pads.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from qatune.errors import UserError
-from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for, sample_from
+from qatune.generation.sampling import Decoder, filter_logits, left_pad, room_for, sample_from, stop_list
 from qatune.model.attention import DecoderLM
 from qatune.model.families import context_length
 
@@ -50,7 +53,7 @@ class Rollout:
     a response's end hold 0 and are False in `mask`."""
 
     prompt_ids: list[list[int]]
-    response_ids: list[list[int]]  # EOS included when the model stopped
+    response_ids: list[list[int]]  # the stop id (EOS) included when the model stopped
     logprobs: torch.Tensor  # policy log-prob of each response token (fp32)
     ref_logprobs: torch.Tensor | None  # reference log-prob, when a reference was given
     entropy: torch.Tensor  # entropy of the policy's distribution at each step (nats)
@@ -87,7 +90,7 @@ def sample_step(
 def sample_rollout(
     policy: DecoderLM,
     prompts: list[list[int]],
-    eos_id: int,
+    stop: int | Sequence[int],
     cfg: RolloutConfig,
     generator: torch.Generator,
     reference: DecoderLM | None = None,
@@ -96,6 +99,7 @@ def sample_rollout(
 ) -> Rollout:
     """Sample one response per prompt (repeat a prompt for a group) and record log-probs as above.
 
+    stop: EOS, or several ids any of which ends a response (the first pads).
     reference: a model with the policy's interface (forward to hidden states, `lm_head`); under
         LoRA, the policy's own base with adapters off. value_head: maps hidden (B, d) -> (B,).
     autocast: a context-manager factory for mixed precision (the run's); log-probs are fp32.
@@ -105,6 +109,9 @@ def sample_rollout(
     if reference is not None:
         reference.eval()
     device = policy.head_weight.device
+    stops = stop_list(stop)
+    eos_id = stops[0]
+    stop_ids = torch.tensor(stops, device=device)
     ids, mask = left_pad(prompts, eos_id, device)
     B, P = ids.shape
     max_new = room_for(P, cfg.max_new_tokens, context_length(policy.config))
@@ -130,7 +137,7 @@ def sample_rollout(
             ref_logprobs[:, n] = token_logprobs(ref_logits, tok, cfg.temperature)
         if value is not None:
             values[:, n] = value
-        alive &= tok != eos_id
+        alive &= ~torch.isin(tok, stop_ids)
         if not alive.any():
             break
         for d in decoders:
@@ -148,6 +155,6 @@ def sample_rollout(
         entropy=zero(entropy),
         values=zero(values) if value_head is not None else None,
         mask=live,
-        stopped_at_eos=[bool(r) and r[-1] == eos_id for r in response_ids],
+        stopped_at_eos=[bool(r) and r[-1] in stops for r in response_ids],
         generated_tokens=int(live.sum()),
     )

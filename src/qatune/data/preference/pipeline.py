@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from qatune.data.model_template import ModelTemplate
 from qatune.data.pipeline import DataConfig
 from qatune.data.preference.encode import EncodedPair, encode_pairs
 from qatune.data.preference.records import PairReadResult, PreferenceRecord, read_pairs
@@ -52,7 +53,7 @@ class PairLoadResult:
     pairs: list[EncodedPair]
     report: PairDataReport
     layouts: dict[str, str]
-    template: Template
+    template: Template | ModelTemplate
 
 
 def read_distinct(cfg: DataConfig) -> tuple[PairReadResult, list[PreferenceRecord], list[str]]:
@@ -70,7 +71,7 @@ def read_distinct(cfg: DataConfig) -> tuple[PairReadResult, list[PreferenceRecor
 
 def load_pairs(cfg: DataConfig, tokenizer) -> PairLoadResult:
     policy = pair_policy(cfg.truncation)
-    template = cfg.get_template()
+    template = cfg.get_template(tokenizer)  # `model`: the tokenizer's chat template, bound
     read, distinct, identical = read_distinct(cfg)
     counts = PairTruncationCounts(policy, cfg.max_len)
     pairs = truncate_all(encode_pairs(distinct, template, tokenizer), policy, cfg.max_len, counts)

@@ -151,7 +151,7 @@ class OnlineRL(Method):
         if not settings.data.sources:
             raise UserError("data.sources is empty: give the prompts (with reference answers) to sample from")
         read = read_records(settings.data.sources, settings.data.mapping, settings.data.skip_bad, settings.data.limit)
-        template = settings.data.get_template()
+        template = settings.data.get_template(tokenizer)  # `model`: the tokenizer's chat template, bound
         return cls([prompt_item(r, template) for r in read.records], template=template.to_dict())
 
     # --- setup ------------------------------------------------------------------------------
@@ -182,10 +182,19 @@ class OnlineRL(Method):
         self.kl = KLController(rl.kl_coef, rl.kl_target, rl.kl_horizon)
         tok = run.tokenizer
         self.eos_id = tok.eos_token_id
+        self.stop_ids = self.stops(tok)  # EOS first (it pads), then a chat template's end-of-turn
         self.pad_id = pad_id(tok)
         self.seed = cfg.seed
         self.local_prompts = rl.prompts_per_rollout // run.world_size
         self.policy_module = model  # subclasses that wrap the model point this at the wrapper
+
+    def stops(self, tokenizer) -> list[int]:
+        """The ids that end a response: EOS, and with `template: model` the end-of-turn token the
+        chat template writes after an answer (a chat model's "done"; its EOS may never come)."""
+        from qatune.data.encode import stop_ids
+        from qatune.data.templates import get_template
+
+        return stop_ids(get_template(self.template), tokenizer) if self.template else [tokenizer.eos_token_id]
 
     def plan(self, run: RunContext) -> OnlinePlan:
         cfg, rl = run.settings, self.rl
@@ -267,7 +276,7 @@ class OnlineRL(Method):
             chunk = seqs[start : start + rl.generation_batch]
             generator = self.generator(rollout, first + start)
             args = (rl.rollout, generator, self.run.reference, self.rollout_value_head(), run.precision.autocast)
-            parts.append(sample_rollout(policy, [p.ids for p in chunk], self.eos_id, *args))
+            parts.append(sample_rollout(policy, [p.ids for p in chunk], self.stop_ids, *args))
         return concat_rollouts(parts), seqs
 
     def generator(self, rollout: int, position: int) -> torch.Generator:
@@ -369,10 +378,10 @@ class OnlineRL(Method):
             ids = [p.ids for p in chunk]
             group = [p for p in chunk for _ in range(rl.group_size)]  # rl.group_size samples per prompt
             with run.precision.autocast():
-                gens = generate_ids(policy, ids, self.eos_id, greedy)
+                gens = generate_ids(policy, ids, self.stop_ids, greedy)
                 generator = self.generator(-1, (first + start) * rl.group_size)
                 sampled = sample_rollout(
-                    policy, [p.ids for p in group], self.eos_id, rl.rollout, generator, run.reference
+                    policy, [p.ids for p in group], self.stop_ids, rl.rollout, generator, run.reference
                 )
             answers = [
                 Sample(p.where, p.text, run.tokenizer.decode(g.ids), p.reference, p.ids, g.ids, g.stopped_at_eos)
