@@ -145,14 +145,35 @@ def test_pairs_are_the_chat_templates_conversations_up_to_im_end(tok, qwen_dir, 
 def test_pair_methods_train_with_the_chat_template(method, tok, policy_dir, qwen_dir, tmp_path):
     """DPO's first loss is log 2 (reference = the initial weights, dropout off); the reward model's
     first loss is -log sigmoid of the score difference at the two <|im_end|> tokens."""
-    config = write_config(tmp_path, method, policy_dir, qwen_dir, write_pairs(tmp_path, 4), eval={"fraction": 0.25})
+    config = write_config(
+        tmp_path,
+        method,
+        policy_dir,
+        qwen_dir,
+        write_pairs(tmp_path, 4),
+        eval={"fraction": 0.25},
+        save_every=1,
+        max_steps=2,
+    )
     assert main(["train", str(config)]) == 0
-    [first] = [r for r in read_metrics(tmp_path / "runs" / method) if "loss" in r]
+    first = next(r for r in read_metrics(tmp_path / "runs" / method) if "loss" in r)
     assert math.isfinite(first["loss"])
     if method == "dpo":
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     saved = json.loads((tmp_path / "runs" / method / "export" / "qatune.json").read_text())
     assert saved["template"]["name"] == "model" and saved["template"]["chat_template"] == tok.chat_template
+    if method != "dpo":  # `qatune export` of a checkpoint writes a causal LM, not a reward model
+        return
+    # `qatune export` of a training checkpoint saves the template bound to the tokenizer, as the run's export
+    from qatune.train.checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(tmp_path / "runs" / method / "checkpoints")
+    assert main(["export", str(checkpoint), str(tmp_path / "out")]) == 0
+    exported = json.loads((tmp_path / "out" / "qatune.json").read_text())
+    unbound = {"source"}  # where the tokenizer was read from differs; the template itself not
+    assert {k: v for k, v in exported["template"].items() if k not in unbound} == {
+        k: v for k, v in saved["template"].items() if k not in unbound
+    }
 
 
 def test_a_prompt_whose_end_merges_into_the_answer_is_an_error_naming_the_record(qwen_dir, tmp_path):

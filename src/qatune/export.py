@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from qatune.config import load_config
+from qatune.data.templates import Template, bind_template
 from qatune.errors import UserError
 from qatune.methods import METHODS, method_class
 from qatune.methods.config import TrainConfig
@@ -200,6 +201,8 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
     if is_checkpoint_folder(source):
         lm, meta = load_checkpoint_model(source)
         tok = checkpoint_tokenizer(source, tokenizer, meta.pop("tokenizer"))
+        # `template: model` is the tokenizer's own chat template: saved bound, as a run's export is
+        meta["template"] = bind_template(Template.from_dict(meta["template"]), tok).to_dict()
         card = exported_card(source, meta)
     else:
         path = resolve_model_path(model)
