@@ -14,8 +14,8 @@ from qatune.utils.precision_probe import PrecisionChoice
 
 def measured(monkeypatch, fp32: float, bf16: float) -> None:
     rates = {"fp32": fp32, "bf16": bf16}
-    choice = PrecisionChoice("fp32", "auto", "measured", rates, 1)
-    monkeypatch.setattr(device, "cpu_choice", lambda threads: choice)
+    choice = PrecisionChoice("fp32", "auto", "measured", rates)
+    monkeypatch.setattr(device, "cpu_choice", lambda: choice)
     device.warn_slow_cpu_precision.cache_clear()
 
 

@@ -65,16 +65,21 @@ def test_bf16_only_where_its_matmul_measured_at_least_twice_fp32(cache, monkeypa
     assert pick_precision("auto", CPU) == "bf16" and pick_precision("fp32", CPU) == "fp32"
 
 
-def test_the_cache_is_per_thread_count_and_instruction_set(cache, monkeypatch):
-    keys = [probe.machine_key(1), probe.machine_key(2)]
+def test_the_cache_is_per_instruction_set_and_the_probe_measures_one_core(cache, monkeypatch):
+    plain = probe.machine_key()
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    keys.append(probe.machine_key(1))
-    assert keys[0] != keys[1] and keys[0] != keys[2] and keys[2]["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
-    assert keys[0]["torch"] == torch.__version__
+    capped = probe.machine_key()
+    assert plain != capped and capped["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"} and plain["torch"] == torch.__version__
+    threads = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(probe, "_linear_rate", lambda x, w: seen.append((x.dtype, torch.get_num_threads())) or 1.0)
+    probe.measure_matmul_rates()
+    assert set(seen) == {(torch.float32, 1), (torch.bfloat16, 1)} and len(seen) == 2 * probe.PROBE_ROUNDS
+    assert torch.get_num_threads() == threads  # the run's own setting is back
 
 
 def test_a_resumed_auto_run_keeps_what_its_checkpoint_recorded(monkeypatch):
-    monkeypatch.setattr(probe, "cpu_choice", lambda threads: pytest.fail("probed although the checkpoint says"))
+    monkeypatch.setattr(probe, "cpu_choice", lambda: pytest.fail("probed although the checkpoint says"))
     kept = choose_precision("auto", CPU, recorded="bf16")
     assert (kept.precision, kept.reason) == ("bf16", "recorded by the checkpoint")
     # Saved unresolved by an older version, whose auto meant fp32 on every CPU.
@@ -99,7 +104,7 @@ def test_the_real_probe_picks_fp32_where_bf16_is_emulated(tmp_path):
     )
     picks = {}
     for name, extra in (("avx2", AVX2_ONLY), ("native", {})):
-        env = {**os.environ, "QATUNE_CACHE": str(tmp_path / name), "OMP_NUM_THREADS": "1", **extra}
+        env = {**os.environ, "QATUNE_CACHE": str(tmp_path / name), **extra}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
         picks[name] = json.loads(out.stdout.splitlines()[-1])
     avx2, native = picks["avx2"], picks["native"]
@@ -144,8 +149,8 @@ def test_train_prints_and_records_the_measured_pick_and_reuses_the_cached_probe(
     recorded = json.loads((run / PRECISION_FILE).read_text())
     rates, picked = recorded["rates"], recorded["precision"]
     assert picked == ("bf16" if rates["bf16"] >= BF16_MIN_SPEEDUP * rates["fp32"] else "fp32")
-    assert recorded["reason"] == "measured" and recorded["threads"] == 1
-    line = f"precision auto -> {picked} (measured: this CPU's matmul fp32 {rates['fp32'] / 1e9:,.0f} GFLOP/s"
+    assert recorded["reason"] == "measured"
+    line = f"precision auto -> {picked} (measured: one core's matmul fp32 {rates['fp32'] / 1e9:,.0f} GFLOP/s"
     assert line in first.stderr
     assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == picked
 
@@ -153,7 +158,7 @@ def test_train_prints_and_records_the_measured_pick_and_reuses_the_cached_probe(
     cached_rates(cache, fp32=100e9, bf16=900e9)
     again = run_cli("train", str(auto_config), "name=auto2", "--no-progress")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "precision auto -> bf16 (cached measurement: this CPU's matmul fp32 100 GFLOP/s, bf16 900" in again.stderr
+    assert "precision auto -> bf16 (cached measurement: one core's matmul fp32 100 GFLOP/s, bf16 900" in again.stderr
     assert json.loads((tmp_path / "runs" / "auto2" / PRECISION_FILE).read_text())["rates"]["bf16"] == 900e9
     assert yaml.safe_load((tmp_path / "runs" / "auto2" / "config.yaml").read_text())["precision"] == "bf16"
 

@@ -52,7 +52,7 @@ from qatune.train.sharded_checkpoints import is_sharded, load_sharded, save_shar
 from qatune.train.step import Precision, accumulate, model_device, optimizer_step, phase
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic
-from qatune.utils.malloc import keep_freed_memory
+from qatune.utils.malloc import configure_cpu_allocator
 from qatune.utils.precision_probe import RECORDED, PrecisionChoice, choose_precision
 
 
@@ -162,8 +162,6 @@ class _Run:
         device = default_device(cfg.device)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
-        if cfg.threads:  # before the precision probe: it measures at the run's thread count
-            torch.set_num_threads(cfg.threads)
         self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
         if resume and self.ckpt is None:
             raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}")
@@ -173,10 +171,12 @@ class _Run:
         self.cfg, self.method, self.resume = cfg, method, resume
         if rank == 0 and self.precision_choice.requested == "auto":
             print(self.precision_choice.describe(), file=sys.stderr)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         precision = Precision(cfg.precision, device)
         if device.type == "cpu":
             warn_slow_cpu_precision(precision.name)
-            keep_freed_memory()  # no page faults on the step's large tensors (qatune.utils.malloc)
+            configure_cpu_allocator()  # $QATUNE_MALLOC: keep freed memory mapped, or glibc's policy (utils/malloc.py)
         # The global batch of every step is fixed by the world size the run started with, so a run
         # resumed on another number of ranks deals the same micro-batches out differently.
         plan_world = saved_world_size(self.ckpt, world_size)

@@ -42,7 +42,7 @@ def warn_slow_cpu_precision(precision: str) -> None:
     took ~30x the fp32 step — the LM-head matmul shapes fall back to a slow reference kernel there."""
     if precision != "bf16":
         return
-    rates = cpu_choice(torch.get_num_threads()).rates
+    rates = cpu_choice().rates
     if rates["bf16"] < rates["fp32"]:
         warnings.warn(
             f"precision bf16 on a CPU whose bf16 matmul measured {rates['bf16'] / 1e9:,.0f} GFLOP/s against "

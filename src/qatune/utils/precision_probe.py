@@ -9,9 +9,15 @@ against 210-237 GFLOP/s on one core of a Xeon with AMX; ~470 against ~100 on an 
 AVX512-BF16), while on an AVX2-only CPU PyTorch emulates them through fp32 conversions (~25
 against ~100 GFLOP/s on the same EPYC limited to AVX2). So a short probe times a few matmuls of a
 training-like shape in each dtype (well under a second) and the result is cached per machine:
-CPU model and flags, torch version, thread count and the environment variables that limit the
-kernels' instruction set, under `<cache>/precision/` (cache: $QATUNE_CACHE, else
-$XDG_CACHE_HOME/qatune, else ~/.cache/qatune). On CUDA: bf16 where the GPU supports it.
+CPU model and flags, torch version and the environment variables that limit the kernels'
+instruction set, under `<cache>/precision/` (cache: $QATUNE_CACHE, else $XDG_CACHE_HOME/qatune,
+else ~/.cache/qatune). On CUDA: bf16 where the GPU supports it.
+
+The probe measures one core: one torch thread, timed by that thread's CPU clock, the two dtypes
+interleaved and the best of several rounds kept. On a machine other processes share, wall time
+with several threads measured nonsense (2 threads, load ~9-11 on 2 cores: 9 GFLOP/s fp32, 17 bf16,
+against 107 and 468 on one core), and that answer would have been cached. The bf16/fp32
+ratio is the instruction set's, so one core decides for any thread count.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from qatune.utils.files import cache_root, write_text_atomic
 BF16_MIN_SPEEDUP = 2.0
 # A linear layer of GPT-2 small (d=768) over 256 tokens: 0.3 GFLOP, a few ms at fp32 speed.
 PROBE_SHAPE = (256, 768, 768)
-PROBE_SECONDS = 0.1  # per dtype; an emulated bf16 matmul (~25 GFLOP/s) still gets 2 timed calls
-PROBE_MAX_CALLS = 50
+PROBE_ROUNDS = 3  # fp32, bf16, fp32, bf16 …: a burst of load hits both dtypes
+PROBE_SECONDS = 0.03  # per dtype and round (CPU time); an emulated bf16 call (~12 ms) still gets 2
+PROBE_MAX_CALLS = 20
 # Variables that cap the instruction set of ATen's, oneDNN's and MKL's kernels: the same CPU is a
 # different machine for the probe under each.
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
@@ -51,8 +58,7 @@ class PrecisionChoice:
     precision: str  # what the run trains in
     requested: str  # what the config said
     reason: str  # why: "set", "measured", "cached measurement", "GPU supports bf16", …
-    rates: dict[str, float] = field(default_factory=dict)  # matmul FLOP/s per dtype (CPU probe)
-    threads: int | None = None
+    rates: dict[str, float] = field(default_factory=dict)  # one core's matmul FLOP/s per dtype (CPU probe)
     cache_file: str | None = None
 
     def describe(self) -> str:
@@ -60,7 +66,7 @@ class PrecisionChoice:
         line = f"precision {self.requested} -> {self.precision} ({self.reason}"
         if self.rates:
             rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in self.rates.items())
-            line += f": this CPU's matmul {rates} on {self.threads} thread(s)"
+            line += f": one core's matmul {rates}"
             if self.precision == "fp32" and self.rates.get("bf16", 0) > 0:
                 line += f"; bf16 is picked from {BF16_MIN_SPEEDUP:g}x"
         if self.cache_file:
@@ -88,13 +94,13 @@ def choose_precision(name: str, device: torch.device, recorded: str | None = Non
         return PrecisionChoice("fp32", name, "GPU without bf16")
     if device.type != "cpu":
         return PrecisionChoice("fp32", name, f"{device.type}: not probed")
-    return cpu_choice(torch.get_num_threads())
+    return cpu_choice()
 
 
 @functools.cache
-def cpu_choice(threads: int) -> PrecisionChoice:
-    """The CPU's pick at `threads` threads, from the cache or measured now (once per process)."""
-    key = machine_key(threads)
+def cpu_choice() -> PrecisionChoice:
+    """The CPU's pick, from the cache or measured now (once per process)."""
+    key = machine_key()
     path = cache_root() / "precision" / f"cpu-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     # Locked: processes starting together on one machine (the ranks of a CPU run) measure once and
@@ -105,7 +111,7 @@ def cpu_choice(threads: int) -> PrecisionChoice:
             rates, reason = measure_matmul_rates(), "measured"
             write_text_atomic(path, json.dumps({"key": key, "rates": rates}, indent=1) + "\n")
     pick = "bf16" if rates["bf16"] >= BF16_MIN_SPEEDUP * rates["fp32"] else "fp32"
-    return PrecisionChoice(pick, "auto", reason, rates, threads, str(path))
+    return PrecisionChoice(pick, "auto", reason, rates, str(path))
 
 
 @contextlib.contextmanager
@@ -128,7 +134,7 @@ def _cached_rates(path: Path, key: dict) -> dict[str, float] | None:
     return None
 
 
-def machine_key(threads: int) -> dict:
+def machine_key() -> dict:
     """What the probe's answer depends on."""
     model, flags = platform.processor(), ""
     with contextlib.suppress(OSError):
@@ -140,23 +146,34 @@ def machine_key(threads: int) -> dict:
                 flags = " ".join(sorted(v.split()))
                 break
     env = {v: os.environ[v] for v in ISA_ENV if v in os.environ}
-    return {"cpu": model, "flags": flags, "torch": torch.__version__, "threads": threads, "env": env}
+    return {"cpu": model, "flags": flags, "torch": torch.__version__, "env": env}
 
 
 def measure_matmul_rates() -> dict[str, float]:
-    """FLOP/s of `PROBE_SHAPE` linear layers in fp32 and in bf16 at the current thread count."""
-    return {"fp32": _linear_rate(torch.float32), "bf16": _linear_rate(torch.bfloat16)}
+    """FLOP/s of one core on `PROBE_SHAPE` linear layers in fp32 and in bf16: the best of
+    `PROBE_ROUNDS` interleaved rounds, on one torch thread, in this thread's CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        m, k, n = PROBE_SHAPE
+        x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+        operands = {"fp32": (x, w), "bf16": (x.bfloat16(), w.bfloat16())}
+        best = dict.fromkeys(operands, 0.0)
+        for _ in range(PROBE_ROUNDS):
+            for name, (a, b) in operands.items():
+                best[name] = max(best[name], _linear_rate(a, b))
+        return best
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _linear_rate(dtype: torch.dtype) -> float:
-    m, k, n = PROBE_SHAPE
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(m, k, generator=g).to(dtype), torch.randn(n, k, generator=g).to(dtype)
-    F.linear(x, w)  # first call: kernel selection and packing
-    calls, t0 = 0, time.perf_counter()
+def _linear_rate(x: torch.Tensor, w: torch.Tensor) -> float:
+    F.linear(x, w)  # kernel selection and weight packing happen on a first call
+    calls, t0 = 0, time.thread_time()
     while True:
         F.linear(x, w)
         calls += 1
-        elapsed = time.perf_counter() - t0
+        elapsed = time.thread_time() - t0
         if (elapsed >= PROBE_SECONDS and calls >= 2) or calls >= PROBE_MAX_CALLS:
-            return 2 * m * k * n * calls / elapsed
+            return 2 * x.shape[0] * x.shape[1] * w.shape[0] * calls / max(elapsed, 1e-9)
