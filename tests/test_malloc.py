@@ -56,3 +56,40 @@ def test_an_unknown_mode_is_one_line_naming_the_variable(monkeypatch):
     monkeypatch.setenv(malloc.ENV, "never")
     with pytest.raises(UserError, match=r"\$QATUNE_MALLOC='never' is not one of keep, glibc"):
         malloc.allocator_mode()
+
+
+# bf16 linear layers at 100 new shapes (as packed rows of varying length give): how much the live
+# heap grew over the last 30, after any cache of 64 entries would be full.
+SHAPES = """
+import json, torch, torch.nn.functional as F
+from qatune.utils.malloc import bound_kernel_caches, heap_info
+bound_kernel_caches()
+torch.set_num_threads(1)
+w = torch.randn(3072, 768, requires_grad=True)
+def live():
+    h = heap_info()
+    return h["in_use"] + h["mmapped"]
+for i, m in enumerate(range(200, 700, 5)):
+    if i == 70:
+        at_70 = live()
+    x = torch.randn(m, 768, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.linear(x, w)
+    y.float().sum().backward()
+    w.grad = None
+print(json.dumps({"growth": live() - at_70}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or malloc.heap_info() is None, reason="glibc >= 2.33")
+def test_bf16_matmul_caches_stop_growing_at_their_bound():
+    def growth(capacity: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k not in malloc.KERNEL_CACHE_ENV}
+        env |= dict.fromkeys(malloc.KERNEL_CACHE_ENV, capacity) if capacity else {}
+        out = subprocess.run([sys.executable, "-c", SHAPES], capture_output=True, text=True, env=env, check=True)
+        return json.loads(out.stdout.splitlines()[-1])["growth"]
+
+    unbounded, bounded = growth("1024"), growth(None)  # the libraries' default, and ours
+    if unbounded < 10 * MB:
+        pytest.skip(f"bf16 matmuls keep no per-shape cache here (+{unbounded / MB:.1f} MB over 30 shapes)")
+    assert bounded < unbounded / 4, (bounded / MB, unbounded / MB)

@@ -52,7 +52,7 @@ from qatune.train.sharded_checkpoints import is_sharded, load_sharded, save_shar
 from qatune.train.step import Precision, accumulate, model_device, optimizer_step, phase
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic
-from qatune.utils.malloc import configure_cpu_allocator
+from qatune.utils.malloc import bound_kernel_caches, configure_cpu_allocator
 from qatune.utils.precision_probe import RECORDED, PrecisionChoice, choose_precision
 
 
@@ -160,6 +160,8 @@ class _Run:
 
     def __init__(self, method: Method, model: GPT2, tokenizer, cfg, resume, rank, world_size) -> None:
         device = default_device(cfg.device)
+        if device.type == "cpu":
+            bound_kernel_caches()  # before the precision probe's first bf16 matmul (utils/malloc.py)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
         self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
