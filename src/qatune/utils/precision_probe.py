@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from qatune.utils.files import cache_root, write_text_atomic
+from qatune.utils.malloc import bound_kernel_caches
 
 # bf16 autocast adds casts and keeps LayerNorm, softmax and the optimizer in fp32, so a step gains
 # far less than its matmuls do (a 7x faster bf16 matmul made a GPT-2 small step 1.8x faster on a
@@ -152,6 +153,7 @@ def machine_key() -> dict:
 def measure_matmul_rates() -> dict[str, float]:
     """FLOP/s of one core on `PROBE_SHAPE` linear layers in fp32 and in bf16: the best of
     `PROBE_ROUNDS` interleaved rounds, on one torch thread, in this thread's CPU time."""
+    bound_kernel_caches()  # the first bf16 matmul sizes oneDNN's caches: the run's cap, not the default
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
