@@ -5,7 +5,7 @@ its fp32 one, fp32 elsewhere.
 
 On a CPU the speed of bf16 depends on instructions the device type does not tell: with AMX or
 AVX512-BF16 oneDNN's bf16 matmuls run several times faster than fp32 (measured: 1,640-1,700
-against 210-237 GFLOP/s on one core of a Xeon with AMX; ~470 against ~100 on an AMD EPYC with
+against 210-237 GFLOP/s on one core of a Xeon with AMX; ~450 against ~100 on an AMD EPYC with
 AVX512-BF16), while on an AVX2-only CPU PyTorch emulates them through fp32 conversions (~25
 against ~100 GFLOP/s on the same EPYC limited to AVX2). So a short probe times a few matmuls of a
 training-like shape in each dtype (well under a second) and the result is cached per machine:
