@@ -46,6 +46,7 @@ max_steps: 4
 save_every: 2
 keep_checkpoints: 3
 threads: 1
+precision: fp32  # ranks against one process to fp32 tolerances (auto may pick bf16 on this CPU)
 tensorboard: false
 plots: false
 """

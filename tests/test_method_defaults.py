@@ -19,10 +19,12 @@ from tests.processes import run_cli
 
 from qatune.runs import CHECKPOINTS_DIR
 from qatune.train.metrics import read_metrics
+from qatune.train.runtime import PRECISION_FILE
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+PICKED = "what precision.json says auto picked"
 DATA = {"sft": "qa", "dpo": "pairs", "reward": "pairs", "ppo": "qa", "grpo": "qa"}
 # Only what the method needs from the user (its data) and sizes that make it quick.
 CONFIG = """\
@@ -85,19 +87,23 @@ def test_every_method_trains_from_its_defaults_with_progress_on_a_pipe(pipe_run,
 @pytest.mark.parametrize(
     ("method", "resolved"),
     [
-        ("dpo", {"data.truncation": "cut_pair", "precision": "fp32"}),
+        ("dpo", {"data.truncation": "cut_pair", "precision": PICKED}),
         ("reward", {"data.truncation": "cut_pair"}),
-        ("grpo", {"rl.group_size": 8, "precision": "fp32"}),
+        ("grpo", {"rl.group_size": 8, "precision": PICKED}),
         ("ppo", {"rl.group_size": 1}),
-        ("sft", {"data.truncation": "cut_response", "precision": "fp32"}),
+        ("sft", {"data.truncation": "cut_response", "precision": PICKED}),
     ],
 )
 def test_the_saved_config_records_what_the_method_resolved(pipe_run, method, resolved):
     """The run folder's config.yaml and the checkpoint's say what the run used: a preference
     method's pair policy (cut_response reads as cut_pair), GRPO's group size, the precision that
-    `auto` picked on this CPU."""
+    `auto` picked on this CPU (fp32 or bf16 by the probe's rates, which precision.json records)."""
     proc, run_dir = pipe_run(method)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if resolved.get("precision") == PICKED:
+        picked = json.loads((run_dir / PRECISION_FILE).read_text())["precision"]
+        assert picked in ("fp32", "bf16") and f"precision auto -> {picked}" in proc.stderr
+        resolved = resolved | {"precision": picked}
     checkpoint = sorted((run_dir / CHECKPOINTS_DIR).iterdir())[-1]
     for saved in (run_dir / "config.yaml", checkpoint / "config.yaml"):
         cfg = yaml.safe_load(saved.read_text())

@@ -30,6 +30,7 @@ dpo: {{beta: 0.5}}
 max_steps: 6
 save_every: 3
 threads: 1
+precision: fp32  # the comparisons below are fp32's (auto may pick bf16 on this CPU)
 tensorboard: false
 plots: false
 """

@@ -45,7 +45,9 @@ class TrainConfig:
     )  # method ppo / grpo: rollouts, rewards, KL (methods/online/config.py)
     epochs: int = 1  # passes over the training data (max_steps overrides)
     max_steps: int | None = None  # the run's length in optimizer steps, past one epoch if need be (overrides epochs)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp32
+    # auto: bf16 on a GPU that supports it and on a CPU whose bf16 matmul measured >= 2x its fp32 one (a
+    # sub-second probe cached per machine; the pick and rates go to stderr and precision.json), else fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Recompute each block's activations in backward: less memory for one more forward pass per step.
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the model (measured slower on CPU: docs/performance.md)

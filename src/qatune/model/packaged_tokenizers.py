@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qatune.errors import UserError
+from qatune.utils.files import cache_root
 
-CACHE_ENV = "QATUNE_CACHE"
 # Bumped when the conversion changes, so a folder built by older code is not reused.
 FORMAT = 2  # 2: the folder carries Qwen2.5's chat template
 
@@ -173,13 +173,6 @@ PACKAGED = {
 def is_packaged(name: str | os.PathLike | None) -> bool:
     """A name of PACKAGED, unless a file or folder of that name is where qatune runs (that wins)."""
     return isinstance(name, str) and name.lower() in PACKAGED and not Path(name).exists()
-
-
-def cache_root() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "qatune"
 
 
 def resource_path(name: str) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from qatune.config import dump_yaml, from_dict, to_dict
 from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
@@ -52,7 +54,8 @@ from qatune.train.sharded_checkpoints import is_sharded, load_sharded, save_shar
 from qatune.train.step import Precision, accumulate, model_device, optimizer_step, phase
 from qatune.utils.device import default_device, warn_slow_cpu_precision
 from qatune.utils.files import write_text_atomic
-from qatune.utils.malloc import keep_freed_memory
+from qatune.utils.malloc import bound_kernel_caches, configure_cpu_allocator
+from qatune.utils.precision_probe import RECORDED, PrecisionChoice, choose_precision
 
 
 @dataclass
@@ -64,22 +67,41 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # the records logged by this process
 
 
-def pick_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"  # CPU: bf16 autocast is slower than fp32 on most CPUs, and less exact
+def pick_precision(name: str, device: torch.device, recorded: str | None = None) -> str:
+    """`name`, or for `auto` what `qatune.utils.precision_probe` picks: bf16 on a CUDA GPU that
+    supports it and on a CPU whose bf16 matmul measured clearly faster than fp32, else fp32.
+    `recorded`: the precision the checkpoint a run resumes from saved (an auto run keeps it)."""
+    return choose_precision(name, device, recorded).precision
 
 
-def resolved_config(cfg, method: type[Method], device: torch.device):
+def resolved_config(cfg, method: type[Method], device: torch.device, recorded_precision: str | None = None):
     """The settings a run uses: `method`'s own defaults filled in, precision `auto` as picked for
-    `device`. What the run folder's config.yaml and every checkpoint record, and what a resume is
-    compared against. Resolving twice changes nothing, so a saved config.yaml trains the same run."""
+    `device` (or as the resumed checkpoint recorded it). What the run folder's config.yaml and every
+    checkpoint record, and what a resume is compared against. Resolving twice changes nothing, so a
+    saved config.yaml trains the same run."""
     cfg = method.resolve_config(cfg)
     dropout_off = method.train_without_dropout if cfg.model.disable_dropout is None else cfg.model.disable_dropout
     model = replace(cfg.model, disable_dropout=dropout_off)
-    return replace(cfg, model=model, precision=pick_precision(cfg.precision, device))
+    return replace(cfg, model=model, precision=pick_precision(cfg.precision, device, recorded_precision))
+
+
+def recorded_precision(checkpoint: Path | None) -> str | None:
+    """The precision a checkpoint's config.yaml saved, if any."""
+    config_file = checkpoint / "config.yaml" if checkpoint is not None else None
+    if config_file is None or not config_file.is_file():
+        return None
+    saved = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    return saved.get("precision") if isinstance(saved, dict) else None
+
+
+PRECISION_FILE = "precision.json"
+
+
+def record_precision_choice(run_dir: Path, choice: PrecisionChoice) -> None:
+    """precision.json in the run folder: how `auto` picked (the probe's matmul rates on a CPU). A
+    resumed run keeps the file its start wrote."""
+    if choice.requested == "auto" and not choice.reason.startswith(RECORDED):
+        write_text_atomic(run_dir / PRECISION_FILE, json.dumps(choice.to_json(), indent=1) + "\n")
 
 
 def make_model(cfg: ModelConfig, vocab_size: int) -> DecoderLM:
@@ -148,19 +170,25 @@ class _Run:
 
     def __init__(self, method: Method, model: DecoderLM, tokenizer, cfg, resume, rank, world_size) -> None:
         device = default_device(cfg.device)
-        cfg = resolved_config(cfg, type(method), device)
-        self.cfg, self.method, self.resume = cfg, method, resume
+        if device.type == "cpu":
+            bound_kernel_caches()  # before the precision probe's first bf16 matmul (utils/malloc.py)
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.ckpt_dir = self.run_dir / CHECKPOINTS_DIR
+        self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
+        if resume and self.ckpt is None:
+            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        self.recorded_precision = recorded_precision(self.ckpt)
+        self.precision_choice = choose_precision(cfg.precision, device, self.recorded_precision)
+        cfg = resolved_config(cfg, type(method), device, self.recorded_precision)
+        self.cfg, self.method, self.resume = cfg, method, resume
+        if rank == 0 and self.precision_choice.requested == "auto":
+            print(self.precision_choice.describe(), file=sys.stderr)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         precision = Precision(cfg.precision, device)
         if device.type == "cpu":
             warn_slow_cpu_precision(precision.name)
-            keep_freed_memory()  # no page faults on the step's large tensors (qatune.utils.malloc)
-        self.ckpt = latest_checkpoint(self.ckpt_dir) if resume else None
-        if resume and self.ckpt is None:
-            raise UserError(f"--resume: no checkpoint in {self.ckpt_dir}")
+            configure_cpu_allocator()  # $QATUNE_MALLOC: keep freed memory mapped, or glibc's policy (utils/malloc.py)
         # The global batch of every step is fixed by the world size the run started with, so a run
         # resumed on another number of ranks deals the same micro-batches out differently.
         plan_world = saved_world_size(self.ckpt, world_size)
@@ -223,7 +251,8 @@ class _Run:
             state = load_checkpoint(self.ckpt, self.trainable, self.optimizer, self.scheduler, scaler)
         extra = state["extra"]
         config_class, method = type(self.cfg), type(self.method)  # the saved mapping loads as this run's config
-        resolve = lambda saved: dump_yaml(resolved_config(from_dict(config_class, saved), method, ctx.device))
+        recorded = self.recorded_precision
+        resolve = lambda saved: dump_yaml(resolved_config(from_dict(config_class, saved), method, ctx.device, recorded))
         check_resume(self.ckpt, state["step"], self.config_yaml, len(self.plan), extra.get("plan_steps"), resolve)
         self.method.load_state_dict(state.get("rank_extra", extra).get("method", {}))
         self.start, self.elapsed_before = state["step"], extra.get("elapsed", 0.0)
@@ -258,6 +287,7 @@ class _Run:
         logger = None
         if ctx.is_main:
             write_text_atomic(self.run_dir / "config.yaml", self.config_yaml)
+            record_precision_choice(self.run_dir, self.precision_choice)
             resume_step = self.start if self.resume else None
             logger = MetricsLogger(self.run_dir, resume_step, cfg.trackers, to_dict(cfg))
         history: list[dict] = []

@@ -66,3 +66,15 @@ def atomic_dir(path: str | os.PathLike):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+CACHE_ENV = "QATUNE_CACHE"
+
+
+def cache_root() -> Path:
+    """Where qatune keeps what it builds or measures once per machine (converted tokenizers, the
+    precision probe): $QATUNE_CACHE, else $XDG_CACHE_HOME/qatune, else ~/.cache/qatune."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "qatune"
