@@ -1,5 +1,6 @@
 """Where a training step's time goes at a real size: the SFT step of GPT-2 small (124M, random
-init) on packed rows of real t0 Q&A examples, per phase and against the matmul peak.
+init; `--size smollm2-135m` for a Llama-family model) on packed rows of real t0 Q&A examples, per
+phase and against the matmul peak.
 
 Every optimizer step is one micro-batch of `--batch` examples packed into rows of `--max-len`
 (the run `sft_vs_trl.py` times, at GPT-2 small's shapes), through the runtime's own `accumulate`
@@ -41,7 +42,7 @@ SIDES = {"eager": False, "compile": True, "compile-auto": "auto"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="gpt2", help="a GPT-2 size of qatune.model.gpt2.SIZES")
+    p.add_argument("--size", default="gpt2", help="a size of qatune.model.gpt2.SIZES or qatune.model.llama.SIZES")
     p.add_argument("--n-train", type=int, default=96)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max-len", type=int, default=512)
@@ -63,14 +64,25 @@ def parse_args(argv=None):
 
 
 def build(args, work: Path):
-    """(GPT-2 of `args.size`, random init, seeded; the packed micro-batches, one per step)."""
+    """(the model of `args.size`, random init, seeded; the packed micro-batches, one per step).
+
+    A Llama-family size keeps its shapes but takes the GPT-2 tokenizer's vocabulary (the data's
+    token ids): SmolLM2-135M's tied 49,152 x 576 embedding becomes 50,257 x 576 (+0.6M parameters)."""
+    from dataclasses import replace
+
     import torch
 
     from qatune.model.gpt2 import GPT2, SIZES
+    from qatune.model.llama import SIZES as LLAMA_SIZES
+    from qatune.model.llama import Llama
 
     _, batches = sft_vs_trl.micro_batches(args, work)
     torch.manual_seed(args.seed)
-    return GPT2(SIZES[args.size]), batches[: args.warmup + args.steps]
+    if args.size in LLAMA_SIZES:
+        model = Llama(replace(LLAMA_SIZES[args.size], vocab_size=SIZES["gpt2"].vocab_size))
+    else:
+        model = GPT2(SIZES[args.size])
+    return model, batches[: args.warmup + args.steps]
 
 
 def step_flops(args, work: Path, model, batches) -> list[float]:
@@ -245,7 +257,7 @@ def main(argv=None) -> None:
     for r in results.values():
         r["peak_cpu_gflops"], r["of_peak"] = peak, r["gflop_per_cpu_s"] / peak
     print(
-        f"\nGPT-2 {args.size}, {args.precision}, batch {args.batch} packed into rows of {args.max_len}, "
+        f"\n{args.size}, {args.precision}, batch {args.batch} packed into rows of {args.max_len}, "
         f"{args.steps} timed steps after {args.warmup}, {args.threads} thread(s), medians of {args.repeats} "
         f"processes per side; per step, CPU seconds of the training thread"
     )

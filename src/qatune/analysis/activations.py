@@ -115,6 +115,13 @@ def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
     B, T, c = s.micro_batch, s.seq_len, s.config
     E, d, kv, h, a = B * T, attention_width(c), c.n_kv_head * c.head_dim, c.n_head, s.prec.act
     joined = {"attention output, joined (c_proj input)": E * d * a}
+    if packed_attention_kernel(s.device) == "documents" and s.device == "cpu" and s.prec.act == 2:
+        # 16-bit on CPU: the matmul kernel (`model.attention.matmul_attention`) saves q, k, v and
+        # its output, no logsumexp (its backward recomputes the softmax). A Llama's rotated q and
+        # k (fp32 under autocast) are cast to bf16 first (`model.attention.autocast_inputs`): the
+        # casts are what it saves, and the cast itself saves nothing. SDPA's backend (s.attention) plays
+        # no part here
+        return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, **joined}
     if packed_attention_kernel(s.device) == "documents" and s.attention == "math":
         up = 4 if s.device == "cpu" else a
         squares = B * ((T // 2) ** 2 + (T - T // 2) ** 2)
@@ -127,12 +134,6 @@ def _packed_attention_saved(s: PlanSetup) -> dict[str, int]:
             "math kernel on document views: one more E x d (measured)": E * d * up,
             **joined,
         }
-    if packed_attention_kernel(s.device) == "documents" and s.device == "cpu" and s.prec.act == 2 and is_gpt2(c):
-        # 16-bit on CPU: the matmul kernel (`model.attention.matmul_attention`) saves q, k, v and
-        # its output, no logsumexp (its backward recomputes the softmax). Not a Llama's: under
-        # autocast its rotated q and k are fp32 (rotation in the residual dtype), so SDPA's flash
-        # kernel runs on per-document bf16 casts, as below (measured against the ledger)
-        return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, **joined}
     # CPU flash per document, or FlexAttention (assumed to save what flash does; no GPU measured it)
     return {"q, k, v": E * (d + 2 * kv) * a, "attention output": E * d * a, "logsumexp": B * h * T * 4, **joined}
 

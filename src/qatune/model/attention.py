@@ -101,6 +101,7 @@ class DocumentAttention:
         return x.new_zeros(B * T, x.shape[-1]).index_copy(0, self.keep, x[0]).view(B, T, -1)
 
     def __call__(self, q, k, v, dropout_p: float, layer: int = 0, kv_cache: KVCache | None = None):
+        q, k, v = autocast_inputs(q, k, v)
         out = []
         for qd, kd, vd in zip(*(t[0].split(self.lengths) for t in (q, k, v))):
             # (n, H, D) -> (1, H, n, D): SDPA's CPU flash kernel wants 4-d inputs (3-d runs the
@@ -108,6 +109,20 @@ class DocumentAttention:
             qd, kd, vd = (t.transpose(0, 1) for t in (qd, kd, vd))  # (n, H, D) -> (H, n, D)
             out.append(document_causal(qd, kd, vd, dropout_p).transpose(0, 1))
         return torch.cat(out)[None]
+
+
+def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in autocast's dtype when autocast is on for their device (fp64 stays: autocast leaves it), else as given.
+
+    SDPA is a lower-precision autocast op: under autocast it runs on exactly these casts. Done
+    here, once for all documents, so that the kernel choice (`matmul_attention`) sees the dtype
+    the attention really runs in: a rotary family's q and k leave the rotation in the residual
+    dtype (fp32 cos/sin) while v, a linear's output, is already bf16."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    low = torch.get_autocast_dtype(device)
+    return tuple(t.to(low) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v))
 
 
 def document_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
