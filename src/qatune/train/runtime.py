@@ -30,8 +30,8 @@ import torch
 from qatune.config import dump_yaml, from_dict, to_dict
 from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
 from qatune.model.dropout import disable_dropout
-from qatune.model.gpt2 import GPT2, SIZES
-from qatune.model.hf_io import build_model
+from qatune.model.families import SIZE_NAMES, build_model
+from qatune.model.gpt2 import GPT2
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
 from qatune.model.unwrap import backbone
 from qatune.runs import CHECKPOINTS_DIR
@@ -80,12 +80,12 @@ def resolved_config(cfg, method: type[Method], device: torch.device):
     return replace(cfg, model=model, precision=pick_precision(cfg.precision, device))
 
 
-def make_model(cfg: ModelConfig, vocab_size: int) -> GPT2:
-    """Random init of a named size (shape overrides allowed, vocab sized to the tokenizer), or
-    pretrained weights from a hub name / local folder."""
+def make_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    """Random init of a named size of either family (shape overrides allowed, vocab sized to the
+    tokenizer), or pretrained weights of whichever family a hub name / local folder holds."""
     if cfg.init == "random":
-        if cfg.name not in SIZES:
-            raise UserError(f"model.init=random needs a size name ({', '.join(SIZES)}), got {cfg.name!r}")
+        if cfg.name not in SIZE_NAMES:
+            raise UserError(f"model.init=random needs a size name ({', '.join(SIZE_NAMES)}), got {cfg.name!r}")
         shape = cfg.shape_overrides()
         return build_model(cfg.name, random_init=True, vocab_size=vocab_size, dropout=cfg.dropout, **shape)
     if cfg.shape_overrides():

@@ -85,8 +85,8 @@ def phase(name: str):
 
 
 def lm_weight(model) -> torch.Tensor:
-    """The tied LM head / token embedding of the GPT-2 in `model`."""
-    return backbone(model).wte.weight
+    """The output head's (vocab, d) weight of the model in `model` (the token embedding when tied)."""
+    return backbone(model).head_weight
 
 
 def model_device(model) -> torch.device:
