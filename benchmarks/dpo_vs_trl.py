@@ -195,6 +195,7 @@ def qatune_config(args, work: Path, method: str) -> dict:
         "method": method,
         "out_dir": str(work / "runs"),
         "model": {"name": str(work / ("init_rm" if method == "reward" else "init"))},
+        "tokenizer": str(harness.SHARED / "tokenizer" / "gpt2"),  # the one TRL's side uses, not $QATUNE_TOKENIZER
         "data": {"sources": [str(work / "train.jsonl")], "template": "raw", "max_len": args.max_len},
         "batch": {"size": args.batch, "unit": "examples"},
         "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
