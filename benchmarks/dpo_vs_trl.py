@@ -6,12 +6,15 @@ truncates), written once as explicit {prompt, chosen, rejected} JSONL: the promp
 up to and including its last "\\n\\nAssistant:", the responses keep their leading space, so both
 sides tokenize exactly the same ids (qatune with the "raw" template; TRL splits prompt and
 completion where their tokenizations diverge, which is the same place here). EOS after each
-response on both sides. Same initial weights (a random 4-layer d=256 GPT-2, saved once: an LM for
-DPO, the same backbone plus a score head for the reward model), loaded by both; same beta, lr,
-warmup + cosine to lr_min, AdamW (betas 0.9/0.95, no weight decay), clipping 1.0, batch of pairs,
-fp32, one epoch, the same thread count (1). TRL's gradient checkpointing (its default) is off, as
-qatune's: the same work. Each side runs in its own subprocess (`harness.py`), so its peak RSS is its
-own.
+response on both sides. Same initial weights (a random GPT-2: 4 layers and d=256 by default,
+GPT-2 small's or medium's shapes with `--size 124m` / `355m`; saved once: an LM for DPO, the same
+backbone plus a score head for the reward model), loaded by both; same beta, lr, warmup + cosine
+to lr_min, AdamW (betas 0.9/0.95, no weight decay), clipping 1.0, batch of pairs, one epoch, the
+same thread count (1). Precision: `qatune-dpo`/`qatune-reward` in --precision (fp32 by default),
+`qatune-dpo-default` in qatune's own default (`precision` unset: auto); TRL's sides in
+--trl-precision (fp32 by default, the same as qatune's; TRL's own default is bf16). TRL's gradient
+checkpointing (its default) is off, as qatune's: the same work. Each side runs in its own
+subprocess (`harness.py`), so its peak RSS is its own.
 
 Held-out reward accuracy is measured by the same code for every side (qatune's scorer on each
 side's exported weights): DPO, the share of held-out pairs whose implicit reward
@@ -22,6 +25,8 @@ reported on the training pairs (what the models memorised).
     python -m benchmarks.dpo_vs_trl                       # 96 pairs, all four sides (~13 min here)
     python -m benchmarks.dpo_vs_trl --sides qatune-dpo qatune-reward --data-seed 1   # qatune's spread
     python -m benchmarks.dpo_vs_trl --n-train 16 --sides qatune-dpo trl-dpo
+    python -m benchmarks.dpo_vs_trl --size 124m --n-train 48 --precision bf16 --trl-precision bf16 \
+        --sides qatune-dpo-default qatune-dpo trl-dpo
 Needs the `bench` extra: pip install -e '.[bench]'  (trl, psutil).
 """
 
@@ -36,13 +41,20 @@ from pathlib import Path
 
 from benchmarks import harness
 
-SIDES = ("qatune-dpo", "trl-dpo", "qatune-reward", "trl-reward")
-MODEL = {"n_layer": 4, "n_embd": 256, "n_head": 4}
+SIDES = ("qatune-dpo", "qatune-dpo-default", "trl-dpo", "qatune-reward", "trl-reward")
+DEFAULT_SIDES = ("qatune-dpo", "trl-dpo", "qatune-reward", "trl-reward")
+# --size: GPT-2 shapes (the tiny model's context is --max-len, as it always was)
+SIZES = {
+    "tiny": {"n_layer": 4, "n_embd": 256, "n_head": 4},
+    "124m": {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024},
+    "355m": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "n_positions": 1024},
+}
 ASSISTANT = "\n\nAssistant:"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=list(SIZES), default="tiny", help="the model's shape (random init)")
     p.add_argument("--n-train", type=int, default=96)
     p.add_argument("--n-heldout", type=int, default=400)
     p.add_argument("--min-response", type=int, default=32, help="tokens each response has at least")
@@ -57,7 +69,9 @@ def parse_args(argv=None):
         "--data-seed", type=int, default=None, help="qatune's shuffle seed (default --seed): the spread of its accuracy"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same for every side")
-    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="qatune's sides but -default")
+    p.add_argument("--trl-precision", choices=["fp32", "bf16"], default="fp32", help="TRL's sides (its default: bf16)")
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=list(DEFAULT_SIDES))
     p.add_argument("--workdir", default=None, help="keep data/models here (default: a temp folder)")
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # child mode
     return p.parse_args(argv)
@@ -96,7 +110,11 @@ def prepare(args, work: Path) -> dict:
                 f.write(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
     torch.manual_seed(args.seed)
     hf = GPT2Config(
-        vocab_size=len(tok), n_positions=args.max_len, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **MODEL
+        vocab_size=len(tok),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **({"n_positions": args.max_len} | SIZES[args.size]),
     )
     GPT2LMHeadModel(hf).save_pretrained(work / "init")
     # The reward model starts from the same backbone, with one random score head saved for both.
@@ -163,18 +181,27 @@ def reward_accuracy(rm_dir: Path, work: Path, args, name: str) -> float:
 # ---------------------------------------------------------------- the sides (children)
 
 
+def side_precision(args, side: str) -> str | None:
+    """The precision a side is asked for; None: qatune's default."""
+    if side == "qatune-dpo-default":
+        return None
+    return args.trl_precision if side.startswith("trl-") else args.precision
+
+
 def qatune_config(args, work: Path, method: str) -> dict:
+    precision = side_precision(args, args.side)
     return {
         "name": method,
         "method": method,
         "out_dir": str(work / "runs"),
         "model": {"name": str(work / ("init_rm" if method == "reward" else "init"))},
+        "tokenizer": str(harness.SHARED / "tokenizer" / "gpt2"),  # the one TRL's side uses, not $QATUNE_TOKENIZER
         "data": {"sources": [str(work / "train.jsonl")], "template": "raw", "max_len": args.max_len},
         "batch": {"size": args.batch, "unit": "examples"},
         "optim": {"lr": args.lr, "lr_min": args.lr_min, "warmup_steps": args.warmup, "weight_decay": 0.0},
         **harness.run_settings(args.threads),
         "dpo": {"beta": args.beta},
-        "precision": "fp32",
+        **({} if precision is None else {"precision": precision}),
         "seed": args.seed if args.data_seed is None else args.data_seed,  # the init is loaded: only the order
         "monitor": {"every": 0},
     }
@@ -190,7 +217,9 @@ def run_qatune(args, work: Path, method: str) -> dict:
     result = train(cfg, progress=False, overwrite=True)  # a kept --workdir: rerun in place
     train_cpu_s = time.process_time() - c_start  # data loading and export included
     h = result.history
+    saved = (result.run_dir / "config.yaml").read_text().splitlines()  # precision as the run resolved it
     return {
+        "precision": next(x.split(":", 1)[1].strip() for x in saved if x.startswith("precision:")),
         "train_s": h[-1]["elapsed"],  # the runtime's own clock: data loading and export excluded
         "total_s": time.perf_counter() - t_start,
         "train_cpu_s": train_cpu_s,
@@ -218,7 +247,7 @@ def trl_common(args, work: Path, side: str) -> dict:
         "max_grad_norm": 1.0,
         "max_length": args.max_len,
         "gradient_checkpointing": False,
-        "bf16": False,
+        "bf16": args.trl_precision == "bf16",
         **harness.library_settings(args.seed),
         "logging_steps": 1,
     }
@@ -248,6 +277,7 @@ def run_trl(args, work: Path, side: str) -> dict:
     model.save_pretrained(work / side / "final")
     tok.save_pretrained(work / side / "final")
     return {
+        "precision": args.trl_precision,
         "train_s": train_s,
         "total_s": time.perf_counter() - t_start,
         "train_cpu_s": train_cpu_s,
@@ -268,16 +298,28 @@ def child(args) -> None:
         for name in ("heldout", "train"):
             stats[f"{name}_accuracy"] = accuracy(Path(stats["export"]), work, args, name)
 
-    harness.measure_side(side, "fp32", finish=score)
+    harness.measure_side(side, side_precision(args, args.side) or "fp32", finish=score)
 
 
 # ---------------------------------------------------------------- report (parent)
 
 
 def child_argv(args) -> list[str]:
-    keys = ("n_train", "n_heldout", "min_response", "max_len", "batch", "beta", "lr", "lr_min", "warmup", "seed")
-    argv = [x for k in (*keys, "threads") for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    keys = ("size", "n_train", "n_heldout", "min_response", "max_len", "batch", "beta", "lr", "lr_min", "warmup")
+    keys += ("seed", "precision", "trl_precision", "threads")
+    argv = [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     return argv + ([] if args.data_seed is None else ["--data-seed", str(args.data_seed)])
+
+
+def compare(row: dict, r: dict, peer: dict, key: str) -> str:
+    """TRL's side `r` against a qatune side: time, peak RSS, CPU time, held-out accuracy; the table's cells."""
+    row[f"{key}_speedup"] = r["train_s"] / peer["train_s"]
+    row[f"{key}_rss_ratio"] = peer["peak_rss_mb"] / r["peak_rss_mb"]
+    # CPU seconds: robust to other processes on the cores; qatune's include its data loading and export
+    row[f"{key}_cpu_speedup"] = r["train_cpu_s"] / peer["train_cpu_s"]
+    row[f"{key}_accuracy_diff"] = peer["heldout_accuracy"] - r["heldout_accuracy"]
+    diff = 100 * row[f"{key}_accuracy_diff"]
+    return f"{row[f'{key}_speedup']:>8.1f}x{row[f'{key}_rss_ratio']:>7.2f}{diff:>+8.1f}p"
 
 
 def main(argv=None) -> None:
@@ -294,20 +336,22 @@ def main(argv=None) -> None:
     for side in args.sides:
         results[side] = harness.run_side(__file__, side, child_argv(args), work)
         print(f"  {side}: {results[side]['train_s']:.1f} s", file=sys.stderr, flush=True)
-    peak = max([peak] + [r["matmul_peak"] for r in results.values()])
+    peak = max([peak] + [r["matmul_peak"] for side, r in results.items() if side_precision(args, side) == "fp32"])
+    shape = SIZES[args.size]
     print(
         f"\n{args.n_train} HH-RLHF pairs (responses >= {args.min_response} tokens, <= {args.max_len} per sequence; "
         f"{info['tokens']:,} tokens, {info['response_tokens']:,} in responses), batch {args.batch} pairs, 1 epoch, "
-        f"fp32, beta {args.beta}, lr {args.lr}; GPT-2 L={MODEL['n_layer']} d={MODEL['n_embd']} random init; "
-        f"torch {torch.__version__}, {args.threads} thread(s); matmul peak {peak / 1e9:.0f} GFLOP/s; "
+        f"beta {args.beta}, lr {args.lr}; GPT-2 L={shape['n_layer']} d={shape['n_embd']} random init; "
+        f"torch {torch.__version__}, {args.threads} thread(s); fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; "
         f"held-out {args.n_heldout} pairs"
     )
-    header = f"{'side':<15}{'train s':>9}{'CPU s':>8}{'pairs/s':>9}{'peak RSS MB':>12}"
+    header = f"{'side':<19}{'prec':>5}{'train s':>9}{'CPU s':>8}{'pairs/s':>9}{'peak RSS MB':>12}"
     header += f"{'held-out acc':>13}{'train acc':>10}"
-    print(header + f"{'load':>6}{'speed-up':>9}{'RSS x':>7}{'acc diff':>9}")
+    print(header + f"{'load':>6}{'speed-up':>9}{'RSS x':>7}{'acc diff':>9}   ([default]: against qatune-dpo-default)")
     summary = {}
     for side, r in results.items():
         row = {
+            "precision": r["precision"],
             "train_s": r["train_s"],
             "pairs_per_s": r["pairs"] / r["train_s"],
             "steps": r["steps"],
@@ -319,23 +363,22 @@ def main(argv=None) -> None:
             "cpu_s": r["cpu_s"],  # the whole child's CPU seconds before scoring: imports and setup included
             "load_avg": r["load_avg"],
         }
-        peer = results.get(side.replace("trl-", "qatune-")) if side.startswith("trl-") else None
-        ratios = f"{'':>9}{'':>7}{'':>9}"
-        if peer:
-            row["qatune_speedup"] = r["train_s"] / peer["train_s"]
-            row["qatune_rss_ratio"] = peer["peak_rss_mb"] / r["peak_rss_mb"]
-            # CPU seconds: robust to other processes on the cores; qatune's include its data loading and export
-            row["qatune_cpu_speedup"] = r["train_cpu_s"] / peer["train_cpu_s"]
-            row["qatune_accuracy_diff"] = peer["heldout_accuracy"] - r["heldout_accuracy"]
-            diff = 100 * row["qatune_accuracy_diff"]
-            ratios = f"{row['qatune_speedup']:>8.1f}x{row['qatune_rss_ratio']:>7.2f}{diff:>+8.1f}p"
+        ratios = ""
+        if side.startswith("trl-"):
+            mine = side.replace("trl-", "qatune-")
+            for key, peer, tag in (("qatune", mine, ""), ("qatune_default", mine + "-default", " [default]")):
+                if peer in results:
+                    ratios += compare(row, r, results[peer], key) + tag
         summary[side] = row
         print(
-            f"{side:<15}{row['train_s']:>9.1f}{row['train_cpu_s']:>8.1f}{row['pairs_per_s']:>9.2f}{row['peak_rss_mb']:>12.0f}"
-            f"{row['heldout_accuracy']:>13.3f}{row['train_accuracy']:>10.3f}{r['load_avg'][1]:>6.1f}" + ratios
+            f"{side:<19}{row['precision']:>5}{row['train_s']:>9.1f}{row['train_cpu_s']:>8.1f}{row['pairs_per_s']:>9.2f}{row['peak_rss_mb']:>12.0f}"
+            f"{row['heldout_accuracy']:>13.3f}{row['train_accuracy']:>10.3f}{r['load_avg'][1]:>6.1f}{ratios}"
         )
     line = {
         "bench": "dpo_vs_trl",
+        "size": args.size,
+        "precision": args.precision,
+        "trl_precision": args.trl_precision,
         "n_train": args.n_train,
         "n_heldout": args.n_heldout,
         "min_response": args.min_response,

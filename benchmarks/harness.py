@@ -93,15 +93,16 @@ def tokenizer():
     return load_tokenizer(SHARED / "tokenizer" / "gpt2")
 
 
-def library_side(data_file: Path, padding_side: str | None = "right"):
-    """(the tokenizer, padded on `padding_side` unless None, the JSONL dataset) for a library's
-    (TRL's) side, with Python warnings off: its deprecation notes would bury the table."""
+def library_side(data_file: Path, padding_side: str | None = "right", tokenizer=None):
+    """(the tokenizer (GPT-2's unless given), padded on `padding_side` unless None, the JSONL
+    dataset) for a library's (TRL's) side, with Python warnings off: its deprecation notes would
+    bury the table."""
     import warnings
 
     from datasets import load_dataset
 
     warnings.filterwarnings("ignore")
-    tok = tokenizer()
+    tok = tokenizer if tokenizer is not None else globals()["tokenizer"]()
     if padding_side is not None:
         tok.padding_side = padding_side
     return tok, load_dataset("json", data_files=str(data_file), split="train")

@@ -9,6 +9,7 @@ is the default: a config.json without model_type is GPT-2's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -18,11 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qatune.errors import UserError
+from qatune.model import gpt2, llama, llama_hf_io
 from qatune.model import hf_io as gpt2_hf_io
-from qatune.model import llama_hf_io
 from qatune.model.gpt2 import GPT2
 from qatune.model.hf_io import CheckpointError, resolve_checkpoint_dir
 from qatune.model.llama import Llama
+
+# Every named size a random-init run can start from: GPT-2's and the Llama family's.
+SIZE_NAMES: tuple[str, ...] = (*gpt2.SIZES, *llama.SIZES)
 
 
 @dataclass(frozen=True)
@@ -118,3 +123,39 @@ def export_hf(
     """Write `model` as the transformers folder of its own family; with a tokenizer, `template`
     becomes its Jinja chat_template and `max_len` its model_max_length (`qatune.model.hf_io.export_hf`)."""
     return family_of(model).export_hf(model, out_dir, tokenizer, extra_files, template=template, max_len=max_len)
+
+
+def build_model(name_or_path: str, random_init: bool = False, **overrides) -> nn.Module:
+    """A named size with random weights (`random_init`; the family is the one whose SIZES holds
+    the name), or pretrained weights of whichever family the folder's config.json names.
+    `overrides` are shape fields (n_layer, n_embd, n_head, n_kv_head, n_positions, vocab_size;
+    random init only) and dropout."""
+    if random_init:
+        if name_or_path in llama.SIZES:
+            return random_llama(name_or_path, **overrides)
+        if name_or_path not in gpt2.SIZES:
+            raise UserError(f"random init needs a named size ({', '.join(SIZE_NAMES)}), got {name_or_path!r}")
+        if overrides.get("n_kv_head") is not None:
+            raise UserError(f"n_kv_head applies to Llama-family sizes; {name_or_path} has one key/value per head")
+        overrides.pop("n_kv_head", None)
+        return gpt2_hf_io.build_model(name_or_path, random_init=True, **overrides)
+    shape = sorted(set(overrides) - {"dropout"})
+    if shape:
+        raise UserError(f"{shape[0]} only applies to a randomly initialised model")
+    return from_pretrained(name_or_path, dropout=overrides.get("dropout"))
+
+
+def random_llama(name: str, **overrides) -> Llama:
+    """A Llama-family size with fresh weights. A new width or head count keeps head_dim =
+    n_embd / n_head (as these models are built), and a new width keeps the size's MLP ratio
+    (SmolLM2's d_ff is 8/3 d), so a shrunken model is the same architecture, smaller."""
+    config = llama.SIZES[name]
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    n_embd, n_head = fields.get("n_embd", config.n_embd), fields.get("n_head", config.n_head)
+    if "n_embd" in fields or "n_head" in fields:
+        if n_embd % n_head:
+            raise UserError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        fields["head_dim"] = n_embd // n_head
+    if "n_embd" in fields:
+        fields["d_ff"] = round(config.d_ff * n_embd / config.n_embd)
+    return Llama(dataclasses.replace(config, **fields))

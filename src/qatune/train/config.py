@@ -12,13 +12,14 @@ from qatune.model.lora import LoRAConfig
 
 @dataclass
 class ModelConfig:
-    # A size name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a hub name or a local folder.
+    # A size name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, smollm2-135m), a hub name or a local folder.
     name: str = "gpt2"
     init: Literal["pretrained", "random"] = "pretrained"  # random: the named size, fresh weights
     # Shape overrides for random init (e.g. a tiny model); None keeps the size's value.
     n_layer: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
+    n_kv_head: int | None = None  # Llama-family sizes: key/value heads (grouped-query attention)
     n_positions: int | None = None
     dropout: float = 0.0
     # Dropout off in the training forward (every rate set to 0, the critic's too); None = the
@@ -30,7 +31,7 @@ class ModelConfig:
     lora: LoRAConfig | None = None
 
     def shape_overrides(self) -> dict:
-        keys = ("n_layer", "n_embd", "n_head", "n_positions")
+        keys = ("n_layer", "n_embd", "n_head", "n_kv_head", "n_positions")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 

@@ -34,8 +34,7 @@ from qatune.errors import MethodStop, RunError, TrainingStopped, UserError
 from qatune.model import families
 from qatune.model.attention import DecoderLM
 from qatune.model.dropout import disable_dropout
-from qatune.model.gpt2 import SIZES
-from qatune.model.hf_io import build_model
+from qatune.model.families import SIZE_NAMES, build_model
 from qatune.model.lora import BaseModelView, apply_lora, has_lora
 from qatune.model.unwrap import backbone
 from qatune.runs import CHECKPOINTS_DIR
@@ -105,11 +104,11 @@ def record_precision_choice(run_dir: Path, choice: PrecisionChoice) -> None:
 
 
 def make_model(cfg: ModelConfig, vocab_size: int) -> DecoderLM:
-    """Random init of a named size (shape overrides allowed, vocab sized to the tokenizer), or
-    pretrained weights from a hub name / local folder, of the family its config.json names."""
+    """Random init of a named size of either family (shape overrides allowed, vocab sized to the
+    tokenizer), or pretrained weights of whichever family a hub name / local folder holds."""
     if cfg.init == "random":
-        if cfg.name not in SIZES:
-            raise UserError(f"model.init=random needs a size name ({', '.join(SIZES)}), got {cfg.name!r}")
+        if cfg.name not in SIZE_NAMES:
+            raise UserError(f"model.init=random needs a size name ({', '.join(SIZE_NAMES)}), got {cfg.name!r}")
         shape = cfg.shape_overrides()
         return build_model(cfg.name, random_init=True, vocab_size=vocab_size, dropout=cfg.dropout, **shape)
     if cfg.shape_overrides():
