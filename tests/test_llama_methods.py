@@ -240,7 +240,9 @@ def test_reward_export_scores_reproduce_the_runs_own_evaluation(
     from qatune.model.reward import load_reward_model
 
     base = model_dirs("llama")
-    run = train_on_a_terminal(write_config(tmp_path, "reward", base, tokenizer_dir, data_dir), "reward")
+    # fp32: transformers scores the export in fp32, to be compared with the run's own evaluation
+    config = write_config(tmp_path, "reward", base, tokenizer_dir, data_dir, precision="fp32")
+    run = train_on_a_terminal(config, "reward")
     last = read_metrics(run)[-1]
     hf, info = AutoModelForSequenceClassification.from_pretrained(run / "export", output_loading_info=True)
     assert type(hf).__name__ == "LlamaForSequenceClassification"
@@ -291,7 +293,8 @@ def test_ddp_and_fsdp_on_two_ranks_train_what_one_process_does(model_dirs, tmp_p
     from tests.tolerances import assert_weights_match, lrs_of
 
     base = model_dirs("llama")
-    settings = {"max_steps": 3, "optim": {"lr": 3e-3, "warmup_steps": 1}, "batch": {"size": 4}}
+    # fp32: the comparison is of summation orders; bf16 rounding would swamp it
+    settings = {"max_steps": 3, "optim": {"lr": 3e-3, "warmup_steps": 1}, "batch": {"size": 4}, "precision": "fp32"}
     config = write_config(tmp_path, "sft", base, tokenizer_dir, data_dir, **settings)
     single = run_cli("train", str(config), "name=single", "strategy=none", "batch.accumulation=2", "--no-progress")
     assert single.returncode == 0, single.stderr
