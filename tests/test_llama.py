@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tests.test_last_block import DOCS, OUTPUTS, POSITIONS
 from tests.test_train_step import assert_same
+from tests.tiny_models import hf_llama_shape
 
 from qatune.model import families
 from qatune.model.gpt2 import GPT2
@@ -26,16 +27,8 @@ from qatune.model.llama import Llama
 from qatune.model.llama_hf_io import export_hf, from_pretrained
 
 VOCAB = 256
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=128,
-    initializer_range=0.1,  # larger than the 0.02 default, so that attention is far from uniform
-)
+# initializer_range larger than the 0.02 default, so that attention is far from uniform
+SHAPE = hf_llama_shape(VOCAB, initializer_range=0.1)
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file
 from tests.documented import PROGRESS_SHOWN, SMALL_RL, run_tty
 from tests.processes import kill_in_optimizer_step, run_cli
+from tests.tiny_models import hf_llama_shape
 
 from qatune.model import families
 from qatune.train.checkpoints import STATE_FILE, latest_checkpoint
@@ -36,17 +37,7 @@ from qatune.train.metrics import read_metrics
 pytestmark = pytest.mark.slow
 
 VOCAB = 50257  # the GPT-2 tokenizer's
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=128,
-    bos_token_id=VOCAB - 1,
-    eos_token_id=VOCAB - 1,
-)
+SHAPE = hf_llama_shape(VOCAB, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
 # name -> (transformers config class, its extra arguments, the architecture the export must have)
 CASES = {
     "llama": ("LlamaConfig", {}, "LlamaForCausalLM"),  # untied head

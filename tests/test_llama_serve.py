@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tests.serve_helpers import ServerThread, one_thread
 from tests.test_llama import hf_dirs  # noqa: F401  (the fixture: random folders written by transformers)
+from tests.tiny_models import hf_llama_shape
 
 from qatune.cli import main
 from qatune.data.encode import tokenize_with_eos
@@ -42,17 +43,9 @@ def llama_run(gpt2_tokenizer, tmp_path_factory):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50257,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+        **hf_llama_shape(50257, 256, tie_word_embeddings=False, initializer_range=0.1),
         bos_token_id=50256,
         eos_token_id=50256,
-        initializer_range=0.1,
     )
     model = LlamaForCausalLM(config)
     run = tmp_path_factory.mktemp("llama_run")

@@ -16,6 +16,7 @@ from tests.chat_templates import (  # noqa: F401  (fixtures)
     with_template,
 )
 
+from qatune.check import loss_runs
 from qatune.data.encode import encode_records, generation_ids, stop_ids
 from qatune.data.example import IGNORE
 from qatune.data.model_template import ChatTemplateError, ModelTemplate
@@ -61,14 +62,7 @@ def encode(tok, messages, template="model", **kw):
 
 
 def trained_runs(enc) -> list[list[int]]:
-    runs, run = [], []
-    for t in enc.labels + [IGNORE]:
-        if t != IGNORE:
-            run.append(t)
-        elif run:
-            runs.append(run)
-            run = []
-    return runs
+    return loss_runs(enc.labels)
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from tests.test_llama import CASES, hf_dirs  # noqa: F401 (the fixture)
+from tests.tiny_models import hf_llama_shape
 
 from qatune.analysis.activations import LOSS_CHUNKED, plan_activations
 from qatune.analysis.compute import attention_flops_per_token, dense_flops_per_token, plan_compute
@@ -141,16 +142,7 @@ def llama_50k_dir(tmp_path_factory):
     untied head, grouped-query attention; the embeddings dominate its state, as at real sizes."""
     import transformers
 
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50257,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    config = transformers.LlamaConfig(**hf_llama_shape(50257, 256, tie_word_embeddings=False))
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llama50k")
     transformers.LlamaForCausalLM(config).save_pretrained(folder)

@@ -36,3 +36,18 @@ def tiny_lm(family: str, vocab_size: int = 97, n_positions: int = 128, n_embd: i
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
     return model
+
+
+def hf_llama_shape(vocab_size: int, max_positions: int = 128, **extra) -> dict:
+    """The transformers config arguments of the tests' tiny Llama-family folders: 2 layers, d=64,
+    4 query / 2 key-value heads (grouped-query attention), d_ff 96; `extra` adds or overrides."""
+    shape = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+    )
+    return {**shape, **extra}
