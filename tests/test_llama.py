@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tests.test_last_block import DOCS, OUTPUTS, POSITIONS
 from tests.test_train_step import assert_same
-from tests.tiny_models import hf_llama_shape
+from tests.tiny_models import hf_llama_shape, randomize_norms_and_biases
 
 from qatune.model import families
 from qatune.model.gpt2 import GPT2
@@ -64,13 +64,7 @@ def hf_dirs(tmp_path_factory) -> dict:
             config_class, extra, save = CASES[name]
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**SHAPE, **extra))
-            # Norm weights and biases random too, so that a mapping mistake cannot hide behind ones/zeros.
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n.endswith("norm.weight"):
-                        p.normal_(1.0, 0.2)
-                    elif n.endswith("bias"):
-                        p.normal_(0.0, 0.2)
+            randomize_norms_and_biases(model)
             made[name] = tmp_path_factory.mktemp(name)
             model.save_pretrained(made[name], **save)
         return made[name]

@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 from tests.documented import PROGRESS_SHOWN, SMALL_RL, run_tty
 from tests.processes import kill_in_optimizer_step, run_cli
-from tests.tiny_models import hf_llama_shape
+from tests.tiny_models import hf_llama_shape, randomize_norms_and_biases
 
 from qatune.model import families
 from qatune.train.checkpoints import STATE_FILE, latest_checkpoint
@@ -68,12 +68,7 @@ def model_dirs(tmp_path_factory) -> dict:
             torch.manual_seed(0)
             config = getattr(transformers, config_class)(**SHAPE, **extra)
             model = transformers.AutoModelForCausalLM.from_config(config)
-            with torch.no_grad():  # norms and biases random too: a mapping mistake cannot hide
-                for n, p in model.named_parameters():
-                    if n.endswith("norm.weight"):
-                        p.normal_(1.0, 0.2)
-                    elif n.endswith("bias"):
-                        p.normal_(0.0, 0.2)
+            randomize_norms_and_biases(model)
             made[name] = tmp_path_factory.mktemp(name)
             model.save_pretrained(made[name])
         return made[name]

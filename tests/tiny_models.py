@@ -30,11 +30,18 @@ def tiny_lm(family: str, vocab_size: int = 97, n_positions: int = 128, n_embd: i
         vocab_size=vocab_size,
         eos_token_id=vocab_size - 1,  # GPT-2's convention: EOS is the last id
     )
-    model = Llama(config)
+    return randomize_norms_and_biases(Llama(config))
+
+
+def randomize_norms_and_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm gains ~ N(1, 0.2) and biases ~ N(0, 0.2) instead of ones and zeros, so that a norm or
+    bias skipped, misplaced or mapped to the wrong tensor cannot hide behind its initial value."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(1.0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
     return model
 
 
