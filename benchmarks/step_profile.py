@@ -66,9 +66,8 @@ def parse_args(argv=None):
 def build(args, work: Path):
     """(the model of `args.size`, random init, seeded; the packed micro-batches, one per step).
 
-    A Llama-family size keeps its shapes but takes the GPT-2 tokenizer's vocabulary (the data's
-    token ids): SmolLM2-135M's tied 49,152 x 576 embedding becomes 50,257 x 576 (+0.6M parameters)."""
-    from dataclasses import replace
+    A Llama-family size keeps its shapes and vocabulary: its data are tokenized by GPT-2's BPE
+    trimmed to that vocabulary (`sft_vs_trl.trimmed_tokenizer`), as in the SFT benchmark."""
 
     import torch
 
@@ -78,10 +77,7 @@ def build(args, work: Path):
 
     _, batches = sft_vs_trl.micro_batches(args, work)
     torch.manual_seed(args.seed)
-    if args.size in LLAMA_SIZES:
-        model = Llama(replace(LLAMA_SIZES[args.size], vocab_size=SIZES["gpt2"].vocab_size))
-    else:
-        model = GPT2(SIZES[args.size])
+    model = Llama(LLAMA_SIZES[args.size]) if args.size in LLAMA_SIZES else GPT2(SIZES[args.size])
     return model, batches[: args.warmup + args.steps]
 
 
@@ -234,7 +230,9 @@ def main(argv=None) -> None:
     if harness.ran_child(args, child):
         return
     work = harness.workdir(args.workdir, "step_profile")
-    data_args = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--n-heldout", "0"])
+    # a Llama size's data are tokenized by the trimmed vocabulary sft_vs_trl prepares for it
+    size = ["--size", args.size] if sft_vs_trl.SIZES.get(args.size, ("gpt2",))[0] == "llama" else []
+    data_args = sft_vs_trl.parse_args(["--n-train", str(args.n_train), "--n-heldout", "0", *size])
     data_args.max_len = args.max_len
     sft_vs_trl.prepare(data_args, work)
     sides = [(s, None) for s in args.sides]

@@ -248,16 +248,27 @@ def _qk_norms(s: PlanSetup, q_rows: int, kv_rows: int) -> dict[str, int]:
     return {"q/k RMSNorm per head (Qwen3)": both}
 
 
+def stacked_readers(s: PlanSetup, names: tuple[str, ...]) -> int:
+    """How many 16-bit copies of a norm's output the matmuls `names` save under autocast: one
+    when they run as one matmul on stacked weights (`llama.stackable`: plain linears, not
+    adapted; q/k/v not with Qwen3's per-head norms), else one per matmul (autocast casts per op)."""
+    adapted = s.lora_r and any(n in s.lora_targets for n in names)
+    if not s.prec.autocast or adapted or ("q_proj" in names and s.config.qk_norm):
+        return len(names)
+    return 1
+
+
 def llama_block_saved(s: PlanSetup) -> dict[str, int]:
     """One Llama-family block (measured with the saved-tensor ledger, fp32 and bf16 autocast):
     two RMSNorms, q/k norms (Qwen3), the rotated q and k and v (SDPA's saves, `attention_saved`;
     the rotation itself saves only cos and sin, shared by all blocks), the SwiGLU MLP's gate and
-    up outputs, SiLU output and their product (4 x E x d_ff). Under autocast q, k, v each cast the
-    attention norm's fp32 output, gate and up the MLP norm's: 5 copies."""
+    up outputs, SiLU output and their product (4 x E x d_ff). Under autocast the norms' fp32
+    outputs are cast to 16 bits once per matmul that reads them (`stacked_readers`)."""
     E, c, a = s.tokens, s.config, s.prec.act
+    qkv, gate_up = stacked_readers(s, ("q_proj", "k_proj", "v_proj")), stacked_readers(s, ("gate_proj", "up_proj"))
     out = {
-        "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(s, E, c.n_embd, 3),
-        "RMSNorm (MLP): input, normalized, rsqrt, gate/up inputs": rms_norm_saved(s, E, c.n_embd, 2),
+        "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(s, E, c.n_embd, qkv),
+        "RMSNorm (MLP): input, normalized, rsqrt, gate/up inputs": rms_norm_saved(s, E, c.n_embd, gate_up),
         **_qk_norms(s, E, E),
     }
     out.update(attention_saved(s))
@@ -291,7 +302,8 @@ def llama_last_block_saved(s: PlanSetup) -> dict[str, int]:
         out["logsumexp"] = h * R * 4
     out["attention output, joined (o_proj input)"] = R * q * a
     out["masks of spans after their document's start"] = sum(m * n for m, n in spans if 1 < m < n) * a
-    out["RMSNorm (MLP) on the rows, gate/up inputs"] = rms_norm_saved(s, R, c.n_embd, 2)
+    gate_up = stacked_readers(s, ("gate_proj", "up_proj"))
+    out["RMSNorm (MLP) on the rows, gate/up inputs"] = rms_norm_saved(s, R, c.n_embd, gate_up)
     out["SwiGLU on the rows"] = 4 * R * c.d_ff * a
     out["row index (int64)"] = R * INDEX_BYTES
     return out
@@ -344,6 +356,17 @@ def _weight_copies(s: PlanSetup) -> int:
     return copies
 
 
+def _stacked_weight_copies(s: PlanSetup) -> int:
+    """Bytes of the 16-bit copies of the weights that run stacked (q/k/v, gate/up), all layers."""
+    c = s.config
+    if is_gpt2(c) or not s.prec.autocast:
+        return 0
+    qkv = c.n_embd * (c.n_head + 2 * c.n_kv_head) * c.head_dim
+    qkv *= stacked_readers(s, ("q_proj", "k_proj", "v_proj")) == 1
+    gate_up = 2 * c.n_embd * c.d_ff * (stacked_readers(s, ("gate_proj", "up_proj")) == 1)
+    return (qkv + gate_up) * s.prec.act * c.n_layer
+
+
 def _lora_copies(s: PlanSetup) -> int:
     """Autocast's 16-bit copies of the LoRA factors A and B of every adapted matrix: r x (in + out) each."""
     if not s.prec.autocast:
@@ -394,8 +417,8 @@ def plan_activations(s: PlanSetup) -> ActivationPlan:
     # is saved, so what stays alive to the end of forward is that cache: all block weights for
     # full fine-tuning, only the adapters' factors with LoRA (a frozen weight's copy is made and
     # freed per matmul; measured on gpt2: +170 MB at the end of a checkpointed bf16 forward for
-    # full fine-tuning, +0 MB with LoRA).
-    cached = _lora_copies(s) if s.lora_r else weight_copies
+    # full fine-tuning, +0 MB with LoRA). Stacked weights (`stacked_readers`) are not leaves: not cached.
+    cached = _lora_copies(s) if s.lora_r else weight_copies - _stacked_weight_copies(s)
     one_block = sum(per_block.values()) + block_matmul_weights(c) * s.prec.act * s.prec.autocast
     return ActivationPlan(
         per_block=per_block,

@@ -124,10 +124,13 @@ def _as_batch(tensors: dict[str, torch.Tensor], s: PlanSetup) -> Batch:
 
 
 def _is_weight_copy(t: torch.Tensor) -> bool:
-    """A tensor reached from a parameter only through casts/transposes: autocast's weight copy."""
+    """A tensor reached from a parameter only through casts/transposes: autocast's weight copy;
+    or from parameters stacked (`llama.stacked_linear`) and then cast."""
     fn = t.grad_fn
     while fn is not None and type(fn).__name__ in _CAST_OPS:
         nxt = [f for f, _ in fn.next_functions if f is not None]
+        if len(nxt) == 1 and type(nxt[0]).__name__ == "CatBackward0":
+            return all(type(f).__name__ == "AccumulateGrad" for f, _ in nxt[0].next_functions if f is not None)
         if len(nxt) != 1:
             return False
         fn = nxt[0]

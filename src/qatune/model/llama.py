@@ -145,6 +145,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype:
+            # the same products; torch's fused kernel makes fewer passes over x
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -157,6 +160,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def stackable(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether linears reading the same x run as one matmul on their stacked weights: under
+    autocast, where each weight is copied to 16 bits anyway (the stacked copy replaces those
+    copies byte for byte), and only for plain `nn.Linear`s (a LoRA-wrapped one runs its adapter).
+    In fp32 the stacked weight would be an extra copy saved for backward (~280 MB at
+    SmolLM2-135M), for no cast saved."""
+    return torch.is_autocast_enabled(x.device.type) and all(type(m) is nn.Linear for m in modules)
+
+
+def stacked_linear(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+    """The linears' outputs side by side, from one matmul on their stacked weights (and biases).
+
+    Stacking copies the weights once per call (d x outputs, small next to the activations); under
+    autocast the stacked weight is cast to 16 bits once, as each weight would be."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    return F.linear(x, weight, bias)
 
 
 class LlamaAttention(nn.Module):
@@ -181,11 +203,25 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, attention: Attention, layer: int, kv_cache: KVCache | None, rope):
         cos, sin = rope
-        q = rotate(self._heads(x, self.q_proj, self.n_head, "q_norm"), cos, sin)
-        k = rotate(self._heads(x, self.k_proj, self.n_kv_head, "k_norm"), cos, sin)
-        v = self.v_proj(x).unflatten(-1, (self.n_kv_head, self.head_dim))
+        if self.qk_norm or not stackable(x, self.q_proj, self.k_proj, self.v_proj):
+            q = rotate(self._heads(x, self.q_proj, self.n_head, "q_norm"), cos, sin)
+            k = rotate(self._heads(x, self.k_proj, self.n_kv_head, "k_norm"), cos, sin)
+            v = self.v_proj(x).unflatten(-1, (self.n_kv_head, self.head_dim))
+        else:
+            q, k, v = self._fused_qkv(x, cos, sin)
         y = attention(q, k, v, self.dropout if self.training else 0.0, layer, kv_cache)
         return self.o_proj(y.flatten(2))
+
+    def _fused_qkv(self, x, cos, sin):
+        """q, k, v from one matmul over the three weights stacked, q and k rotated in one call.
+        Under autocast the normed input is cast to 16 bits, and saved for backward, once instead
+        of three times, and its gradient is one matmul rounded to 16 bits once instead of three
+        rounded and summed (measured at SmolLM2-135M shapes in docs/performance.md)."""
+        qkv = stacked_linear(x, self.q_proj, self.k_proj, self.v_proj).unflatten(-1, (-1, self.head_dim))
+        qk = rotate(qkv[..., : self.n_head + self.n_kv_head, :], cos, sin)
+        q, k = qk.split((self.n_head, self.n_kv_head), dim=-2)
+        # v copied out, so that what attention saves for backward does not keep all of qkv alive
+        return q, k, qkv[..., self.n_head + self.n_kv_head :, :].contiguous()
 
     def forward_rows(self, x, rows: LastBlockRows, rope):
         """The attention output at `rows` only: keys and values for every token, the query (and
@@ -210,7 +246,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if not stackable(x, self.gate_proj, self.up_proj):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = stacked_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)  # one read of x
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
