@@ -39,11 +39,14 @@ def test_every_shipped_config_passes(config, data_dir, tokenizer_dir, tmp_path, 
     # t0 for the raw-template config, self-instruct (instruction + input + output) for the alpaca ones
     data = data_dir / ("t0_qa_subset" if config.stem == "tiny-cpu" else "self_instruct_seed")
     rc = main(["check", str(config), *quick(data, tokenizer_dir, tmp_path), "--sample", "12"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0, out
     for name in ("mask audit", "packed = unpacked", "accumulation", "save / resume", "export", "chat template"):
         assert f"{name}" in out
     assert "all 8 checks passed" in out and "loss tokens" in out
+    # the round trip's three inner runs do not repeat their data report (it printed three times)
+    assert captured.err.count("data: ") == 0
 
 
 def test_a_method_it_does_not_check_is_one_line_exit_2(tokenizer_dir, tmp_path, capsys):

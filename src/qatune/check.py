@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -327,7 +328,9 @@ def _train(cfg, tokenizer, resume: bool = False, on_step=None):
     from qatune.methods import build_method
     from qatune.train.runtime import make_model, run
 
-    method = build_method(cfg, tokenizer)
+    # its data report is the sample's, which the truncation check gives: not printed once per run
+    with contextlib.redirect_stderr(io.StringIO()):
+        method = build_method(cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     model = make_model(cfg.model, len(tokenizer))
     return run(method, model, tokenizer, cfg, resume, progress=False, on_step=on_step, overwrite=not resume)

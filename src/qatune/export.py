@@ -36,6 +36,14 @@ from qatune.model.families import context_length, export_hf, from_pretrained, mo
 from qatune.model.gpt2 import GPT2, SIZES, GPT2Config
 from qatune.model.llama import Llama
 from qatune.model.lora import apply_lora, load_adapter, merge_lora
+from qatune.model.reward import (
+    SCORE_KEY,
+    RewardModel,
+    export_reward_hf,
+    is_reward_model,
+    load_reward_model,
+    merge_reward_lora,
+)
 from qatune.model.tokenizer import load_tokenizer
 from qatune.runs import EXPORT_DIR, META_FILE, load_tokenizer_for, read_meta, resolve_model_path
 from qatune.train.checkpoints import STATE_FILE, load_trainable_state_dict
@@ -44,6 +52,7 @@ from qatune.train.model_card import CARD_FILE, final_metrics, model_card
 from qatune.train.runtime import make_model
 
 STEP_NAME = re.compile(r"^step_(\d{8})$")
+BACKBONE = "backbone."  # RewardModel's language model, by its attribute name
 DCP_DIR = "dcp"  # as in sharded_checkpoints (imported lazily here: it pulls torch.distributed.checkpoint)
 
 
@@ -56,8 +65,9 @@ def is_checkpoint_folder(path: Path) -> bool:
     return path.is_dir() and (bool(STEP_NAME.match(path.name)) or (path / STATE_FILE).is_file())
 
 
-def load_checkpoint_model(path: Path) -> tuple[DecoderLM, dict]:
-    """The model weights of checkpoint `path`, and {template, max_len, steps, truncation, tokenizer}."""
+def load_checkpoint_model(path: Path) -> tuple[DecoderLM | RewardModel, dict]:
+    """The model weights of checkpoint `path` (a reward run's: the language model with its score
+    head, a `RewardModel`), and {template, max_len, steps, truncation, tokenizer}."""
     path = Path(path)
     if not (path / STATE_FILE).is_file() or not (path / "config.yaml").is_file():
         raise CheckpointFolderError(f"{path}: not a complete checkpoint (no {STATE_FILE} and config.yaml)")
@@ -71,7 +81,14 @@ def load_checkpoint_model(path: Path) -> tuple[DecoderLM, dict]:
     if not sharded:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
-    model = _model_from_shapes(shapes, cfg, path).to_empty(device="cpu")
+    reward = SCORE_KEY in shapes  # a reward run saves RewardModel's keys: backbone.* and the head
+    if reward:
+        shapes = {k.removeprefix(BACKBONE): v for k, v in shapes.items() if k.startswith(BACKBONE)}
+    model = _model_from_shapes(shapes, cfg, path)
+    if reward:
+        with torch.device("meta"):
+            model = RewardModel(model)
+    model = model.to_empty(device="cpu")
     if sharded:
         from qatune.train.sharded_checkpoints import load_sharded
 
@@ -82,7 +99,8 @@ def load_checkpoint_model(path: Path) -> tuple[DecoderLM, dict]:
     return model, _meta(cfg, model, step)
 
 
-def _meta(cfg, model: DecoderLM, step: int) -> dict:
+def _meta(cfg, model: DecoderLM | RewardModel, step: int) -> dict:
+    model = model.backbone if isinstance(model, RewardModel) else model
     return {
         "model_type": model_type(model),
         "template": cfg.data.get_template().to_dict(),
@@ -98,8 +116,10 @@ def _lora_checkpoint_model(path: Path, cfg) -> tuple[DecoderLM, int]:
     adapters loaded onto it, merged."""
     vocab = len(load_tokenizer(cfg.tokenizer)) if cfg.model.init == "random" else 0
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg.model, vocab)
-    apply_lora(model, cfg.model.lora)
+    lm = make_model(cfg.model, vocab)
+    apply_lora(lm, cfg.model.lora)
+    # a reward run trains its score head beside the adapters (saved with them, under RewardModel's names)
+    model = RewardModel(lm) if cfg.method == "reward" else lm
     if (path / DCP_DIR).is_dir():
         from qatune.train.sharded_checkpoints import load_sharded
 
@@ -108,7 +128,7 @@ def _lora_checkpoint_model(path: Path, cfg) -> tuple[DecoderLM, int]:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         load_trainable_state_dict(model, state["model"], path)
         step = state["step"]
-    return merge_lora(model), step
+    return (merge_reward_lora(model) if isinstance(model, RewardModel) else merge_lora(model)), step
 
 
 def _dcp_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -198,6 +218,8 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
     source = Path(model)
     if adapter is not None and is_checkpoint_folder(source):
         raise UserError(f"{source}: --adapter merges into a model folder or hub name, not a training checkpoint")
+    if adapter is not None and is_reward_model(resolve_model_path(model)):
+        raise UserError(f"{model}: --adapter merges into a language model; this is a reward model")
     if is_checkpoint_folder(source):
         lm, meta = load_checkpoint_model(source)
         tok = checkpoint_tokenizer(source, tokenizer, meta.pop("tokenizer"))
@@ -206,7 +228,7 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
         card = exported_card(source, meta)
     else:
         path = resolve_model_path(model)
-        lm = from_pretrained(path)
+        lm = load_reward_model(path) if is_reward_model(path) else from_pretrained(path)
         meta = read_meta(path)
         tok = load_tokenizer_for(model, tokenizer)
         card = exported_card(Path(path), meta or {}) if Path(path).is_dir() and adapter is None else None
@@ -217,6 +239,8 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
     if card is not None:  # the model card: what the weights are, as the hub shows it
         extra[CARD_FILE] = card
     meta = meta or {}
+    if isinstance(lm, RewardModel):  # a *ForSequenceClassification, as the reward run exports it
+        return export_reward_hf(lm, out, tok, extra), sum(p.numel() for p in lm.parameters())
     written = export_hf(lm, out, tok, extra, template=meta.get("template"), max_len=meta.get("max_len"))
     return written, lm.num_parameters()
 

@@ -24,6 +24,7 @@ from qatune.model import families
 from qatune.model.attention import DecoderLM
 from qatune.model.hf_io import CheckpointError, _tokenizer_settings, read_hf_state_dict, resolve_checkpoint_dir
 from qatune.model.llama_hf_io import ARCHITECTURES
+from qatune.model.lora import has_lora, merge_lora
 from qatune.utils.files import atomic_dir
 
 SCORE_KEY = "score.weight"
@@ -69,6 +70,16 @@ class RewardModel(nn.Module):
             # Right padding needs no mask: causal attention never lets a real token see a pad.
             out.append(self.forward(ids.to(device), last_token=last.to(device)).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
+
+
+def merge_reward_lora(model: RewardModel) -> RewardModel:
+    """The reward model with its backbone's LoRA adapters merged (`lora.merge_lora`), the score
+    head shared: what its export holds. Unchanged without adapters."""
+    if not has_lora(model.backbone):
+        return model
+    merged = RewardModel(merge_lora(model.backbone))
+    merged.score = model.score
+    return merged
 
 
 def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:

@@ -76,6 +76,8 @@ class Reward(PairMethod):
         return {"pairs": count, **reward_summary(totals, count)} if count else {}
 
     def export(self, model, run: RunContext, info: dict, files: dict[str, str]) -> Path:
-        from qatune.model.reward import export_reward_hf
+        """Under LoRA the export is the merged model (a *ForSequenceClassification has no place
+        for adapters: unmerged, transformers would load the base weights and drop them)."""
+        from qatune.model.reward import export_reward_hf, merge_reward_lora
 
-        return export_reward_hf(model, run.run_dir / EXPORT_DIR, run.tokenizer, files)
+        return export_reward_hf(merge_reward_lora(model), run.run_dir / EXPORT_DIR, run.tokenizer, files)
