@@ -30,6 +30,7 @@ from tests.documented import PROGRESS_SHOWN, SMALL_RL, run_tty
 from tests.processes import kill_in_optimizer_step, run_cli
 from tests.tiny_models import hf_llama_shape, randomize_norms_and_biases
 
+from qatune.cli import main
 from qatune.model import families
 from qatune.train.checkpoints import STATE_FILE, latest_checkpoint
 from qatune.train.metrics import read_metrics
@@ -249,6 +250,12 @@ def test_reward_export_scores_reproduce_the_runs_own_evaluation(
     # and qatune reads its own export back: the same scores
     ours = load_reward_model(run / "export").eval()
     torch.testing.assert_close(ours.score_ids(seqs, gpt2_tokenizer.eos_token_id), scores, rtol=0, atol=1e-5)
+    # `qatune export` of the last checkpoint writes the same reward model (it was refused before)
+    out = tmp_path / "from_checkpoint"
+    assert main(["export", str(run / "checkpoints" / "step_00000002"), str(out)]) == 0
+    got, want = load_file(str(out / "model.safetensors")), load_file(str(run / "export" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
 
 
 @pytest.mark.parametrize(("method", "name"), [("grpo", "llama"), ("grpo", "qwen2"), ("ppo", "llama")])

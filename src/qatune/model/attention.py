@@ -191,8 +191,9 @@ class CausalAttention(torch.autograd.Function):
             p = _causal_probs(qb, k[:, :end], start)  # (kv heads, group x rows, end)
             dv[:, :end] += torch.bmm(p.to(v.dtype).transpose(1, 2), gb)
             # softmax backward: dS = P * (dP - rowsum(P * dP)); the scores' 1/sqrt(D) goes onto dq and dk
-            ds = p.mul_(torch.bmm(gb, v[:, :end].transpose(1, 2)).sub_(r4[:, :, start:end].reshape(kv_heads, -1, 1)))
-            ds = ds.to(q.dtype)
+            # dP - rowsum in fp32 (torch.sub promotes the 16-bit dP; an in-place sub_ would round it)
+            dp = torch.bmm(gb, v[:, :end].transpose(1, 2))
+            ds = p.mul_(torch.sub(dp, r4[:, :, start:end].reshape(kv_heads, -1, 1))).to(q.dtype)
             dq4[:, :, start:end] = torch.bmm(ds, k[:, :end]).mul_(d**-0.5).view(kv_heads, -1, end - start, d)
             dk[:, :end] += torch.bmm(ds.transpose(1, 2), qb).mul_(d**-0.5)
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
