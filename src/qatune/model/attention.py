@@ -160,7 +160,8 @@ class CausalAttention(torch.autograd.Function):
 
     The query rows go in blocks of `CAUSAL_BLOCK` positions, each against the keys up to its own
     last position: the scores above the diagonal of the other blocks are never computed. A row's
-    softmax sees all of its keys within its block, so blocking changes no result.
+    softmax sees all of its keys within its block, so blocking changes no result in exact
+    arithmetic; in 16 bits, dk and dv are sums of per-block products each rounded once.
 
     Grouped-query attention without copies of k and v: the query heads sharing a key/value head
     are one batch entry of (group x rows) rows. q (H, n, D), k and v (kv heads, n, D)."""
