@@ -12,6 +12,7 @@ import pytest
 import torch
 from tests.test_llama import CASES, hf_dirs  # noqa: F401 (the fixture)
 from tests.tiny_models import hf_llama_shape
+from tests.tolerances import assert_plan_measure_holds
 
 from qatune.analysis.activations import LOSS_CHUNKED, plan_activations
 from qatune.analysis.compute import attention_flops_per_token, dense_flops_per_token, plan_compute
@@ -154,16 +155,11 @@ def llama_50k_dir(tmp_path_factory):
 def test_measure_a_llama_folder_holds_the_gpt2_tolerance(capsys, llama_50k_dir, precision):
     """`plan --measure` as docs/plan.md prints it, on a Llama folder: exact state and
     activations, FLOPs within 2%, and the fresh process's peak within 10% + 6 MiB (the GPT-2
-    path's tolerance, tests/test_plan_cli.py)."""
+    path's tolerance, `tests.tolerances.assert_plan_measure_holds`)."""
     args = ["plan", "--model", str(llama_50k_dir), "--seq-len", "64", "--micro-batch", "2", "--precision", precision]
     assert main([*args, "--measure", "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    rows = {r["name"].split(" (")[0]: r for r in out["comparison"]}
-    for name in ("parameters", "gradients", "optimizer state", "activations saved"):
-        assert rows[name]["ratio"] == 1.0, name
-    assert rows["FLOPs fwd+bwd"]["ratio"] == pytest.approx(1.0, abs=0.02)
-    peak = rows["peak, first step"]
-    assert abs(peak["measured"] - peak["predicted"]) <= 0.1 * peak["predicted"] + 6 * 2**20
+    assert_plan_measure_holds(out)
     block = 64 * (4 + 2 + 2 + 4) * 16 + 3 * 64 * 96 + 2 * 64  # q, k, v, o; gate, up, down; two norms
     assert out["measurement"]["params"] == 4 * (2 * 50257 * 64 + 2 * block + 64)  # untied: embedding + head
 
