@@ -218,8 +218,6 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
     source = Path(model)
     if adapter is not None and is_checkpoint_folder(source):
         raise UserError(f"{source}: --adapter merges into a model folder or hub name, not a training checkpoint")
-    if adapter is not None and is_reward_model(resolve_model_path(model)):
-        raise UserError(f"{model}: --adapter merges into a language model; this is a reward model")
     if is_checkpoint_folder(source):
         lm, meta = load_checkpoint_model(source)
         tok = checkpoint_tokenizer(source, tokenizer, meta.pop("tokenizer"))
@@ -228,7 +226,10 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
         card = exported_card(source, meta)
     else:
         path = resolve_model_path(model)
-        lm = load_reward_model(path) if is_reward_model(path) else from_pretrained(path)
+        reward = is_reward_model(path)
+        if adapter is not None and reward:
+            raise UserError(f"{model}: --adapter merges into a language model; this is a reward model")
+        lm = load_reward_model(path) if reward else from_pretrained(path)
         meta = read_meta(path)
         tok = load_tokenizer_for(model, tokenizer)
         card = exported_card(Path(path), meta or {}) if Path(path).is_dir() and adapter is None else None
