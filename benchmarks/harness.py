@@ -22,10 +22,12 @@ process and the JSON line.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -81,9 +83,15 @@ def ran_child(args, child: Callable) -> bool:
 
 
 def workdir(given: str | None, name: str) -> Path:
-    """The folder a benchmark keeps its data and models in: `given` (--workdir), or a new one."""
-    work = Path(given or tempfile.mkdtemp(prefix=f"{name}."))
-    work.mkdir(parents=True, exist_ok=True)
+    """The folder a benchmark keeps its data and models in: `given` (--workdir, kept), or a new
+    temporary one that is removed when the benchmark exits (a 355M run leaves ~7 GB of models and
+    checkpoints behind; a few such runs filled this machine's disk)."""
+    if given:
+        work = Path(given)
+        work.mkdir(parents=True, exist_ok=True)
+        return work
+    work = Path(tempfile.mkdtemp(prefix=f"{name}."))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     return work
 
 
