@@ -262,9 +262,10 @@ def llama_block_saved(s: PlanSetup) -> dict[str, int]:
     """One Llama-family block (measured with the saved-tensor ledger, fp32 and bf16 autocast):
     two RMSNorms, q/k norms (Qwen3), the rotated q and k and v (SDPA's saves, `attention_saved`;
     the rotation itself saves only cos and sin, shared by all blocks), the SwiGLU MLP's gate and
-    up outputs, SiLU output and their product (4 x E x d_ff). Under autocast the norms' fp32
-    outputs are cast to 16 bits once per matmul that reads them (`stacked_readers`)."""
-    E, c, a = s.tokens, s.config, s.prec.act
+    up outputs and their product, and SiLU's output unless gate and up are stacked
+    (`llama.SwiGLUStacked` recomputes it). Under autocast the norms' fp32 outputs are cast to 16
+    bits once per matmul that reads them (`stacked_readers`)."""
+    E, c = s.tokens, s.config
     qkv, gate_up = stacked_readers(s, ("q_proj", "k_proj", "v_proj")), stacked_readers(s, ("gate_proj", "up_proj"))
     out = {
         "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(s, E, c.n_embd, qkv),
@@ -272,8 +273,16 @@ def llama_block_saved(s: PlanSetup) -> dict[str, int]:
         **_qk_norms(s, E, E),
     }
     out.update(attention_saved(s))
-    out["SwiGLU: gate, up, SiLU output, product (down_proj input)"] = 4 * E * c.d_ff * a
+    out.update(swiglu_saved(s, E, gate_up))
     return out
+
+
+def swiglu_saved(s: PlanSetup, rows: int, gate_up_readers: int) -> dict[str, int]:
+    """The SwiGLU MLP on `rows`: gate, up, the product (down_proj's input), and SiLU's output
+    unless gate and up run stacked (one reader: `llama.SwiGLUStacked` saves only gate | up)."""
+    if gate_up_readers == 1:
+        return {"SwiGLU: gate | up, product (down_proj input)": 3 * rows * s.config.d_ff * s.prec.act}
+    return {"SwiGLU: gate, up, SiLU output, product (down_proj input)": 4 * rows * s.config.d_ff * s.prec.act}
 
 
 def llama_last_block_saved(s: PlanSetup) -> dict[str, int]:
@@ -304,7 +313,7 @@ def llama_last_block_saved(s: PlanSetup) -> dict[str, int]:
     out["masks of spans after their document's start"] = sum(m * n for m, n in spans if 1 < m < n) * a
     gate_up = stacked_readers(s, ("gate_proj", "up_proj"))
     out["RMSNorm (MLP) on the rows, gate/up inputs"] = rms_norm_saved(s, R, c.n_embd, gate_up)
-    out["SwiGLU on the rows"] = 4 * R * c.d_ff * a
+    out.update({f"{k} on the rows": v for k, v in swiglu_saved(s, R, gate_up).items()})
     out["row index (int64)"] = R * INDEX_BYTES
     return out
 

@@ -162,6 +162,52 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class RotateStacked(torch.autograd.Function):
+    """q and k rotated (as `rotate`), v copied out, from the stacked projection qkv (..., q heads
+    + 2 kv heads, head_dim) of 16-bit values: q, k and v in qkv's dtype, each contiguous.
+
+    The same numbers as `rotate` in fp32 followed by the cast to 16 bits that attention makes,
+    in fewer passes: `rotate` on a 16-bit slice with fp32 cos/sin promotes, broadcasts and
+    concatenates (5.3x slower forward at 4,096 tokens of SmolLM2-135M's heads, measured in
+    docs/performance.md). Backward writes the three gradients into one buffer for qkv in place
+    of autograd's zero-filled slices summed, and rounds the rotated-back gradient to 16 bits once
+    (autograd's rounds each of the two products, then their sum). Saves only cos and sin.
+    Needs cos and sin whose two halves are equal (the angles are concatenated twice, `Llama.rotary`)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
+        half = qkv.shape[-1] // 2
+        c, s = cos[..., None, :half], sin[..., None, :half]
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = (n_q, n_kv)
+        q = _rotate_halves(qkv[..., :n_q, :], c, s, sign=1.0)
+        k = _rotate_halves(qkv[..., n_q : n_q + n_kv, :], c, s, sign=1.0)
+        return q, k, qkv[..., n_q + n_kv :, :].contiguous()
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        n_q, n_kv = ctx.heads
+        half = dq.shape[-1] // 2
+        c, s = cos[..., None, :half], sin[..., None, :half]
+        dqkv = torch.empty((*dq.shape[:-2], n_q + 2 * n_kv, dq.shape[-1]), dtype=dq.dtype, device=dq.device)
+        dqkv[..., :n_q, :] = _rotate_halves(dq, c, s, sign=-1.0)  # the rotation's transpose: angle -θ
+        dqkv[..., n_q : n_q + n_kv, :] = _rotate_halves(dk, c, s, sign=-1.0)
+        dqkv[..., n_q + n_kv :, :] = dv
+        return dqkv, None, None, None, None
+
+
+def _rotate_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: float) -> torch.Tensor:
+    """x rotated by +θ (sign 1) or -θ (sign -1) in fp32, returned in x's dtype, contiguous:
+    (x1, x2) -> (x1 c - sign x2 s, x2 c + sign x1 s), c and s the half-width cos and sin."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, c.dtype), device=x.device)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s, value=sign)
+    return out.to(x.dtype)
+
+
 def stackable(x: torch.Tensor, *modules: nn.Module) -> bool:
     """Whether linears reading the same x run as one matmul on their stacked weights: under
     autocast, where each weight is copied to 16 bits anyway (the stacked copy replaces those
@@ -213,15 +259,14 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.flatten(2))
 
     def _fused_qkv(self, x, cos, sin):
-        """q, k, v from one matmul over the three weights stacked, q and k rotated in one call.
-        Under autocast the normed input is cast to 16 bits, and saved for backward, once instead
-        of three times, and its gradient is one matmul rounded to 16 bits once instead of three
-        rounded and summed (measured at SmolLM2-135M shapes in docs/performance.md)."""
+        """q, k, v from one matmul over the three weights stacked, q and k rotated by one
+        function (`RotateStacked`). Under autocast the normed input is cast to 16 bits, and saved
+        for backward, once instead of three times, and its gradient is one matmul rounded to 16
+        bits once instead of three rounded and summed (measured at SmolLM2-135M shapes in
+        docs/performance.md). v is copied out, so that what attention saves for backward does not
+        keep all of qkv alive."""
         qkv = stacked_linear(x, self.q_proj, self.k_proj, self.v_proj).unflatten(-1, (-1, self.head_dim))
-        qk = rotate(qkv[..., : self.n_head + self.n_kv_head, :], cos, sin)
-        q, k = qk.split((self.n_head, self.n_kv_head), dim=-2)
-        # v copied out, so that what attention saves for backward does not keep all of qkv alive
-        return q, k, qkv[..., self.n_head + self.n_kv_head :, :].contiguous()
+        return RotateStacked.apply(qkv, cos, sin, self.n_head, self.n_kv_head)
 
     def forward_rows(self, x, rows: LastBlockRows, rope):
         """The attention output at `rows` only: keys and values for every token, the query (and
@@ -236,6 +281,31 @@ class LlamaAttention(nn.Module):
         return self.o_proj(y.flatten(1))
 
 
+class SwiGLUStacked(torch.autograd.Function):
+    """silu(gate) * up from the stacked projection h = (gate | up) (..., 2 d_ff), saving only h.
+
+    Autograd's version also keeps SiLU's output (one more tokens x d_ff per block: 377 MB in bf16
+    at SmolLM2-135M's 30 blocks and 4,096 tokens) and joins the two gradients with a copy;
+    here backward recomputes SiLU and writes both gradients into one buffer. The same bits:
+    d_up = g * silu(gate), d_gate = silu'(gate) * (g * up), each product in h's dtype."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, g):
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(g, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
+        return dh
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) (Shazeer 2020, "GLU Variants Improve Transformer")."""
 
@@ -248,8 +318,7 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         if not stackable(x, self.gate_proj, self.up_proj):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = stacked_linear(x, self.gate_proj, self.up_proj).chunk(2, dim=-1)  # one read of x
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(SwiGLUStacked.apply(stacked_linear(x, self.gate_proj, self.up_proj)))  # one read of x
 
 
 class LlamaBlock(nn.Module):
