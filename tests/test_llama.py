@@ -190,8 +190,8 @@ def _relative_error(x: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def test_packed_rows_under_bf16_autocast_take_the_matmul_kernel(case, monkeypatch):
-    """Under CPU autocast the rotated q and k (fp32: cos/sin in the residual dtype) are cast to
-    bf16, the casts SDPA would make, so packed rows attend by `CausalAttention` as GPT-2's do. Its
+    """Under CPU autocast q and k are rotated in fp32 (cos/sin in the residual dtype) and reach
+    attention in bf16, the casts SDPA would make, so packed rows attend by `CausalAttention` as GPT-2's do. Its
     bits differ from SDPA's flash kernel's (another order of sums), so it is held to accuracy, as
     in tests/test_attention.py: against the fp32 forward, the error of the hidden states and of
     the whole gradient stays within 1.5x of the flash kernel's on the same casts (what ran before;

@@ -116,8 +116,9 @@ def autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
 
     SDPA is a lower-precision autocast op: under autocast it runs on exactly these casts. Done
     here, once for all documents, so that the kernel choice (`matmul_attention`) sees the dtype
-    the attention really runs in: a rotary family's q and k leave the rotation in the residual
-    dtype (fp32 cos/sin) while v, a linear's output, is already bf16."""
+    the attention really runs in: a rotary family's q and k can leave the rotation in the
+    residual dtype (fp32 cos/sin: Qwen3's q/k norms, LoRA-adapted projections) while v, a
+    linear's output, is already bf16."""
     device = q.device.type
     if not torch.is_autocast_enabled(device):
         return q, k, v

@@ -166,13 +166,13 @@ class RotateStacked(torch.autograd.Function):
     """q and k rotated (as `rotate`), v copied out, from the stacked projection qkv (..., q heads
     + 2 kv heads, head_dim) of 16-bit values: q, k and v in qkv's dtype, each contiguous.
 
-    The same numbers as `rotate` in fp32 followed by the cast to 16 bits that attention makes,
-    in fewer passes: `rotate` on a 16-bit slice with fp32 cos/sin promotes, broadcasts and
-    concatenates (5.3x slower forward at 4,096 tokens of SmolLM2-135M's heads, measured in
-    docs/performance.md). Backward writes the three gradients into one buffer for qkv in place
-    of autograd's zero-filled slices summed, and rounds the rotated-back gradient to 16 bits once
-    (autograd's rounds each of the two products, then their sum). Saves only cos and sin.
-    Needs cos and sin whose two halves are equal (the angles are concatenated twice, `Llama.rotary`)."""
+    The same numbers as `rotate` in fp32 followed by the cast to 16 bits that attention makes
+    (an fp32 fused multiply-add may change a last bit), in fewer passes: no negated half, no
+    concatenation, no fp32 q and k kept until attention casts them. Backward writes the three
+    gradients into one buffer for qkv in place of autograd's zero-filled slices summed, and
+    rounds the rotated-back gradient to 16 bits once (autograd rounds each of the two products,
+    then their sum). Saves only cos and sin. Needs cos and sin whose two halves are equal (the
+    angles are concatenated twice, `Llama.rotary`)."""
 
     @staticmethod
     def forward(ctx, qkv, cos, sin, n_q: int, n_kv: int):
