@@ -107,3 +107,24 @@ def test_an_adapter_is_not_merged_into_a_reward_model(reward_runs, tmp_path, cap
     assert main(["export", str(reward_runs["full"]), str(tmp_path / "x"), "--adapter", str(adapter)]) != 0
     assert "is a reward model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("source", ["run", "checkpoint"])
+def test_the_reward_export_prompts_as_the_run_did(reward_runs, tmp_path, source, gpt2_tokenizer):
+    """The exported tokenizer carries the run's template as its chat template and max_len as its
+    context, as a language model's export does: a user scoring through transformers formats the
+    prompt the way the reward model was trained on. Before, a reward export wrote neither."""
+    from transformers import AutoTokenizer
+
+    from qatune.data.templates import get_template
+
+    if source == "run":
+        folder = reward_runs["full"] / "export"
+    else:
+        folder = tmp_path / "step4"
+        assert main(["export", str(reward_runs["full"] / "checkpoints" / "step_00000004"), str(folder)]) == 0
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.model_max_length == 64
+    messages = [{"role": "user", "content": "3 plus 11?"}]
+    want = get_template("plain").render_prompt("3 plus 11?")
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want

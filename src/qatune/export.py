@@ -241,7 +241,8 @@ def export_saved(model: str, out: str, tokenizer: str | None = None, adapter: st
         extra[CARD_FILE] = card
     meta = meta or {}
     if isinstance(lm, RewardModel):  # a *ForSequenceClassification, as the reward run exports it
-        return export_reward_hf(lm, out, tok, extra), sum(p.numel() for p in lm.parameters())
+        written = export_reward_hf(lm, out, tok, extra, template=meta.get("template"), max_len=meta.get("max_len"))
+        return written, sum(p.numel() for p in lm.parameters())
     written = export_hf(lm, out, tok, extra, template=meta.get("template"), max_len=meta.get("max_len"))
     return written, lm.num_parameters()
 

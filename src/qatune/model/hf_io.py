@@ -273,15 +273,49 @@ def build_model(name_or_path: str, random_init: bool = False, **overrides) -> GP
     return from_pretrained(name_or_path, dropout=overrides.get("dropout"))
 
 
-def _tokenizer_settings(folder: Path, template: dict | None, max_len: int) -> None:
-    """Put the chat template and the context size into the saved tokenizer_config.json (a separate
-    chat_template.jinja from the source tokenizer would take precedence, so it is removed)."""
+def write_hf_folder(
+    out_dir: str | os.PathLike,
+    hf_config: dict,
+    state: dict[str, torch.Tensor],
+    tokenizer=None,
+    template: dict | None = None,
+    max_len: int | None = None,
+    generation: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a transformers folder atomically, for every family and head: config.json,
+    generation_config.json (when given), model.safetensors, the tokenizer, `extra_files`.
+
+    template: the run's prompt template (`Template.to_dict()`), written into the tokenizer config
+    as a Jinja `chat_template`, so `tokenizer.apply_chat_template` prompts the model as qatune
+    does; without one (or with `template: model`) the tokenizer's own chat template stays.
+    max_len: the context the model was trained for, as the tokenizer's `model_max_length`."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+            _tokenizer_settings(tmp, template, max_len)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return out_dir
+
+
+def _tokenizer_settings(folder: Path, template: dict | None, max_len: int | None) -> None:
+    """Put the run's chat template and the context size into the saved tokenizer_config.json (a
+    separate chat_template.jinja from the source tokenizer would take precedence, so it is removed
+    when the run's template replaces it)."""
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-    config["model_max_length"] = max_len
-    jinja = to_jinja(Template.from_dict(template)) if template is not None else ""
-    if jinja is not None:  # None: `template: model` never bound, so the tokenizer's own template stays
+    if max_len is not None:
+        config["model_max_length"] = max_len
+    jinja = to_jinja(Template.from_dict(template)) if template is not None else None
+    if jinja is not None:  # None: no template, or `template: model` never bound: the tokenizer's own stays
         (folder / "chat_template.jinja").unlink(missing_ok=True)
+        config.pop("chat_template", None)
     if jinja:
         config["chat_template"] = jinja
     config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -295,23 +329,12 @@ def export_hf(
     template: dict | None = None,
     max_len: int | None = None,
 ) -> Path:
-    """Write a transformers GPT-2 folder atomically: config.json, model.safetensors, tokenizer.
-
-    template: the run's prompt template (`Template.to_dict()`), written into the tokenizer config
-    as a Jinja `chat_template`, so `tokenizer.apply_chat_template` prompts the model as qatune does.
-    max_len: the context the model was trained for, as the tokenizer's `model_max_length`."""
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        eos_id = tokenizer.eos_token_id if tokenizer is not None else None
-        hf_config = config_to_hf(model.config, eos_id)
-        eos_id = hf_config["eos_token_id"]
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(qatune_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            _tokenizer_settings(tmp, template, max_len or model.config.n_positions)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return out_dir
+    """A transformers GPT-2 folder (`write_hf_folder`); `model_max_length` is `max_len`, else the
+    model's context. GPT-2 has no BOS or pad token of its own: EOS serves as both."""
+    eos_id = tokenizer.eos_token_id if tokenizer is not None else None
+    hf_config = config_to_hf(model.config, eos_id)
+    eos_id = hf_config["eos_token_id"]
+    generation = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    state = qatune_to_hf(model)
+    max_len = max_len or model.config.n_positions
+    return write_hf_folder(out_dir, hf_config, state, tokenizer, template, max_len, generation, extra_files)

@@ -19,17 +19,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from qatune.model.hf_io import (
     CheckpointError,
-    _tokenizer_settings,
     check_keys,
     read_hf_state_dict,
     resolve_checkpoint_dir,
+    write_hf_folder,
 )
 from qatune.model.llama import ROPE_TYPES, Llama, LlamaConfig, Rope
-from qatune.utils.files import atomic_dir
 
 # model_type -> the transformers class export names in `architectures`.
 ARCHITECTURES = {
@@ -277,30 +275,11 @@ def export_hf(
     template: dict | None = None,
     max_len: int | None = None,
 ) -> Path:
-    """Write a transformers folder atomically: config.json, generation_config.json,
-    model.safetensors, and the tokenizer when given. A run's qatune template (`Template.to_dict()`)
-    becomes the tokenizer's chat_template and `max_len` its model_max_length, as in GPT-2's export
-    (`qatune.model.hf_io.export_hf`); without a template the tokenizer's own chat template stays."""
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        hf_config = config_to_hf(model.config)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        save_file(qatune_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            if template is not None:
-                _tokenizer_settings(tmp, template, max_len or model.config.n_positions)
-            elif max_len is not None:
-                _set_model_max_length(tmp, max_len)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return out_dir
-
-
-def _set_model_max_length(folder: Path, max_len: int) -> None:
-    config_file = folder / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
-    config["model_max_length"] = max_len
-    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """A transformers folder of the model's own architecture (`hf_io.write_hf_folder`); without a
+    run template the tokenizer's own chat template stays, and `model_max_length` is `max_len`,
+    else the model's context."""
+    hf_config = config_to_hf(model.config)
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config[k] is not None}
+    state = qatune_to_hf(model)
+    max_len = max_len or model.config.n_positions
+    return write_hf_folder(out_dir, hf_config, state, tokenizer, template, max_len, generation, extra_files)

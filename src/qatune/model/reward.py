@@ -17,15 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from qatune.model import families
 from qatune.model.attention import DecoderLM
-from qatune.model.hf_io import CheckpointError, _tokenizer_settings, read_hf_state_dict, resolve_checkpoint_dir
+from qatune.model.hf_io import CheckpointError, read_hf_state_dict, resolve_checkpoint_dir, write_hf_folder
 from qatune.model.llama_hf_io import ARCHITECTURES
 from qatune.model.lora import has_lora, merge_lora
-from qatune.utils.files import atomic_dir
 
 SCORE_KEY = "score.weight"
 # config.json's model_type -> the transformers class of its reward model
@@ -89,28 +87,29 @@ def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     return ids
 
 
-def export_reward_hf(model: RewardModel, out_dir: str | os.PathLike, tokenizer=None, extra_files=None) -> Path:
+def export_reward_hf(
+    model: RewardModel,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+    template: dict | None = None,
+    max_len: int | None = None,
+) -> Path:
     """A `transformers` *ForSequenceClassification folder of the backbone's family (num_labels=1,
-    pad_token_id = EOS). An untied LM head is not part of a reward model: it is left out."""
-    out_dir = Path(out_dir)
+    pad_token_id = EOS; `hf_io.write_hf_folder`: the run's template as the tokenizer's chat
+    template, else the tokenizer's own). An untied LM head is not part of a reward model: it is
+    left out."""
     family = families.family_of(model.backbone)
-    with atomic_dir(out_dir) as tmp:
-        hf = family.hf_config(model.backbone, tokenizer.eos_token_id if tokenizer is not None else None)
-        eos = tokenizer.eos_token_id if tokenizer is not None else hf.get("eos_token_id")
-        pad = eos[0] if isinstance(eos, list) else eos
-        hf.update(architectures=[CLASSIFIERS[hf["model_type"]]], pad_token_id=pad)
-        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        state = family.hf_state(model.backbone)
-        state.pop("lm_head.weight", None)
-        state[SCORE_KEY] = model.score.weight.detach().cpu().contiguous()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-            _tokenizer_settings(tmp, None, model.config.n_positions)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-    return out_dir
+    hf = family.hf_config(model.backbone, tokenizer.eos_token_id if tokenizer is not None else None)
+    eos = tokenizer.eos_token_id if tokenizer is not None else hf.get("eos_token_id")
+    pad = eos[0] if isinstance(eos, list) else eos
+    hf.update(architectures=[CLASSIFIERS[hf["model_type"]]], pad_token_id=pad)
+    hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    state = family.hf_state(model.backbone)
+    state.pop("lm_head.weight", None)
+    state[SCORE_KEY] = model.score.weight.detach().cpu().contiguous()
+    max_len = max_len or model.config.n_positions
+    return write_hf_folder(out_dir, hf, state, tokenizer, template, max_len, extra_files=extra_files)
 
 
 def load_reward_model(name_or_path: str | os.PathLike) -> RewardModel:

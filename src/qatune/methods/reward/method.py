@@ -80,4 +80,5 @@ class Reward(PairMethod):
         for adapters: unmerged, transformers would load the base weights and drop them)."""
         from qatune.model.reward import export_reward_hf, merge_reward_lora
 
-        return export_reward_hf(merge_reward_lora(model), run.run_dir / EXPORT_DIR, run.tokenizer, files)
+        target, template, max_len = run.run_dir / EXPORT_DIR, info.get("template"), info.get("max_len")
+        return export_reward_hf(merge_reward_lora(model), target, run.tokenizer, files, template, max_len)
