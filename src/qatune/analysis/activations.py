@@ -146,13 +146,19 @@ def block_saved(s: PlanSetup) -> dict[str, int]:
     a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
     # A matmul saves its input only to compute its weight's gradient: with LoRA a frozen matrix
     # needs it only when an adapter reads the same input (measured: frozen linears save nothing).
-    needs_input = {t: (not s.lora_r) or t in s.lora_targets for t in ("attn.c_attn", "mlp.c_fc", "mlp.c_proj")}
+    needs_input = {t: (not s.lora_r) or t in s.lora_targets for t in LORA_TARGETS}
     out = {
         "LayerNorm inputs (residual stream)": 2 * E * d * r,
         "LayerNorm mean/rstd": 4 * E * st,
         "LayerNorm outputs (matmul inputs)": (needs_input["attn.c_attn"] + needs_input["mlp.c_fc"]) * E * d * a,
     }
     out.update(attention_saved(s))  # the SDPA output is attn.c_proj's input: saved by SDPA anyway
+    # c_proj's own input (the documents' outputs joined, or the math kernel's output made
+    # contiguous) is saved only by a c_proj that trains
+    own = "attention output, joined" if s.packed else "attention output" if s.attention == "math" else None
+    for name in out:
+        if own is not None and name.startswith(own):
+            out[name] *= needs_input["attn.c_proj"]
     out["MLP: GELU input"] = 4 * E * d * a
     out["MLP: GELU output"] = 4 * E * d * a if needs_input["mlp.c_proj"] else 0
     if s.lora_r:
@@ -208,6 +214,8 @@ def _input_needs_grad_in_block_0(s: PlanSetup) -> dict[str, bool]:
 def first_block_saved(s: PlanSetup) -> dict[str, int]:
     """What block 0 saves: as any block for full fine-tuning; under LoRA only what lies after
     its first adapter (checked against the saved-tensor ledger for every subset of targets)."""
+    if not is_gpt2(s.config):
+        return llama_block_saved(s, first=True)
     out = block_saved(s)
     if not s.lora_r:
         return out
@@ -226,25 +234,29 @@ def first_block_saved(s: PlanSetup) -> dict[str, int]:
 # ---------------------------------------------------------------- the Llama family
 
 
-def rms_norm_saved(s: PlanSetup, rows: int, width: int, readers: int, heads: int = 1) -> int:
+def rms_norm_saved(s: PlanSetup, rows: int, width: int, readers: int, heads: int = 1, grad_in: bool = True) -> int:
     """What `llama.RMSNorm` (computed in fp32) saves over `rows` x `width`: its fp32 input (the
     input itself when fp32, else an upcast copy), the normalized rows before the weight (fp32, or
-    cast back to a 16-bit input's dtype: the weight's product needs them), the rsqrt (one fp32
-    per row and head), and its output as the input of the `readers` matmuls that read it: one
-    tensor, or under autocast one 16-bit copy per matmul (autocast casts activations per op).
-    The input's bytes are the residual stream's; for Qwen3's q/k norms (readers 0: the rotation
-    after them saves only cos and sin) the projection's, `act`."""
+    cast back to a 16-bit input's dtype: only the weight's gradient needs them, so not under
+    LoRA, where the weight is frozen), the rsqrt (one fp32 per row and head), and its output as
+    the input of the `readers` matmuls that save it (`norm_readers`): one tensor, or under
+    autocast one 16-bit copy per matmul (autocast casts activations per op). The input's bytes
+    are the residual stream's; for Qwen3's q/k norms (readers 0: the rotation after them saves
+    only cos and sin) the projection's, `act`. An input that needs no gradient (`grad_in`
+    False: block 0 under LoRA reads the frozen embeddings) saves nothing but the outputs."""
     x = s.prec.residual if readers or heads == 1 else s.prec.act
     outputs = (readers if s.prec.autocast else min(readers, 1)) * rows * width * s.prec.act
-    return rows * width * (4 + x) + rows * heads * 4 + outputs
+    if not grad_in:
+        return outputs
+    return rows * width * (4 if s.lora_r else 4 + x) + rows * heads * 4 + outputs
 
 
-def _qk_norms(s: PlanSetup, q_rows: int, kv_rows: int) -> dict[str, int]:
+def _qk_norms(s: PlanSetup, q_rows: int, kv_rows: int, q_grad: bool = True, k_grad: bool = True) -> dict[str, int]:
     c = s.config
     if not c.qk_norm:
         return {}
     q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    both = rms_norm_saved(s, q_rows, q, 0, c.n_head) + rms_norm_saved(s, kv_rows, kv, 0, c.n_kv_head)
+    both = rms_norm_saved(s, q_rows, q, 0, c.n_head, q_grad) + rms_norm_saved(s, kv_rows, kv, 0, c.n_kv_head, k_grad)
     return {"q/k RMSNorm per head (Qwen3)": both}
 
 
@@ -258,43 +270,108 @@ def stacked_readers(s: PlanSetup, names: tuple[str, ...]) -> int:
     return 1
 
 
-def llama_block_saved(s: PlanSetup) -> dict[str, int]:
+def norm_readers(s: PlanSetup, names: tuple[str, ...], stacked: bool = True) -> int:
+    """Of the matmuls `names` reading one norm's output, how many save it: full fine-tuning as
+    `stacked_readers` (or each, where the model never stacks them: `stacked` False); under LoRA a
+    frozen matmul needs no input for its weight's gradient, so only the adapted ones, through
+    their A (measured: frozen linears save nothing)."""
+    if not s.lora_r:
+        return stacked_readers(s, names) if stacked else len(names)
+    return sum(n in s.lora_targets for n in names)
+
+
+def _adapted(s: PlanSetup, name: str) -> bool:
+    """Whether matmul `name` trains a weight of its own: every one in full fine-tuning, the
+    adapted ones under LoRA."""
+    return not s.lora_r or name in s.lora_targets
+
+
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def llama_block_saved(s: PlanSetup, first: bool = False) -> dict[str, int]:
     """One Llama-family block (measured with the saved-tensor ledger, fp32 and bf16 autocast):
     two RMSNorms, q/k norms (Qwen3), the rotated q and k and v (SDPA's saves, `attention_saved`;
-    the rotation itself saves only cos and sin, shared by all blocks), the SwiGLU MLP's gate and
-    up outputs and their product, and SiLU's output unless gate and up are stacked
-    (`llama.SwiGLUStacked` recomputes it). Under autocast the norms' fp32 outputs are cast to 16
-    bits once per matmul that reads them (`stacked_readers`)."""
-    E, c = s.tokens, s.config
-    qkv, gate_up = stacked_readers(s, ("q_proj", "k_proj", "v_proj")), stacked_readers(s, ("gate_proj", "up_proj"))
+    the rotation itself saves only cos and sin, shared by all blocks), the SwiGLU MLP
+    (`swiglu_saved`). Under autocast the norms' fp32 outputs are cast to 16 bits once per matmul
+    that reads them (`stacked_readers`).
+
+    LoRA (frozen base): a frozen matmul saves no input, a norm no normalized rows, and each
+    adapter its A's output (B's input). `first`: block 0 under LoRA reads the frozen embeddings,
+    so a tensor there is saved for backward only downstream of an adapter (q, k or v each only
+    when adapted; after attention only if one of q, k, v, o is)."""
+    E, c, a = s.tokens, s.config, s.prec.act
+    lora = bool(s.lora_r)
+    grad_in = not (lora and first)
+    q_g, k_g, v_g = (grad_in or (lora and n in s.lora_targets) for n in QKV)
+    mid_g = grad_in or any(n in s.lora_targets for n in (*QKV, "o_proj"))
     out = {
-        "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(s, E, c.n_embd, qkv),
-        "RMSNorm (MLP): input, normalized, rsqrt, gate/up inputs": rms_norm_saved(s, E, c.n_embd, gate_up),
-        **_qk_norms(s, E, E),
+        "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(
+            s, E, c.n_embd, norm_readers(s, QKV), grad_in=grad_in
+        ),
+        "RMSNorm (MLP): input, normalized, rsqrt, gate/up inputs": rms_norm_saved(
+            s, E, c.n_embd, norm_readers(s, GATE_UP), grad_in=mid_g
+        ),
+        **_qk_norms(s, E, E, q_g, k_g),
+        **_llama_attention_saved(s, q_g, k_g, v_g),
+        **swiglu_saved(s, E, mid_g),
     }
-    out.update(attention_saved(s))
-    out.update(swiglu_saved(s, E, gate_up))
+    if lora:
+        out["LoRA: A outputs (B's inputs)"] = len(s.lora_targets) * E * s.lora_r * a
     return out
 
 
-def swiglu_saved(s: PlanSetup, rows: int, gate_up_readers: int) -> dict[str, int]:
-    """The SwiGLU MLP on `rows`: gate, up, the product (down_proj's input), and SiLU's output
-    unless gate and up run stacked (one reader: `llama.SwiGLUStacked` saves only gate | up)."""
-    if gate_up_readers == 1:
-        return {"SwiGLU: gate | up, product (down_proj input)": 3 * rows * s.config.d_ff * s.prec.act}
-    return {"SwiGLU: gate, up, SiLU output, product (down_proj input)": 4 * rows * s.config.d_ff * s.prec.act}
+def _llama_attention_saved(s: PlanSetup, q_g: bool = True, k_g: bool = True, v_g: bool = True) -> dict[str, int]:
+    """What attention saves when q, k or v needs a gradient (all three but in block 0 under
+    LoRA), with o_proj's input: the documents' outputs joined (packed rows), or the math kernel's
+    output, is saved only where o_proj trains a weight; with none of q, k, v needing a gradient
+    only an adapted o_proj keeps attention's output. The math kernel's ops save what the
+    gradients asked for need (measured): k for dq, q for dk, v for either (dP), the
+    probabilities for any; the fused kernels save all of q, k, v."""
+    E, a, width = s.tokens, s.prec.act, attention_width(s.config)
+    if not (q_g or k_g or v_g):
+        return {"attention output (o_proj's adapter input)": E * width * a * _adapted(s, "o_proj")}
+    saved = attention_saved(s)
+    for name in ("q, k, v", "q, k, v (k, v expanded)"):
+        if "softmax probabilities" in saved and name in saved:  # the math kernel ran
+            saved[name] = saved[name] // 3 * (k_g + q_g + (q_g or k_g))
+    # o_proj's own input: the joined documents (packed rows), the math kernel's output made contiguous
+    own = "attention output, joined" if s.packed else "attention output" if s.attention == "math" else None
+    for name in saved:
+        if own is not None and name.startswith(own):
+            saved[name] *= _adapted(s, "o_proj")
+    return saved
+
+
+def swiglu_saved(s: PlanSetup, rows: int, grad: bool = True) -> dict[str, int]:
+    """The SwiGLU MLP on `rows` whose input needs a gradient (`grad`; under LoRA in block 0 it
+    may not): stacked (`llama.SwiGLUStacked`, under autocast with gate and up not adapted) it
+    saves gate | up; else SiLU its input (gate), the product silu(gate) * up its two factors
+    (SiLU's output and up), each as far as the other needs a gradient; down_proj its input
+    where it trains a weight."""
+    f, a = s.config.d_ff, s.prec.act
+    down = {"SwiGLU: product (down_proj input)": rows * f * a * _adapted(s, "down_proj")}
+    if stacked_readers(s, GATE_UP) == 1:
+        return {"SwiGLU: gate | up": 2 * rows * f * a * grad, **down}
+    gate_g = grad or "gate_proj" in s.lora_targets
+    up_g = grad or "up_proj" in s.lora_targets
+    return {"SwiGLU: gate, up, SiLU output": rows * f * a * (2 * gate_g + up_g), **down}
 
 
 def llama_last_block_saved(s: PlanSetup) -> dict[str, int]:
     """The last block cut to the R label-span rows (`LastBlockRows`): the attention norm, k, v and
     their rotation on every token; q_proj's input gathered at the rows, the rows' cos and sin
-    (gathered copies), and everything after on the rows (measured exact against the ledger)."""
+    (gathered copies), and everything after on the rows (measured exact against the ledger).
+    Under LoRA as `llama_block_saved` says, with each adapter's A output on the rows its
+    matmul reads (k and v: every token)."""
     E, R, c, a = s.tokens, s.last_block_rows, s.config, s.prec.act
     q, kv, h = attention_width(c), c.n_kv_head * c.head_dim, c.n_head
     spans = s.label_spans()
     out = {
-        "RMSNorm (attention), k/v inputs on every token": rms_norm_saved(s, E, c.n_embd, 2),
-        "q_proj input (gathered rows)": R * c.n_embd * a,
+        "RMSNorm (attention), k/v inputs on every token": rms_norm_saved(
+            s, E, c.n_embd, norm_readers(s, ("k_proj", "v_proj"), stacked=False)
+        ),
+        "q_proj input (gathered rows)": R * c.n_embd * a * _adapted(s, "q_proj"),
         "rotary cos, sin at the rows": 2 * R * c.head_dim * s.prec.residual,
         **_qk_norms(s, R, E),
     }
@@ -309,12 +386,14 @@ def llama_last_block_saved(s: PlanSetup) -> dict[str, int]:
         out["q, k, v (k, v of every token; q at the rows)"] = R * q * a + (k_rows + E) * kv * a
         out["attention output"] = R * q * a
         out["logsumexp"] = h * R * 4
-    out["attention output, joined (o_proj input)"] = R * q * a
+    out["attention output, joined (o_proj input)"] = R * q * a * _adapted(s, "o_proj")
     out["masks of spans after their document's start"] = sum(m * n for m, n in spans if 1 < m < n) * a
-    gate_up = stacked_readers(s, ("gate_proj", "up_proj"))
-    out["RMSNorm (MLP) on the rows, gate/up inputs"] = rms_norm_saved(s, R, c.n_embd, gate_up)
-    out.update({f"{k} on the rows": v for k, v in swiglu_saved(s, R, gate_up).items()})
+    out["RMSNorm (MLP) on the rows, gate/up inputs"] = rms_norm_saved(s, R, c.n_embd, norm_readers(s, GATE_UP))
+    out.update({f"{k} on the rows": v for k, v in swiglu_saved(s, R).items()})
     out["row index (int64)"] = R * INDEX_BYTES
+    if s.lora_r:
+        rows = sum(E if t in ("k_proj", "v_proj") else R for t in s.lora_targets)
+        out["LoRA: A outputs (B's inputs)"] = rows * s.lora_r * a
     return out
 
 
@@ -359,9 +438,13 @@ def _weight_copies(s: PlanSetup) -> int:
     c, a = s.config, s.prec.act
     copies = block_matmul_weights(c) * a * c.n_layer
     if s.lora_r:  # block 0's frozen matmuls whose input needs no gradient keep no copy
-        grad = input_needs_grad_in_block_0(c, set(lora_matmuls(c, s.lora_targets)))
+        adapted = lora_matmuls(c, s.lora_targets)
+        grad = input_needs_grad_in_block_0(c, set(adapted))
         copies -= sum(fan_in * fan_out for t, (fan_in, fan_out) in block_matmuls(c).items() if not grad[t]) * a
-        copies += _lora_copies(s)
+        # nor do their adapters' A (the input's gradient is what A's copy serves; A's own
+        # gradient needs the input only): B's input is A's output, which always needs one
+        idle_a = sum(fan_in for t, (fan_in, _) in adapted.items() if not grad[t])
+        copies += _lora_copies(s) - s.lora_r * idle_a * a
     return copies
 
 

@@ -23,11 +23,13 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from qatune.analysis.setup import PlanSetup
@@ -139,19 +141,53 @@ def _is_weight_copy(t: torch.Tensor) -> bool:
     return False
 
 
+class WeightCasts(TorchDispatchMode):
+    """Notes every tensor made from parameters by a cast (`_to_copy`) or by stacking (`cat`) of
+    parameters or such copies: autocast's 16-bit weight copies, frozen ones included. A frozen
+    (LoRA base) weight's copy has no autograd history, so `_is_weight_copy` cannot tell it from an
+    activation; this sees the op that made it. Held by weak reference: a freed copy's address can
+    come back as an activation's."""
+
+    _MAKERS = (torch.ops.aten._to_copy.default, torch.ops.aten.cat.default)
+
+    def __init__(self, params) -> None:
+        super().__init__()
+        self.sources = {p.untyped_storage().data_ptr() for p in params}
+        self.made: dict[int, weakref.ref] = {}
+
+    def is_copy(self, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        ref = self.made.get(ptr)
+        made = ref() if ref is not None else None
+        return made is not None and made.untyped_storage().data_ptr() == ptr
+
+    def _from_weights(self, t) -> bool:
+        if isinstance(t, (list, tuple)):
+            return len(t) > 0 and all(self._from_weights(x) for x in t)
+        return isinstance(t, torch.Tensor) and (t.untyped_storage().data_ptr() in self.sources or self.is_copy(t))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self._MAKERS and isinstance(out, torch.Tensor) and self._from_weights(args[0]):
+            self.made[out.untyped_storage().data_ptr()] = weakref.ref(out)
+        return out
+
+
 class SavedTensorLedger:
     """Counts the storages autograd saves, by category, without keeping them alive."""
 
-    def __init__(self, params) -> None:
+    def __init__(self, params, casts: WeightCasts | None = None) -> None:
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
         self.seen: dict[int, tuple[str, int]] = {}
         self.phase = "model"
+        self.casts = casts
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
         ptr = st.data_ptr()
         if ptr not in self.param_ptrs and ptr not in self.seen:
-            self.seen[ptr] = ("weight copies" if _is_weight_copy(t) else self.phase, st.nbytes())
+            copy = _is_weight_copy(t) or (self.casts is not None and self.casts.is_copy(t))
+            self.seen[ptr] = ("weight copies" if copy else self.phase, st.nbytes())
         return t
 
     def total(self, category: str) -> int:
@@ -207,7 +243,8 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     model.activation_checkpointing = s.checkpointing
     optimizer = build_optimizer(model, OptimConfig())
     precision = Precision(s.precision, device)
-    ledger = SavedTensorLedger(model.parameters())
+    casts = WeightCasts(model.parameters())
+    ledger = SavedTensorLedger(model.parameters(), casts)
     ledger.follow(model)
     counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     kernel = sdpa_kernel(SDPBackend.MATH) if s.attention == "math" else contextlib.nullcontext()
@@ -215,7 +252,7 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     # The step training runs (`accumulate` with the SFT step, then `optimizer_step`), timed in two parts.
     _sync(device)
     start = time.perf_counter()
-    with counter, kernel, ledger.hooks():
+    with counter, kernel, ledger.hooks(), casts:
         accumulate(model, SFT.stepper(), [batch], precision)
     grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
     _sync(device)

@@ -236,12 +236,6 @@ def plan_memory(s: PlanSetup) -> MemoryPlan:
         )
     if s.optimizer != "adamw":
         notes.append(f"optimizer {s.optimizer}: {OPTIMIZERS[s.optimizer][1]}")
-    if s.lora_r and not is_gpt2(s.config):
-        notes.append(
-            "LoRA on a Llama-family model: parameters, gradients, optimizer state and FLOPs are exact; activations "
-            "and autocast weight copies are planned as full fine-tuning keeps them, an upper bound (frozen matmuls "
-            "save less)"
-        )
     return MemoryPlan(s, st, acts, device, host, phases, first, allowance, notes)
 
 
