@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,8 @@ def workdir(given: str | None, name: str) -> Path:
         return work
     work = Path(tempfile.mkdtemp(prefix=f"{name}."))
     atexit.register(shutil.rmtree, work, ignore_errors=True)
+    # a benchmark stopped by `kill` (SIGTERM) exits through atexit too: the folder goes with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return work
 
 
