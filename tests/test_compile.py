@@ -57,3 +57,29 @@ def test_compiled_step_equals_eager_step():
         assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
         for name, g in eager_grads.items():
             torch.testing.assert_close(grads[name], g, atol=1e-5 * g.abs().max().item(), rtol=0, msg=name)
+
+
+def test_compiled_llama_under_bf16_autocast_equals_eager():
+    """A Llama-family model compiled (inductor) under CPU bf16 autocast: eager runs the stacked
+    projections' autograd functions (`llama.RotateStacked`, `SwiGLUStacked`), the compiled model
+    the plain ops they replace (inductor could not lower the functions' writes into slices: the
+    compile failed). Same loss and gradients to bf16 rounding."""
+    from qatune.model.llama import Llama, LlamaConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    config = LlamaConfig(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, d_ff=96, vocab_size=128)
+    model = Llama(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 40))
+    results = []
+    for m in (model, compile_model(model)):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = m(ids)
+        loss = model.lm_head(hidden).float().logsumexp(-1).mean()
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager_loss, eager_grads), (loss, grads) = results
+    assert abs(loss - eager_loss) <= 1e-3 * abs(eager_loss)
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=2e-2 * g.abs().max().item(), rtol=0, msg=name)

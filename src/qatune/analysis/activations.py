@@ -1,4 +1,5 @@
-"""Activation memory of OUR GPT-2 (`qatune.model.gpt2`), from the tensors autograd really saves.
+"""Activation memory of our models (`qatune.model.gpt2`; the Llama family in its own section
+below), from the tensors autograd really saves.
 
 Measured with `torch.autograd.graph.saved_tensors_hooks` (storages deduplicated), torch 2.13, and
 written here from the shapes. E = B*T positions, d = width, h = heads, V = vocabulary, N = label
@@ -33,9 +34,10 @@ weight copies are then not saved, but autocast's cache still holds them until th
 
 LoRA (frozen base): a frozen matmul saves no input (measured with frozen nn.Linear weights), so
 a block saves the ln_1 / ln_2 outputs and the GELU output only where an adapter reads them, plus
-each adapter's E x r intermediate. Block 0 reads the frozen embeddings: there only what lies after
-its first adapter is saved (nothing for ln_1; q, k, v only if c_attn is adapted …). Checked
-against `qatune.model.lora` adapters in tests: exact in fp32 for every subset of targets.
+each adapter's E x r intermediate; a frozen c_proj keeps no joined documents' output. Block 0
+reads the frozen embeddings: there only what lies after its first adapter is saved (nothing for
+ln_1; q, k, v only if c_attn is adapted …). Checked against `qatune.model.lora` adapters in
+tests: exact in fp32 and bf16, packed or not, for every subset of targets tried.
 
 Under autocast the 16-bit copies of the four matmul weights are saved too (12*d^2*a per layer):
 weight-sized, not batch-sized, and reported on their own line. Dropout masks are not modelled
@@ -153,12 +155,7 @@ def block_saved(s: PlanSetup) -> dict[str, int]:
         "LayerNorm outputs (matmul inputs)": (needs_input["attn.c_attn"] + needs_input["mlp.c_fc"]) * E * d * a,
     }
     out.update(attention_saved(s))  # the SDPA output is attn.c_proj's input: saved by SDPA anyway
-    # c_proj's own input (the documents' outputs joined, or the math kernel's output made
-    # contiguous) is saved only by a c_proj that trains
-    own = "attention output, joined" if s.packed else "attention output" if s.attention == "math" else None
-    for name in out:
-        if own is not None and name.startswith(own):
-            out[name] *= needs_input["attn.c_proj"]
+    _output_projection_input(s, out, needs_input["attn.c_proj"])
     out["MLP: GELU input"] = 4 * E * d * a
     out["MLP: GELU output"] = 4 * E * d * a if needs_input["mlp.c_proj"] else 0
     if s.lora_r:
@@ -209,6 +206,17 @@ def _input_needs_grad_in_block_0(s: PlanSetup) -> dict[str, bool]:
         out[target] = seen
         seen = seen or target in s.lora_targets
     return out
+
+
+def _output_projection_input(s: PlanSetup, saved: dict[str, int], trains: bool) -> None:
+    """The attention output projection's own input, where it is a tensor attention does not
+    save (the documents' outputs joined on packed rows, the math kernel's output made
+    contiguous), is saved only by a projection that trains a weight (c_proj / o_proj, or its
+    adapter's A): zeroed in `saved` otherwise."""
+    own = "attention output, joined" if s.packed else "attention output" if s.attention == "math" else None
+    for name in saved:
+        if own is not None and name.startswith(own):
+            saved[name] *= trains
 
 
 def first_block_saved(s: PlanSetup) -> dict[str, int]:
@@ -335,11 +343,7 @@ def _llama_attention_saved(s: PlanSetup, q_g: bool = True, k_g: bool = True, v_g
     for name in ("q, k, v", "q, k, v (k, v expanded)"):
         if "softmax probabilities" in saved and name in saved:  # the math kernel ran
             saved[name] = saved[name] // 3 * (k_g + q_g + (q_g or k_g))
-    # o_proj's own input: the joined documents (packed rows), the math kernel's output made contiguous
-    own = "attention output, joined" if s.packed else "attention output" if s.attention == "math" else None
-    for name in saved:
-        if own is not None and name.startswith(own):
-            saved[name] *= _adapted(s, "o_proj")
+    _output_projection_input(s, saved, _adapted(s, "o_proj"))
     return saved
 
 

@@ -266,7 +266,12 @@ class LlamaAttention(nn.Module):
         docs/performance.md). v is copied out, so that what attention saves for backward does not
         keep all of qkv alive."""
         qkv = stacked_linear(x, self.q_proj, self.k_proj, self.v_proj).unflatten(-1, (-1, self.head_dim))
-        return RotateStacked.apply(qkv, cos, sin, self.n_head, self.n_kv_head)
+        if not torch.compiler.is_compiling():
+            return RotateStacked.apply(qkv, cos, sin, self.n_head, self.n_kv_head)
+        # traced by torch.compile: the plain ops, which inductor fuses itself (it fails to lower
+        # the function's out= writes into slices)
+        q, k = rotate(qkv[..., : self.n_head + self.n_kv_head, :], cos, sin).split((self.n_head, self.n_kv_head), -2)
+        return q, k, qkv[..., self.n_head + self.n_kv_head :, :].contiguous()
 
     def forward_rows(self, x, rows: LastBlockRows, rope):
         """The attention output at `rows` only: keys and values for every token, the query (and
@@ -318,7 +323,11 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         if not stackable(x, self.gate_proj, self.up_proj):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(SwiGLUStacked.apply(stacked_linear(x, self.gate_proj, self.up_proj)))  # one read of x
+        h = stacked_linear(x, self.gate_proj, self.up_proj)  # one read of x
+        if torch.compiler.is_compiling():  # inductor fuses the plain ops (see LlamaAttention._fused_qkv)
+            gate, up = h.chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(SwiGLUStacked.apply(h))
 
 
 class LlamaBlock(nn.Module):
