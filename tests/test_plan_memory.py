@@ -216,3 +216,15 @@ def test_packed_step_with_the_last_block_cut_to_the_labels_is_exact(precision, l
     assert acts.weight_copies_saved == m.weight_copies
     flops = next(row for row in compare(s, m) if row["name"].startswith("FLOPs"))
     assert flops["predicted"] == flops["measured"]
+
+
+@pytest.mark.parametrize("lora_r", [0, 8])
+def test_packed_bf16_math_kernel_keeps_fp32_copies_of_the_spans(lora_r):
+    """`--attention math` on packed rows in bf16: the cut last block's spans attend by CPU's math
+    kernel, which upcasts each span's q, k, v to fp32 and saves those copies, no output. The plan
+    counted the bf16 q, k, v of every token and an output instead (16 KiB over at this shape)."""
+    s = PlanSetup(TINY, seq_len=64, micro_batch=2, precision="bf16", packed=True, device="cpu", attention="math")
+    s = s.with_(lora_r=lora_r)
+    m, acts = measure_step(s, count_flops=False), plan_activations(s)
+    assert acts.total - acts.saved[LOSS_CHUNKED] == m.activations_model
+    assert acts.weight_copies_saved == m.weight_copies

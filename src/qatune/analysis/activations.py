@@ -179,9 +179,14 @@ def last_block_saved(s: PlanSetup) -> dict[str, int]:
         "LayerNorm inputs (residual stream)": (E + R) * d * r,
         "LayerNorm mean/rstd": 2 * (E + R) * st,
         "LayerNorm outputs (matmul inputs)": needs["attn.c_attn"] * E * d * a + needs["mlp.c_fc"] * R * d * a,
-        "q, k, v (k, v of every token; q gathered at the rows)": 3 * E * d * a + R * d * a,
-        "attention output": R * d * a,
     }
+    if s.attention == "math" and s.device == "cpu" and a != 4:
+        # CPU's math kernel upcasts each span's 16-bit q, k, v to fp32 and saves those copies,
+        # not the 16-bit ones, and no output (measured)
+        out["q, k, v (per span, fp32 copies)"] = d * 4 * sum(m + 2 * n for m, n in spans)
+    else:
+        out["q, k, v (k, v of every token; q gathered at the rows)"] = 3 * E * d * a + R * d * a
+        out["attention output"] = R * d * a
     if s.attention == "math":
         up = 4 if s.device == "cpu" else a
         out["softmax probabilities"] = s.config.n_head * sum(m * n for m, n in spans) * up
