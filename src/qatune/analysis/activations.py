@@ -89,6 +89,18 @@ def _stat_bytes(s: PlanSetup) -> int:
     return 4 if (s.prec.residual == 4 or s.device == "cuda") else s.prec.residual
 
 
+def _adapted(s: PlanSetup, name: str) -> bool:
+    """Whether matmul `name` trains a weight of its own: every one in full fine-tuning, the
+    adapted ones under LoRA."""
+    return not s.lora_r or name in s.lora_targets
+
+
+def _block_0_input_grads(s: PlanSetup) -> dict[str, bool]:
+    """Under LoRA, per block matmul (`block_matmuls` names): does its input need a gradient in
+    block 0, the frozen embeddings' block (`shapes.input_needs_grad_in_block_0`)?"""
+    return input_needs_grad_in_block_0(s.config, set(lora_matmuls(s.config, s.lora_targets)))
+
+
 def _round_up(n: int, k: int) -> int:
     return math.ceil(n / k) * k
 
@@ -148,7 +160,7 @@ def block_saved(s: PlanSetup) -> dict[str, int]:
     a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
     # A matmul saves its input only to compute its weight's gradient: with LoRA a frozen matrix
     # needs it only when an adapter reads the same input (measured: frozen linears save nothing).
-    needs_input = {t: (not s.lora_r) or t in s.lora_targets for t in LORA_TARGETS}
+    needs_input = {t: _adapted(s, t) for t in LORA_TARGETS}
     out = {
         "LayerNorm inputs (residual stream)": 2 * E * d * r,
         "LayerNorm mean/rstd": 4 * E * st,
@@ -173,7 +185,7 @@ def last_block_saved(s: PlanSetup) -> dict[str, int]:
         return llama_last_block_saved(s)
     E, R, d, h = s.tokens, s.last_block_rows, s.config.n_embd, s.config.n_head
     a, r, st = s.prec.act, s.prec.residual, _stat_bytes(s)
-    needs = {t: (not s.lora_r) or t in s.lora_targets for t in LORA_TARGETS}
+    needs = {t: _adapted(s, t) for t in LORA_TARGETS}
     spans = s.label_spans()
     out = {
         "LayerNorm inputs (residual stream)": (E + R) * d * r,
@@ -203,16 +215,6 @@ def last_block_saved(s: PlanSetup) -> dict[str, int]:
     return out
 
 
-def _input_needs_grad_in_block_0(s: PlanSetup) -> dict[str, bool]:
-    """Under LoRA, block 0 reads the frozen embeddings: a tensor there needs a gradient only
-    downstream of an adapter. Per matmul (in forward order): does its input depend on one?"""
-    seen, out = False, {}
-    for target in LORA_TARGETS:
-        out[target] = seen
-        seen = seen or target in s.lora_targets
-    return out
-
-
 def _output_projection_input(s: PlanSetup, saved: dict[str, int], trains: bool) -> None:
     """The attention output projection's own input, where it is a tensor attention does not
     save (the documents' outputs joined on packed rows, the math kernel's output made
@@ -233,7 +235,7 @@ def first_block_saved(s: PlanSetup) -> dict[str, int]:
     if not s.lora_r:
         return out
     E, d, a = s.tokens, s.config.n_embd, s.prec.act
-    grad = _input_needs_grad_in_block_0(s)
+    grad = _block_0_input_grads(s)
     ln_2 = grad["mlp.c_fc"]  # ln_1's input (the embeddings) never needs a gradient
     out["LayerNorm inputs (residual stream)"] = E * d * s.prec.residual * ln_2
     out["LayerNorm mean/rstd"] = 2 * E * _stat_bytes(s) * ln_2
@@ -293,12 +295,6 @@ def norm_readers(s: PlanSetup, names: tuple[str, ...], stacked: bool = True) -> 
     return sum(n in s.lora_targets for n in names)
 
 
-def _adapted(s: PlanSetup, name: str) -> bool:
-    """Whether matmul `name` trains a weight of its own: every one in full fine-tuning, the
-    adapted ones under LoRA."""
-    return not s.lora_r or name in s.lora_targets
-
-
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
@@ -317,7 +313,7 @@ def llama_block_saved(s: PlanSetup, first: bool = False) -> dict[str, int]:
     lora = bool(s.lora_r)
     grad_in = not (lora and first)
     q_g, k_g, v_g = (grad_in or (lora and n in s.lora_targets) for n in QKV)
-    mid_g = grad_in or any(n in s.lora_targets for n in (*QKV, "o_proj"))
+    mid_g = grad_in or _block_0_input_grads(s)["mlp.gate_proj"]  # the MLP's input
     out = {
         "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(
             s, E, c.n_embd, norm_readers(s, QKV), grad_in=grad_in
@@ -447,8 +443,7 @@ def _weight_copies(s: PlanSetup) -> int:
     c, a = s.config, s.prec.act
     copies = block_matmul_weights(c) * a * c.n_layer
     if s.lora_r:  # block 0's frozen matmuls whose input needs no gradient keep no copy
-        adapted = lora_matmuls(c, s.lora_targets)
-        grad = input_needs_grad_in_block_0(c, set(adapted))
+        adapted, grad = lora_matmuls(c, s.lora_targets), _block_0_input_grads(s)
         copies -= sum(fan_in * fan_out for t, (fan_in, fan_out) in block_matmuls(c).items() if not grad[t]) * a
         # nor do their adapters' A (the input's gradient is what A's copy serves; A's own
         # gradient needs the input only): B's input is A's output, which always needs one

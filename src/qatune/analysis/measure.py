@@ -46,7 +46,6 @@ from qatune.train.optim import OptimConfig, build_optimizer
 from qatune.train.step import Precision, accumulate, optimizer_step
 
 MEASURABLE_PRECISIONS = ("fp32", "bf16", "fp16")  # what training runs: fp32 weights, optional autocast
-_CAST_OPS = ("ToCopyBackward0", "TBackward0", "ViewBackward0", "PermuteBackward0")
 
 
 @dataclass
@@ -125,28 +124,12 @@ def _as_batch(tensors: dict[str, torch.Tensor], s: PlanSetup) -> Batch:
     )
 
 
-def _is_weight_copy(t: torch.Tensor) -> bool:
-    """A tensor reached from a parameter only through casts/transposes: autocast's weight copy;
-    or from parameters stacked (`llama.stacked_linear`) and then cast."""
-    fn = t.grad_fn
-    while fn is not None and type(fn).__name__ in _CAST_OPS:
-        nxt = [f for f, _ in fn.next_functions if f is not None]
-        if len(nxt) == 1 and type(nxt[0]).__name__ == "CatBackward0":
-            return all(type(f).__name__ == "AccumulateGrad" for f, _ in nxt[0].next_functions if f is not None)
-        if len(nxt) != 1:
-            return False
-        fn = nxt[0]
-        if type(fn).__name__ == "AccumulateGrad":
-            return True
-    return False
-
-
 class WeightCasts(TorchDispatchMode):
     """Notes every tensor made from parameters by a cast (`_to_copy`) or by stacking (`cat`) of
-    parameters or such copies: autocast's 16-bit weight copies, frozen ones included. A frozen
-    (LoRA base) weight's copy has no autograd history, so `_is_weight_copy` cannot tell it from an
-    activation; this sees the op that made it. Held by weak reference: a freed copy's address can
-    come back as an activation's."""
+    parameters or such copies: autocast's 16-bit weight copies, of trained and of frozen weights
+    alike (a frozen LoRA base weight's copy has no autograd history to follow back), the stacked
+    q/k/v and gate/up weights (`llama.stacked_linear`). Views of them share their storage. Held
+    by weak reference: a freed copy's address can come back as an activation's."""
 
     _MAKERS = (torch.ops.aten._to_copy.default, torch.ops.aten.cat.default)
 
@@ -174,27 +157,31 @@ class WeightCasts(TorchDispatchMode):
 
 
 class SavedTensorLedger:
-    """Counts the storages autograd saves, by category, without keeping them alive."""
+    """Counts the storages autograd saves, by category, without keeping them alive; the weight
+    copies among them are what `WeightCasts` saw made from the parameters."""
 
-    def __init__(self, params, casts: WeightCasts | None = None) -> None:
+    def __init__(self, params) -> None:
+        params = list(params)
         self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self.casts = WeightCasts(params)
         self.seen: dict[int, tuple[str, int]] = {}
         self.phase = "model"
-        self.casts = casts
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
         ptr = st.data_ptr()
         if ptr not in self.param_ptrs and ptr not in self.seen:
-            copy = _is_weight_copy(t) or (self.casts is not None and self.casts.is_copy(t))
-            self.seen[ptr] = ("weight copies" if copy else self.phase, st.nbytes())
+            self.seen[ptr] = ("weight copies" if self.casts.is_copy(t) else self.phase, st.nbytes())
         return t
 
     def total(self, category: str) -> int:
         return sum(n for c, n in self.seen.values() if c == category)
 
+    @contextlib.contextmanager
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        """Record what autograd saves, and the weight copies made, while the step runs."""
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t), self.casts:
+            yield
 
     def follow(self, model: torch.nn.Module) -> None:
         """What is saved while `model`'s forward runs counts as "model", what is saved after it
@@ -243,8 +230,7 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     model.activation_checkpointing = s.checkpointing
     optimizer = build_optimizer(model, OptimConfig())
     precision = Precision(s.precision, device)
-    casts = WeightCasts(model.parameters())
-    ledger = SavedTensorLedger(model.parameters(), casts)
+    ledger = SavedTensorLedger(model.parameters())
     ledger.follow(model)
     counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     kernel = sdpa_kernel(SDPBackend.MATH) if s.attention == "math" else contextlib.nullcontext()
@@ -252,7 +238,7 @@ def measure_step(s: PlanSetup, seed: int = 0, count_flops: bool = True) -> Measu
     # The step training runs (`accumulate` with the SFT step, then `optimizer_step`), timed in two parts.
     _sync(device)
     start = time.perf_counter()
-    with counter, kernel, ledger.hooks(), casts:
+    with counter, kernel, ledger.hooks():
         accumulate(model, SFT.stepper(), [batch], precision)
     grads = _storage_bytes(p.grad for p in model.parameters() if p.grad is not None)
     _sync(device)
