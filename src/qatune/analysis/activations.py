@@ -250,20 +250,22 @@ def first_block_saved(s: PlanSetup) -> dict[str, int]:
 
 
 def rms_norm_saved(s: PlanSetup, rows: int, width: int, readers: int, heads: int = 1, grad_in: bool = True) -> int:
-    """What `llama.RMSNorm` (computed in fp32) saves over `rows` x `width`: its fp32 input (the
-    input itself when fp32, else an upcast copy), the normalized rows before the weight (fp32, or
-    cast back to a 16-bit input's dtype: only the weight's gradient needs them, so not under
-    LoRA, where the weight is frozen), the rsqrt (one fp32 per row and head), and its output as
-    the input of the `readers` matmuls that save it (`norm_readers`): one tensor, or under
-    autocast one 16-bit copy per matmul (autocast casts activations per op). The input's bytes
-    are the residual stream's; for Qwen3's q/k norms (readers 0: the rotation after them saves
-    only cos and sin) the projection's, `act`. An input that needs no gradient (`grad_in`
-    False: block 0 under LoRA reads the frozen embeddings) saves nothing but the outputs."""
+    """What `llama.RMSNorm` saves over `rows` x `width`: an fp32 input itself and the rsqrt (one
+    fp32 per row and head: `llama._RMSNorm`, and torch's fused CUDA kernel, recompute the
+    normalized rows in backward); a 16-bit input (Qwen3's q/k norms under autocast) an upcast
+    fp32 copy, the rsqrt and the normalized rows cast back to its dtype (only the weight's
+    gradient needs them, so not under LoRA, where the weight is frozen). And its output as the
+    input of the `readers` matmuls that save it (`norm_readers`): one tensor, or under autocast
+    one 16-bit copy per matmul (autocast casts activations per op). The input's bytes are the
+    residual stream's; for Qwen3's q/k norms (readers 0: the rotation after them saves only cos
+    and sin) the projection's, `act`. An input that needs no gradient (`grad_in` False: block 0
+    under LoRA reads the frozen embeddings) saves nothing but the outputs."""
     x = s.prec.residual if readers or heads == 1 else s.prec.act
     outputs = (readers if s.prec.autocast else min(readers, 1)) * rows * width * s.prec.act
     if not grad_in:
         return outputs
-    return rows * width * (4 if s.lora_r else 4 + x) + rows * heads * 4 + outputs
+    normalized = 0 if x == 4 or s.lora_r else x
+    return rows * width * (4 + normalized) + rows * heads * 4 + outputs
 
 
 def _qk_norms(s: PlanSetup, q_rows: int, kv_rows: int, q_grad: bool = True, k_grad: bool = True) -> dict[str, int]:
@@ -315,10 +317,10 @@ def llama_block_saved(s: PlanSetup, first: bool = False) -> dict[str, int]:
     q_g, k_g, v_g = (grad_in or (lora and n in s.lora_targets) for n in QKV)
     mid_g = grad_in or _block_0_input_grads(s)["mlp.gate_proj"]  # the MLP's input
     out = {
-        "RMSNorm (attention): input, normalized, rsqrt, q/k/v inputs": rms_norm_saved(
+        "RMSNorm (attention): input, rsqrt, q/k/v inputs": rms_norm_saved(
             s, E, c.n_embd, norm_readers(s, QKV), grad_in=grad_in
         ),
-        "RMSNorm (MLP): input, normalized, rsqrt, gate/up inputs": rms_norm_saved(
+        "RMSNorm (MLP): input, rsqrt, gate/up inputs": rms_norm_saved(
             s, E, c.n_embd, norm_readers(s, GATE_UP), grad_in=mid_g
         ),
         **_qk_norms(s, E, E, q_g, k_g),
