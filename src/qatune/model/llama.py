@@ -148,7 +148,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        r = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)  # x * x: pow(x, 2)'s bits, a third of its time
         ctx.save_for_backward(x, weight, r)
         # the products in rms_norm's order: (x * r) * w
         return (x * r).mul_(weight)
@@ -242,8 +242,10 @@ def _rotate_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: floa
     """x rotated by +θ (sign 1) or -θ (sign -1) in fp32, returned in x's dtype, contiguous:
     (x1, x2) -> (x1 c - sign x2 s, x2 c + sign x1 s), c and s the half-width cos and sin."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, c.dtype), device=x.device)
+    # one upcast of x (exact), not one per product: mixed-dtype products copy their 16-bit operand
+    x_up = x.to(out.dtype)
+    x1, x2 = x_up[..., :half], x_up[..., half:]
     torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-sign)
     torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s, value=sign)
     return out.to(x.dtype)
