@@ -59,6 +59,21 @@ def test_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_path):
     assert torch.equal(torch.rand(3), expected_draw)  # the generator continues where it was saved
 
 
+def test_a_last_checkpoint_without_optimizer_state_restores_the_weights(tmp_path):
+    """A run's last checkpoint is written without the optimizer (no step follows it): resuming it
+    (an optimizer given) restores the weights and leaves the optimizer as it was."""
+    model, optimizer, scheduler = _trained(0)
+    path = _save(tmp_path, 10, model, None, scheduler)
+    fresh, fresh_opt, fresh_sched = _trained(1)
+    moments = {k: v.clone() for k, v in fresh_opt.state[next(fresh.parameters())].items()}
+    state = load_sharded(path, fresh, fresh_opt, fresh_sched, rank=0)
+    assert state["step"] == 10 and state["optimizer_saved"] is False
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    for key, value in fresh_opt.state[next(fresh.parameters())].items():
+        assert torch.equal(value, moments[key]), key
+
+
 def test_rank_missing_from_the_saving_run_takes_rank_0s_rng(tmp_path):
     model, optimizer, scheduler = _trained(0)
     torch.manual_seed(5)

@@ -57,6 +57,9 @@ def test_only_adapters_are_trained_and_checkpointed(runs, hf_tiny_dir):
     adapters = {f"h.{i}.{t}.lora_{ab}.weight" for i in range(2) for t in ADAPTED for ab in "AB"}
     state = torch.load(run / "checkpoints" / "step_00000010" / "state.pt", weights_only=False)
     assert set(state["model"]) == adapters  # no base weight in the checkpoint
+    assert state["optimizer"] is None  # the last step's: no step follows it
+    state = torch.load(run / "checkpoints" / "step_00000005" / "state.pt", weights_only=False)
+    assert set(state["model"]) == adapters
     names = [n for group in state["optimizer"]["param_groups"] for n in group["names"]]
     assert set(names) == adapters and len(state["optimizer"]["state"]) == len(adapters)
     # The export is the merged model: frozen tensors are the base's, bit for bit; adapted ones moved.

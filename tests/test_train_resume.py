@@ -95,6 +95,17 @@ def test_sigkill_then_resume_is_bit_identical(config, tmp_path):
         assert (ma["loss"], ma["grad_norm"], ma["lr"]) == (mb["loss"], mb["grad_norm"], mb["lr"])
         assert ma.get("eval_loss") == mb.get("eval_loss")
 
+    # The last checkpoint goes without AdamW's state (no step follows it), the step-5 one keeps it;
+    # a finished run resumed only exports again, the same weights.
+    ckpts = runs / "straight" / "checkpoints"
+    state = lambda step: torch.load(ckpts / f"step_{step:08d}" / "state.pt", weights_only=False)  # noqa: E731
+    assert state(10)["optimizer"] is None and state(10)["model"]
+    assert state(5)["optimizer"]["state"]
+    again = run_cli("train", str(config), "name=straight", "--no-progress", "--resume")
+    assert again.returncode == 0, again.stderr
+    c = load_file(str(runs / "straight" / "export" / "model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+
 
 def test_kill_during_checkpoint_write_keeps_previous_loadable(config, tmp_path):
     killed = run_cli("train", str(config), "name=torn", "--no-progress", killer=KILL_IN_SECOND_CHECKPOINT_WRITE)

@@ -83,13 +83,14 @@ def save_checkpoint(
     extra: dict | None = None,
     keep: int = 3,
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep`."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep`. `optimizer`
+    None: a checkpoint no step will follow (a run's last), written without its state."""
     folder = Path(folder)
     target = folder / checkpoint_name(step)
     state = {
         "step": step,
         "model": trainable_state_dict(unwrap(model)),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng_state(),
@@ -131,7 +132,7 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, scaler=No
     """Restore what was saved into the given objects; returns the raw state (step, extra …)."""
     state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
     load_trainable_state_dict(unwrap(model), state["model"], path)
-    if optimizer is not None:
+    if optimizer is not None and state["optimizer"] is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])

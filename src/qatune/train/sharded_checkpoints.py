@@ -84,7 +84,8 @@ def save_sharded(
     batch_world_size: int | None = None,
     rank_extra: dict | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Writes checkpoint `step`, then keeps the newest `keep`.
+    """Collective: every rank calls it. Writes checkpoint `step`, then keeps the newest `keep`;
+    `optimizer` None: without the optimizer's state (a run's last checkpoint).
     batch_world_size: the ranks the global batch was set for, when resumed on another number.
     rank_extra: this rank's own state (a method's rollout buffer …), kept beside its RNG state."""
     folder = Path(folder)
@@ -94,9 +95,13 @@ def save_sharded(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / RNG_DIR).mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
+    if optimizer is not None:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
+        shards = {"model": model_sd, "optim": optim_sd}
+    else:  # a run's last checkpoint: no step follows it
+        shards = {"model": get_model_state_dict(model, options=TRAINABLE)}
     with _one_process_is_fine():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+        dcp.save(shards, checkpoint_id=str(tmp / DCP_DIR))
     torch.save({**rng_state(), "rank_extra": rank_extra or {}}, _rng_file(tmp, rank))
     barrier()  # every rank's shards and RNG file are on disk
     if rank == 0:
@@ -107,6 +112,7 @@ def save_sharded(
             "batch_world_size": batch_world_size or world_size,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer_saved": optimizer is not None,
             "extra": extra,
         }
         torch.save(state, tmp / STATE_FILE)
@@ -140,7 +146,7 @@ def load_sharded(path: Path, model, optimizer=None, scheduler=None, scaler=None,
     path = Path(path)
     state = torch.load(path / STATE_FILE, weights_only=False)
     with _one_process_is_fine():
-        if optimizer is not None:
+        if optimizer is not None and state.get("optimizer_saved", True):
             model_sd, optim_sd = get_state_dict(model, optimizer, options=TRAINABLE)
             both = {"model": model_sd, "optim": optim_sd}
             dcp.load(both, checkpoint_id=str(path / DCP_DIR))
